@@ -1,0 +1,47 @@
+"""Topic names and which contract each carries."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from schemas.costs import BudgetState, CostEvent
+from schemas.infra import CacheEntry, DeadLetter
+from schemas.requests import LLMRequest, RoutedRequest
+from schemas.responses import LLMResponse, UsageRecord
+from schemas.summaries import SummarizeJob, SummarizeProgress, SummaryResult
+
+REQUESTS = "llm.requests"
+ROUTED = "llm.requests.routed"
+DISPATCH = "llm.requests.dispatch"
+RESPONSES = "llm.responses"
+USAGE = "llm.usage"
+COST_EVENTS = "llm.cost-events"
+BUDGETS = "llm.budgets"
+CACHE = "llm.cache"
+SUMMARIZE_JOBS = "llm.summarize.jobs"
+SUMMARIES = "llm.summaries"
+SUMMARIZE_PROGRESS = "llm.summarize.progress"
+
+TOPIC_CONTRACTS: dict[str, type[BaseModel]] = {
+    REQUESTS: LLMRequest,
+    ROUTED: RoutedRequest,
+    DISPATCH: RoutedRequest,
+    RESPONSES: LLMResponse,
+    USAGE: UsageRecord,
+    COST_EVENTS: CostEvent,
+    BUDGETS: BudgetState,
+    CACHE: CacheEntry,
+    SUMMARIZE_JOBS: SummarizeJob,
+    SUMMARIES: SummaryResult,
+    SUMMARIZE_PROGRESS: SummarizeProgress,
+}
+COMPACTED = frozenset({BUDGETS, CACHE})
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+ALL_TOPICS: tuple[str, ...] = (*TOPIC_CONTRACTS, *(dlq_topic(t) for t in TOPIC_CONTRACTS))
+_MODELS: tuple[type[BaseModel], ...] = (*TOPIC_CONTRACTS.values(), DeadLetter)
+CONTRACTS_BY_NAME: dict[str, type[BaseModel]] = {m.__name__: m for m in _MODELS}

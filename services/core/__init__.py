@@ -1,0 +1,1 @@
+"""Shared building blocks: settings, broker wiring, DLQ, logging, tokens, prices, embeddings."""

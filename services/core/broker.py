@@ -1,0 +1,83 @@
+"""Kafka wiring shared by every service: one broker per process, security from settings."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
+from services.core.settings import Settings
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context = ssl.create_default_context(cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None)
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(
+            str(settings.kafka_ssl_certfile), str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    return context
+
+
+def security_from_settings(settings: Settings) -> BaseSecurity | None:
+    """Maps FRUGAL_KAFKA_* security settings onto FastStream's security objects (passed to aiokafka)."""
+    context = _ssl_context(settings)
+    use_ssl = context is not None
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if not settings.kafka_sasl_username or settings.kafka_sasl_password is None:
+            raise ValueError("SASL needs FRUGAL_KAFKA_SASL_USERNAME and FRUGAL_KAFKA_SASL_PASSWORD")
+        kinds: dict[str, type[BaseSecurity]] = {
+            "PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512,
+        }
+        sasl_cls: Any = kinds[settings.kafka_sasl_mechanism or "PLAIN"]
+        security: BaseSecurity = sasl_cls(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            ssl_context=context,
+            use_ssl=use_ssl,
+        )
+        return security
+    if use_ssl:
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    return None
+
+
+def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
+    """Producer acks from all in-sync replicas; idempotence is configurable (off for brokers without it)."""
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=f"{settings.kafka_client_id}{client_suffix}",
+        security=security_from_settings(settings),
+        enable_idempotence=settings.kafka_idempotent,
+        acks="all",
+        linger_ms=5,
+        max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        request_timeout_ms=30_000,
+        retry_backoff_ms=100,
+        logger=None,
+    )
+
+
+def batch_subscriber_options(settings: Settings, service: str, *, max_records: int = 64) -> dict[str, Any]:
+    """Batches give the services concurrency and amortise embedding work; commit follows the whole batch.
+
+    The commit sequence per batch: validate (bad input to the DLQ), process, publish every output and wait
+    for the broker's acknowledgement, then the handler returns and FastStream commits the offsets. An
+    exception instead rewinds the partitions to the batch start (NACK), so nothing is lost.
+    """
+    return {
+        "group_id": settings.group(service),
+        "batch": True,
+        "max_records": max_records,
+        "batch_timeout_ms": 50,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "ack_policy": AckPolicy.NACK_ON_ERROR,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1_000,
+        "max_poll_interval_ms": 300_000,
+    }

