@@ -39,4 +39,5 @@ class CacheEntry(Contract):
     task_type: str | None = None
     stored_at: float
     expires_at: float | None = None
+    simulated: bool = False
     cost_weight: float = Field(default=1.0, description="Relative price of recomputing; eviction keeps costly entries.")

@@ -1,0 +1,1 @@
+"""Accountant: prices usage, attributes savings, keeps the ledger, enforces budgets."""

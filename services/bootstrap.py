@@ -1,0 +1,98 @@
+"""The one place that builds services and their dependencies; heavy resources are built once, on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from services.accountant.app import AccountantService
+from services.accountant.budgets import BudgetsConfig, BudgetTracker
+from services.accountant.ledger import Ledger
+from services.classifier.app import ClassifierService
+from services.classifier.logic import Classifier
+from services.core.embedder import AsyncEmbedder, Embedder, MiniLMEmbedder
+from services.core.prices import PriceCatalog
+from services.core.service import Service
+from services.core.settings import Settings
+from services.core.tokens import TokenCounter
+from services.dedupe.app import DedupeService
+from services.dedupe.logic import Deduper
+from services.dedupe.store import AnswerStore
+from services.gateway.app import GatewayService
+from services.gateway.idempotency import CompletedStore
+from services.gateway.logic import Gateway
+from services.gateway.providers import Provider, build_provider
+from services.gateway.resilience import RetryPolicy
+from services.summarizer.app import SummarizerService
+from services.summarizer.logic import Summarizer
+
+SERVICE_NAMES: tuple[str, ...] = ("classifier", "dedupe", "gateway", "summarizer", "accountant")
+
+
+@dataclass
+class Resources:
+    """Shared dependencies. Tests pass fakes through the factories instead of patching globals."""
+
+    settings: Settings
+    embedder_factory: Callable[[], Embedder] = field(default=lambda: MiniLMEmbedder())
+    provider_factory: Callable[[str], Provider] | None = None
+
+    @cached_property
+    def counter(self) -> TokenCounter:
+        return TokenCounter()
+
+    @cached_property
+    def embedder(self) -> AsyncEmbedder:
+        return AsyncEmbedder(self.embedder_factory())
+
+    @cached_property
+    def catalog(self) -> PriceCatalog:
+        return PriceCatalog.load(overrides=self.settings.price_overrides)
+
+    def provider(self, name: str) -> Provider:
+        if self.provider_factory is not None:
+            return self.provider_factory(name)
+        s = self.settings
+        if name == "simulated":
+            return build_provider("simulated", latency_scale=s.simulated_latency_scale, token_counter=self.counter)
+        if name == "openai":
+            return build_provider("openai", base_url=s.openai_base_url,
+                                  api_key=s.secret(s.openai_api_key, s.openai_api_key_file),
+                                  timeout_s=s.provider_timeout_s, token_counter=self.counter)
+        if name == "anthropic":
+            return build_provider("anthropic", base_url=s.anthropic_base_url,
+                                  api_key=s.secret(s.anthropic_api_key, s.anthropic_api_key_file),
+                                  timeout_s=s.provider_timeout_s, token_counter=self.counter)
+        raise ValueError(f"unknown provider {name!r}")
+
+    def close(self) -> None:
+        if "embedder" in self.__dict__:
+            self.embedder.close()
+
+
+def build_service(name: str, res: Resources) -> Service:
+    s = res.settings
+    state = s.state_dir
+    if name == "classifier":
+        return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder))
+    if name == "dedupe":
+        return DedupeService(s, Deduper(s, AnswerStore(s.cache_max_entries)))
+    if name == "gateway":
+        names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
+        providers = {n: res.provider(n) for n in names}
+        policy = RetryPolicy(attempts=s.provider_max_attempts)
+        return GatewayService(s, Gateway(providers, CompletedStore(state / "gateway.sqlite"), policy=policy))
+    if name == "summarizer":
+        return SummarizerService(s, Summarizer(s, res.provider(s.provider)))
+    if name == "accountant":
+        tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file)) if s.budgets_file else None
+        return AccountantService(s, res.catalog, Ledger(state / "ledger.sqlite"), budgets=tracker)
+    raise ValueError(f"unknown service {name!r}; choose from {', '.join(SERVICE_NAMES)}")
+
+
+def build_services(names: Sequence[str], res: Resources) -> list[Service]:
+    unknown = [n for n in names if n not in SERVICE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown service(s) {unknown}; choose from {', '.join(SERVICE_NAMES)}")
+    return [build_service(n, res) for n in names]

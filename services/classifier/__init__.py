@@ -1,0 +1,1 @@
+"""Classifier: task type, tier, model, token counts, context budget and budget checks."""

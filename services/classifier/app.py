@@ -1,0 +1,44 @@
+"""Classifier service: `llm.requests` -> `llm.requests.routed` (or an error response); follows `llm.budgets`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from faststream.kafka import KafkaBroker
+
+from schemas import BudgetState, LLMRequest
+from schemas import topics as t
+from services.classifier.logic import Classifier
+from services.core.messaging import Decoded, Out, Publisher
+from services.core.settings import Settings
+from services.core.stage import subscribe, whole_topic_options
+
+
+@dataclass
+class ClassifierService:
+    settings: Settings
+    logic: Classifier
+    name: str = "classifier"
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]]) -> list[Out]:
+        return await self.logic.handle([d.value for d in batch])
+
+    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]]) -> list[Out]:
+        assert self.logic.budgets is not None
+        for d in batch:
+            self.logic.budgets.update(d.value)
+        return []
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
+                  process=self._on_requests)
+        # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
+                  model=BudgetState, process=self._on_budgets, **whole_topic_options())

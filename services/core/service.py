@@ -1,0 +1,23 @@
+"""What every service offers the runner: heavy resources load in `start`, handlers attach in `register`."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from faststream.kafka import KafkaBroker
+
+from services.core.messaging import Publisher
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self) -> None:
+        """Load models and state once, before the broker starts consuming."""
+        ...
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None: ...
+
+    async def stop(self) -> None:
+        """Release resources after the broker has stopped consuming and flushed."""
+        ...

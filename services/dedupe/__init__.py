@@ -1,0 +1,1 @@
+"""Dedupe: exact match, verified semantic match, in-flight coalescing."""

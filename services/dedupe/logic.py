@@ -1,0 +1,158 @@
+"""Dedupe decisions on batches: exact hit, verified semantic hit, coalesce, or dispatch.
+
+Order of checks per request: exact key (no embedding needed), then the semantic matcher within the scope
+(only for task types where a reworded request wants the same answer), then in-flight coalescing. Misses go
+to `llm.requests.dispatch`. The store fills itself from `llm.responses`, which is keyed like the routed
+topic, so a scope's answers arrive at the instance that owns the scope.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schemas import CacheEntry, LLMResponse, RoutedRequest, Strategy
+from schemas import topics as t
+from services.core.messaging import Out
+from services.core.outputs import cache_usage, response_outs
+from services.core.settings import Settings
+from services.dedupe.store import AnswerStore
+
+
+@dataclass(frozen=True)
+class SemanticHit:
+    entry: CacheEntry
+    similarity: float
+
+
+class SemanticMatcher(Protocol):
+    async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]: ...
+    async def add(self, entries: Sequence[CacheEntry]) -> None: ...
+
+
+@dataclass
+class Waiter:
+    routed: RoutedRequest
+    since: float
+
+
+@dataclass
+class Deduper:
+    settings: Settings
+    store: AnswerStore
+    semantic: SemanticMatcher | None = None
+    inflight: dict[str, str] = field(default_factory=dict)          # exact key -> leader request id
+    waiters: dict[str, list[Waiter]] = field(default_factory=dict)  # leader request id -> followers
+    stats: dict[str, int] = field(default_factory=lambda: {"exact": 0, "semantic": 0, "coalesced": 0, "miss": 0})
+
+    def ttl_for(self, task_type: str | None) -> int:
+        return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
+
+    async def on_routed(self, batch: Sequence[RoutedRequest]) -> list[Out]:
+        outs: list[Out] = []
+        pending: list[RoutedRequest] = []
+        for routed in batch:
+            if routed.request.cache.policy != "default":
+                outs.append(self._dispatch(routed))  # no-cache and no-store skip the lookup
+                continue
+            entry = self.store.get(routed.keys.exact, routed.keys.tier_rank, routed.request.cache.ttl_s)
+            if entry is not None:
+                outs.extend(self._answer(routed, entry, "cache_exact", 1.0))
+            else:
+                pending.append(routed)
+        semantic_ok = [r for r in pending if r.route.task_type in self.settings.semantic_task_types]
+        hits: list[SemanticHit | None] = []
+        if self.semantic is not None and semantic_ok:
+            hits = await self.semantic.match(semantic_ok)
+        else:
+            semantic_ok = []
+        by_id = {r.request.id: h for r, h in zip(semantic_ok, hits, strict=True)}
+        for routed in pending:
+            hit = by_id.get(routed.request.id)
+            if hit is not None:
+                outs.extend(self._answer(routed, hit.entry, "cache_semantic", hit.similarity))
+            else:
+                outs.extend(self._coalesce_or_dispatch(routed))
+        return outs
+
+    def _coalesce_or_dispatch(self, routed: RoutedRequest) -> list[Out]:
+        leader = self.inflight.get(routed.keys.exact)
+        if leader is not None and leader != routed.request.id:
+            self.waiters.setdefault(leader, []).append(Waiter(routed, time.time()))
+            self.stats["coalesced"] += 1
+            return []
+        self.inflight[routed.keys.exact] = routed.request.id
+        return [self._dispatch(routed)]
+
+    def _dispatch(self, routed: RoutedRequest) -> Out:
+        self.stats["miss"] += 1
+        return Out(t.DISPATCH, routed, key=routed.keys.scope)
+
+    def _answer(self, routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float) -> list[Out]:
+        if strategy != "coalesced":
+            self.stats["exact" if strategy == "cache_exact" else "semantic"] += 1
+        response = LLMResponse(
+            request_id=routed.request.id, tenant=routed.request.tenant, source=strategy, content=entry.content,
+            model=entry.model, tier=routed.route.tier, task_type=routed.route.task_type, finish_reason="stop",
+            usage=None, served_from=entry.request_id, similarity=round(similarity, 4), keys=routed.keys,
+            simulated=entry.simulated, created_at=routed.request.created_at, responded_at=time.time(),
+        )
+        usage = cache_usage(routed, entry.output_tokens, strategy, simulated=entry.simulated)
+        outs = response_outs(response, routed.request, routed.keys.scope)
+        return [*outs, Out(t.USAGE, usage, key=routed.request.tenant)]
+
+    async def on_responses(self, batch: Sequence[LLMResponse]) -> list[Out]:
+        """Fills the store from model answers and releases the requests that waited for them."""
+        outs: list[Out] = []
+        fresh: list[CacheEntry] = []
+        for response in batch:
+            if response.source != "llm" or response.keys is None:
+                continue
+            self.inflight.pop(response.keys.exact, None)
+            entry = None
+            if response.cacheable and response.content is not None and response.model is not None:
+                now = time.time()
+                entry = CacheEntry(
+                    keys=response.keys, request_id=response.request_id, tenant=response.tenant,
+                    content=response.content, model=response.model,
+                    output_tokens=response.usage.output_tokens if response.usage else 0,
+                    task_type=response.task_type, stored_at=now, expires_at=now + self.ttl_for(response.task_type),
+                    simulated=response.simulated,
+                )
+                if self.store.put(entry):
+                    fresh.append(entry)
+                    outs.append(Out(t.CACHE, entry, key=f"{entry.keys.scope}:{entry.keys.exact}"))
+            for waiter in self.waiters.pop(response.request_id, []):
+                if entry is not None or (response.ok and response.content is not None and response.model):
+                    served = entry or _entry_from(response)
+                    outs.extend(self._answer(waiter.routed, served, "coalesced", 1.0))
+                else:
+                    outs.append(self._dispatch(waiter.routed))  # the leader failed: each follower tries itself
+        if fresh and self.semantic is not None:
+            await self.semantic.add(fresh)
+        return outs
+
+    def expire_waiters(self, now: float | None = None) -> list[Out]:
+        """Followers that waited longer than the coalescing timeout are dispatched on their own."""
+        now = time.time() if now is None else now
+        outs: list[Out] = []
+        for leader, waiters in list(self.waiters.items()):
+            late = [w for w in waiters if now - w.since >= self.settings.coalesce_timeout_s]
+            if not late:
+                continue
+            self.waiters[leader] = [w for w in waiters if w not in late]
+            if not self.waiters[leader]:
+                del self.waiters[leader]
+            outs.extend(self._dispatch(w.routed) for w in late)
+        return outs
+
+
+def _entry_from(response: LLMResponse) -> CacheEntry:
+    assert response.keys is not None and response.content is not None and response.model is not None
+    return CacheEntry(
+        keys=response.keys, request_id=response.request_id, tenant=response.tenant, content=response.content,
+        model=response.model, output_tokens=response.usage.output_tokens if response.usage else 0,
+        task_type=response.task_type, stored_at=time.time(), simulated=response.simulated,
+    )

@@ -1,0 +1,1 @@
+"""Gateway: calls the provider a route names, with retries, fallbacks and circuit breakers."""

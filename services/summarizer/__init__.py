@@ -1,0 +1,1 @@
+"""Summarizer: batch summarization backfills that pay once per distinct item."""
