@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas._base import Contract
-from schemas.requests import CacheKeys, TaskType, Tier
+from schemas.requests import CacheKeys, TaskType, Tier, ToolCall
 
 ResponseSource = Literal["llm", "cache_exact", "cache_semantic", "coalesced", "error"]
 Strategy = Literal[
@@ -76,6 +76,7 @@ class LLMResponse(Contract):
     tenant: str
     source: ResponseSource
     content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
     model: str | None = None
     tier: Tier | None = None
     task_type: TaskType | None = None

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from schemas import TIERS
 from services.accountant.app import AccountantService
 from services.accountant.budgets import BudgetsConfig, BudgetTracker
 from services.accountant.ledger import Ledger
@@ -24,8 +25,7 @@ from services.gateway.idempotency import CompletedStore
 from services.gateway.logic import Gateway
 from services.gateway.providers import Provider, build_provider
 from services.gateway.resilience import RetryPolicy
-from services.summarizer.app import SummarizerService
-from services.summarizer.logic import Summarizer
+from services.summarizer.app import SummarizerService, build_summarizer
 
 SERVICE_NAMES: tuple[str, ...] = ("classifier", "dedupe", "gateway", "summarizer", "accountant")
 
@@ -82,9 +82,14 @@ def build_service(name: str, res: Resources) -> Service:
         names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
         providers = {n: res.provider(n) for n in names}
         policy = RetryPolicy(attempts=s.provider_max_attempts)
-        return GatewayService(s, Gateway(providers, CompletedStore(state / "gateway.sqlite"), policy=policy))
+        models = {m for tier in TIERS for m in s.tiers.for_tier(tier)}
+        model_providers = {} if s.provider == "simulated" else {
+            m: res.catalog.provider(m) for m in models if res.catalog.has(m)
+        }
+        completed = CompletedStore(state / "gateway.sqlite")
+        return GatewayService(s, Gateway(providers, completed, policy=policy, model_providers=model_providers))
     if name == "summarizer":
-        return SummarizerService(s, Summarizer(s, res.provider(s.provider)))
+        return SummarizerService(s, build_summarizer(s, res.provider(s.provider), lambda: res.embedder))
     if name == "accountant":
         tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file)) if s.budgets_file else None
         return AccountantService(s, res.catalog, Ledger(state / "ledger.sqlite"), budgets=tracker)

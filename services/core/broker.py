@@ -9,6 +9,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
+from services.core.kafka_options import producer_options, subscriber_options
 from services.core.settings import Settings
 
 
@@ -52,13 +53,9 @@ def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
         settings.kafka_bootstrap,
         client_id=f"{settings.kafka_client_id}{client_suffix}",
         security=security_from_settings(settings),
-        enable_idempotence=settings.kafka_idempotent,
-        acks="all",
-        linger_ms=5,
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
-        request_timeout_ms=30_000,
-        retry_backoff_ms=100,
         logger=None,
+        **producer_options(idempotent=settings.kafka_idempotent, linger_ms=2),
     )
 
 
@@ -69,15 +66,9 @@ def batch_subscriber_options(settings: Settings, service: str, *, max_records: i
     for the broker's acknowledgement, then the handler returns and FastStream commits the offsets. An
     exception instead rewinds the partitions to the batch start (NACK), so nothing is lost.
     """
-    return {
-        "group_id": settings.group(service),
-        "batch": True,
-        "max_records": max_records,
-        "batch_timeout_ms": 50,
-        "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
-        "ack_policy": AckPolicy.NACK_ON_ERROR,
-        "session_timeout_ms": 10_000,
-        "heartbeat_interval_ms": 1_000,
-        "max_poll_interval_ms": 300_000,
-    }
+    options: dict[str, Any] = dict(subscriber_options(
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, session_timeout_ms=settings.kafka_session_timeout_ms,
+    ))
+    options.update(group_id=settings.group(service), batch=True, max_records=max_records, batch_timeout_ms=50,
+                   ack_policy=AckPolicy.NACK_ON_ERROR)
+    return options

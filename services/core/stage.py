@@ -11,6 +11,7 @@ Per batch, in order:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -77,6 +78,7 @@ def subscribe_many(
     by_topic = {settings.topic(h.topic): h for h in handlers}
 
     async def handler(msg: KafkaMessage) -> None:
+        started = time.perf_counter()
         records = records_of(msg)
         outs: list[Out] = []
         bad_all: list[Failure] = []
@@ -87,8 +89,12 @@ def subscribe_many(
             good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
             outs.extend(await run_batch(spec.process, good, bad) if good else [])
             bad_all.extend(bad)
+        processed = time.perf_counter()
         await publisher.dead_letters(bad_all, service)
         await publisher.publish_all(outs)
+        log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
+                  process_ms=round((processed - started) * 1000, 1),
+                  publish_ms=round((time.perf_counter() - processed) * 1000, 1))
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
     kwargs = {**batch_subscriber_options(settings, service, max_records=max_records), **options}

@@ -23,9 +23,14 @@ log = get_logger(__name__)
 class Gateway:
     providers: Mapping[str, Provider]
     completed: CompletedStore
-    policy: RetryPolicy = RetryPolicy()
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
     stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0})
+    model_providers: Mapping[str, str] = field(default_factory=dict)
+
+    def _provider_for(self, routed_provider: str, model: str) -> Provider:
+        """A fallback model may live at another provider than the routed one (e.g. claude after gpt)."""
+        return self.providers.get(self.model_providers.get(model, routed_provider), self.providers[routed_provider])
 
     async def on_dispatch(self, batch: Sequence[RoutedRequest]) -> list[Out]:
         results = await asyncio.gather(*(self._one(r) for r in batch))
@@ -36,8 +41,7 @@ class Gateway:
         if done is not None:
             self.stats["replayed"] += 1
             return _outs(routed, *done)
-        provider = self.providers.get(routed.route.provider)
-        if provider is None:
+        if routed.route.provider not in self.providers:
             response = error_response(routed.request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
             return _outs(routed, response, None)
@@ -51,7 +55,8 @@ class Gateway:
 
         try:
             completion = await call_with_fallbacks(
-                lambda _model: provider, (routed.route.model, *routed.route.fallbacks), call,
+                lambda model: self._provider_for(routed.route.provider, model),
+                (routed.route.model, *routed.route.fallbacks), call,
                 policy=self.policy, breakers=self.breakers,
             )
         except FinalProviderError as exc:
@@ -65,7 +70,8 @@ class Gateway:
         self.stats["calls"] += 1
         response = LLMResponse(
             request_id=request.id, tenant=request.tenant, source="llm", content=completion.content,
-            model=completion.model, tier=routed.route.tier, task_type=routed.route.task_type,
+            tool_calls=completion.tool_calls, model=completion.model, tier=routed.route.tier,
+            task_type=routed.route.task_type,
             finish_reason=completion.finish_reason, usage=completion.usage, keys=routed.keys,
             cacheable=completion.finish_reason == "stop" and request.cache.policy != "no-store"
             and not completion.tool_calls,

@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build first: a bare `torch` requirement would pull GBs of CUDA wheels.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint unit integration schemas clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/frugalstream demo --json out/demo.json
+
+lint: setup
+	$(VENV)/bin/ruff check services schemas tests scripts
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+integration: setup
+	$(PY) -m pytest tests/integration
+
+schemas: setup
+	$(PY) -m schemas.generate
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""`frugalstream` command line: serve, demo, report, topics, bench, calibrate, backfill."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from services import __version__
+from services.core.logging import configure_logging
+from services.core.settings import Settings
+
+console = Console(stderr=True)
+
+
+def _since(text: str | None) -> float | None:
+    """Accepts an ISO date/time or a relative age like `24h`, `7d`, `30m`."""
+    if not text:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1] in units and text[:-1].isdigit():
+        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    parsed = datetime.fromisoformat(text)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+async def _serve(names: Sequence[str]) -> int:
+    from services.bootstrap import SERVICE_NAMES, Resources
+    from services.runner import serve_forever
+
+    settings = Settings()
+    configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
+    if settings.metrics_port:
+        from services.core.metrics import start_metrics_server
+
+        start_metrics_server(settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    resources = Resources(settings)
+    try:
+        await serve_forever(list(names) or list(SERVICE_NAMES), resources, stop)
+    finally:
+        resources.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args.services))
+
+
+def print_demo_report(report: dict[str, object]) -> None:
+    table = Table(title="frugalstream demo: savings (simulated provider)")
+    table.add_column("strategy")
+    table.add_column("saved USD", justify="right")
+    by_strategy = report["by_strategy"]
+    assert isinstance(by_strategy, dict)
+    for name, saved in sorted(by_strategy.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"${saved:,.6f}")
+    table.add_section()
+    table.add_row("baseline", f"${report['baseline_cost_usd']:,.6f}")
+    table.add_row("actual", f"${report['actual_cost_usd']:,.6f}")
+    table.add_row("savings", f"{report['savings_pct']:.1f}%")
+    Console().print(table)
+    Console().print(
+        f"requests={report['requests']} responses={report['responses']} errors={report['errors']} "
+        f"by_source={report['by_source']} p50={report['latency_ms_p50']:.0f} ms "
+        f"p99={report['latency_ms_p99']:.0f} ms wall={report['wall_time_s']} s"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo, write_json
+
+    configure_logging("WARNING", fmt="console")
+    report = asyncio.run(run_demo(limit=args.limit, rate=args.rate, latency_scale=args.latency_scale))
+    print_demo_report(report)
+    if args.json:
+        write_json(report, Path(args.json))
+        console.print(f"wrote {args.json}")
+    return 0 if report["responses"] == report["requests"] and report["errors"] == 0 else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from services.accountant.ledger import Ledger
+    from services.accountant.report import build_report, render
+
+    db = Path(args.db) if args.db else Settings().state_dir / "ledger.sqlite"
+    if not db.exists():
+        console.print(f"[red]no ledger at {db}[/]: run the accountant first or pass --db")
+        return 2
+    with Ledger(db) as ledger:
+        text = render(build_report(ledger, by=args.by, since=_since(args.since)), args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        console.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from schemas.topics import ALL_TOPICS, COMPACTED
+    from services.core.topics_admin import ensure_topics
+
+    settings = Settings()
+    specs = {settings.topic(n): args.partitions for n in ALL_TOPICS}
+    compacted = {settings.topic(n) for n in COMPACTED}
+    created = asyncio.run(ensure_topics(settings, specs, compacted=compacted, replication=args.replication))
+    console.print(f"created {len(created)} topics ({len(specs) - len(created)} already existed)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frugalstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"frugalstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run services against FRUGAL_KAFKA_BOOTSTRAP")
+    p.add_argument("services", nargs="*", help="classifier dedupe gateway summarizer accountant (default: all)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="embedded broker + every service + the bundled workload, then the report")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second to produce (default 100)")
+    p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="spend, baseline and savings from the accountant's ledger")
+    p.add_argument("--db", help="ledger path (default: $FRUGAL_STATE_DIR/ledger.sqlite)")
+    p.add_argument("--since", help="ISO time or age like 24h / 7d")
+    p.add_argument("--by", choices=["tenant", "model", "task", "strategy", "tag"], default="tenant")
+    p.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("topics", help="create every frugalstream topic (compacted where the design says)")
+    p.add_argument("--partitions", type=int, default=12)
+    p.add_argument("--replication", type=int, default=3)
+    p.set_defaults(func=cmd_topics)
+
+    from services.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

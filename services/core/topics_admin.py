@@ -1,0 +1,46 @@
+"""Topic creation for operators (`frugalstream topics`) and the embedded broker."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from services.core.broker import security_from_settings
+from services.core.settings import Settings
+
+
+def _admin_security(settings: Settings) -> dict[str, Any]:
+    security = security_from_settings(settings)
+    if security is None:
+        return {}
+    from faststream.kafka.security import parse_security
+
+    options: dict[str, Any] = parse_security(security)
+    return options
+
+
+async def ensure_topics(settings: Settings, specs: Mapping[str, int], *, compacted: Collection[str] = (),
+                        replication: int = 1) -> list[str]:
+    """Creates missing topics; existing ones are left as they are. Returns the names it created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **_admin_security(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name, num_partitions=parts, replication_factor=replication,
+                     topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+            for name, parts in specs.items() if name not in existing
+        ]
+        created: list[str] = []
+        for topic in new:  # one by one: a topic created concurrently by another instance is not an error
+            try:
+                await admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        await admin.close()
