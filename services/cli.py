@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="embedded broker + every service + the bundled workload, then the report")
     p.add_argument("--json", help="also write the report as JSON to this path")
     p.add_argument("--limit", type=int, help="replay only the first N requests")
-    p.add_argument("--rate", type=float, default=100.0, help="requests per second to produce (default 100)")
+    p.add_argument("--rate", type=float, default=25.0, help="requests per second to produce (default 25)")
     p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
     p.set_defaults(func=cmd_demo)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 
@@ -67,7 +68,10 @@ async def collect_responses(bootstrap: str, settings: Settings, ids: set[str], t
             batch = await consumer.getmany(timeout_ms=200, max_records=500)
             for records in batch.values():
                 for rec in records:
-                    resp = LLMResponse.model_validate_json(rec.value)
+                    try:
+                        resp = LLMResponse.model_validate_json(rec.value)
+                    except ValidationError:
+                        continue  # someone else's bad message; the dedupe service dead-letters it
                     if resp.request_id in ids:
                         got.setdefault(resp.request_id, []).append(resp)
             if progress is not None and task is not None:
