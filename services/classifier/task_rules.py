@@ -51,4 +51,7 @@ def classify_task(request: LLMRequest) -> TaskDecision:
             if task == "faq" and len(earlier) >= 2:
                 return TaskDecision("chat", "faq_in_conversation")
             return TaskDecision(task, name)
+    # A short standalone message that asks for no task ("my card hasn't arrived") is support-FAQ traffic.
+    if not earlier and len(text) <= 300:
+        return TaskDecision("faq", "short_single_turn")
     return TaskDecision("chat", "fallback")
