@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replication", type=int, default=3)
     p.set_defaults(func=cmd_topics)
 
+    from services.backfill import add_backfill_parser
     from services.bench.cli import add_bench_parser
 
+    add_backfill_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -92,7 +92,8 @@ async def run_bench(texts: list[str], requests: int, *, latency_scale: float = 0
         "requests": requests, "distinct_items_offered": len(texts), "parts": len(parts), **report,
         "items_per_call_max": per_call, "model_calls_bound": math.ceil(len(texts) / per_call),
         "wall_time_s": round(wall, 2), "summarizer_time_s": round(busy, 2), "latency_scale": latency_scale,
-        "batch_api": "simulated" if deadline_s else "off", "model": model or "default", "provider": "simulated", "zipf_s": 1.1, "seed": seed,
+        "batch_api": "simulated" if deadline_s else "off", "model": model or "default", "provider": "simulated",
+        "zipf_s": 1.1, "seed": seed,
     }
 
 

@@ -1,0 +1,179 @@
+"""The summarizer's SQLite state: reusable summaries across jobs, and each job part's plan and finished calls.
+
+Writes are synchronous on the event loop on purpose: a model answer is persisted in the same step in which it
+arrives, with no await in between, so a cancelled or killed summarizer can never have paid for an answer it
+did not keep. WAL with synchronous=NORMAL survives a process crash (not a power loss) and costs well under
+a millisecond per call, which is nothing next to a model call.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS summaries (scope TEXT NOT NULL, digest TEXT NOT NULL, summary TEXT NOT NULL,
+    item_id TEXT NOT NULL, job_id TEXT NOT NULL, simulated INTEGER NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (scope, digest)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plans (job_key TEXT PRIMARY KEY, job_id TEXT NOT NULL, tenant TEXT NOT NULL,
+    part INTEGER NOT NULL, parts INTEGER NOT NULL, new_unique INTEGER NOT NULL, plan TEXT NOT NULL,
+    finished INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS plans_job ON plans (tenant, job_id);
+CREATE TABLE IF NOT EXISTS results (job_key TEXT NOT NULL, digest TEXT NOT NULL, summary TEXT, error TEXT,
+    model TEXT, simulated INTEGER NOT NULL, call_id TEXT NOT NULL, PRIMARY KEY (job_key, digest)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS calls (job_key TEXT NOT NULL, call_id TEXT NOT NULL, job_id TEXT NOT NULL,
+    tenant TEXT NOT NULL, digests TEXT NOT NULL, items INTEGER NOT NULL, paid INTEGER NOT NULL, usage TEXT,
+    actual TEXT, published INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (job_key, call_id));
+CREATE INDEX IF NOT EXISTS calls_job ON calls (tenant, job_id);
+CREATE TABLE IF NOT EXISTS batches (job_key TEXT PRIMARY KEY, batch_id TEXT NOT NULL, submitted_at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    summary: str
+    item_id: str
+    job_id: str
+    simulated: bool
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one job part got for a content hash: a summary, or a terminal error."""
+
+    summary: str | None
+    error: str | None
+    model: str | None
+    simulated: bool
+    call_id: str
+
+
+@dataclass(frozen=True)
+class CallRow:
+    call_id: str
+    digests: list[str]
+    items: int
+    paid: bool
+    usage: str | None
+    actual: str | None
+    published: bool
+
+
+@dataclass(frozen=True)
+class NewResult:
+    digest: str
+    summary: str | None
+    error: str | None
+    item_id: str
+
+
+class SummaryStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def lookup(self, scope: str, digests: list[str]) -> dict[str, Stored]:
+        out: dict[str, Stored] = {}
+        for start in range(0, len(digests), 500):
+            chunk = digests[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for d, s, item, job, sim in self._db.execute(
+                    f"SELECT digest, summary, item_id, job_id, simulated FROM summaries WHERE scope = ? "
+                    f"AND digest IN ({marks})", [scope, *chunk]):
+                out[d] = Stored(s, item, job, bool(sim))
+        return out
+
+    def load_plan(self, job_key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT plan FROM plans WHERE job_key = ?", (job_key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def save_plan(self, job_key: str, job_id: str, tenant: str, part: int, parts: int, new_unique: int,
+                  plan: dict[str, Any]) -> None:
+        self._db.execute("INSERT OR IGNORE INTO plans (job_key, job_id, tenant, part, parts, new_unique, plan) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (job_key, job_id, tenant, part, parts, new_unique, json.dumps(plan, separators=(",", ":"))))
+
+    def earlier_part_pending(self, tenant: str, job_id: str, part: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM plans WHERE tenant = ? AND job_id = ? AND part < ? AND finished = 0 "
+                               "LIMIT 1", (tenant, job_id, part)).fetchone()
+        return row is not None
+
+    def job_digests(self, tenant: str, job_id: str) -> set[str]:
+        """Content hashes earlier parts of this job already resolved (so they are not new unique items)."""
+        rows = self._db.execute("SELECT r.digest FROM results r JOIN plans p ON p.job_key = r.job_key "
+                                "WHERE p.tenant = ? AND p.job_id = ?", (tenant, job_id))
+        return {d for (d,) in rows}
+
+    def record_call(self, *, job_key: str, job_id: str, tenant: str, call_id: str, scope: str, model: str | None,
+                    simulated: bool, results: list[NewResult], items: int, paid: bool, usage: str | None,
+                    actual: str | None) -> None:
+        """One transaction: the call, what it resolved, and the reusable summaries."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO results (job_key, digest, summary, error, model, simulated, call_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job_key, r.digest, r.summary, r.error, model, int(simulated), call_id) for r in results])
+            self._db.executemany(
+                "INSERT OR IGNORE INTO summaries (scope, digest, summary, item_id, job_id, simulated, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(scope, r.digest, r.summary, r.item_id, job_id, int(simulated), now)
+                 for r in results if r.summary is not None])
+            self._db.execute(
+                "INSERT OR REPLACE INTO calls (job_key, call_id, job_id, tenant, digests, items, paid, usage, actual) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_key, call_id, job_id, tenant, json.dumps([r.digest for r in results]), items, int(paid),
+                 usage, actual))
+
+    def resolved(self, job_key: str) -> dict[str, Resolved]:
+        rows = self._db.execute("SELECT digest, summary, error, model, simulated, call_id FROM results "
+                                "WHERE job_key = ?", (job_key,))
+        return {d: Resolved(s, e, m, bool(sim), c) for d, s, e, m, sim, c in rows}
+
+    def calls(self, job_key: str) -> list[CallRow]:
+        rows = self._db.execute("SELECT call_id, digests, items, paid, usage, actual, published FROM calls "
+                                "WHERE job_key = ? ORDER BY rowid", (job_key,))
+        return [CallRow(c, json.loads(d), n, bool(p), u, a, bool(pub)) for c, d, n, p, u, a, pub in rows]
+
+    def mark_published(self, job_key: str, call_ids: list[str]) -> None:
+        self._db.executemany("UPDATE calls SET published = 1 WHERE job_key = ? AND call_id = ?",
+                             [(job_key, c) for c in call_ids])
+
+    def finish(self, job_key: str) -> None:
+        self._db.execute("UPDATE plans SET finished = 1 WHERE job_key = ?", (job_key,))
+        self._db.execute("DELETE FROM batches WHERE job_key = ?", (job_key,))
+
+    def progress(self, tenant: str, job_id: str) -> dict[str, Any]:
+        """Counters over every part of a job seen so far, for its progress events and report."""
+        parts, unique, finished = self._db.execute(
+            "SELECT COALESCE(MAX(parts), 1), COALESCE(SUM(new_unique), 0), COALESCE(SUM(finished), 0) FROM plans "
+            "WHERE tenant = ? AND job_id = ?", (tenant, job_id)).fetchone()
+        done, calls = self._db.execute(
+            "SELECT COALESCE(SUM(items), 0), COALESCE(SUM(paid), 0) FROM calls WHERE tenant = ? AND job_id = ?",
+            (tenant, job_id)).fetchone()
+        actual = [a for (a,) in self._db.execute(
+            "SELECT actual FROM calls WHERE tenant = ? AND job_id = ? AND actual IS NOT NULL", (tenant, job_id))]
+        return {"parts": int(parts), "unique": int(unique), "finished_parts": int(finished), "done": int(done),
+                "calls": int(calls), "actual": actual}
+
+    def batch(self, job_key: str) -> str | None:
+        row = self._db.execute("SELECT batch_id FROM batches WHERE job_key = ?", (job_key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def save_batch(self, job_key: str, batch_id: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO batches (job_key, batch_id, submitted_at) VALUES (?, ?, ?)",
+                         (job_key, batch_id, time.time()))
+
+    def drop_batch(self, job_key: str) -> None:
+        self._db.execute("DELETE FROM batches WHERE job_key = ?", (job_key,))
