@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -50,7 +50,7 @@ class Classifier:
     counter: TokenCounter
     embedder: AsyncEmbedder | None = None
     scorer: EscalationScorer | None = None
-    thresholds: TierThresholds = TierThresholds()
+    thresholds: TierThresholds = field(default_factory=TierThresholds)
     budgets: BudgetBook | None = None
 
     def __post_init__(self) -> None:

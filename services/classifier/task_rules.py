@@ -29,7 +29,8 @@ _PATTERNS: tuple[tuple[TaskType, str, str], ...] = (
                                         r"which category)\b"),
         ("reasoning", "math", r"\b(prove|proof|derive|calculate|compute|solve|how many|probability|equation|"
                               r"integral|theorem)\b|\d+\s*[-+*/^]\s*\d+"),
-        ("reasoning", "analysis", r"\b(step by step|reason|analy[sz]e|compare .+ and|trade-?offs?|why does|explain why)\b"),
+        ("reasoning", "analysis", r"\b(step by step|reason|analy[sz]e|compare .+ and|trade-?offs?|why does|"
+                                  r"explain why)\b"),
         ("creative", "creative", r"\b(poem|story|song|lyrics|haiku|joke|fiction|imagine|screenplay|limerick)\b"),
         ("drafting", "draft", r"\b(write|draft|compose|rewrite|email|letter|cover letter|blog post|essay|"
                               r"proposal|announcement|reply to)\b"),
