@@ -14,9 +14,11 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.message import KafkaMessage
 from pydantic import BaseModel, ValidationError
 
-from schemas import DeadLetter
+from schemas import CostEvent, DeadLetter, LLMResponse, RoutedRequest
+from schemas import topics as t
 from schemas.topics import dlq_topic
 from services.core.logging import get_logger
+from services.core.metrics import METRICS, Metrics
 from services.core.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -101,11 +103,16 @@ def dead_letter(record: Record, exc: Exception, service: str) -> Out:
 
 
 class Publisher:
-    """Publishes outputs and waits for the broker's acks, so the caller may commit afterwards."""
+    """Publishes outputs and waits for the broker's acks, so the caller may commit afterwards.
 
-    def __init__(self, broker: KafkaBroker, settings: Settings) -> None:
+    Every terminal response, routing decision and cost event passes through here, which makes it the one
+    place that feeds the Prometheus series.
+    """
+
+    def __init__(self, broker: KafkaBroker, settings: Settings, metrics: Metrics = METRICS) -> None:
         self._broker = broker
         self._settings = settings
+        self.metrics = metrics
 
     def topic(self, out: Out) -> str:
         return out.topic if out.headers.get("x-frugal-raw-topic") else self._settings.topic(out.topic)
@@ -114,6 +121,17 @@ class Publisher:
         if not outs:
             return
         await asyncio.gather(*(self._publish(out) for out in outs))
+        for out in outs:
+            self._observe(out)
+
+    def _observe(self, out: Out) -> None:
+        value = out.value
+        if out.topic == t.RESPONSES and isinstance(value, LLMResponse):
+            self.metrics.record_response(value.source)
+        elif out.topic == t.ROUTED and isinstance(value, RoutedRequest):
+            self.metrics.record_route(value.route.tier, value.route.task_type)
+        elif out.topic == t.COST_EVENTS and isinstance(value, CostEvent):
+            self.metrics.record_cost(value.data)
 
     async def _publish(self, out: Out) -> None:
         headers = {k: v for k, v in out.headers.items() if k != "x-frugal-raw-topic"}

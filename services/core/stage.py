@@ -90,6 +90,8 @@ def subscribe_many(
             outs.extend(await run_batch(spec.process, good, bad) if good else [])
             bad_all.extend(bad)
         processed = time.perf_counter()
+        if records:
+            publisher.metrics.observe_latency(service, (processed - started) / len(records))
         await publisher.dead_letters(bad_all, service)
         await publisher.publish_all(outs)
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),

@@ -58,3 +58,20 @@ async def test_malformed_request_lands_on_dlq_and_next_flows(pipeline: RunningSe
     letter = json.loads(dlq[0])
     assert letter["topic"] == t.REQUESTS and letter["error_type"] == "ValidationError"
     assert [LLMResponse.model_validate_json(b).request_id for b in responses] == ["r9"]
+
+
+async def test_published_outputs_feed_prometheus_series(pipeline: RunningServices) -> None:
+    from services.core.metrics import exposition
+
+    broker = pipeline.broker
+    await broker.start()
+    before = pipeline.publisher.metrics.responses.labels("cache_exact")._value.get()
+    for i in range(2):
+        await broker.publish(request(100 + i, "Is the branch open on Sunday?", tenant="metrics").model_dump_json()
+                             .encode(), t.REQUESTS)
+    after = pipeline.publisher.metrics.responses.labels("cache_exact")._value.get()
+    assert after == before + 1
+    text = exposition(pipeline.publisher.metrics)
+    assert 'frugal_routing_decisions_total{task_type="faq",tier="small"}' in text
+    assert 'frugal_saved_usd_total{strategy="cache_exact",tenant="metrics"}' in text
+    assert "frugal_stage_latency_seconds_bucket" in text
