@@ -32,7 +32,10 @@ class CostData(BaseModel):
     actual_cost_usd: float
     saved_usd: float
     savings_by_strategy: dict[Strategy, float]
-    estimated: bool
+    estimated: bool = Field(description="The billed usage was counted with tiktoken, not reported by the provider.")
+    baseline_estimated: bool = Field(
+        default=True, description="The counterfactual usage was estimated (it usually is: it never ran)."
+    )
     batch: bool = False
     catalog_version: str
     simulated: bool = False

@@ -23,8 +23,9 @@ STRATEGIES: tuple[Strategy, ...] = (
 class TokenUsage(BaseModel):
     """Token counts in billing terms.
 
-    `input_tokens` excludes cached reads and cache writes, so each kind is priced once: OpenAI reports
-    cached tokens inside prompt tokens (the adapter subtracts them), Anthropic reports them on top.
+    `input_tokens` excludes cached reads and cache writes, and `output_tokens` excludes reasoning tokens, so
+    each kind is priced once: OpenAI reports cached tokens inside prompt tokens and reasoning tokens inside
+    completion tokens (the adapter subtracts them), Anthropic reports cache reads and writes on top.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

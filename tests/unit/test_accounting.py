@@ -63,7 +63,9 @@ def test_savings_reconcile_and_duplicates_change_nothing(recs: list[UsageRecord]
         assert abs(data.baseline_cost_usd - data.actual_cost_usd - sum(data.savings_by_strategy.values())) < 1e-9
         assert data.saved_usd == pytest.approx(data.baseline_cost_usd - data.actual_cost_usd, abs=1e-9)
         assert set(data.savings_by_strategy) == {s.strategy for s in rec.steps}
-        assert data.estimated == any(p.usage.estimated for p in (rec.baseline, *rec.steps))
+        points = (rec.baseline, *rec.steps)
+        assert data.estimated == points[-1].usage.estimated  # the billed usage only
+        assert data.baseline_estimated == any(p.usage.estimated for p in (points[:-1] or points))
         expected_base += chain.baseline
         expected_act += chain.actual
     events = [cost_event(r, CATALOG) for r in recs]
