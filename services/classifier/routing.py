@@ -119,9 +119,11 @@ def choose_model(
             raise PolicyDenied("budget_exceeded", f"budget {budget.budget_id} is over its limit")
         if budget.action == "downgrade" or budget.status == "over":
             ceiling: Tier = "small" if budget.status == "over" else "mid"
-            if rank(tier) > rank(ceiling):
-                tier, downgraded, note = ceiling, True, f"budget {budget.budget_id} {budget.status}"
-            pinned = None if downgraded else pinned
+            wanted = (tier_of_model(pinned, settings) or "large") if pinned is not None else tier
+            if rank(wanted) > rank(ceiling):
+                # A budget outranks a pinned model: the pin is dropped rather than overspending.
+                tier, pinned, downgraded = ceiling, None, True
+                note = f"budget {budget.budget_id} {budget.status}"
     tier = cap(tier, policy.max_tier)
     allowed = policy.allowed_models
     if pinned is not None:
