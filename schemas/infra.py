@@ -40,4 +40,5 @@ class CacheEntry(Contract):
     stored_at: float
     expires_at: float | None = None
     simulated: bool = False
+    embedding: str | None = Field(default=None, description="base64 float16 vector of lookup_text: no re-embedding.")
     cost_weight: float = Field(default=1.0, description="Relative price of recomputing; eviction keeps costly entries.")

@@ -45,6 +45,7 @@ class Out:
     value: BaseModel
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    partition: int | None = None  # explicit partition, for co-partitioned state topics
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Publisher:
             out.value.model_dump_json(exclude_none=False).encode(),
             self.topic(out),
             key=out.key.encode() if out.key is not None else None,
+            partition=out.partition,
             headers=headers,
         )
 

@@ -16,6 +16,7 @@ from services.core.messaging import Decoded, Out, Publisher
 from services.core.settings import Settings
 from services.core.stage import TopicHandler, subscribe_many
 from services.dedupe.logic import Deduper
+from services.dedupe.rebuild import CacheRebuilder
 
 
 @dataclass
@@ -24,6 +25,10 @@ class DedupeService:
     logic: Deduper
     name: str = "dedupe"
     _publisher: Publisher | None = None
+    rebuilder: CacheRebuilder = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rebuilder = CacheRebuilder(self.settings, self.logic)
     _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
@@ -47,7 +52,7 @@ class DedupeService:
         return await self.logic.on_routed([d.value for d in batch])
 
     async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]]) -> list[Out]:
-        return await self.logic.on_responses([d.value for d in batch])
+        return await self.logic.on_responses([(d.value, d.record.partition) for d in batch])
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -59,4 +64,5 @@ class DedupeService:
                 TopicHandler(t.ROUTED, RoutedRequest, self._on_routed),
             ],
             partition_assignment_strategy=(RangePartitionAssignor,),
+            listener=self.rebuilder,
         )

@@ -9,7 +9,7 @@ topic, so a scope's answers arrive at the instance that owns the scope.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,6 +30,7 @@ class SemanticHit:
 class SemanticMatcher(Protocol):
     async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]: ...
     async def add(self, entries: Sequence[CacheEntry]) -> None: ...
+    def drop_scopes(self, keep: Callable[[str], bool]) -> int: ...
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Deduper:
     inflight: dict[str, str] = field(default_factory=dict)          # exact key -> leader request id
     waiters: dict[str, list[Waiter]] = field(default_factory=dict)  # leader request id -> followers
     stats: dict[str, int] = field(default_factory=lambda: {"exact": 0, "semantic": 0, "coalesced": 0, "miss": 0})
+    vectors: dict[str, str] = field(default_factory=dict)           # exact key -> embedding of a dispatched request
+    scope_partition: dict[str, int] = field(default_factory=dict)   # scope -> partition it lives on
 
     def ttl_for(self, task_type: str | None) -> int:
         return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
@@ -84,6 +87,8 @@ class Deduper:
             self.stats["coalesced"] += 1
             return []
         self.inflight[routed.keys.exact] = routed.request.id
+        if routed.embedding is not None and routed.request.cache.policy != "no-store":
+            self.vectors[routed.keys.exact] = routed.embedding  # the answer's cache entry reuses it
         return [self._dispatch(routed)]
 
     def _dispatch(self, routed: RoutedRequest) -> Out:
@@ -103,14 +108,19 @@ class Deduper:
         outs = response_outs(response, routed.request, routed.keys.scope)
         return [*outs, Out(t.USAGE, usage, key=routed.request.tenant)]
 
-    async def on_responses(self, batch: Sequence[LLMResponse]) -> list[Out]:
-        """Fills the store from model answers and releases the requests that waited for them."""
+    async def on_responses(self, batch: Sequence[tuple[LLMResponse, int]]) -> list[Out]:
+        """Fills the store from model answers and releases the requests that waited for them.
+
+        Each new entry also goes to the compacted `llm.cache` topic, on the partition its answer came from,
+        so whoever owns that partition after a restart or rebalance can rebuild the shard from it.
+        """
         outs: list[Out] = []
         fresh: list[CacheEntry] = []
-        for response in batch:
+        for response, partition in batch:
             if response.source != "llm" or response.keys is None:
                 continue
             self.inflight.pop(response.keys.exact, None)
+            vector = self.vectors.pop(response.keys.exact, None)
             entry = None
             if response.cacheable and response.content is not None and response.model is not None:
                 now = time.time()
@@ -119,11 +129,12 @@ class Deduper:
                     content=response.content, model=response.model,
                     output_tokens=response.usage.output_tokens if response.usage else 0,
                     task_type=response.task_type, stored_at=now, expires_at=now + self.ttl_for(response.task_type),
-                    simulated=response.simulated,
+                    simulated=response.simulated, embedding=vector,
                 )
                 if self.store.put(entry):
                     fresh.append(entry)
-                    outs.append(Out(t.CACHE, entry, key=f"{entry.keys.scope}:{entry.keys.exact}"))
+                    self.scope_partition[entry.keys.scope] = partition
+                    outs.append(Out(t.CACHE, entry, key=f"{entry.keys.scope}:{entry.keys.exact}", partition=partition))
             for waiter in self.waiters.pop(response.request_id, []):
                 if entry is not None or (response.ok and response.content is not None and response.model):
                     served = entry or _entry_from(response)
@@ -133,6 +144,32 @@ class Deduper:
         if fresh and self.semantic is not None:
             await self.semantic.add(fresh)
         return outs
+
+    async def load(self, entries: Iterable[tuple[CacheEntry, int]]) -> int:
+        """Rebuilds from `llm.cache`: expired entries are skipped, the semantic index is filled in one batch."""
+        now = time.time()
+        fresh: list[CacheEntry] = []
+        for entry, partition in entries:
+            if entry.expires_at is not None and entry.expires_at <= now:
+                continue
+            if self.store.put(entry):
+                fresh.append(entry)
+                self.scope_partition[entry.keys.scope] = partition
+        if fresh and self.semantic is not None:
+            await self.semantic.add(fresh)
+        return len(fresh)
+
+    def forget_partitions(self, partitions: set[int]) -> int:
+        """Drops what belongs to partitions this instance no longer owns; their new owner rebuilds them."""
+        scopes = {s for s, p in self.scope_partition.items() if p in partitions}
+        if not scopes:
+            return 0
+        dropped = self.store.drop_scopes(scopes)
+        if self.semantic is not None:
+            self.semantic.drop_scopes(lambda scope: scope not in scopes)
+        for s in scopes:
+            del self.scope_partition[s]
+        return dropped
 
     def expire_waiters(self, now: float | None = None) -> list[Out]:
         """Followers that waited longer than the coalescing timeout are dispatched on their own."""

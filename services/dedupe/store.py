@@ -61,6 +61,15 @@ class AnswerStore:
     def discard(self, exact: str) -> None:
         self._slots.pop(exact, None)
 
+    def __contains__(self, exact: object) -> bool:
+        return exact in self._slots
+
+    def drop_scopes(self, scopes: set[str]) -> int:
+        doomed = [k for k, s in self._slots.items() if s.entry.keys.scope in scopes]
+        for k in doomed:
+            del self._slots[k]
+        return len(doomed)
+
     def _evict(self) -> None:
         """Drops the lowest-value tenth: value = recompute cost x (1 + hits) / (1 + hours idle)."""
         now = self._clock()

@@ -1,0 +1,86 @@
+"""Rebuilds a dedupe instance's shards from the compacted `llm.cache` topic when partitions are assigned.
+
+aiokafka awaits `on_partitions_assigned` before it fetches from the new partitions, so a shard is complete
+before any request of its scopes is served: after a restart, a rebalance, or a new instance joining.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from pydantic import ValidationError
+
+from schemas import CacheEntry
+from schemas import topics as t
+from services.core.logging import get_logger
+from services.core.settings import Settings
+from services.dedupe.logic import Deduper
+
+log = get_logger(__name__)
+
+
+async def read_cache_partitions(settings: Settings, partitions: set[int], *, idle_s: float = 1.0,
+                                timeout_s: float = 120.0) -> list[tuple[CacheEntry, int]]:
+    """Latest entry per key of the given partitions (compaction semantics, tombstones delete)."""
+    topic = settings.topic(t.CACHE)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=None)
+    await consumer.start()
+    latest: dict[bytes, tuple[CacheEntry, int] | None] = {}
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
+            batch = await consumer.getmany(*tps, timeout_ms=200)
+            if not batch:
+                # Some brokers report end offsets late; an idle partition set is taken as read.
+                if time.monotonic() - idle_since > idle_s:
+                    break
+                continue
+            idle_since = time.monotonic()
+            for tp, records in batch.items():
+                for rec in records:
+                    key = rec.key or b""
+                    if rec.value is None:
+                        latest[key] = None
+                        continue
+                    try:
+                        latest[key] = (CacheEntry.model_validate_json(rec.value), tp.partition)
+                    except ValidationError:
+                        log.warning("cache_entry_invalid", partition=tp.partition, offset=rec.offset)
+    finally:
+        await consumer.stop()
+    return [v for v in latest.values() if v is not None]
+
+
+class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Loads newly owned partitions from `llm.cache` and forgets the ones handed to another instance."""
+
+    def __init__(self, settings: Settings, logic: Deduper) -> None:
+        self._settings = settings
+        self._logic = logic
+        self.owned: set[int] = set()
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        return None  # decided in on_partitions_assigned, which knows what stays
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(t.ROUTED)}
+        new, gone = mine - self.owned, self.owned - mine
+        self.owned = mine
+        if gone:
+            self._logic.forget_partitions(gone)
+        if new:
+            started = time.monotonic()
+            entries = await read_cache_partitions(self._settings, new)
+            loaded = await self._logic.load(entries)
+            log.info("cache_rebuilt", partitions=sorted(new), entries=loaded,
+                     seconds=round(time.monotonic() - started, 2))

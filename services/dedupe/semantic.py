@@ -1,0 +1,180 @@
+"""Verified semantic matching: FAISS shards per (scope, earlier turns), a recall threshold, then the verifier.
+
+A shard holds the answers of one scope whose earlier turns are identical, so a multi-turn request can only
+match a conversation with exactly the same history, and scope is a hard wall by construction. Shards are
+flat (exact) indexes while small and become HNSW past `hnsw_threshold`. All FAISS and verifier work runs on
+one worker thread, batched across the messages of a Kafka batch, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from schemas import CacheEntry, RoutedRequest
+from services.core.embedder import DIM, AsyncEmbedder, decode_vector
+from services.dedupe.logic import SemanticHit
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Decision(Protocol):
+    score: float
+    hit: bool
+
+
+class PairVerifier(Protocol):
+    def verify(self, query: str, candidate: str, cosine: float, threshold: float) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class SemanticPolicy:
+    """Per task type: cosine below which the verifier is not even asked, and the verifier's threshold."""
+
+    recall_cosine: Mapping[str, float]
+    verify_threshold: Mapping[str, float]
+    candidates: int = 4
+
+    def recall(self, task: str | None) -> float:
+        return self.recall_cosine.get(task or "", self.recall_cosine["default"])
+
+    def threshold(self, task: str | None) -> float:
+        return self.verify_threshold.get(task or "", self.verify_threshold["default"])
+
+
+@dataclass
+class Shard:
+    """One FAISS index over the entries of a (scope, prefix); ids are positions in `entries`."""
+
+    hnsw_threshold: int
+    entries: list[CacheEntry] = field(default_factory=list)
+    vectors: list[Vectors] = field(default_factory=list)
+    index: faiss.Index = field(default_factory=lambda: faiss.IndexFlatIP(DIM))
+    is_hnsw: bool = False
+
+    def add(self, entry: CacheEntry, vector: Vectors) -> None:
+        self.entries.append(entry)
+        self.vectors.append(vector)
+        self.index.add(vector.reshape(1, DIM))
+        if not self.is_hnsw and len(self.entries) > self.hnsw_threshold:
+            self._to_hnsw()
+
+    def _to_hnsw(self) -> None:
+        index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+        index.add(np.stack(self.vectors))
+        self.index, self.is_hnsw = index, True
+
+    def search(self, queries: Vectors, k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        scores, ids = self.index.search(queries, min(k, len(self.entries)))
+        return scores, ids
+
+
+def shard_key(entry_scope: str, prefix: str) -> str:
+    return f"{entry_scope}/{prefix}"
+
+
+class SemanticIndex:
+    """The semantic half of the dedupe cache, shards keyed by scope and conversation prefix."""
+
+    def __init__(self, embedder: AsyncEmbedder, verifier: PairVerifier, policy: SemanticPolicy, *,
+                 hnsw_threshold: int = 20_000, clock: Callable[[], float] = time.time) -> None:
+        self._embedder = embedder
+        self._verifier = verifier
+        self._policy = policy
+        self._hnsw_threshold = hnsw_threshold
+        self._clock = clock
+        self._shards: dict[str, Shard] = {}
+        # One thread: FAISS and the verifier never run on the event loop, and never race each other.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic")
+        faiss.omp_set_num_threads(1)
+
+    def __len__(self) -> int:
+        return sum(len(s.entries) for s in self._shards.values())
+
+    async def _vectors(self, texts: Sequence[str], carried: Sequence[str | None]) -> Vectors:
+        """Uses the classifier's embedding when the request carries one; embeds the rest in one batch."""
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        missing = [i for i, c in enumerate(carried) if c is None]
+        for i, c in enumerate(carried):
+            if c is not None:
+                out[i] = decode_vector(c)
+        if missing:
+            out[missing] = await self._embedder.embed([texts[i] for i in missing])
+        return out
+
+    async def add(self, entries: Sequence[CacheEntry]) -> None:
+        if not entries:
+            return
+        vectors = await self._vectors([e.keys.lookup_text for e in entries], [e.embedding for e in entries])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._add_sync, list(entries), vectors)
+
+    def _add_sync(self, entries: list[CacheEntry], vectors: Vectors) -> None:
+        for entry, vector in zip(entries, vectors, strict=True):
+            key = shard_key(entry.keys.scope, entry.keys.prefix)
+            shard = self._shards.get(key)
+            if shard is None:
+                shard = self._shards[key] = Shard(self._hnsw_threshold)
+            shard.add(entry, vector)
+
+    def drop_scopes(self, keep: Callable[[str], bool]) -> int:
+        """Forgets shards whose scope this instance no longer owns (after a rebalance)."""
+        doomed = [k for k in self._shards if not keep(k.split("/", 1)[0])]
+        for k in doomed:
+            del self._shards[k]
+        return len(doomed)
+
+    async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]:
+        if not requests:
+            return []
+        vectors = await self._vectors([r.keys.lookup_text for r in requests], [r.embedding for r in requests])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._match_sync, list(requests), vectors)
+
+    def _match_sync(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
+        by_shard: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_shard.setdefault(shard_key(r.keys.scope, r.keys.prefix), []).append(i)
+        out: list[SemanticHit | None] = [None] * len(requests)
+        now = self._clock()
+        for key, rows in by_shard.items():
+            shard = self._shards.get(key)
+            if shard is None or not shard.entries:
+                continue
+            scores, ids = shard.search(vectors[rows], self._policy.candidates)
+            for row, request_scores, request_ids in zip(rows, scores, ids, strict=True):
+                out[row] = self._best(requests[row], shard, request_scores, request_ids, now)
+        return out
+
+    def _best(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
+              ids: npt.NDArray[np.int64], now: float) -> SemanticHit | None:
+        """The most similar candidate that is servable and that the verifier accepts; the grey zone misses."""
+        task = request.route.task_type
+        recall, threshold = self._policy.recall(task), self._policy.threshold(task)
+        max_age = request.request.cache.ttl_s
+        for score, idx in zip(scores, ids, strict=True):
+            if idx < 0 or float(score) < recall:
+                break  # results are sorted: nothing further is close enough
+            entry = shard.entries[int(idx)]
+            if entry.keys.tier_rank < request.keys.tier_rank:
+                continue  # a cheaper tier's answer never serves a request routed higher
+            if entry.expires_at is not None and entry.expires_at <= now:
+                continue
+            if max_age is not None and now - entry.stored_at > max_age:
+                continue
+            decision = self._verifier.verify(request.keys.lookup_text, entry.keys.lookup_text, float(score), threshold)
+            if decision.hit:
+                return SemanticHit(entry, float(score))
+        return None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
