@@ -121,7 +121,7 @@ class CacheKeys(BaseModel):
     scope: str = Field(description="Hash of everything that must match exactly (tenant, tier, system prompt...).")
     exact: str = Field(description="Hash of the normalized conversation within the scope.")
     prefix: str = Field(description="Hash of all turns before the last user turn: multi-turn must match exactly.")
-    lookup_text: str = Field(description="Normalized last user turn: what the semantic index embeds.")
+    lookup_text: str = Field(description="The last user turn, whitespace-normalized: what the semantic index embeds.")
     tier_rank: int = Field(ge=0, description="A cached answer may serve the same or a lower tier.")
 
 

@@ -21,7 +21,7 @@ from services.classifier.routing import (
 )
 from services.classifier.task_rules import classify_task
 from services.classifier.trimming import trim_to_budget
-from services.core.cache_keys import cache_keys, normalize_text, split_conversation
+from services.core.cache_keys import cache_keys, clean_text, split_conversation
 from services.core.embedder import AsyncEmbedder, encode_vector
 from services.core.messaging import Out
 from services.core.outputs import error_response, response_outs
@@ -58,7 +58,7 @@ class Classifier:
             self.budgets = BudgetBook()
 
     async def handle(self, requests: Sequence[LLMRequest]) -> list[Out]:
-        lookups = [normalize_text(split_conversation(r.messages)[2]) for r in requests]
+        lookups = [clean_text(split_conversation(r.messages)[2]) for r in requests]
         vectors = await self.embedder.embed(lookups) if self.embedder is not None else None
         scores = self.scorer.score(vectors) if (self.scorer is not None and vectors is not None) else None
         outs: list[Out] = []

@@ -19,11 +19,14 @@ _WS = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.!?;:,]+$")
 
 
+def clean_text(text: str) -> str:
+    """Unicode form and whitespace; case is kept because names and acronyms matter to the verifier."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
 def normalize_text(text: str) -> str:
     """Case, unicode form, whitespace and trailing punctuation do not change what is being asked."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = _WS.sub(" ", text).strip()
-    return _TRAILING.sub("", text)
+    return _TRAILING.sub("", clean_text(text).casefold())
 
 
 def _digest(payload: object) -> str:
@@ -62,8 +65,8 @@ def cache_keys(request: LLMRequest, tier: Tier) -> CacheKeys:
         "max_tokens": request.max_tokens,
     })
     prefix = _digest([_turn(m) for m in earlier])
-    lookup = normalize_text(last_user)
     return CacheKeys(
-        scope=scope, prefix=prefix, exact=_digest([scope, prefix, lookup]), lookup_text=lookup,
+        scope=scope, prefix=prefix, exact=_digest([scope, prefix, normalize_text(last_user)]),
+        lookup_text=clean_text(last_user),
         tier_rank=tier_rank(tier),
     )
