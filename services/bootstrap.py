@@ -12,14 +12,15 @@ from services.accountant.budgets import BudgetsConfig, BudgetTracker
 from services.accountant.ledger import Ledger
 from services.classifier.app import ClassifierService
 from services.classifier.logic import Classifier
+from services.classifier.router import EscalationRouter
+from services.classifier.routing import TierThresholds
 from services.core.embedder import AsyncEmbedder, Embedder, MiniLMEmbedder
 from services.core.prices import PriceCatalog
 from services.core.service import Service
 from services.core.settings import Settings
 from services.core.tokens import TokenCounter
 from services.dedupe.app import DedupeService
-from services.dedupe.logic import Deduper
-from services.dedupe.store import AnswerStore
+from services.dedupe.wiring import build_deduper
 from services.gateway.app import GatewayService
 from services.gateway.idempotency import CompletedStore
 from services.gateway.logic import Gateway
@@ -75,9 +76,11 @@ def build_service(name: str, res: Resources) -> Service:
     s = res.settings
     state = s.state_dir
     if name == "classifier":
-        return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder))
+        thresholds = TierThresholds(mid=s.route_threshold_mid, large=s.route_threshold_large)
+        return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder, scorer=EscalationRouter.load(),
+                                               thresholds=thresholds))
     if name == "dedupe":
-        return DedupeService(s, Deduper(s, AnswerStore(s.cache_max_entries)))
+        return DedupeService(s, build_deduper(s, res.embedder))
     if name == "gateway":
         names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
         providers = {n: res.provider(n) for n in names}

@@ -119,6 +119,37 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from services.classifier.calibrate import by_quality, by_share, load_prompts, summary, write_thresholds
+    from services.classifier.router import EscalationRouter
+    from services.core.embedder import MiniLMEmbedder
+    from services.core.settings import config_path
+
+    if (args.strong_share is None) == (args.target_quality is None):
+        raise SystemExit("give exactly one of --strong-share or --target-quality")
+    path = Path(args.requests)
+    prompts = load_prompts(path, args.prompt_col)
+    scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts)).astype(np.float64)
+    if args.strong_share is not None:
+        cal = by_share(scores, args.strong_share, args.mid_share)
+    else:
+        if not (args.weak_col and args.strong_col and path.suffix == ".csv"):
+            raise SystemExit("--target-quality needs a CSV with --weak-col and --strong-col (True/False)")
+        from services.classifier.route_bench import load_route_csv
+
+        rows = load_route_csv(path, args.prompt_col or "prompt", args.weak_col, args.strong_col, set())
+        weak = np.array([r[1] for r in rows], dtype=np.float64)
+        strong = np.array([r[2] for r in rows], dtype=np.float64)
+        cal = by_quality(scores, weak, strong, args.target_quality, args.mid_share)
+    target = Path(args.config) if args.config else config_path()
+    write_thresholds(target, cal)
+    print(summary(cal))
+    console.print(f"wrote thresholds to {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugalstream", description=__doc__)
     parser.add_argument("--version", action="version", version=f"frugalstream {__version__}")
@@ -142,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="set tier thresholds from a sample of your own requests")
+    p.add_argument("--requests", required=True, help="LLMRequest JSON lines, or a CSV with --prompt-col")
+    p.add_argument("--prompt-col", help="prompt column of a CSV sample")
+    p.add_argument("--strong-share", type=float, help="target share of large-tier calls, e.g. 0.1")
+    p.add_argument("--target-quality", type=float, help="fraction of the strong model's accuracy to keep, e.g. 0.95")
+    p.add_argument("--weak-col", help="CSV column: did the cheap model answer correctly")
+    p.add_argument("--strong-col", help="CSV column: did the strong model answer correctly")
+    p.add_argument("--mid-share", type=float, default=0.15, help="share of mid-tier calls below the large ones")
+    p.add_argument("--config", help="TOML config to update (default: $FRUGAL_CONFIG or ./frugalstream.toml)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("topics", help="create every frugalstream topic (compacted where the design says)")
     p.add_argument("--partitions", type=int, default=12)

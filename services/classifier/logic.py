@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from schemas import LLMRequest, Route, RoutedRequest, TaskType
+from schemas import LLMRequest, Route, RoutedRequest
 from schemas import topics as t
 from services.classifier.routing import (
     BudgetBook,
@@ -27,12 +27,6 @@ from services.core.messaging import Out
 from services.core.outputs import error_response, response_outs
 from services.core.settings import Settings, TenantPolicy
 from services.core.tokens import TokenCounter
-
-# Task types whose tier the learned escalation score may raise; FAQ-like traffic never needs it.
-SCORED_TASKS: frozenset[TaskType] = frozenset(
-    {"reasoning", "code", "chat", "drafting", "creative", "extraction", "summarization"}
-)
-
 
 class EscalationScorer(Protocol):
     def score(self, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
@@ -74,9 +68,7 @@ class Classifier:
         policy = self.settings.tenants.get(request.tenant, TenantPolicy())
         baseline = policy.baseline_model or request.model or self.settings.default_baseline_model
         full_tokens = self.counter.count_messages(request.messages, baseline)
-        tier = decide_tier(
-            task.task_type, score if task.task_type in SCORED_TASKS else None, full_tokens, self.thresholds,
-        )
+        tier = decide_tier(task.task_type, score, full_tokens, self.thresholds)
         assert self.budgets is not None
         try:
             choice = choose_model(

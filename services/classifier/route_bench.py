@@ -130,7 +130,7 @@ def accuracy_curve(
     a, b = starts[block], ends[block]
     frac = (k - a) / np.maximum(b - a, 1)
     interp = cum[a] + frac * (cum[b] - cum[a])
-    return (weak.sum() + interp) / n
+    return np.asarray((weak.sum() + interp) / n, dtype=np.float64)
 
 
 def _curve_metrics(acc: npt.NDArray[np.float64], acc_weak: float, acc_strong: float) -> dict[str, float]:
@@ -172,9 +172,9 @@ def run_route_bench(rows: list[Row], scores: npt.ArrayLike, seed: int = 0) -> di
     for m in sims[0]:
         out[f"random_sim_{m}"] = float(np.mean([s[m] for s in sims]))
     oracle = (strong - weak) + 1e-3 * strong  # helpful first, then ties that cost nothing
-    out["oracle_strong_share_at_95"] = _curve_metrics(
-        accuracy_curve(weak, strong, oracle), acc_weak, acc_strong
-    )["strong_share_at_95"]
+    out["oracle_strong_share_at_95"] = _curve_metrics(accuracy_curve(weak, strong, oracle), acc_weak, acc_strong)[
+        "strong_share_at_95"
+    ]
     return out
 
 

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import os
+
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from schemas import TaskType, Tier
 
@@ -68,9 +75,16 @@ class Settings(BaseSettings):
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     context_budgets: dict[str, int] = Field(default_factory=_default_context_budgets)
     budget_action: Literal["downgrade", "refuse"] = "downgrade"
+    # Escalation score at or above which a request goes to mid / large (`frugalstream calibrate` sets them).
+    route_threshold_mid: float = Field(default=0.12, ge=0, le=1)
+    route_threshold_large: float = Field(default=0.20, ge=0, le=1)
 
-    # Dedupe
-    semantic_task_types: tuple[TaskType, ...] = ("faq", "classification")
+    # Dedupe. Semantic matching is on only where a reworded request wants the same answer.
+    semantic_task_types: tuple[TaskType, ...] = ("faq",)
+    semantic_recall_cosine: dict[str, float] = Field(
+        default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
+    semantic_verify_threshold: dict[str, float] = Field(
+        default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
     cache_ttl_s: dict[str, int] = Field(default_factory=lambda: {"faq": 7 * 86400, "default": 86400})
     cache_max_entries: int = 200_000
     coalesce_timeout_s: float = 30.0
@@ -96,6 +110,17 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     metrics_port: int | None = None
 
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Precedence: explicit arguments, environment, then the TOML config file (`FRUGAL_CONFIG`,
+        default `frugalstream.toml` in the working directory), which is what `frugalstream calibrate` writes."""
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
+        return init_settings, env_settings, toml, file_secret_settings
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
@@ -109,3 +134,7 @@ class Settings(BaseSettings):
         if file is not None:
             return file.read_text().strip()
         return None
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("FRUGAL_CONFIG", "frugalstream.toml"))

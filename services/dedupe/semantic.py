@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import faiss
 import numpy as np
@@ -22,17 +21,9 @@ import numpy.typing as npt
 from schemas import CacheEntry, RoutedRequest
 from services.core.embedder import DIM, AsyncEmbedder, decode_vector
 from services.dedupe.logic import SemanticHit
+from services.dedupe.verifier import Verifier
 
 Vectors = npt.NDArray[np.float32]
-
-
-class Decision(Protocol):
-    score: float
-    hit: bool
-
-
-class PairVerifier(Protocol):
-    def verify(self, query: str, candidate: str, cosine: float, threshold: float) -> Decision: ...
 
 
 @dataclass(frozen=True)
@@ -85,13 +76,15 @@ def shard_key(entry_scope: str, prefix: str) -> str:
 class SemanticIndex:
     """The semantic half of the dedupe cache, shards keyed by scope and conversation prefix."""
 
-    def __init__(self, embedder: AsyncEmbedder, verifier: PairVerifier, policy: SemanticPolicy, *,
-                 hnsw_threshold: int = 20_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, embedder: AsyncEmbedder, verifier: Verifier, policy: SemanticPolicy, *,
+                 hnsw_threshold: int = 20_000, clock: Callable[[], float] = time.time,
+                 live: Callable[[str], bool] = lambda _exact: True) -> None:
         self._embedder = embedder
         self._verifier = verifier
         self._policy = policy
         self._hnsw_threshold = hnsw_threshold
         self._clock = clock
+        self._live = live  # evicted from the answer store means no longer servable
         self._shards: dict[str, Shard] = {}
         # One thread: FAISS and the verifier never run on the event loop, and never race each other.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic")
@@ -116,9 +109,10 @@ class SemanticIndex:
             return
         vectors = await self._vectors([e.keys.lookup_text for e in entries], [e.embedding for e in entries])
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._add_sync, list(entries), vectors)
+        await loop.run_in_executor(self._pool, self.add_vectors, list(entries), vectors)
 
-    def _add_sync(self, entries: list[CacheEntry], vectors: Vectors) -> None:
+    def add_vectors(self, entries: list[CacheEntry], vectors: Vectors) -> None:
+        """Blocking: call from the worker thread (as `add` does) or from a benchmark."""
         for entry, vector in zip(entries, vectors, strict=True):
             key = shard_key(entry.keys.scope, entry.keys.prefix)
             shard = self._shards.get(key)
@@ -138,9 +132,10 @@ class SemanticIndex:
             return []
         vectors = await self._vectors([r.keys.lookup_text for r in requests], [r.embedding for r in requests])
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._match_sync, list(requests), vectors)
+        return await loop.run_in_executor(self._pool, self.match_vectors, list(requests), vectors)
 
-    def _match_sync(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
+    def match_vectors(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
+        """Blocking: call from the worker thread (as `match` does) or from a benchmark."""
         by_shard: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_shard.setdefault(shard_key(r.keys.scope, r.keys.prefix), []).append(i)
@@ -167,6 +162,8 @@ class SemanticIndex:
             entry = shard.entries[int(idx)]
             if entry.keys.tier_rank < request.keys.tier_rank:
                 continue  # a cheaper tier's answer never serves a request routed higher
+            if not self._live(entry.keys.exact):
+                continue
             if entry.expires_at is not None and entry.expires_at <= now:
                 continue
             if max_age is not None and now - entry.stored_at > max_age:

@@ -1,0 +1,99 @@
+"""Learned escalation score: how likely a prompt needs the stronger tier.
+
+The score estimates P(the cheap model is wrong and the strong one right) from the prompt's MiniLM
+embedding. Three linear heads trained on RouteLLM's MMLU/GSM8K correctness labels (see
+``scripts/train_router.py``) are evaluated with one matrix product, so inference is pure numpy and
+costs microseconds on top of the embedding:
+
+* ridge regression of the gain (strong_correct - weak_correct),
+* sigmoid(strong head) - sigmoid(weak head), two logistic regressions,
+* a soft topic prior: softmax over subjects times each subject's mean gain.
+
+Each is z-scored, summed and Platt-mapped to [0, 1]. The artifact has two variants: ``full``
+(every training row; for serving) and ``half`` (only rows outside the held-out hash half; for honest
+benches on local data, see ``route_bench.honest_router_and_mask``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from services.classifier.route_bench import prompt_hash64
+
+DEFAULT_PATH = Path(__file__).with_name("router_model.npz")
+DIM = 384
+_PARAMS = ("W", "b", "rate", "zmean", "zstd", "cal")
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def _sigmoid(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)))
+
+
+def predict_parts(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any]) -> FloatArray:
+    """(n, 3) head outputs before z-scoring: ridge gain, P(strong)-P(weak), topic prior gain."""
+    z = x.astype(np.float32, copy=False) @ params["W"].T + params["b"]
+    logits = z[:, 3:]
+    logits = logits - logits.max(axis=1, keepdims=True)
+    prob = np.exp(logits)
+    prob /= prob.sum(axis=1, keepdims=True)
+    topic = prob @ params["rate"]
+    return np.stack([z[:, 0], _sigmoid(z[:, 2]) - _sigmoid(z[:, 1]), topic], axis=1).astype(np.float32)
+
+
+class EscalationRouter:
+    """Scores L2-normalized 384-d embeddings; higher = more likely to need a stronger tier."""
+
+    def __init__(
+        self,
+        params: Mapping[str, npt.NDArray[Any]],
+        train_hashes: npt.NDArray[np.uint64],
+        meta: dict[str, Any],
+        variant: str,
+    ) -> None:
+        missing = [k for k in _PARAMS if k not in params]
+        if missing:
+            raise ValueError(f"router artifact lacks {missing}")
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in _PARAMS}
+        if self.params["W"].shape[1] != DIM:
+            raise ValueError(f"router expects {DIM}-d embeddings, artifact has {self.params['W'].shape[1]}")
+        self.train_hashes = np.sort(np.asarray(train_hashes, dtype=np.uint64))
+        self.meta = meta
+        self.variant = variant
+
+    @classmethod
+    def load(cls, path: Path | None = None, exclude_heldout: bool = False) -> EscalationRouter:
+        """Load the shipped artifact. ``exclude_heldout=True`` gives the variant trained without any
+        row of the held-out hash half, the only one that may be benched on local RouteLLM data."""
+        variant = "half" if exclude_heldout else "full"
+        with np.load(path or DEFAULT_PATH, allow_pickle=False) as z:
+            params = {k: z[f"{variant}/{k}"] for k in _PARAMS}
+            hashes = z[f"{variant}/hashes"]
+            meta = json.loads(str(z["meta_json"]))
+        return cls(params, hashes, meta, variant)
+
+    def score(self, embeddings: npt.NDArray[Any]) -> FloatArray:
+        """(n, 384) float32 L2-normalized embeddings -> (n,) escalation score in [0, 1]."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape[1] != DIM:
+            raise ValueError(f"expected (n, {DIM}) embeddings, got {x.shape}")
+        p = self.params
+        raw = ((predict_parts(p, x) - p["zmean"]) / p["zstd"]).sum(axis=1)
+        return _sigmoid(p["cal"][0] * raw + p["cal"][1]).astype(np.float32)
+
+    def seen(self, prompts: list[str]) -> npt.NDArray[np.bool_]:
+        """True for prompts this variant was trained on (exact text, surrounding whitespace ignored)."""
+        h = np.array([prompt_hash64(p) for p in prompts], dtype=np.uint64)
+        if len(self.train_hashes) == 0 or len(h) == 0:
+            return np.zeros(len(h), dtype=bool)
+        i = np.clip(np.searchsorted(self.train_hashes, h), 0, len(self.train_hashes) - 1)
+        return np.asarray(self.train_hashes[i] == h)

@@ -1,0 +1,328 @@
+"""Semantic-match verifier for the dedupe cache.
+
+Embedding cosine alone serves look-alike questions with a different meaning (PAWS: most word-swapped
+non-paraphrases score above 0.95), and a false hit is the worst error the product can make. So a
+semantic candidate is served only if (1) no hard rule vetoes it (different numbers, negation, a swap of
+the same content words into other roles) and (2) a small trained model over order-sensitive lexical
+features plus the cosine scores it above a threshold. Anything in the grey zone is a miss.
+
+Inference is numpy only: the model is a tiny MLP whose weights ship in ``verifier_model.npz``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+# Chosen by scripts/train_verifier.py on the QQP *train* validation bucket (never on QQP dev or PAWS).
+DEFAULT_RECALL_COSINE = 0.80
+DEFAULT_VERIFY_THRESHOLD = 0.70
+ARTIFACT_PATH = Path(__file__).with_name("verifier_model.npz")
+
+_WORDS_NUM = "zero one two three four five six seven eight nine ten eleven twelve"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+_TRAILING_PUNCT = " \t\n.?!;:,。？！"
+_TOKEN_RE = re.compile(r"\d+(?:[.,:]\d+)*|\w+(?:'\w+)?")
+_NUMBER_RE = re.compile(r"^\d+(?:[.,:]\d+)*$")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(_WORDS_NUM.split())}
+_NEGATIONS = _words(
+    """
+    not no never nor neither cannot cant dont doesnt didnt isnt arent wasnt werent wont wouldnt shouldnt
+    couldnt havent hasnt hadnt
+    """
+)
+_SYMMETRIC = frozenset(["and", "or", "vs", "versus", "nor", "&", "between"])
+_STOPWORDS = _words(
+    """
+    a an the of to in on at by for with from into onto about as is are was were be been being am do does
+    did doing have has had having i me my we our you your he him his she her it its they them their this
+    that these those there here and or but if so than then too very can could would should will shall
+    may might must just also any some such what which who whom whose when where why how whats hows whos
+    s t get got
+    """
+)
+_WH = _words("what why how when where who which whom whose is are can do does should")
+
+
+def normalize_text(text: str) -> str:
+    """Canonical form used for exact-match hashing and for the verifier's tokens.
+
+    NFKC folds compatibility characters (full-width letters, ligatures), case and runs of whitespace
+    never change an answer, and neither does a trailing "?" or ".".
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(text.split()).rstrip(_TRAILING_PUNCT)
+
+
+def _tokens(text: str) -> list[str]:
+    toks = _TOKEN_RE.findall(normalize_text(text).replace("n't", " not").replace("’", "'"))
+    return [_NUMBER_WORDS.get(t, t) for t in toks]
+
+
+def _stem(tok: str) -> str:
+    """A crude suffix stripper: enough to match "flight"/"flights" without a dictionary."""
+    if tok.endswith("'s"):
+        tok = tok[:-2]
+    for suf in ("ing", "ies", "es", "ed", "s"):
+        if len(tok) > len(suf) + 3 and tok.endswith(suf) and not tok.endswith("ss"):
+            return tok[: -len(suf)]
+    return tok
+
+
+def _numbers(toks: list[str]) -> list[str]:
+    return sorted(t.replace(",", "") for t in toks if _NUMBER_RE.match(t))
+
+
+def _negated(toks: list[str]) -> bool:
+    return sum(t.replace("'", "") in _NEGATIONS for t in toks) % 2 == 1
+
+
+def _content(toks: list[str]) -> list[str]:
+    return [_stem(t) for t in toks if t not in _STOPWORDS and t.replace("'", "") not in _NEGATIONS]
+
+
+def _jaccard(a: AbstractSet[object], b: AbstractSet[object]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _order_stats(ca: list[str], cb: list[str]) -> tuple[float, float, int]:
+    """Order agreement of the shared content words: (concordant share, context agreement, discordant).
+
+    A word swap ("from Paris to London" / "from London to Paris") keeps the bag of words but breaks
+    the relative order and the word each shared term follows, which is what these two numbers see.
+    """
+    pos_b = {w: i for i, w in reversed(list(enumerate(cb)))}
+    seq = [pos_b[w] for w in dict.fromkeys(ca) if w in pos_b]
+    pairs = disc = 0
+    for i in range(len(seq)):
+        for j in range(i + 1, len(seq)):
+            pairs += 1
+            disc += seq[i] > seq[j]
+    left_a = {w: (ca[i - 1] if i else "^") for i, w in reversed(list(enumerate(ca)))}
+    left_b = {w: (cb[i - 1] if i else "^") for i, w in reversed(list(enumerate(cb)))}
+    shared = [w for w in left_a if w in left_b]
+    ctx = sum(left_a[w] == left_b[w] for w in shared) / len(shared) if shared else 1.0
+    return (1.0 - disc / pairs if pairs else 1.0), ctx, disc
+
+
+def _role_swaps(ta: list[str], tb: list[str]) -> int:
+    """Pairs of shared content words that traded their neighbours: "from X to Y" / "from Y to X".
+
+    Coordinations ("X and Y", "between X and Y", "X vs Y") are symmetric and never count.
+    """
+
+    def ctx(toks: list[str], d: int) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for i, t in enumerate(toks):
+            j = i + d
+            out.setdefault(t, toks[j] if 0 <= j < len(toks) else "^$"[d > 0])
+        return out
+
+    shared = [w for w in dict.fromkeys(ta) if w in set(tb) and w not in _STOPWORDS]
+    swaps = 0
+    for d in (-1, 1):
+        ca, cb = ctx(ta, d), ctx(tb, d)
+        for i, w1 in enumerate(shared):
+            for w2 in shared[i + 1 :]:
+                roles = {ca[w1], ca[w2]}
+                if (
+                    ca[w1] != ca[w2]
+                    and ca[w1] == cb[w2]
+                    and ca[w2] == cb[w1]
+                    and not roles & _SYMMETRIC
+                    and not roles & {w1, w2}
+                ):
+                    swaps += 1
+    return swaps
+
+
+def _entities(text: str) -> list[str]:
+    """Capitalised words not at the start of the text: a cheap proxy for named entities."""
+    words = re.findall(r"\w+", unicodedata.normalize("NFKC", text))
+    return [w.lower() for w in words[1:] if w[:1].isupper()]
+
+
+def _first_wh(toks: list[str]) -> str:
+    return next((t for t in toks[:4] if t in _WH), "")
+
+
+FEATURE_NAMES = (
+    "cosine",
+    "cos_hi",
+    "tok_jacc",
+    "content_jacc",
+    "contain_min",
+    "contain_max",
+    "bigram_jacc",
+    "content_bigram_jacc",
+    "lcs_max",
+    "lcs_min",
+    "concordance",
+    "context_agree",
+    "discordant",
+    "unmatched_content",
+    "len_diff",
+    "log_len_min",
+    "char3_jacc",
+    "entity_jacc",
+    "entity_order",
+    "wh_mismatch",
+    "numbers_present",
+    "numbers_one_side",
+    "same_bag_reordered",
+    "role_swaps",
+)
+
+
+def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float], str]:
+    """Feature vector for one pair, plus the name of a hard rule that vetoes it ("" when none)."""
+    ta, tb = _tokens(query), _tokens(candidate)
+    ca, cb = _content(ta), _content(tb)
+    sa, sb = set(ca), set(cb)
+    inter = len(sa & sb)
+    big_a, big_b = set(pairwise(ta)), set(pairwise(tb))
+    cbig_a, cbig_b = set(pairwise(ca)), set(pairwise(cb))
+    lcs = _lcs(ta, tb)
+    conc, ctx, disc = _order_stats(ca, cb)
+    na, nb = normalize_text(query), normalize_text(candidate)
+    ch_a = {na[i : i + 3] for i in range(max(len(na) - 2, 1))}
+    ch_b = {nb[i : i + 3] for i in range(max(len(nb) - 2, 1))}
+    ea, eb = _entities(query), _entities(candidate)
+    e_conc = _order_stats(ea, eb)[0]
+    same_bag = sorted(ca) == sorted(cb) and ca != cb
+    nums_a, nums_b = _numbers(ta), _numbers(tb)
+    swaps = _role_swaps(ta, tb)
+    la, lb = max(len(ta), 1), max(len(tb), 1)
+    feats = [
+        cosine,
+        max(cosine - 0.9, 0.0) * 10.0,
+        _jaccard(set(ta), set(tb)),
+        _jaccard(sa, sb),
+        inter / max(min(len(sa), len(sb)), 1),
+        inter / max(max(len(sa), len(sb)), 1),
+        _jaccard(big_a, big_b),
+        _jaccard(cbig_a, cbig_b),
+        lcs / max(la, lb),
+        lcs / min(la, lb),
+        conc,
+        ctx,
+        min(disc, 5) / 5.0,
+        min(len(sa ^ sb), 10) / 10.0,
+        abs(la - lb) / max(la, lb),
+        float(np.log1p(min(la, lb))),
+        _jaccard(ch_a, ch_b),
+        _jaccard(set(ea), set(eb)),
+        e_conc,
+        float(_first_wh(ta) != _first_wh(tb)),
+        float(bool(nums_a or nums_b)),
+        float(bool(nums_a) != bool(nums_b)),
+        float(same_bag),
+        min(swaps, 3) / 3.0,
+    ]
+    reason = ""
+    if nums_a and nums_b and set(nums_a) != set(nums_b):
+        reason = "number_mismatch"
+    elif _negated(ta) != _negated(tb):
+        reason = "negation"
+    elif swaps:
+        reason = "order"
+    return feats, reason
+
+
+@dataclass(frozen=True)
+class VerifierDecision:
+    """Outcome for one candidate: the model score, the decision, and why (a rule name or "model")."""
+
+    score: float
+    hit: bool
+    reason: str
+
+
+class Verifier(Protocol):
+    """Anything that can decide whether a cached answer may serve a reworded request."""
+
+    def verify(self, query: str, candidate: str, cosine: float, threshold: float) -> VerifierDecision:
+        """Decide hit or miss for the nearest cached neighbour."""
+        ...
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class TrainedVerifier:
+    """MLP over :func:`pair_features`, with the hard rules as vetoes in front of it."""
+
+    def __init__(self, params: dict[str, FloatArray], recall_cosine: float, threshold: float) -> None:
+        self._p = params
+        self.recall_cosine = recall_cosine
+        self.threshold = threshold
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> TrainedVerifier:
+        """Load the shipped artifact (or another one written by scripts/train_verifier.py)."""
+        with np.load(path or ARTIFACT_PATH, allow_pickle=False) as z:
+            names = tuple(str(n) for n in z["feature_names"])
+            if names != FEATURE_NAMES:
+                raise ValueError(f"artifact features {names} do not match this code")
+            params = {k: np.asarray(z[k], dtype=np.float64) for k in ("mean", "scale", "w1", "b1", "w2", "b2")}
+            return cls(params, float(z["recall_cosine"]), float(z["threshold"]))
+
+    def _forward(self, x: FloatArray) -> FloatArray:
+        p = self._p
+        h = np.maximum((x - p["mean"]) / p["scale"] @ p["w1"] + p["b1"], 0.0)
+        logit = (h @ p["w2"] + p["b2"]).reshape(-1)
+        return 1.0 / (1.0 + np.exp(-np.clip(logit, -50.0, 50.0)))
+
+    def score_batch(self, pairs: Sequence[tuple[str, str, float]]) -> FloatArray:
+        """Probability, per pair, that the cached answer may be served; 0.0 where a rule vetoes."""
+        if not pairs:
+            return np.zeros(0, dtype=np.float64)
+        rows, vetoed = [], []
+        for q, c, cos in pairs:
+            feats, reason = pair_features(q, c, cos)
+            rows.append(feats)
+            vetoed.append(bool(reason))
+        scores = self._forward(np.asarray(rows, dtype=np.float64))
+        scores[np.asarray(vetoed)] = 0.0
+        exact = [normalize_text(q) == normalize_text(c) for q, c, _ in pairs]
+        scores[np.asarray(exact)] = 1.0
+        return scores
+
+    def score(self, query: str, candidate: str, cosine: float) -> float:
+        """Probability that ``candidate``'s cached answer may serve ``query`` (0.0 if a rule vetoes)."""
+        return float(self.score_batch([(query, candidate, cosine)])[0])
+
+    def verify(self, query: str, candidate: str, cosine: float, threshold: float | None = None) -> VerifierDecision:
+        """Hard rules veto first; otherwise a hit needs ``score >= threshold``. Exact text is a hit."""
+        thr = self.threshold if threshold is None else threshold
+        if normalize_text(query) == normalize_text(candidate):
+            return VerifierDecision(1.0, True, "exact")
+        feats, reason = pair_features(query, candidate, cosine)
+        if reason:
+            return VerifierDecision(0.0, False, reason)
+        s = float(self._forward(np.asarray([feats], dtype=np.float64))[0])
+        return VerifierDecision(s, s >= thr, "model")
