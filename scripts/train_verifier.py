@@ -1,6 +1,9 @@
 """Train the dedupe semantic-match verifier and write services/dedupe/verifier_model.npz.
 
-    .venv/bin/python scripts/train_verifier.py [--precision 0.90]   # ~1-3 min on 2 cores, fixed seeds
+    .venv/bin/python scripts/train_verifier.py [--precision 0.90]   # ~1 min once embeddings are cached
+
+Fixed seeds. The first run embeds the ~60k training texts with all-MiniLM-L6-v2 (several minutes on 2
+idle cores) into /tmp/fs_verifier; later runs reuse them. Then paste the printed DEFAULT_* into verifier.py.
 
 Training data (QQP dev and PAWS are never used here):
 - QQP "train" split of services.dedupe.pair_eval.qqp_split (connected components of questions, hashed);

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from services.dedupe import verifier as v
@@ -91,8 +94,8 @@ def test_evaluate_pairs_counts_gate_verifier_and_baseline(ver: v.TrainedVerifier
     pairs = [("a", "a2", 1), ("a", "b", 0), ("a", "swap", 0)]
 
     class Fake:
-        def score_batch(self, ps: list[tuple[str, str, float]]) -> np.ndarray:
-            return np.array([0.0 if c == "swap" else 1.0 for _, c, _ in ps])
+        def score_batch(self, ps: Sequence[tuple[str, str, float]]) -> npt.NDArray[np.float64]:
+            return np.array([0.0 if c == "swap" else 1.0 for _, c, _ in ps], dtype=np.float64)
 
     r = evaluate_pairs(pairs, lambda ts: np.array([vecs[t] for t in ts]), Fake(), 0.8, 0.5)
     assert (r["hits"], r["precision"], r["recall"], r["false_hit_rate"]) == (1, 1.0, 1.0, 0.0)

@@ -1,0 +1,168 @@
+"""Dedupe decisions without a broker: scopes are walls, tiers only serve downwards, grey zone misses."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
+from schemas import topics as t
+from services.classifier.logic import Classifier
+from services.core.embedder import AsyncEmbedder, HashingEmbedder
+from services.core.settings import Settings
+from services.core.tokens import TokenCounter
+from services.dedupe.logic import Deduper
+from services.dedupe.semantic import SemanticIndex
+from services.dedupe.store import AnswerStore
+from services.dedupe.verifier import TrainedVerifier
+from services.dedupe.wiring import semantic_policy
+
+SETTINGS = Settings(semantic_task_types=("faq",))
+
+
+async def route(*requests: LLMRequest, settings: Settings = SETTINGS) -> list[RoutedRequest]:
+    embedder = AsyncEmbedder(HashingEmbedder())
+    outs = await Classifier(settings, TokenCounter(), embedder=embedder).handle(list(requests))
+    embedder.close()
+    routed = [o.value for o in outs if isinstance(o.value, RoutedRequest)]
+    assert len(routed) == len(requests)
+    return routed
+
+
+def ask(rid: str, text: str, tenant: str = "acme", history: tuple[ChatMessage, ...] = (), **kw: object) -> LLMRequest:
+    return LLMRequest(id=rid, tenant=tenant, messages=(*history, ChatMessage(role="user", content=text)),
+                      task_hint="faq", **kw)  # type: ignore[arg-type]
+
+
+def answer(routed: RoutedRequest, content: str = "We open at 9.", *, cacheable: bool = True) -> LLMResponse:
+    return LLMResponse(request_id=routed.request.id, tenant=routed.request.tenant, source="llm", content=content,
+                       model=routed.route.model, tier=routed.route.tier, task_type=routed.route.task_type,
+                       finish_reason="stop", usage=TokenUsage(output_tokens=5), keys=routed.keys,
+                       cacheable=cacheable, responded_at=time.time())
+
+
+def deduper(settings: Settings = SETTINGS, *, semantic: bool = True) -> Deduper:
+    store = AnswerStore(1000)
+    index = SemanticIndex(AsyncEmbedder(HashingEmbedder()), TrainedVerifier.load(), semantic_policy(settings),
+                          live=lambda exact: exact in store) if semantic else None
+    return Deduper(settings, store, semantic=index)
+
+
+def sources(outs: list[object]) -> list[str]:
+    return [o.value.source for o in outs if getattr(o, "topic", None) == t.RESPONSES]  # type: ignore[attr-defined]
+
+
+async def fill(d: Deduper, routed: RoutedRequest, **kw: object) -> None:
+    dispatched = await d.on_routed([routed])
+    assert [o.topic for o in dispatched] == [t.DISPATCH]
+    await d.on_responses([(answer(routed, **kw), 0)])  # type: ignore[arg-type]
+
+
+async def test_identical_question_from_another_tenant_is_never_a_hit() -> None:
+    d = deduper()
+    first, other, same = await route(ask("a", "What are your business hours?"),
+                                     ask("b", "What are your business hours?", tenant="globex"),
+                                     ask("c", "what are your business hours"))
+    await fill(d, first)
+    assert sources(await d.on_routed([other])) == []  # dispatched, not served
+    assert sources(await d.on_routed([same])) == ["cache_exact"]
+
+
+async def test_shared_scope_is_opt_in_on_both_sides() -> None:
+    d = deduper()
+    shared = {"shared_scope": "public-faq"}
+    a, b, c = await route(ask("a", "Where is the nearest branch?", cache=shared),
+                          ask("b", "Where is the nearest branch?", tenant="globex", cache=shared),
+                          ask("c", "Where is the nearest branch?", tenant="initech"))
+    await fill(d, a)
+    assert sources(await d.on_routed([b])) == ["cache_exact"]
+    assert sources(await d.on_routed([c])) == []
+
+
+async def test_answer_serves_same_or_lower_tier_never_higher() -> None:
+    d = deduper()
+    large, small = await route(ask("a", "How do I reset my password?", model="gpt-4o"),
+                               ask("b", "How do I reset my password?", model="gpt-4o-mini"))
+    assert (large.keys.scope, large.keys.exact) == (small.keys.scope, small.keys.exact)
+    await fill(d, small)
+    assert sources(await d.on_routed([large])) == [], "a small-tier answer never serves a large-tier request"
+    d2 = deduper()
+    await fill(d2, large)
+    assert sources(await d2.on_routed([small])) == ["cache_exact"]
+
+
+async def test_multi_turn_matches_only_with_identical_history() -> None:
+    d = deduper()
+    h1 = (ChatMessage(role="user", content="I have a savings account."), ChatMessage(role="assistant", content="ok"))
+    h2 = (ChatMessage(role="user", content="I have a credit card."), ChatMessage(role="assistant", content="ok"))
+    first, other_history, same_history = await route(ask("a", "What is the fee?", history=h1),
+                                                     ask("b", "What is the fee?", history=h2),
+                                                     ask("c", "What is the fee?", history=h1))
+    await fill(d, first)
+    assert sources(await d.on_routed([other_history])) == []
+    assert sources(await d.on_routed([same_history])) == ["cache_exact"]
+
+
+async def test_no_cache_skips_lookup_and_no_store_is_never_stored() -> None:
+    d = deduper()
+    stored, no_cache, no_store, later = await route(
+        ask("a", "Do you have a mobile app?"), ask("b", "Do you have a mobile app?", cache={"policy": "no-cache"}),
+        ask("c", "Can I open an account online?", cache={"policy": "no-store"}),
+        ask("d", "Can I open an account online?"))
+    await fill(d, stored)
+    assert [o.topic for o in await d.on_routed([no_cache])] == [t.DISPATCH]
+    await d.on_routed([no_store])
+    await d.on_responses([(answer(no_store, cacheable=False), 0)])
+    assert sources(await d.on_routed([later])) == []
+
+
+async def test_concurrent_duplicates_coalesce_and_are_released_by_the_answer() -> None:
+    d = deduper(semantic=False)
+    leader, follower = await route(ask("a", "Is there an overdraft fee?"), ask("b", "is there an overdraft fee"))
+    assert [o.topic for o in await d.on_routed([leader])] == [t.DISPATCH]
+    assert await d.on_routed([follower]) == []
+    outs = await d.on_responses([(answer(leader), 1)])
+    assert sources(outs) == ["coalesced"]
+    cache = [o for o in outs if o.topic == t.CACHE]
+    assert len(cache) == 1 and cache[0].partition == 1, "the entry goes to the partition its answer came from"
+
+
+async def test_coalesced_follower_is_dispatched_after_the_timeout() -> None:
+    d = deduper(Settings(coalesce_timeout_s=0.0), semantic=False)
+    leader, follower = await route(ask("a", "Is there an ATM fee?"), ask("b", "Is there an ATM fee?"))
+    await d.on_routed([leader])
+    assert await d.on_routed([follower]) == []
+    late = d.expire_waiters(now=time.time() + 1)
+    assert [o.topic for o in late] == [t.DISPATCH] and late[0].value.request.id == "b"
+
+
+async def test_expired_entries_are_not_served() -> None:
+    store = AnswerStore(10, clock=lambda: 1000.0)
+    (routed,) = await route(ask("a", "What is my card limit?"))
+    store.put(CacheEntry(keys=routed.keys, request_id="a", tenant="acme", content="x", model="m", output_tokens=1,
+                         stored_at=900.0, expires_at=999.0))
+    assert store.get(routed.keys.exact, 0) is None
+
+
+def test_eviction_keeps_the_costlier_entries() -> None:
+    store = AnswerStore(10, clock=lambda: 0.0)
+    from schemas import CacheKeys
+
+    for n in range(11):
+        keys = CacheKeys(scope="s", exact=f"e{n}", prefix="", lookup_text=f"q{n}", tier_rank=0)
+        store.put(CacheEntry(keys=keys, request_id=f"r{n}", tenant="t", content="x", model="m", output_tokens=1,
+                             stored_at=0.0, cost_weight=100.0 if n < 5 else 1.0))
+    assert len(store) < 11 and all(f"e{n}" in store for n in range(5))
+
+
+@pytest.mark.parametrize(("cached", "asked"), [
+    ("Flights from Paris to London", "Flights from London to Paris"),
+    ("Can I transfer 500 dollars today?", "Can I transfer 5000 dollars today?"),
+    ("Is my card blocked?", "Is my card not blocked?"),
+])
+async def test_look_alike_questions_with_another_meaning_are_misses(cached: str, asked: str) -> None:
+    d = deduper()
+    first, second = await route(ask("a", cached), ask("b", asked))
+    await fill(d, first)
+    assert sources(await d.on_routed([second])) == []
