@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/frugalstream demo --json out/demo.json
 
 lint: setup
-	$(VENV)/bin/ruff check services schemas tests scripts
+	$(VENV)/bin/ruff check services schemas tests scripts deploy
 	$(VENV)/bin/mypy
 
 test: lint

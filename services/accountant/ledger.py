@@ -121,6 +121,8 @@ class Ledger:
     """Append-only store of priced cost events; every query is exact and `since` is a unix time (inclusive)."""
 
     def __init__(self, path: Path | str = ":memory:") -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(path), check_same_thread=False)
         with self._lock:

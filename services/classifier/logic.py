@@ -28,6 +28,7 @@ from services.core.outputs import error_response, response_outs
 from services.core.settings import Settings, TenantPolicy
 from services.core.tokens import TokenCounter
 
+
 class EscalationScorer(Protocol):
     def score(self, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 

@@ -12,6 +12,10 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from services.core.kafka_options import producer_options, subscriber_options
 from services.core.settings import Settings
 
+#: On stop, in-flight handlers get this long to finish, publish and commit before their tasks are cancelled.
+#: Below Kubernetes' default 30 s termination grace period; a gateway batch with retries fits in it.
+GRACEFUL_TIMEOUT_S = 25.0
+
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
@@ -55,6 +59,7 @@ def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
         security=security_from_settings(settings),
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
         logger=None,
+        graceful_timeout=GRACEFUL_TIMEOUT_S,
         **producer_options(idempotent=settings.kafka_idempotent, linger_ms=2),
     )
 

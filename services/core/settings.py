@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-import os
-
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,

@@ -7,15 +7,22 @@ Per batch, in order:
 3. publish every output and dead letter, waiting for the broker's acknowledgements;
 4. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the handler
    raises and the partitions rewind to the batch start: outputs may repeat, but nothing is lost.
+
+A process step may `defer(record, after_s)` instead of answering (a provider's Retry-After): the record's
+partition is rewound to it, paused, and resumed after the wait. The commit that follows stores the rewound
+position, so the record is neither lost nor blocking the other partitions, and no handler sleeps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from aiokafka import TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -23,12 +30,81 @@ from pydantic import BaseModel
 
 from services.core.broker import batch_subscriber_options
 from services.core.logging import get_logger
-from services.core.messaging import Decoded, Failure, Out, Publisher, decode, records_of
+from services.core.messaging import Decoded, Failure, Out, Publisher, Record, decode, records_of
 from services.core.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 Process = Callable[[Sequence[Decoded[M]]], Awaitable[list[Out]]]
 log = get_logger(__name__)
+
+
+@dataclass
+class StageStats:
+    """Cumulative handler time per service, split into our own work and waiting for broker acks (benches)."""
+
+    batches: int = 0
+    records: int = 0
+    process_s: float = 0.0
+    publish_s: float = 0.0
+
+    def add(self, records: int, process_s: float, publish_s: float) -> None:
+        self.batches += 1
+        self.records += records
+        self.process_s += process_s
+        self.publish_s += publish_s
+
+
+STAGE_STATS: dict[str, StageStats] = {}
+
+
+@dataclass
+class _Deferrals:
+    """Per batch: the earliest deferred offset per partition and the longest wait asked for it."""
+
+    supported: bool
+    by_partition: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+
+
+_BATCH: ContextVar[_Deferrals | None] = ContextVar("frugal_batch_deferrals", default=None)
+
+
+def can_defer() -> bool:
+    """Whether the batch being handled runs on a consumer that can pause partitions."""
+    batch = _BATCH.get()
+    return batch is not None and batch.supported
+
+
+def defer(record: Record, after_s: float) -> bool:
+    """Redeliver `record` (and the rest of its partition) after `after_s` instead of answering it now.
+
+    Returns False when the running consumer cannot pause (outside a stage handler, or the in-memory test
+    broker): the caller must then answer the record itself. Later records of the same partition are
+    redelivered too, so the caller should hold back their outputs and replay them (see the gateway).
+    """
+    batch = _BATCH.get()
+    if batch is None or not batch.supported:
+        return False
+    key = (record.topic, record.partition)
+    offset, wait = batch.by_partition.get(key, (record.offset, 0.0))
+    batch.by_partition[key] = (min(offset, record.offset), max(wait, after_s))
+    return True
+
+
+def _apply_deferrals(consumer: Any, batch: _Deferrals) -> None:
+    """Rewind and pause each deferred partition; FastStream's commit then stores the rewound position."""
+    loop = asyncio.get_running_loop()
+    for (topic, partition), (offset, wait) in batch.by_partition.items():
+        tp = TopicPartition(topic, partition)
+        consumer.seek(tp, offset)
+        consumer.pause(tp)
+        loop.call_later(wait, _resume, consumer, tp)
+        log.info("partition_paused", topic=topic, partition=partition, offset=offset, seconds=round(wait, 2))
+
+
+def _resume(consumer: Any, tp: TopicPartition) -> None:
+    # After a rebalance the partition may belong to another member (and is no longer paused here).
+    if tp in consumer.assignment():
+        consumer.resume(tp)
 
 
 async def run_batch(process: Process[M], good: Sequence[Decoded[M]], bad: list[Failure]) -> list[Out]:
@@ -76,27 +152,38 @@ def subscribe_many(
     instance that owns partition N of one topic owns partition N of the others.
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
+    stats = STAGE_STATS.setdefault(service, StageStats())
 
     async def handler(msg: KafkaMessage) -> None:
         started = time.perf_counter()
         records = records_of(msg)
+        consumer = getattr(msg, "consumer", None)
+        deferrals = _Deferrals(supported=hasattr(consumer, "pause"))
         outs: list[Out] = []
         bad_all: list[Failure] = []
-        for name, spec in by_topic.items():
-            mine = [r for r in records if r.topic == name]
-            if not mine:
-                continue
-            good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
-            outs.extend(await run_batch(spec.process, good, bad) if good else [])
-            bad_all.extend(bad)
+        token = _BATCH.set(deferrals)
+        try:
+            for name, spec in by_topic.items():
+                mine = [r for r in records if r.topic == name]
+                if not mine:
+                    continue
+                good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+                outs.extend(await run_batch(spec.process, good, bad) if good else [])
+                bad_all.extend(bad)
+        finally:
+            _BATCH.reset(token)
         processed = time.perf_counter()
         if records:
             publisher.metrics.observe_latency(service, (processed - started) / len(records))
         await publisher.dead_letters(bad_all, service)
         await publisher.publish_all(outs)
+        if deferrals.by_partition:
+            _apply_deferrals(consumer, deferrals)
+        published = time.perf_counter()
+        stats.add(len(records), processed - started, published - processed)
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
                   process_ms=round((processed - started) * 1000, 1),
-                  publish_ms=round((time.perf_counter() - processed) * 1000, 1))
+                  publish_ms=round((published - processed) * 1000, 1))
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
     kwargs = {**batch_subscriber_options(settings, service, max_records=max_records), **options}

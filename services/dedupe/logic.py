@@ -61,6 +61,8 @@ class Deduper:
                 outs.append(self._dispatch(routed))  # no-cache and no-store skip the lookup
                 continue
             entry = self.store.get(routed.keys.exact, routed.keys.tier_rank, routed.request.cache.ttl_s)
+            if entry is not None and entry.request_id == routed.request.id:
+                continue  # a redelivery of the request that produced this answer: it already has its response
             if entry is not None:
                 outs.extend(self._answer(routed, entry, "cache_exact", 1.0))
             else:

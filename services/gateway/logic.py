@@ -1,8 +1,16 @@
-"""Gateway work on a batch of dispatched requests: concurrent provider calls, one terminal answer each."""
+"""Gateway work on a batch of dispatched requests: concurrent provider calls, one terminal answer each.
+
+Idempotency: an answer is stored (`CompletedStore`) before it is published, so a redelivered request id is
+replayed, never paid again; copies of one request id inside a batch (a re-routed redelivery upstream) are
+called once. Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the
+request is *deferred* (the service pauses its partition and gets it again later), at most `max_deferrals`
+times, then it is answered with a retryable error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +25,16 @@ from services.gateway.providers import Completion, Provider
 from services.gateway.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
 
 log = get_logger(__name__)
+MAX_ERROR_TEXT = 2000  # ResponseError.message limit: a longer reason must not make the answer invalid
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request's outcome: outputs to publish, or a wait after which it should be delivered again."""
+
+    request_id: str
+    outs: list[Out]
+    retry_after_s: float | None = None
 
 
 @dataclass
@@ -25,27 +43,39 @@ class Gateway:
     completed: CompletedStore
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
-    stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0})
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0, "deferred": 0, "duplicates": 0})
     model_providers: Mapping[str, str] = field(default_factory=dict)
+    max_inline_wait_s: float = 1.0
+    max_deferrals: int = 5
+    _deferrals: dict[str, int] = field(default_factory=dict, repr=False)
 
     def _provider_for(self, routed_provider: str, model: str) -> Provider:
         """A fallback model may live at another provider than the routed one (e.g. claude after gpt)."""
         return self.providers.get(self.model_providers.get(model, routed_provider), self.providers[routed_provider])
 
     async def on_dispatch(self, batch: Sequence[RoutedRequest]) -> list[Out]:
-        results = await asyncio.gather(*(self._one(r) for r in batch))
-        return [out for outs in results for out in outs]
+        """Every request answered now; a rate-limited one gets its retryable error (no partition to pause)."""
+        results = await self.handle(batch, can_defer=False)
+        return [out for r in results for out in r.outs]
 
-    async def _one(self, routed: RoutedRequest) -> list[Out]:
-        done = await asyncio.to_thread(self.completed.get, routed.request.id)
+    async def handle(self, batch: Sequence[RoutedRequest], *, can_defer: bool = True) -> list[Result]:
+        unique: dict[str, RoutedRequest] = {}
+        for routed in batch:
+            unique.setdefault(routed.request.id, routed)
+        self.stats["duplicates"] += len(batch) - len(unique)
+        return list(await asyncio.gather(*(self._one(r, can_defer) for r in unique.values())))
+
+    async def _one(self, routed: RoutedRequest, can_defer: bool) -> Result:
+        request = routed.request
+        done = await asyncio.to_thread(self.completed.get, request.id)
         if done is not None:
             self.stats["replayed"] += 1
-            return _outs(routed, *done)
+            return Result(request.id, _outs(routed, *done))
         if routed.route.provider not in self.providers:
-            response = error_response(routed.request, "provider_error",
+            response = error_response(request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
-            return _outs(routed, response, None)
-        request = routed.request
+            return Result(request.id, _outs(routed, response, None))
 
         async def call(p: Provider, model: str) -> Completion:
             return await p.complete(
@@ -53,21 +83,26 @@ class Gateway:
                 tools=request.tools, response_format=request.response_format,
             )
 
+        policy = dataclasses.replace(
+            self.policy, max_retry_after_s=min(self.policy.max_retry_after_s, self.max_inline_wait_s))
         try:
             completion = await call_with_fallbacks(
                 lambda model: self._provider_for(routed.route.provider, model),
-                (routed.route.model, *routed.route.fallbacks), call,
-                policy=self.policy, breakers=self.breakers,
+                (routed.route.model, *routed.route.fallbacks), call, policy=policy, breakers=self.breakers,
             )
         except FinalProviderError as exc:
-            self.stats["errors"] += 1
-            log.warning("provider_failed", request_id=request.id, reason=str(exc), kind=exc.kind)
-            code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
-                "provider_error")
-            response = error_response(request, code, str(exc), routed=routed, retryable=exc.rate_limited)
-            await asyncio.to_thread(self.completed.put, response, None)
-            return _outs(routed, response, None)
+            wait = exc.retry_after_s
+            if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(request.id):
+                self.stats["deferred"] += 1
+                log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
+                return Result(request.id, [], retry_after_s=wait)
+            return Result(request.id, await self._failed(routed, exc))
+        self._deferrals.pop(request.id, None)
         self.stats["calls"] += 1
+        # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
+        log.info("provider_call", request_id=request.id, model=completion.model,
+                 latency_ms=round(completion.latency_ms, 1), input_tokens=completion.usage.input_tokens,
+                 output_tokens=completion.usage.output_tokens)
         response = LLMResponse(
             request_id=request.id, tenant=request.tenant, source="llm", content=completion.content,
             tool_calls=completion.tool_calls, model=completion.model, tier=routed.route.tier,
@@ -81,7 +116,29 @@ class Gateway:
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
         # Recorded before publishing: if we crash after this, the redelivery re-publishes instead of paying again.
         await asyncio.to_thread(self.completed.put, response, usage)
-        return _outs(routed, response, usage)
+        return Result(request.id, _outs(routed, response, usage))
+
+    def _may_defer(self, request_id: str) -> bool:
+        n = self._deferrals.get(request_id, 0)
+        if n >= self.max_deferrals:
+            self._deferrals.pop(request_id, None)
+            return False
+        if len(self._deferrals) > 100_000:  # bounded: ids that never come back (rebalanced away) age out
+            self._deferrals.clear()
+        self._deferrals[request_id] = n + 1
+        return True
+
+    async def _failed(self, routed: RoutedRequest, exc: FinalProviderError) -> list[Out]:
+        request = routed.request
+        self.stats["errors"] += 1
+        self._deferrals.pop(request.id, None)
+        log.warning("provider_failed", request_id=request.id, reason=str(exc)[:500], kind=exc.kind)
+        code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
+            "provider_error")
+        response = error_response(request, code, str(exc)[:MAX_ERROR_TEXT], routed=routed,
+                                  retryable=exc.rate_limited)
+        await asyncio.to_thread(self.completed.put, response, None)
+        return _outs(routed, response, None)
 
 
 def _outs(routed: RoutedRequest, response: LLMResponse, usage: UsageRecord | None) -> list[Out]:

@@ -166,3 +166,10 @@ async def test_look_alike_questions_with_another_meaning_are_misses(cached: str,
     first, second = await route(ask("a", cached), ask("b", asked))
     await fill(d, first)
     assert sources(await d.on_routed([second])) == []
+
+
+async def test_redelivered_request_is_not_answered_again_from_its_own_entry() -> None:
+    d = deduper()
+    (routed,) = await route(ask("a", "What is the routing number?"))
+    await fill(d, routed)
+    assert await d.on_routed([routed]) == [], "its answer was already published by the gateway"
