@@ -18,6 +18,7 @@ USAGE = "llm.usage"
 COST_EVENTS = "llm.cost-events"
 BUDGETS = "llm.budgets"
 CACHE = "llm.cache"
+DEDUPE_WAITING = "llm.dedupe.waiting"
 SUMMARIZE_JOBS = "llm.summarize.jobs"
 SUMMARIES = "llm.summaries"
 SUMMARIZE_PROGRESS = "llm.summarize.progress"
@@ -31,11 +32,12 @@ TOPIC_CONTRACTS: dict[str, type[BaseModel]] = {
     COST_EVENTS: CostEvent,
     BUDGETS: BudgetState,
     CACHE: CacheEntry,
+    DEDUPE_WAITING: RoutedRequest,
     SUMMARIZE_JOBS: SummarizeJob,
     SUMMARIES: SummaryResult,
     SUMMARIZE_PROGRESS: SummarizeProgress,
 }
-COMPACTED = frozenset({BUDGETS, CACHE})
+COMPACTED = frozenset({BUDGETS, CACHE, DEDUPE_WAITING})
 
 
 def dlq_topic(topic: str) -> str:

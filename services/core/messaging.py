@@ -42,7 +42,7 @@ class Out:
     """One message to publish; `topic` is the logical name, the publisher adds the prefix."""
 
     topic: str
-    value: BaseModel
+    value: BaseModel | None  # None is a tombstone on a compacted topic (it needs a key)
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     partition: int | None = None  # explicit partition, for co-partitioned state topics
@@ -138,7 +138,7 @@ class Publisher:
         headers = {k: v for k, v in out.headers.items() if k != "x-frugal-raw-topic"}
         headers.setdefault("content-type", "application/json")
         await self._broker.publish(
-            out.value.model_dump_json(exclude_none=False).encode(),
+            out.value.model_dump_json(exclude_none=False).encode() if out.value is not None else None,
             self.topic(out),
             key=out.key.encode() if out.key is not None else None,
             partition=out.partition,

@@ -49,13 +49,14 @@ class DedupeService:
                 await self._publisher.publish_all(outs)
 
     async def _on_routed(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
-        return await self.logic.on_routed([d.value for d in batch])
+        return await self.logic.on_routed([d.value for d in batch], [d.record.partition for d in batch])
 
     async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]]) -> list[Out]:
         return await self.logic.on_responses([(d.value, d.record.partition) for d in batch])
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self._publisher = publisher
+        self.rebuilder.publisher = publisher
         # Responses first: a batch that holds both an answer and a repeat of its question serves the repeat.
         subscribe_many(
             broker, publisher, self.settings, service=self.name,

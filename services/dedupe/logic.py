@@ -37,6 +37,14 @@ class SemanticMatcher(Protocol):
 class Waiter:
     routed: RoutedRequest
     since: float
+    partition: int
+
+    def held(self) -> Out:
+        """Waiting is state: it goes to a compacted topic, so a crash or a rebalance cannot lose the request."""
+        return Out(t.DEDUPE_WAITING, self.routed, key=self.routed.request.id, partition=self.partition)
+
+    def released(self) -> Out:
+        return Out(t.DEDUPE_WAITING, None, key=self.routed.request.id, partition=self.partition)
 
 
 @dataclass
@@ -53,9 +61,10 @@ class Deduper:
     def ttl_for(self, task_type: str | None) -> int:
         return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
 
-    async def on_routed(self, batch: Sequence[RoutedRequest]) -> list[Out]:
+    async def on_routed(self, batch: Sequence[RoutedRequest], partitions: Sequence[int] | None = None) -> list[Out]:
         outs: list[Out] = []
         pending: list[RoutedRequest] = []
+        partition_of = {r.request.id: p for r, p in zip(batch, partitions or [0] * len(batch), strict=True)}
         for routed in batch:
             if routed.request.cache.policy != "default":
                 outs.append(self._dispatch(routed))  # no-cache and no-store skip the lookup
@@ -79,15 +88,16 @@ class Deduper:
             if hit is not None:
                 outs.extend(self._answer(routed, hit.entry, "cache_semantic", hit.similarity))
             else:
-                outs.extend(self._coalesce_or_dispatch(routed))
+                outs.extend(self._coalesce_or_dispatch(routed, partition_of[routed.request.id]))
         return outs
 
-    def _coalesce_or_dispatch(self, routed: RoutedRequest) -> list[Out]:
+    def _coalesce_or_dispatch(self, routed: RoutedRequest, partition: int) -> list[Out]:
         leader = self.inflight.get(routed.keys.exact)
         if leader is not None and leader != routed.request.id:
-            self.waiters.setdefault(leader, []).append(Waiter(routed, time.time()))
+            waiter = Waiter(routed, time.time(), partition)
+            self.waiters.setdefault(leader, []).append(waiter)
             self.stats["coalesced"] += 1
-            return []
+            return [waiter.held()]
         self.inflight[routed.keys.exact] = routed.request.id
         if routed.embedding is not None and routed.request.cache.policy != "no-store":
             self.vectors[routed.keys.exact] = routed.embedding  # the answer's cache entry reuses it
@@ -138,6 +148,7 @@ class Deduper:
                     self.scope_partition[entry.keys.scope] = partition
                     outs.append(Out(t.CACHE, entry, key=f"{entry.keys.scope}:{entry.keys.exact}", partition=partition))
             for waiter in self.waiters.pop(response.request_id, []):
+                outs.append(waiter.released())
                 if entry is not None or (response.ok and response.content is not None and response.model):
                     served = entry or _entry_from(response)
                     outs.extend(self._answer(waiter.routed, served, "coalesced", 1.0))
@@ -185,6 +196,18 @@ class Deduper:
             if not self.waiters[leader]:
                 del self.waiters[leader]
             outs.extend(self._dispatch(w.routed) for w in late)
+            outs.extend(w.released() for w in late)
+        return outs
+
+    async def restore_waiters(self, held: Sequence[tuple[RoutedRequest, int]]) -> list[Out]:
+        """Requests that were waiting when their previous owner stopped: served from cache now, coalesced
+        again, or dispatched. Whatever no longer waits is released from the waiting topic."""
+        if not held:
+            return []
+        outs = await self.on_routed([r for r, _ in held], [p for _, p in held])
+        waiting = {w.routed.request.id for ws in self.waiters.values() for w in ws}
+        outs.extend(Out(t.DEDUPE_WAITING, None, key=r.request.id, partition=p)
+                    for r, p in held if r.request.id not in waiting)
         return outs
 
 

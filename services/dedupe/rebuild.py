@@ -1,33 +1,38 @@
-"""Rebuilds a dedupe instance's shards from the compacted `llm.cache` topic when partitions are assigned.
+"""Rebuilds a dedupe instance's state from compacted topics when partitions are assigned.
 
-aiokafka awaits `on_partitions_assigned` before it fetches from the new partitions, so a shard is complete
-before any request of its scopes is served: after a restart, a rebalance, or a new instance joining.
+`llm.cache` holds the answers, `llm.dedupe.waiting` the requests coalesced behind an in-flight twin. aiokafka
+awaits `on_partitions_assigned` before it fetches from the new partitions, so a shard is complete and its
+waiting requests are resumed before any request of its scopes is served: after a restart, a rebalance, or
+a new instance joining.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from schemas import CacheEntry
+from schemas import CacheEntry, RoutedRequest
 from schemas import topics as t
 from services.core.logging import get_logger
+from services.core.messaging import Publisher
 from services.core.settings import Settings
 from services.dedupe.logic import Deduper
 
 log = get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
-async def read_cache_partitions(settings: Settings, partitions: set[int], *, idle_s: float = 1.0,
-                                timeout_s: float = 120.0) -> list[tuple[CacheEntry, int]]:
-    """Latest entry per key of the given partitions (compaction semantics, tombstones delete)."""
-    topic = settings.topic(t.CACHE)
+async def read_compacted(settings: Settings, name: str, model: type[M], partitions: set[int], *,
+                         idle_s: float = 1.0, timeout_s: float = 120.0) -> list[tuple[M, int]]:
+    """Latest value per key of the given partitions (compaction semantics: tombstones delete)."""
+    topic = settings.topic(name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                                 fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=None)
     await consumer.start()
-    latest: dict[bytes, tuple[CacheEntry, int] | None] = {}
+    latest: dict[bytes, tuple[M, int] | None] = {}
     try:
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
@@ -53,9 +58,9 @@ async def read_cache_partitions(settings: Settings, partitions: set[int], *, idl
                         latest[key] = None
                         continue
                     try:
-                        latest[key] = (CacheEntry.model_validate_json(rec.value), tp.partition)
+                        latest[key] = (model.model_validate_json(rec.value), tp.partition)
                     except ValidationError:
-                        log.warning("cache_entry_invalid", partition=tp.partition, offset=rec.offset)
+                        log.warning("state_record_invalid", topic=topic, partition=tp.partition, offset=rec.offset)
     finally:
         await consumer.stop()
     return [v for v in latest.values() if v is not None]
@@ -68,6 +73,7 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
         self._settings = settings
         self._logic = logic
         self.owned: set[int] = set()
+        self.publisher: Publisher | None = None
 
     async def on_partitions_revoked(self, revoked: object) -> None:
         return None  # decided in on_partitions_assigned, which knows what stays
@@ -80,7 +86,11 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
             self._logic.forget_partitions(gone)
         if new:
             started = time.monotonic()
-            entries = await read_cache_partitions(self._settings, new)
+            entries = await read_compacted(self._settings, t.CACHE, CacheEntry, new)
             loaded = await self._logic.load(entries)
-            log.info("cache_rebuilt", partitions=sorted(new), entries=loaded,
+            held = await read_compacted(self._settings, t.DEDUPE_WAITING, RoutedRequest, new)
+            outs = await self._logic.restore_waiters(held)
+            if outs and self.publisher is not None:
+                await self.publisher.publish_all(outs)
+            log.info("cache_rebuilt", partitions=sorted(new), entries=loaded, waiting=len(held),
                      seconds=round(time.monotonic() - started, 2))

@@ -120,21 +120,44 @@ async def test_no_cache_skips_lookup_and_no_store_is_never_stored() -> None:
 async def test_concurrent_duplicates_coalesce_and_are_released_by_the_answer() -> None:
     d = deduper(semantic=False)
     leader, follower = await route(ask("a", "Is there an overdraft fee?"), ask("b", "is there an overdraft fee"))
-    assert [o.topic for o in await d.on_routed([leader])] == [t.DISPATCH]
-    assert await d.on_routed([follower]) == []
+    assert [o.topic for o in await d.on_routed([leader], [1])] == [t.DISPATCH]
+    held = await d.on_routed([follower], [1])
+    assert [(o.topic, o.key, o.partition) for o in held] == [(t.DEDUPE_WAITING, "b", 1)], "waiting is durable"
     outs = await d.on_responses([(answer(leader), 1)])
     assert sources(outs) == ["coalesced"]
     cache = [o for o in outs if o.topic == t.CACHE]
     assert len(cache) == 1 and cache[0].partition == 1, "the entry goes to the partition its answer came from"
+    released = [o for o in outs if o.topic == t.DEDUPE_WAITING]
+    assert [(o.key, o.value) for o in released] == [("b", None)], "a tombstone releases the waiting request"
+
+
+async def test_waiting_requests_of_a_stopped_owner_are_resumed() -> None:
+    leader, follower = await route(ask("a", "Do you charge for wires?"), ask("b", "Do you charge for wires?"))
+    old = deduper(semantic=False)
+    await old.on_routed([leader], [2])
+    (held,) = await old.on_routed([follower], [2])
+    assert held.value is follower
+    # A new owner of partition 2 that already has the answer serves the follower and releases it.
+    new = deduper(semantic=False)
+    await new.load([(CacheEntry(keys=leader.keys, request_id="a", tenant="acme", content="No.", model="m",
+                                output_tokens=2, stored_at=time.time()), 2)])
+    outs = await new.restore_waiters([(follower, 2)])
+    assert sources(outs) == ["cache_exact"]
+    assert [(o.key, o.value) for o in outs if o.topic == t.DEDUPE_WAITING] == [("b", None)]
+    # Without the answer, the follower is dispatched on its own (paying is better than losing it).
+    lone = deduper(semantic=False)
+    outs = await lone.restore_waiters([(follower, 2)])
+    assert [o.topic for o in outs] == [t.DISPATCH, t.DEDUPE_WAITING]
 
 
 async def test_coalesced_follower_is_dispatched_after_the_timeout() -> None:
     d = deduper(Settings(coalesce_timeout_s=0.0), semantic=False)
     leader, follower = await route(ask("a", "Is there an ATM fee?"), ask("b", "Is there an ATM fee?"))
     await d.on_routed([leader])
-    assert await d.on_routed([follower]) == []
+    assert [o.topic for o in await d.on_routed([follower])] == [t.DEDUPE_WAITING]
     late = d.expire_waiters(now=time.time() + 1)
-    assert [o.topic for o in late] == [t.DISPATCH] and late[0].value.request.id == "b"
+    assert [o.topic for o in late] == [t.DISPATCH, t.DEDUPE_WAITING] and late[0].value.request.id == "b"
+    assert late[1].value is None
 
 
 async def test_expired_entries_are_not_served() -> None:
