@@ -31,7 +31,6 @@ class ClassifierService:
         return await self.logic.handle([d.value for d in batch])
 
     async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]]) -> list[Out]:
-        assert self.logic.budgets is not None
         for d in batch:
             self.logic.budgets.update(d.value)
         return []

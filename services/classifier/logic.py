@@ -46,11 +46,7 @@ class Classifier:
     embedder: AsyncEmbedder | None = None
     scorer: EscalationScorer | None = None
     thresholds: TierThresholds = field(default_factory=TierThresholds)
-    budgets: BudgetBook | None = None
-
-    def __post_init__(self) -> None:
-        if self.budgets is None:
-            self.budgets = BudgetBook()
+    budgets: BudgetBook = field(default_factory=BudgetBook)
 
     async def handle(self, requests: Sequence[LLMRequest]) -> list[Out]:
         lookups = [clean_text(split_conversation(r.messages)[2]) for r in requests]
@@ -70,7 +66,6 @@ class Classifier:
         baseline = policy.baseline_model or request.model or self.settings.default_baseline_model
         full_tokens = self.counter.count_messages(request.messages, baseline)
         tier = decide_tier(task.task_type, score, full_tokens, self.thresholds)
-        assert self.budgets is not None
         try:
             choice = choose_model(
                 tier.tier, request.model, policy, self.budgets.verdict(request.tenant, request.tags), self.settings,

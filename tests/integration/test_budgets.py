@@ -25,7 +25,6 @@ def pinned(i: int, tenant: str) -> LLMRequest:
 
 async def wait_for_status(service: ClassifierService, tenant: str, status: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    assert service.logic.budgets is not None
     while time.monotonic() < deadline:
         verdict = service.logic.budgets.verdict(tenant, {})
         if verdict is not None and verdict.status == status:

@@ -8,7 +8,6 @@ apart, so `reasoning_tokens` stays 0 and they are priced as output (which is how
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,10 +19,10 @@ from services.gateway.providers.base import (
     Completion,
     ProviderError,
     build_timeout,
-    error_from_exception,
-    error_from_response,
+    estimate_usage,
     non_negative_int,
     parse_json_body,
+    post_json,
     resolve_api_key,
 )
 
@@ -190,14 +189,7 @@ class AnthropicProvider:
         body = build_messages_body(model=model, messages=messages, sampling=sampling,
                                    max_tokens=max_tokens or self._default_max_tokens, tools=tools,
                                    response_format=response_format)
-        started = time.perf_counter()
-        try:
-            response = await self._client.post("/v1/messages", json=body)
-        except httpx.HTTPError as exc:
-            raise error_from_exception(self.name, exc) from exc
-        latency_ms = (time.perf_counter() - started) * 1000
-        if response.status_code >= 400:
-            raise error_from_response(self.name, response)
+        response, latency_ms = await post_json(self._client, self.name, "/v1/messages", body)
         return self._parse(response, model, messages, latency_ms)
 
     def _parse(
@@ -220,7 +212,10 @@ class AnthropicProvider:
             elif block.get("type") == "tool_use":
                 calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")),
                                       arguments=json.dumps(block.get("input", {}), separators=(",", ":"))))
-        usage = usage_from_anthropic(payload.get("usage")) or self._estimate(model, messages, texts, calls)
+        # The Messages API always reports usage; a proxy that strips it still gets priced, as an estimate
+        # (tiktoken is not Claude's tokenizer: one more reason the result is marked `estimated`).
+        usage = usage_from_anthropic(payload.get("usage")) or estimate_usage(
+            self._counter, model, messages, "".join(texts), calls)
         stop = str(payload.get("stop_reason") or "unknown")
         reported = payload.get("model")
         return Completion(
@@ -233,18 +228,6 @@ class AnthropicProvider:
             tool_calls=tuple(calls),
             reported_model=reported if isinstance(reported, str) else None,
         )
-
-    def _estimate(
-        self, model: str, messages: Sequence[ChatMessage], texts: list[str], calls: list[ToolCall]
-    ) -> TokenUsage:
-        """The Messages API always reports usage; a proxy that strips it still gets priced, as an estimate.
-
-        tiktoken is not Claude's tokenizer, which is one more reason the result is marked `estimated`.
-        """
-        output = self._counter.count_text("".join(texts), model)
-        output += sum(self._counter.count_text(c.name + c.arguments, model) for c in calls)
-        return TokenUsage(input_tokens=self._counter.count_messages(messages, model), output_tokens=output,
-                          estimated=True)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -6,6 +6,7 @@ logic (`services.gateway.resilience`) never needs to know which vendor or HTTP l
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
+from services.core.tokens import TokenCounter
 
 ErrorKind = Literal["timeout", "rate_limited", "server", "client", "malformed", "connection", "circuit_open"]
 
@@ -229,3 +231,28 @@ def non_negative_int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         return None
     return int(value)
+
+
+async def post_json(client: httpx.AsyncClient, provider: str, path: str, body: Mapping[str, Any]
+                    ) -> tuple[httpx.Response, float]:
+    """One provider call with its latency; transport failures and HTTP errors become `ProviderError`s."""
+    started = time.perf_counter()
+    try:
+        response = await client.post(path, json=dict(body))
+    except httpx.HTTPError as exc:
+        raise error_from_exception(provider, exc) from exc
+    latency_ms = (time.perf_counter() - started) * 1000
+    if response.status_code >= 400:
+        raise error_from_response(provider, response)
+    return response, latency_ms
+
+
+def estimate_usage(counter: TokenCounter, model: str, messages: Sequence[ChatMessage], content: str,
+                   calls: Sequence[ToolCall], tools: Sequence[Mapping[str, Any]] = ()) -> TokenUsage:
+    """tiktoken counts for a response without usage (tool schemas as their JSON text); marked `estimated`."""
+    prompt = counter.count_messages(messages, model)
+    if tools:
+        prompt += counter.count_text(json.dumps(list(tools), separators=(",", ":")), model)
+    output = counter.count_text(content, model)
+    output += sum(counter.count_text(c.name + c.arguments, model) for c in calls)
+    return TokenUsage(input_tokens=prompt, output_tokens=output, estimated=True)

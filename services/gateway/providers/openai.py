@@ -10,7 +10,6 @@ tiktoken and mark the usage `estimated`.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -22,10 +21,10 @@ from services.gateway.providers.base import (
     Completion,
     ProviderError,
     build_timeout,
-    error_from_exception,
-    error_from_response,
+    estimate_usage,
     non_negative_int,
     parse_json_body,
+    post_json,
     resolve_api_key,
 )
 
@@ -178,14 +177,7 @@ class OpenAIProvider:
     ) -> Completion:
         body = self.build_body(model=model, messages=messages, sampling=sampling, max_tokens=max_tokens,
                                tools=tools, response_format=response_format)
-        started = time.perf_counter()
-        try:
-            response = await self._client.post(self._chat_path.format(model=model), json=body)
-        except httpx.HTTPError as exc:
-            raise error_from_exception(self.name, exc) from exc
-        latency_ms = (time.perf_counter() - started) * 1000
-        if response.status_code >= 400:
-            raise error_from_response(self.name, response)
+        response, latency_ms = await post_json(self._client, self.name, self._chat_path.format(model=model), body)
         return self._parse(response, model, messages, tools, latency_ms)
 
     def _parse(
@@ -212,7 +204,7 @@ class OpenAIProvider:
         calls = _tool_calls(message.get("tool_calls"))
         usage = usage_from_openai(payload.get("usage"))
         if usage is None:
-            usage = self._estimate(model, messages, tools, content, calls)
+            usage = estimate_usage(self._counter, model, messages, content, calls, tools)
         reported = payload.get("model")
         return Completion(
             content=content,
@@ -224,22 +216,6 @@ class OpenAIProvider:
             tool_calls=calls,
             reported_model=reported if isinstance(reported, str) else None,
         )
-
-    def _estimate(
-        self,
-        model: str,
-        messages: Sequence[ChatMessage],
-        tools: Sequence[Mapping[str, Any]],
-        content: str,
-        calls: tuple[ToolCall, ...],
-    ) -> TokenUsage:
-        """tiktoken counts when the server reports no usage; tool schemas are counted as their JSON text."""
-        prompt = self._counter.count_messages(messages, model)
-        if tools:
-            prompt += self._counter.count_text(json.dumps(list(tools), separators=(",", ":")), model)
-        output = self._counter.count_text(content, model)
-        output += sum(self._counter.count_text(c.name + c.arguments, model) for c in calls)
-        return TokenUsage(input_tokens=prompt, output_tokens=output, estimated=True)
 
     async def aclose(self) -> None:
         await self._client.aclose()
