@@ -51,6 +51,17 @@ def security_from_settings(settings: Settings) -> BaseSecurity | None:
     return None
 
 
+def aiokafka_security(settings: Settings) -> dict[str, Any]:
+    """The same security as the FastStream broker, as keyword arguments for plain aiokafka clients."""
+    security = security_from_settings(settings)
+    if security is None:
+        return {}
+    from faststream.kafka.security import parse_security
+
+    options: dict[str, Any] = parse_security(security)
+    return options
+
+
 def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
     """Producer acks from all in-sync replicas; idempotence is configurable (off for brokers without it)."""
     return KafkaBroker(

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from services.core.broker import security_from_settings
+from services.core.broker import aiokafka_security
 from services.core.settings import Settings
-
-
-def _admin_security(settings: Settings) -> dict[str, Any]:
-    security = security_from_settings(settings)
-    if security is None:
-        return {}
-    from faststream.kafka.security import parse_security
-
-    options: dict[str, Any] = parse_security(security)
-    return options
 
 
 async def ensure_topics(settings: Settings, specs: Mapping[str, int], *, compacted: Collection[str] = (),
                         replication: int = 1) -> list[str]:
     """Creates missing topics; existing ones are left as they are. Returns the names it created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **_admin_security(settings))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **aiokafka_security(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

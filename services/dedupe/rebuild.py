@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import CacheEntry, RoutedRequest
 from schemas import topics as t
+from services.core.broker import aiokafka_security
 from services.core.logging import get_logger
 from services.core.messaging import Publisher
 from services.core.settings import Settings
@@ -26,11 +27,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def read_compacted(settings: Settings, name: str, model: type[M], partitions: set[int], *,
-                         idle_s: float = 1.0, timeout_s: float = 120.0) -> list[tuple[M, int]]:
+                         idle_s: float = 2.0, timeout_s: float = 120.0) -> list[tuple[M, int]]:
     """Latest value per key of the given partitions (compaction semantics: tombstones delete)."""
     topic = settings.topic(name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=None)
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=None,
+                                **aiokafka_security(settings))
     await consumer.start()
     latest: dict[bytes, tuple[M, int] | None] = {}
     try:
@@ -41,13 +43,14 @@ async def read_compacted(settings: Settings, name: str, model: type[M], partitio
         deadline = time.monotonic() + timeout_s
         idle_since = time.monotonic()
         while time.monotonic() < deadline:
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                break
             batch = await consumer.getmany(*tps, timeout_ms=200)
             if not batch:
-                # Some brokers report end offsets late; an idle partition set is taken as read.
-                if time.monotonic() - idle_since > idle_s:
+                # Done when the reported end is reached and the partitions stay quiet for a moment, or after
+                # `idle_s` of quiet whatever the end offsets say: some brokers (Tansu) report them wrong.
+                idle = time.monotonic() - idle_since
+                positions = [await consumer.position(tp) for tp in tps]
+                at_end = all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True))
+                if (at_end and idle >= min(0.5, idle_s)) or idle >= idle_s:
                     break
                 continue
             idle_since = time.monotonic()
@@ -81,7 +84,6 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(t.ROUTED)}
         new, gone = mine - self.owned, self.owned - mine
-        self.owned = mine
         if gone:
             self._logic.forget_partitions(gone)
         if new:
@@ -94,3 +96,4 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self.publisher.publish_all(outs)
             log.info("cache_rebuilt", partitions=sorted(new), entries=loaded, waiting=len(held),
                      seconds=round(time.monotonic() - started, 2))
+        self.owned = mine  # only once rebuilt: `owned` means "complete and serving"
