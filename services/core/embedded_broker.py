@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -220,12 +220,25 @@ class EmbeddedBroker:
         its own loop, so this works both from plain sync code and from a thread whose loop is running or
         merely installed (pytest-asyncio), without touching that loop.
         """
-        self._spawn_until_ready(self._wait_ready_in_thread)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(self.start_async())
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name="embedded-broker-start", daemon=True)
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
 
     async def start_async(self) -> None:
-        """Start the broker and wait (without blocking the event loop) until it answers metadata requests."""
-        # Spawning is a quick fork/exec, so only the probe needs to be asynchronous; retries on a taken
-        # port are handled here too, hence the small loop instead of reusing `start`.
+        """Start the broker and wait (without blocking the event loop) until it answers metadata requests.
+
+        Spawning is a quick fork/exec; a port taken between choosing and binding it is retried.
+        """
         last_error: BrokerStartError | None = None
         for _ in range(_PORT_ATTEMPTS):
             self._spawn()
@@ -355,23 +368,6 @@ class EmbeddedBroker:
             raise RuntimeError(msg)
         return self._process
 
-    def _spawn_until_ready(self, wait: Callable[[], None]) -> None:
-        last_error: BrokerStartError | None = None
-        for _ in range(_PORT_ATTEMPTS):
-            self._spawn()
-            try:
-                wait()
-            except BrokerStartError as exc:
-                last_error = exc
-                taken = self._port_was_taken()
-                self._reap()
-                if taken:
-                    continue
-                raise
-            return
-        assert last_error is not None
-        raise last_error
-
     def _spawn(self) -> None:
         if self._process is not None and self._process.poll() is None:
             msg = "EmbeddedBroker is already running."
@@ -443,21 +439,6 @@ class EmbeddedBroker:
 
     def _start_error(self, reason: str) -> BrokerStartError:
         return BrokerStartError(f"Embedded Kafka broker (Tansu) {reason}. Log {self.log_path}:\n{self._log_tail()}")
-
-    def _wait_ready_in_thread(self) -> None:
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                asyncio.run(self._wait_ready())
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=run, name="embedded-broker-probe", daemon=True)
-        thread.start()
-        thread.join()
-        if errors:
-            raise errors[0]
 
     async def _port_open(self) -> bool:
         try:
