@@ -1,0 +1,53 @@
+"""The command line: report reads the ledger in every format; bad invocations fail with a clear message."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas import CostPoint, PricedStep, TokenUsage, UsageRecord
+from services.accountant.ledger import Ledger
+from services.accountant.pricing import cost_event
+from services.cli import main
+from services.core.prices import PriceCatalog
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    path = tmp_path / "state" / "ledger.sqlite"
+    usage = TokenUsage(input_tokens=2000, output_tokens=300)
+    catalog = PriceCatalog.load()
+    with Ledger(path) as ledger:
+        for i, tenant in enumerate(["acme", "acme", "globex"]):
+            ledger.add(cost_event(UsageRecord(
+                id=f"gateway:r{i}", request_id=f"r{i}", tenant=tenant, stage="gateway", source="llm",
+                baseline=CostPoint(model="gpt-4o", usage=usage),
+                steps=(PricedStep(strategy="routed_down", model="gpt-4o-mini", usage=usage),), occurred_at=1.7e9 + i,
+            ), catalog))
+    return path
+
+
+def test_report_formats(ledger_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--db", str(ledger_path), "--by", "tenant", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["tenant"] for r in rows} >= {"acme", "globex"}
+    assert main(["report", "--db", str(ledger_path), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["requests"] == 3
+    html = tmp_path / "r.html"
+    assert main(["report", "--db", str(ledger_path), "--format", "html", "--out", str(html)]) == 0
+    text = html.read_text()
+    assert "<svg" in text and "<script src" not in text and "<link" not in text, "one self-contained file"
+
+
+def test_report_without_a_ledger_says_so(tmp_path: Path) -> None:
+    assert main(["report", "--db", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_calibrate_needs_exactly_one_target(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["calibrate", "--requests", str(tmp_path / "x.jsonl")])
