@@ -10,7 +10,7 @@ from services.bootstrap import Resources, build_services
 from services.core.broker import make_broker
 from services.core.logging import get_logger
 from services.core.messaging import Publisher
-from services.core.service import Service
+from services.core.service import BackgroundWork, Service
 
 log = get_logger(__name__)
 
@@ -39,6 +39,9 @@ class RunningServices:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        for svc in self.services:
+            if isinstance(svc, BackgroundWork):
+                await svc.stop_background()  # nothing may publish once the broker starts closing
         await self.broker.stop()
         for svc in reversed(self.services):
             await svc.stop()

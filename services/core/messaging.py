@@ -46,6 +46,7 @@ class Out:
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     partition: int | None = None  # explicit partition, for co-partitioned state topics
+    prefixed: bool = False  # `topic` is already the full name (a DLQ named after a consumed topic)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def dead_letter(record: Record, exc: Exception, service: str) -> Out:
     )
     # The DLQ topic name keeps the source topic's full (possibly prefixed) name.
     key = record.key.decode("utf-8", "replace") if record.key else None
-    return Out(topic=dlq_topic(record.topic), value=letter, key=key, headers={"x-frugal-raw-topic": "1"})
+    return Out(topic=dlq_topic(record.topic), value=letter, key=key, prefixed=True)
 
 
 class Publisher:
@@ -116,7 +117,7 @@ class Publisher:
         self.metrics = metrics
 
     def topic(self, out: Out) -> str:
-        return out.topic if out.headers.get("x-frugal-raw-topic") else self._settings.topic(out.topic)
+        return out.topic if out.prefixed else self._settings.topic(out.topic)
 
     async def publish_all(self, outs: Sequence[Out]) -> None:
         if not outs:
@@ -135,8 +136,7 @@ class Publisher:
             self.metrics.record_cost(value.data)
 
     async def _publish(self, out: Out) -> None:
-        headers = {k: v for k, v in out.headers.items() if k != "x-frugal-raw-topic"}
-        headers.setdefault("content-type", "application/json")
+        headers = {"content-type": "application/json", **out.headers}
         await self._broker.publish(
             out.value.model_dump_json(exclude_none=False).encode() if out.value is not None else None,
             self.topic(out),

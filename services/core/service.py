@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from faststream.kafka import KafkaBroker
 
@@ -21,3 +21,10 @@ class Service(Protocol):
     async def stop(self) -> None:
         """Release resources after the broker has stopped consuming and flushed."""
         ...
+
+
+@runtime_checkable
+class BackgroundWork(Protocol):
+    """A service with work outside its handlers (timers): it is stopped before the broker, not after."""
+
+    async def stop_background(self) -> None: ...

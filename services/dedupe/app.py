@@ -26,19 +26,23 @@ class DedupeService:
     name: str = "dedupe"
     _publisher: Publisher | None = None
     rebuilder: CacheRebuilder = field(init=False)
+    _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rebuilder = CacheRebuilder(self.settings, self.logic)
-    _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_waiters(), name="dedupe-coalesce-sweeper")
 
     async def stop(self) -> None:
+        await self.stop_background()
+
+    async def stop_background(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+            self._sweeper = None
 
     async def _sweep_waiters(self) -> None:
         """Coalesced followers whose leader is slow are dispatched on their own after the timeout."""
