@@ -9,6 +9,7 @@ topic, so a scope's answers arrive at the instance that owns the scope.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,6 +58,8 @@ class Deduper:
     stats: dict[str, int] = field(default_factory=lambda: {"exact": 0, "semantic": 0, "coalesced": 0, "miss": 0})
     vectors: dict[str, str] = field(default_factory=dict)           # exact key -> embedding of a dispatched request
     scope_partition: dict[str, int] = field(default_factory=dict)   # scope -> partition it lives on
+    answered: OrderedDict[str, None] = field(default_factory=OrderedDict)  # recent request ids with an answer
+    answered_max: int = 500_000
 
     def ttl_for(self, task_type: str | None) -> int:
         return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
@@ -66,12 +69,12 @@ class Deduper:
         pending: list[RoutedRequest] = []
         partition_of = {r.request.id: p for r, p in zip(batch, partitions or [0] * len(batch), strict=True)}
         for routed in batch:
+            if routed.request.id in self.answered:
+                continue  # a redelivered or re-routed request that already has its terminal answer
             if routed.request.cache.policy != "default":
                 outs.append(self._dispatch(routed))  # no-cache and no-store skip the lookup
                 continue
             entry = self.store.get(routed.keys.exact, routed.keys.tier_rank, routed.request.cache.ttl_s)
-            if entry is not None and entry.request_id == routed.request.id:
-                continue  # a redelivery of the request that produced this answer: it already has its response
             if entry is not None:
                 outs.extend(self._answer(routed, entry, "cache_exact", 1.0))
             else:
@@ -110,6 +113,7 @@ class Deduper:
     def _answer(self, routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float) -> list[Out]:
         if strategy != "coalesced":
             self.stats["exact" if strategy == "cache_exact" else "semantic"] += 1
+        self._mark_answered(routed.request.id)
         response = LLMResponse(
             request_id=routed.request.id, tenant=routed.request.tenant, source=strategy, content=entry.content,
             model=entry.model, tier=routed.route.tier, task_type=routed.route.task_type, finish_reason="stop",
@@ -129,6 +133,7 @@ class Deduper:
         outs: list[Out] = []
         fresh: list[CacheEntry] = []
         for response, partition in batch:
+            self._mark_answered(response.request_id)
             if response.source != "llm" or response.keys is None:
                 continue
             self.inflight.pop(response.keys.exact, None)
@@ -163,6 +168,7 @@ class Deduper:
         now = time.time()
         fresh: list[CacheEntry] = []
         for entry, partition in entries:
+            self._mark_answered(entry.request_id)
             if entry.expires_at is not None and entry.expires_at <= now:
                 continue
             if self.store.put(entry):
@@ -171,6 +177,14 @@ class Deduper:
         if fresh and self.semantic is not None:
             await self.semantic.add(fresh)
         return len(fresh)
+
+    def _mark_answered(self, request_id: str) -> None:
+        """Every request gets one terminal answer: ids seen answered (by us, the gateway, or in a rebuilt
+        entry) are never answered again, whatever a redelivery or a re-routing brings back."""
+        self.answered[request_id] = None
+        self.answered.move_to_end(request_id)
+        if len(self.answered) > self.answered_max:
+            self.answered.popitem(last=False)
 
     def forget_partitions(self, partitions: set[int]) -> int:
         """Drops what belongs to partitions this instance no longer owns; their new owner rebuilds them."""

@@ -196,3 +196,14 @@ async def test_redelivered_request_is_not_answered_again_from_its_own_entry() ->
     (routed,) = await route(ask("a", "What is the routing number?"))
     await fill(d, routed)
     assert await d.on_routed([routed]) == [], "its answer was already published by the gateway"
+
+
+async def test_a_re_routed_request_that_was_already_answered_gets_no_second_answer() -> None:
+    # A classifier crash between publishing and committing re-routes requests dedupe already answered.
+    d = deduper(semantic=False)
+    leader, follower = await route(ask("a", "Can I freeze my card?"), ask("b", "Can I freeze my card?"))
+    await d.on_routed([leader])
+    await d.on_routed([follower])
+    assert sources(await d.on_responses([(answer(leader), 0)])) == ["coalesced"]
+    assert await d.on_routed([follower]) == [], "b was answered (coalesced); the cache must not answer it again"
+    assert await d.on_routed([leader]) == [], "a was answered by the model"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,7 +91,8 @@ async def test_fuzzed_message_is_dead_lettered_or_processed_and_flow_continues(
         assert [base64.b64decode(d.value_b64) for d in letters] == [payload], "exactly one DLQ letter, raw bytes"
         assert letters[0].error and letters[0].topic == topic and letters[0].key_b64 == base64.b64encode(b"k").decode()
         assert "input_value" not in letters[0].error, "the reason names fields, never echoes the input"
-    probe = VALID.model_copy(update={"id": f"probe-{len(seen)}-{hash(payload)}"})
+    # A fresh id each time: a replayed example must not reuse an id the pipeline has already answered.
+    probe = VALID.model_copy(update={"id": f"probe-{uuid.uuid4().hex}"})
     await pipeline.broker.publish(probe.model_dump_json().encode(), t.REQUESTS, key=b"k")
     answers = [o.value for o in seen if isinstance(o.value, LLMResponse) and o.value.request_id == probe.id]
     assert answers and answers[0].ok, "the next valid request on the same key is still answered"
