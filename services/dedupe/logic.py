@@ -97,6 +97,8 @@ class Deduper:
     def _coalesce_or_dispatch(self, routed: RoutedRequest, partition: int) -> list[Out]:
         leader = self.inflight.get(routed.keys.exact)
         if leader is not None and leader != routed.request.id:
+            if any(w.routed.request.id == routed.request.id for w in self.waiters.get(leader, ())):
+                return []  # re-routed while it waits: it is already held, and will be answered once
             waiter = Waiter(routed, time.time(), partition)
             self.waiters.setdefault(leader, []).append(waiter)
             self.stats["coalesced"] += 1
@@ -113,7 +115,7 @@ class Deduper:
     def _answer(self, routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float) -> list[Out]:
         if strategy != "coalesced":
             self.stats["exact" if strategy == "cache_exact" else "semantic"] += 1
-        self._mark_answered(routed.request.id)
+        self.mark_answered(routed.request.id)
         response = LLMResponse(
             request_id=routed.request.id, tenant=routed.request.tenant, source=strategy, content=entry.content,
             model=entry.model, tier=routed.route.tier, task_type=routed.route.task_type, finish_reason="stop",
@@ -133,7 +135,7 @@ class Deduper:
         outs: list[Out] = []
         fresh: list[CacheEntry] = []
         for response, partition in batch:
-            self._mark_answered(response.request_id)
+            self.mark_answered(response.request_id)
             if response.source != "llm" or response.keys is None:
                 continue
             self.inflight.pop(response.keys.exact, None)
@@ -168,7 +170,7 @@ class Deduper:
         now = time.time()
         fresh: list[CacheEntry] = []
         for entry, partition in entries:
-            self._mark_answered(entry.request_id)
+            self.mark_answered(entry.request_id)
             if entry.expires_at is not None and entry.expires_at <= now:
                 continue
             if self.store.put(entry):
@@ -178,7 +180,7 @@ class Deduper:
             await self.semantic.add(fresh)
         return len(fresh)
 
-    def _mark_answered(self, request_id: str) -> None:
+    def mark_answered(self, request_id: str) -> None:
         """Every request gets one terminal answer: ids seen answered (by us, the gateway, or in a rebuilt
         entry) are never answered again, whatever a redelivery or a re-routing brings back."""
         self.answered[request_id] = None

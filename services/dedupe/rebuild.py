@@ -14,7 +14,7 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel, ValidationError
 
-from schemas import CacheEntry, RoutedRequest
+from schemas import CacheEntry, LLMResponse, RoutedRequest
 from schemas import topics as t
 from services.core.broker import aiokafka_security
 from services.core.logging import get_logger
@@ -26,19 +26,27 @@ log = get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_compacted(settings: Settings, name: str, model: type[M], partitions: set[int], *,
-                         idle_s: float = 2.0, timeout_s: float = 120.0) -> list[tuple[M, int]]:
-    """Latest value per key of the given partitions (compaction semantics: tombstones delete)."""
+async def scan(settings: Settings, name: str, partitions: set[int], *, from_group: str | None = None,
+               idle_s: float = 2.0, timeout_s: float = 120.0) -> list[tuple[bytes, bytes | None, int]]:
+    """(key, value, partition) of the given partitions, from the start or from `from_group`'s committed offsets.
+
+    The group is only asked for its offsets: this reader never joins it and never commits.
+    """
     topic = settings.topic(name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=None,
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=from_group,
                                 **aiokafka_security(settings))
     await consumer.start()
-    latest: dict[bytes, tuple[M, int] | None] = {}
+    found: list[tuple[bytes, bytes | None, int]] = []
     try:
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        if from_group is not None:
+            for tp in tps:
+                committed = await consumer.committed(tp)
+                if committed is not None:
+                    consumer.seek(tp, committed)
         end = await consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s
         idle_since = time.monotonic()
@@ -54,19 +62,37 @@ async def read_compacted(settings: Settings, name: str, model: type[M], partitio
                     break
                 continue
             idle_since = time.monotonic()
-            for tp, records in batch.items():
-                for rec in records:
-                    key = rec.key or b""
-                    if rec.value is None:
-                        latest[key] = None
-                        continue
-                    try:
-                        latest[key] = (model.model_validate_json(rec.value), tp.partition)
-                    except ValidationError:
-                        log.warning("state_record_invalid", topic=topic, partition=tp.partition, offset=rec.offset)
+            found.extend((rec.key or b"", rec.value, tp.partition) for tp, records in batch.items() for rec in records)
     finally:
         await consumer.stop()
+    return found
+
+
+async def read_compacted(settings: Settings, name: str, model: type[M], partitions: set[int]) -> list[tuple[M, int]]:
+    """Latest value per key of the given partitions (compaction semantics: tombstones delete)."""
+    latest: dict[bytes, tuple[M, int] | None] = {}
+    for key, value, partition in await scan(settings, name, partitions):
+        if value is None:
+            latest[key] = None
+            continue
+        try:
+            latest[key] = (model.model_validate_json(value), partition)
+        except ValidationError:
+            log.warning("state_record_invalid", topic=name, partition=partition)
     return [v for v in latest.values() if v is not None]
+
+
+async def answered_since_commit(settings: Settings, partitions: set[int]) -> list[str]:
+    """Request ids answered on `llm.responses` after the group's last commit: the answers a crashed owner
+    published but had not yet read back. Known before serving, they stop a redelivered request from
+    getting a second, different answer."""
+    ids = []
+    for _, value, _ in await scan(settings, t.RESPONSES, partitions, from_group=settings.group("dedupe")):
+        try:
+            ids.append(LLMResponse.model_validate_json(value or b"").request_id)
+        except ValidationError:
+            continue  # dead-lettered by the handler when it gets there
+    return ids
 
 
 class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -90,6 +116,8 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
             started = time.monotonic()
             entries = await read_compacted(self._settings, t.CACHE, CacheEntry, new)
             loaded = await self._logic.load(entries)
+            for request_id in await answered_since_commit(self._settings, new):
+                self._logic.mark_answered(request_id)
             held = await read_compacted(self._settings, t.DEDUPE_WAITING, RoutedRequest, new)
             outs = await self._logic.restore_waiters(held)
             if outs and self.publisher is not None:

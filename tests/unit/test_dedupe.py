@@ -207,3 +207,12 @@ async def test_a_re_routed_request_that_was_already_answered_gets_no_second_answ
     assert sources(await d.on_responses([(answer(leader), 0)])) == ["coalesced"]
     assert await d.on_routed([follower]) == [], "b was answered (coalesced); the cache must not answer it again"
     assert await d.on_routed([leader]) == [], "a was answered by the model"
+
+
+async def test_a_request_re_routed_while_it_waits_is_answered_once() -> None:
+    d = deduper(semantic=False)
+    leader, follower = await route(ask("a", "Can I get a new PIN?"), ask("b", "Can I get a new PIN?"))
+    await d.on_routed([leader])
+    assert [o.topic for o in await d.on_routed([follower])] == [t.DEDUPE_WAITING]
+    assert await d.on_routed([follower]) == [], "already held"
+    assert sources(await d.on_responses([(answer(leader), 0)])) == ["coalesced"]
