@@ -131,7 +131,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit("give exactly one of --strong-share or --target-quality")
     path = Path(args.requests)
     prompts = load_prompts(path, args.prompt_col)
-    scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts)).astype(np.float64)
+    scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts), prompts).astype(np.float64)
     if args.strong_share is not None:
         cal = by_share(scores, args.strong_share, args.mid_share)
     else:

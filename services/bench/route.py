@@ -36,12 +36,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vectors = MiniLMEmbedder().embed([r[0] for r in scored])
     embed_s = time.perf_counter() - started
     latencies = []
-    for v in vectors[: min(len(vectors), 2000)]:
+    for v, row in zip(vectors[: min(len(vectors), 2000)], scored, strict=False):
         t0 = time.perf_counter()
-        router.score(v.reshape(1, -1))
+        router.score(v.reshape(1, -1), [row[0]])
         latencies.append((time.perf_counter() - t0) * 1000)
     latencies.sort()
-    result = run_route_bench(scored, router.score(vectors))
+    result = run_route_bench(scored, router.score(vectors, [r[0] for r in scored]))
     result.update(
         dataset=str(path), rows_total=len(rows), rows_scored=len(scored), contaminated_excluded=len(contaminated),
         split=note, cost_reduction_at_95=1 - result["strong_share_at_95"],

@@ -30,7 +30,7 @@ from services.core.tokens import TokenCounter
 
 
 class EscalationScorer(Protocol):
-    def score(self, embeddings: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
+    def score(self, embeddings: npt.NDArray[np.float32], texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
 
 
 def provider_for(model: str, settings: Settings) -> str:
@@ -51,7 +51,7 @@ class Classifier:
     async def handle(self, requests: Sequence[LLMRequest]) -> list[Out]:
         lookups = [clean_text(split_conversation(r.messages)[2]) for r in requests]
         vectors = await self.embedder.embed(lookups) if self.embedder is not None else None
-        scores = self.scorer.score(vectors) if (self.scorer is not None and vectors is not None) else None
+        scores = self.scorer.score(vectors, lookups) if (self.scorer is not None and vectors is not None) else None
         outs: list[Out] = []
         for i, request in enumerate(requests):
             vector = vectors[i] if vectors is not None else None

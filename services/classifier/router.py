@@ -1,13 +1,16 @@
 """Learned escalation score: how likely a prompt needs the stronger tier.
 
 The score estimates P(the cheap model is wrong and the strong one right) from the prompt's MiniLM
-embedding. Three linear heads trained on RouteLLM's MMLU/GSM8K correctness labels (see
-``scripts/train_router.py``) are evaluated with one matrix product, so inference is pure numpy and
-costs microseconds on top of the embedding:
+embedding and its shape. Four linear heads trained on RouteLLM's MMLU/GSM8K correctness labels (see
+``scripts/train_router.py``) are evaluated with two small matrix products, so inference is pure numpy
+and costs microseconds on top of the embedding:
 
 * ridge regression of the gain (strong_correct - weak_correct),
 * sigmoid(strong head) - sigmoid(weak head), two logistic regressions,
-* a soft topic prior: softmax over subjects times each subject's mean gain.
+* a soft topic prior: softmax over subjects times each subject's mean gain,
+* a structure head: ridge regression of the gain on the prompt's length, sentence and number counts,
+  alone and weighted by the topic posterior of math word problems (a longer word problem has more
+  steps for the cheap model to get wrong; the embedding does not see length).
 
 Each is z-scored, summed and Platt-mapped to [0, 1]. The artifact has two variants: ``full``
 (every training row; for serving) and ``half`` (only rows outside the held-out hash half; for honest
@@ -17,7 +20,8 @@ benches on local data, see ``route_bench.honest_router_and_mask``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,9 @@ from services.classifier.route_bench import prompt_hash64
 
 DEFAULT_PATH = Path(__file__).with_name("router_model.npz")
 DIM = 384
-_PARAMS = ("W", "b", "rate", "zmean", "zstd", "cal")
+_PARAMS = ("W", "b", "rate", "zmean", "zstd", "cal", "smean", "sstd", "sw", "sb", "math_class")
+_SENTENCE_END = re.compile(r"[.!?]+\s")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -37,15 +43,35 @@ def _sigmoid(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)))
 
 
-def predict_parts(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any]) -> FloatArray:
-    """(n, 3) head outputs before z-scoring: ridge gain, P(strong)-P(weak), topic prior gain."""
-    z = x.astype(np.float32, copy=False) @ params["W"].T + params["b"]
-    logits = z[:, 3:]
+def structure_features(texts: Sequence[str]) -> FloatArray:
+    """(n, 4) log counts of words, sentences, numbers and distinct numbers."""
+    rows = []
+    for text in texts:
+        nums = _NUMBER.findall(text)
+        rows.append([len(text.split()), len(_SENTENCE_END.split(text)), len(nums), len(set(nums))])
+    return np.log1p(np.asarray(rows, dtype=np.float32).reshape(-1, 4))
+
+
+def topic_posterior(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any]) -> FloatArray:
+    logits = x.astype(np.float32, copy=False) @ params["W"][3:].T + params["b"][3:]
     logits = logits - logits.max(axis=1, keepdims=True)
     prob = np.exp(logits)
-    prob /= prob.sum(axis=1, keepdims=True)
-    topic = prob @ params["rate"]
-    return np.stack([z[:, 0], _sigmoid(z[:, 2]) - _sigmoid(z[:, 1]), topic], axis=1).astype(np.float32)
+    return np.asarray(prob / prob.sum(axis=1, keepdims=True), dtype=np.float32)
+
+
+def structure_inputs(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any], texts: Sequence[str]) -> FloatArray:
+    """Standardized structure features, alone and times P(math word problem)."""
+    s = (structure_features(texts) - params["smean"]) / params["sstd"]
+    math = topic_posterior(params, x)[:, int(params["math_class"])]
+    return np.hstack([s, s * math[:, None]]).astype(np.float32)
+
+
+def predict_parts(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any], texts: Sequence[str]) -> FloatArray:
+    """(n, 4) head outputs before z-scoring: ridge gain, P(strong)-P(weak), topic prior gain, structure."""
+    z = x.astype(np.float32, copy=False) @ params["W"][:3].T + params["b"][:3]
+    topic = topic_posterior(params, x) @ params["rate"]
+    shape = structure_inputs(params, x, texts) @ params["sw"] + params["sb"]
+    return np.stack([z[:, 0], _sigmoid(z[:, 2]) - _sigmoid(z[:, 1]), topic, shape], axis=1).astype(np.float32)
 
 
 class EscalationRouter:
@@ -79,15 +105,17 @@ class EscalationRouter:
             meta = json.loads(str(z["meta_json"]))
         return cls(params, hashes, meta, variant)
 
-    def score(self, embeddings: npt.NDArray[Any]) -> FloatArray:
-        """(n, 384) float32 L2-normalized embeddings -> (n,) escalation score in [0, 1]."""
+    def score(self, embeddings: npt.NDArray[Any], texts: Sequence[str]) -> FloatArray:
+        """(n, 384) float32 L2-normalized embeddings of ``texts`` -> (n,) escalation score in [0, 1]."""
         x = np.asarray(embeddings, dtype=np.float32)
         if x.ndim == 1:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != DIM:
             raise ValueError(f"expected (n, {DIM}) embeddings, got {x.shape}")
+        if len(texts) != len(x):
+            raise ValueError(f"got {len(texts)} texts for {len(x)} embeddings")
         p = self.params
-        raw = ((predict_parts(p, x) - p["zmean"]) / p["zstd"]).sum(axis=1)
+        raw = ((predict_parts(p, x, texts) - p["zmean"]) / p["zstd"]).sum(axis=1)
         return _sigmoid(p["cal"][0] * raw + p["cal"][1]).astype(np.float32)
 
     def seen(self, prompts: list[str]) -> npt.NDArray[np.bool_]:

@@ -103,12 +103,15 @@ def test_router_loads_and_scores_in_range() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    s = router.score(x)
+    texts = [f"Tom has {i} apples and buys {i + 3} more. How many now?" for i in range(7)]
+    s = router.score(x, texts)
     assert s.shape == (7,) and s.dtype == np.float32
     assert np.all((s >= 0) & (s <= 1))
-    assert router.score(x[0]).shape == (1,)
+    assert router.score(x[0], texts[:1]).shape == (1,)
     with pytest.raises(ValueError):
-        router.score(np.zeros((2, 10), np.float32))
+        router.score(np.zeros((2, 10), np.float32), texts[:2])
+    with pytest.raises(ValueError):
+        router.score(x, texts[:3])
     assert DEFAULT_PATH.stat().st_size < 10_000_000
 
 
