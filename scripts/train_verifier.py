@@ -198,8 +198,8 @@ def main() -> None:
         "b2": clf.intercepts_[1],
     }
     ver = TrainedVerifier({k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, 0.0, 0.5)
-    s_val = np.where(veto_val, 0.0, ver._forward(x_val))
-    s_sv = np.where(veto_sv, 0.0, ver._forward(x_sv))
+    s_val = np.where(veto_val, 0.0, ver.predict(x_val))
+    s_sv = np.where(veto_sv, 0.0, ver.predict(x_sv))
     best = (0.0, 0.80, 0.99)
     for rc in (0.70, 0.75, 0.80, 0.85):
         for thr in np.arange(0.30, 0.99, 0.01):

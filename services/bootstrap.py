@@ -20,7 +20,8 @@ from services.core.service import Service
 from services.core.settings import Settings
 from services.core.tokens import TokenCounter
 from services.dedupe.app import DedupeService
-from services.dedupe.wiring import build_deduper
+from services.dedupe.verifier import Verifier
+from services.dedupe.wiring import build_deduper, build_verifier
 from services.gateway.app import GatewayService
 from services.gateway.idempotency import CompletedStore
 from services.gateway.logic import Gateway
@@ -46,6 +47,10 @@ class Resources:
     @cached_property
     def embedder(self) -> AsyncEmbedder:
         return AsyncEmbedder(self.embedder_factory())
+
+    @cached_property
+    def verifier(self) -> Verifier:
+        return build_verifier(self.settings)
 
     @cached_property
     def catalog(self) -> PriceCatalog:
@@ -80,7 +85,7 @@ def build_service(name: str, res: Resources) -> Service:
         return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder, scorer=EscalationRouter.load(),
                                                thresholds=thresholds))
     if name == "dedupe":
-        return DedupeService(s, build_deduper(s, res.embedder))
+        return DedupeService(s, build_deduper(s, res.embedder, res.verifier))
     if name == "gateway":
         names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
         providers = {n: res.provider(n) for n in names}

@@ -3,7 +3,8 @@
 Pair by pair, `text_a` is stored in an empty cache scope and `text_b` is looked up through the production
 `SemanticIndex` (FAQ task type, one scope per pair, so every lookup sees exactly one cached answer). The
 same run reports plain cosine >= 0.95, the rule most semantic caches use. `--shard-size N` also times
-lookups on one shard of N entries, excluding the embedding.
+lookups on one shard of N entries, excluding the embedding, and, apart, the verifier's model on one real
+candidate (the synthetic shard's texts differ in a number, so its rules veto before the model runs).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from services.core.embedder import AsyncEmbedder, MiniLMEmbedder, Vectors, decod
 from services.core.settings import Settings
 from services.dedupe.pair_eval import BASELINE_COSINE, Pair, load_paws, qqp_split
 from services.dedupe.semantic import SemanticIndex
-from services.dedupe.verifier import TrainedVerifier
-from services.dedupe.wiring import semantic_policy
+from services.dedupe.verifier import Verifier
+from services.dedupe.wiring import build_verifier, semantic_policy
 
 
 def load_pairs(path: Path, split: str | None) -> list[Pair]:
@@ -113,9 +114,26 @@ def time_lookups(index: SemanticIndex, base: Vectors, size: int, queries: int, s
             "lookup_ms_p99": samples[int(len(samples) * 0.99)]}
 
 
+def time_verifier(verifier: Verifier, pairs: list[Pair], vec: dict[str, Vectors], n: int,
+                  seed: int) -> dict[str, float]:
+    """Latency of verifying one candidate (a real pair, one call each): the cost a lookup pays on top of
+    the search when a candidate passes the recall cosine and no rule vetoes it."""
+    sample = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    samples = []
+    for a, b, _ in sample:
+        cos = float(vec[a] @ vec[b])
+        start = time.perf_counter()
+        verifier.verify_batch([(b, a, cos, 0.5)])
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    return {"verify_ms_p50": samples[len(samples) // 2], "verify_ms_p99": samples[int(len(samples) * 0.99)]}
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     embedder = AsyncEmbedder(MiniLMEmbedder())
-    index = SemanticIndex(embedder, TrainedVerifier.load(), semantic_policy(Settings()))
+    settings = Settings(semantic_verifier=args.verifier)
+    verifier = build_verifier(settings)
+    index = SemanticIndex(embedder, verifier, semantic_policy(settings))
     try:
         if args.pairs:
             pairs = load_pairs(Path(args.pairs), args.split)
@@ -132,10 +150,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         vec = dict(zip(texts, vectors, strict=True))
         started = time.perf_counter()
         result = await run_pairs(pairs, index, vec)
-        result.update(source=args.pairs or args.intents, split=args.split, embed_s=round(embed_s, 1),
-                      decide_s=round(time.perf_counter() - started, 1))
+        result.update(source=args.pairs or args.intents, split=args.split, verifier=args.verifier,
+                      embed_s=round(embed_s, 1), decide_s=round(time.perf_counter() - started, 1))
         if args.shard_size:
             result["lookup"] = time_lookups(index, vectors, args.shard_size, 2000, args.seed)
+            result["lookup"].update(time_verifier(verifier, pairs, vec, 300, args.seed))
         return result
     finally:
         index.close()
@@ -172,6 +191,8 @@ def add_dedupe_bench(kinds: Any) -> None:
     p.add_argument("--label-col", default="category")
     p.add_argument("--limit", type=int, help="use at most N pairs / queries")
     p.add_argument("--shard-size", type=int, help="also time lookups on one shard of N entries")
+    p.add_argument("--verifier", choices=["cross_encoder", "features"], default="cross_encoder",
+                   help="the semantic verifier (FRUGAL_SEMANTIC_VERIFIER in production)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result as JSON")
     p.set_defaults(func=cmd)

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
 
     # Dedupe. Semantic matching is on only where a reworded request wants the same answer.
     semantic_task_types: tuple[TaskType, ...] = ("faq",)
+    semantic_verifier: Literal["cross_encoder", "features"] = Field(
+        default="cross_encoder",
+        description="cross_encoder: fine-tuned MiniLM reading both texts (QQP precision 0.95+, a few ms per "
+                    "candidate); features: a lexical MLP (microseconds, precision ~0.90).")
     semantic_recall_cosine: dict[str, float] = Field(
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
     semantic_verify_threshold: dict[str, float] = Field(

@@ -135,27 +135,43 @@ class SemanticIndex:
         return await loop.run_in_executor(self._pool, self.match_vectors, list(requests), vectors)
 
     def match_vectors(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
-        """Blocking: call from the worker thread (as `match` does) or from a benchmark."""
+        """Blocking: call from the worker thread (as `match` does) or from a benchmark.
+
+        Every servable candidate of every request goes to the verifier in one batch; each request takes
+        its most similar accepted candidate, and anything in the grey zone misses.
+        """
         by_shard: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_shard.setdefault(shard_key(r.keys.scope, r.keys.prefix), []).append(i)
-        out: list[SemanticHit | None] = [None] * len(requests)
         now = self._clock()
+        asks: list[tuple[int, CacheEntry, float]] = []
         for key, rows in by_shard.items():
             shard = self._shards.get(key)
             if shard is None or not shard.entries:
                 continue
             scores, ids = shard.search(vectors[rows], self._policy.candidates)
             for row, request_scores, request_ids in zip(rows, scores, ids, strict=True):
-                out[row] = self._best(requests[row], shard, request_scores, request_ids, now)
+                asks += [(row, entry, cos) for entry, cos in
+                         self._servable(requests[row], shard, request_scores, request_ids, now)]
+        out: list[SemanticHit | None] = [None] * len(requests)
+        if not asks:
+            return out
+        decisions = self._verifier.verify_batch([
+            (requests[row].keys.lookup_text, entry.keys.lookup_text, cos,
+             self._policy.threshold(requests[row].route.task_type))
+            for row, entry, cos in asks
+        ])
+        for (row, entry, cos), decision in zip(asks, decisions, strict=True):
+            if decision.hit and out[row] is None:
+                out[row] = SemanticHit(entry, cos)
         return out
 
-    def _best(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
-              ids: npt.NDArray[np.int64], now: float) -> SemanticHit | None:
-        """The most similar candidate that is servable and that the verifier accepts; the grey zone misses."""
-        task = request.route.task_type
-        recall, threshold = self._policy.recall(task), self._policy.threshold(task)
+    def _servable(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
+                  ids: npt.NDArray[np.int64], now: float) -> list[tuple[CacheEntry, float]]:
+        """Candidates above the recall cosine that may serve this request, most similar first."""
+        recall = self._policy.recall(request.route.task_type)
         max_age = request.request.cache.ttl_s
+        out: list[tuple[CacheEntry, float]] = []
         for score, idx in zip(scores, ids, strict=True):
             if idx < 0 or float(score) < recall:
                 break  # results are sorted: nothing further is close enough
@@ -168,10 +184,8 @@ class SemanticIndex:
                 continue
             if max_age is not None and now - entry.stored_at > max_age:
                 continue
-            decision = self._verifier.verify(request.keys.lookup_text, entry.keys.lookup_text, float(score), threshold)
-            if decision.hit:
-                return SemanticHit(entry, float(score))
-        return None
+            out.append((entry, float(score)))
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -7,7 +7,9 @@ content words or named entities in another order, two words trading roles) and (
 model over order-sensitive lexical features plus the cosine scores it above a threshold. Anything in the
 grey zone is a miss.
 
-Inference is numpy only: the model is a tiny MLP whose weights ship in ``verifier_model.npz``.
+Inference is numpy only: the model is a tiny MLP whose weights ship in ``verifier_model.npz``. This is
+the ``features`` verifier (microseconds a pair); the default ``cross_encoder`` verifier
+(``pair_encoder.py``) keeps the same rules in front of a fine-tuned cross-encoder.
 """
 
 from __future__ import annotations
@@ -274,6 +276,10 @@ class Verifier(Protocol):
         """Decide hit or miss for the nearest cached neighbour."""
         ...
 
+    def verify_batch(self, pairs: Sequence[tuple[str, str, float, float]]) -> list[VerifierDecision]:
+        """``verify`` for many (query, candidate, cosine, threshold) at once: one model call per batch."""
+        ...
+
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -296,7 +302,8 @@ class TrainedVerifier:
             params = {k: np.asarray(z[k], dtype=np.float64) for k in ("mean", "scale", "w1", "b1", "w2", "b2")}
             return cls(params, float(z["recall_cosine"]), float(z["threshold"]))
 
-    def _forward(self, x: FloatArray) -> FloatArray:
+    def predict(self, x: FloatArray) -> FloatArray:
+        """P(same answer) from a matrix of `pair_features` rows, no vetoes applied."""
         p = self._p
         h = np.maximum((x - p["mean"]) / p["scale"] @ p["w1"] + p["b1"], 0.0)
         logit = (h @ p["w2"] + p["b2"]).reshape(-1)
@@ -311,7 +318,7 @@ class TrainedVerifier:
             feats, reason = pair_features(q, c, cos)
             rows.append(feats)
             vetoed.append(bool(reason))
-        scores = self._forward(np.asarray(rows, dtype=np.float64))
+        scores = self.predict(np.asarray(rows, dtype=np.float64))
         scores[np.asarray(vetoed)] = 0.0
         exact = [normalize_text(q) == normalize_text(c) for q, c, _ in pairs]
         scores[np.asarray(exact)] = 1.0
@@ -321,6 +328,9 @@ class TrainedVerifier:
         """Probability that ``candidate``'s cached answer may serve ``query`` (0.0 if a rule vetoes)."""
         return float(self.score_batch([(query, candidate, cosine)])[0])
 
+    def verify_batch(self, pairs: Sequence[tuple[str, str, float, float]]) -> list[VerifierDecision]:
+        return [self.verify(q, c, cos, thr) for q, c, cos, thr in pairs]
+
     def verify(self, query: str, candidate: str, cosine: float, threshold: float | None = None) -> VerifierDecision:
         """Hard rules veto first; otherwise a hit needs ``score >= threshold``. Exact text is a hit."""
         thr = self.threshold if threshold is None else threshold
@@ -329,5 +339,5 @@ class TrainedVerifier:
         feats, reason = pair_features(query, candidate, cosine)
         if reason:
             return VerifierDecision(0.0, False, reason)
-        s = float(self._forward(np.asarray([feats], dtype=np.float64))[0])
+        s = float(self.predict(np.asarray([feats], dtype=np.float64))[0])
         return VerifierDecision(s, s >= thr, "model")

@@ -1,25 +1,33 @@
 """Builds the dedupe decision path (store + verified semantic index) from settings: the service and the
-bench use this one function, so the bench measures exactly what production runs."""
+bench use these functions, so the bench measures exactly what production runs."""
 
 from __future__ import annotations
 
 from services.core.embedder import AsyncEmbedder
 from services.core.settings import Settings
+from services.dedupe import pair_encoder, verifier
 from services.dedupe.logic import Deduper
 from services.dedupe.semantic import SemanticIndex, SemanticPolicy
 from services.dedupe.store import AnswerStore
-from services.dedupe.verifier import DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD, TrainedVerifier
+from services.dedupe.verifier import Verifier
 
 
 def semantic_policy(settings: Settings) -> SemanticPolicy:
+    """Per-task thresholds from settings over the chosen verifier's shipped defaults."""
+    shipped = pair_encoder if settings.semantic_verifier == "cross_encoder" else verifier
     return SemanticPolicy(
-        recall_cosine={"default": DEFAULT_RECALL_COSINE, **settings.semantic_recall_cosine},
-        verify_threshold={"default": DEFAULT_VERIFY_THRESHOLD, **settings.semantic_verify_threshold},
+        recall_cosine={"default": shipped.DEFAULT_RECALL_COSINE, **settings.semantic_recall_cosine},
+        verify_threshold={"default": shipped.DEFAULT_VERIFY_THRESHOLD, **settings.semantic_verify_threshold},
     )
 
 
-def build_deduper(settings: Settings, embedder: AsyncEmbedder) -> Deduper:
+def build_verifier(settings: Settings) -> Verifier:
+    if settings.semantic_verifier == "cross_encoder":
+        return pair_encoder.CrossEncoderVerifier.load()
+    return verifier.TrainedVerifier.load()
+
+
+def build_deduper(settings: Settings, embedder: AsyncEmbedder, verifier: Verifier) -> Deduper:
     store = AnswerStore(settings.cache_max_entries)
-    semantic = SemanticIndex(embedder, TrainedVerifier.load(), semantic_policy(settings),
-                             live=lambda exact: exact in store)
+    semantic = SemanticIndex(embedder, verifier, semantic_policy(settings), live=lambda exact: exact in store)
     return Deduper(settings, store, semantic=semantic)

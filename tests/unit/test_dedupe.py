@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import pytest
 
@@ -15,10 +16,10 @@ from services.core.tokens import TokenCounter
 from services.dedupe.logic import Deduper
 from services.dedupe.semantic import SemanticIndex
 from services.dedupe.store import AnswerStore
-from services.dedupe.verifier import TrainedVerifier
+from services.dedupe.verifier import TrainedVerifier, VerifierDecision
 from services.dedupe.wiring import semantic_policy
 
-SETTINGS = Settings(semantic_task_types=("faq",))
+SETTINGS = Settings(semantic_task_types=("faq",), semantic_verifier="features")  # the torch-free verifier
 
 
 async def route(*requests: LLMRequest, settings: Settings = SETTINGS) -> list[RoutedRequest]:
@@ -216,3 +217,37 @@ async def test_a_request_re_routed_while_it_waits_is_answered_once() -> None:
     assert [o.topic for o in await d.on_routed([follower])] == [t.DEDUPE_WAITING]
     assert await d.on_routed([follower]) == [], "already held"
     assert sources(await d.on_responses([(answer(leader), 0)])) == ["coalesced"]
+
+
+class LastWordVerifier:
+    """Accepts a candidate whose last word is the query's; records each batch it is asked."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[str, str, float, float]]] = []
+
+    def verify(self, query: str, candidate: str, cosine: float, threshold: float) -> VerifierDecision:
+        return self.verify_batch([(query, candidate, cosine, threshold)])[0]
+
+    def verify_batch(self, pairs: Sequence[tuple[str, str, float, float]]) -> list[VerifierDecision]:
+        self.batches.append(list(pairs))
+        same = [q.split()[-1] == c.split()[-1] for q, c, _, _ in pairs]
+        return [VerifierDecision(float(ok), ok, "model") for ok in same]
+
+
+async def test_all_candidates_of_a_batch_are_verified_at_once_and_the_best_accepted_one_serves() -> None:
+    settings = Settings(semantic_task_types=("faq",), semantic_verifier="features",
+                        semantic_recall_cosine={"faq": -1.0})  # every neighbour is a candidate
+    store, verifier = AnswerStore(1000), LastWordVerifier()
+    index = SemanticIndex(AsyncEmbedder(HashingEmbedder()), verifier, semantic_policy(settings),
+                          live=lambda exact: exact in store)
+    d = Deduper(settings, store, semantic=index)
+    branch, atm, q1, q2 = await route(ask("a", "Where is your nearest branch"), ask("b", "Where is your nearest atm"),
+                                      ask("c", "where is the closest branch"), ask("d", "where is the closest atm"),
+                                      settings=settings)
+    await fill(d, branch, content="Main St.")
+    await fill(d, atm, content="By the station.")
+    verifier.batches.clear()
+    outs = await d.on_routed([q1, q2])
+    assert len(verifier.batches) == 1 and len(verifier.batches[0]) == 4  # 2 requests x 2 cached candidates
+    served = {o.value.request_id: o.value.content for o in outs if o.topic == t.RESPONSES}  # type: ignore[attr-defined]
+    assert served == {"c": "Main St.", "d": "By the station."}

