@@ -32,7 +32,8 @@ class SemanticPolicy:
 
     recall_cosine: Mapping[str, float]
     verify_threshold: Mapping[str, float]
-    candidates: int = 4
+    candidates: int = 4  # nearest neighbours searched (some may be expired, evicted or of a lower tier)
+    verify_candidates: int = 2  # servable ones sent to the verifier: the model is the expensive step
 
     def recall(self, task: str | None) -> float:
         return self.recall_cosine.get(task or "", self.recall_cosine["default"])
@@ -137,8 +138,8 @@ class SemanticIndex:
     def match_vectors(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
         """Blocking: call from the worker thread (as `match` does) or from a benchmark.
 
-        Every servable candidate of every request goes to the verifier in one batch; each request takes
-        its most similar accepted candidate, and anything in the grey zone misses.
+        The nearest servable candidates of every request (up to `verify_candidates`) go to the verifier in
+        one batch; each request takes its most similar accepted candidate, and the grey zone misses.
         """
         by_shard: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
@@ -185,6 +186,8 @@ class SemanticIndex:
             if max_age is not None and now - entry.stored_at > max_age:
                 continue
             out.append((entry, float(score)))
+            if len(out) == self._policy.verify_candidates:
+                break
         return out
 
     def close(self) -> None:

@@ -241,13 +241,16 @@ async def test_all_candidates_of_a_batch_are_verified_at_once_and_the_best_accep
     index = SemanticIndex(AsyncEmbedder(HashingEmbedder()), verifier, semantic_policy(settings),
                           live=lambda exact: exact in store)
     d = Deduper(settings, store, semantic=index)
-    branch, atm, q1, q2 = await route(ask("a", "Where is your nearest branch"), ask("b", "Where is your nearest atm"),
-                                      ask("c", "where is the closest branch"), ask("d", "where is the closest atm"),
-                                      settings=settings)
+    branch, atm, office, q1, q2 = await route(
+        ask("a", "Where is your nearest branch"), ask("b", "Where is your nearest atm"),
+        ask("e", "Where is your nearest office"), ask("c", "where is the closest branch"),
+        ask("d", "where is the closest atm"), settings=settings)
     await fill(d, branch, content="Main St.")
     await fill(d, atm, content="By the station.")
+    await fill(d, office, content="Head office.")
     verifier.batches.clear()
     outs = await d.on_routed([q1, q2])
-    assert len(verifier.batches) == 1 and len(verifier.batches[0]) == 4  # 2 requests x 2 cached candidates
+    # one call; each request sends its 2 nearest of the 3 cached questions (verify_candidates)
+    assert len(verifier.batches) == 1 and len(verifier.batches[0]) == 4
     served = {o.value.request_id: o.value.content for o in outs if o.topic == t.RESPONSES}  # type: ignore[attr-defined]
     assert served == {"c": "Main St.", "d": "By the station."}
