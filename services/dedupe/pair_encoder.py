@@ -52,13 +52,12 @@ class PairEncoder:
         return cls(encoder, tokenizer, head)
 
     @classmethod
-    def load(cls, path: Path | None = None, threads: int | None = None) -> PairEncoder:
+    def load(cls, path: Path | None = None) -> PairEncoder:
         """The shipped model (or another artifact written by the training script)."""
-        import torch
         from safetensors.torch import load_file
+        from transformers.utils import logging as hf_logging
 
-        if threads:
-            torch.set_num_threads(threads)
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a loading bar is noise in logs
         model = cls.from_base()
         state = load_file(str(path or ARTIFACT_PATH))
         head = {k.removeprefix("head."): v.float() for k, v in state.items() if k.startswith("head.")}
