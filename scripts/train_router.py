@@ -50,7 +50,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.classifier import route_bench as rb  # noqa: E402
-from services.classifier.router import DEFAULT_PATH, predict_parts, structure_features, structure_inputs  # noqa: E402
+from services.classifier.router import (  # noqa: E402
+    DEFAULT_PATH,
+    predict_parts,
+    structure_features,
+    structure_inputs,
+    topic_posterior,
+)
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
@@ -144,7 +150,7 @@ def fit_variant(
     feats = structure_features(texts)
     p["smean"], p["sstd"] = feats.mean(0).astype(np.float32), (feats.std(0) + 1e-6).astype(np.float32)
     p["sw"], p["sb"] = np.zeros(8, np.float32), np.zeros((), np.float32)
-    shape = Ridge(alpha=10.0).fit(structure_inputs(p, x, texts), gain)
+    shape = Ridge(alpha=10.0).fit(structure_inputs(p, topic_posterior(p, x), texts), gain)
     p["sw"], p["sb"] = shape.coef_.astype(np.float32), np.array(shape.intercept_, np.float32)
     parts = predict_parts(p, x, texts)
     p["zmean"], p["zstd"] = parts.mean(0).astype(np.float32), (parts.std(0) + 1e-6).astype(np.float32)

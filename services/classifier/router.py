@@ -59,18 +59,19 @@ def topic_posterior(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any])
     return np.asarray(prob / prob.sum(axis=1, keepdims=True), dtype=np.float32)
 
 
-def structure_inputs(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any], texts: Sequence[str]) -> FloatArray:
-    """Standardized structure features, alone and times P(math word problem)."""
+def structure_inputs(params: Mapping[str, npt.NDArray[Any]], posterior: FloatArray, texts: Sequence[str]) -> FloatArray:
+    """Standardized structure features, alone and times P(math word problem) from ``topic_posterior``."""
     s = (structure_features(texts) - params["smean"]) / params["sstd"]
-    math = topic_posterior(params, x)[:, int(params["math_class"])]
+    math = posterior[:, int(params["math_class"])]
     return np.hstack([s, s * math[:, None]]).astype(np.float32)
 
 
 def predict_parts(params: Mapping[str, npt.NDArray[Any]], x: npt.NDArray[Any], texts: Sequence[str]) -> FloatArray:
     """(n, 4) head outputs before z-scoring: ridge gain, P(strong)-P(weak), topic prior gain, structure."""
     z = x.astype(np.float32, copy=False) @ params["W"][:3].T + params["b"][:3]
-    topic = topic_posterior(params, x) @ params["rate"]
-    shape = structure_inputs(params, x, texts) @ params["sw"] + params["sb"]
+    posterior = topic_posterior(params, x)
+    topic = posterior @ params["rate"]
+    shape = structure_inputs(params, posterior, texts) @ params["sw"] + params["sb"]
     return np.stack([z[:, 0], _sigmoid(z[:, 2]) - _sigmoid(z[:, 1]), topic, shape], axis=1).astype(np.float32)
 
 

@@ -54,12 +54,14 @@ class PairEncoder:
     @classmethod
     def load(cls, path: Path | None = None) -> PairEncoder:
         """The shipped model (or another artifact written by the training script)."""
-        from safetensors.torch import load_file
+        return cls.from_state(read_artifact(path))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> PairEncoder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a loading bar is noise in logs
         model = cls.from_base()
-        state = load_file(str(path or ARTIFACT_PATH))
         head = {k.removeprefix("head."): v.float() for k, v in state.items() if k.startswith("head.")}
         body = {k.removeprefix("encoder."): v.float() for k, v in state.items() if k.startswith("encoder.")}
         missing, unexpected = model._encoder.load_state_dict(body, strict=False)
@@ -110,6 +112,12 @@ class PairEncoder:
         return out
 
 
+def read_artifact(path: Path | None = None) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path or ARTIFACT_PATH)))
+
+
 def save_artifact(model: PairEncoder, path: Path, stack: Stack | None = None) -> None:
     import torch
     from safetensors.torch import save_file
@@ -143,14 +151,12 @@ def logit(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.asarray(np.log(p / (1.0 - p)), dtype=np.float64)
 
 
-def load_stack(path: Path | None = None) -> Stack:
-    from safetensors.numpy import load_file
-
-    state = load_file(str(path or ARTIFACT_PATH))
+def load_stack(state: dict[str, Any]) -> Stack:
+    """The stack stored next to the weights (``read_artifact``)."""
     if "stack.weight" not in state:
         raise ValueError("pair encoder artifact has no stack: rerun scripts/train_pair_encoder.py --stack-only")
-    w = state["stack.weight"].astype(np.float64)
-    return Stack((float(w[0]), float(w[1]), float(w[2])), float(state["stack.bias"].astype(np.float64)[0]))
+    w = [float(v) for v in state["stack.weight"].tolist()]
+    return Stack((w[0], w[1], w[2]), float(state["stack.bias"].tolist()[0]))
 
 
 class CrossEncoderVerifier:
@@ -175,7 +181,8 @@ class CrossEncoderVerifier:
 
     @classmethod
     def load(cls, path: Path | None = None) -> CrossEncoderVerifier:
-        return cls(PairEncoder.load(path), TrainedVerifier.load(), load_stack(path))
+        state = read_artifact(path)
+        return cls(PairEncoder.from_state(state), TrainedVerifier.load(), load_stack(state))
 
     def score_batch(self, pairs: Sequence[tuple[str, str, float]]) -> npt.NDArray[np.float64]:
         """P(same answer) per pair: 1.0 for the same normalized text, 0.0 where a rule vetoes."""

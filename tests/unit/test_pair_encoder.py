@@ -106,7 +106,7 @@ def test_saved_artifact_loads_back_to_the_same_scores(shipped: pe.CrossEncoderVe
     a, b = ["How do I reset my password?", "Where is the branch?"], ["How can I reset my password?", "Opening hours?"]
     assert np.allclose(model.probabilities(a, b), again.probabilities(a, b), atol=1e-6)
     with pytest.raises(ValueError, match="no stack"):
-        pe.load_stack(path)
+        pe.load_stack(pe.read_artifact(path))
 
 
 def test_an_artifact_for_another_model_is_refused(tmp_path: Path) -> None:
