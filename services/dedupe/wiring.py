@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from services.core.embedder import AsyncEmbedder
 from services.core.settings import Settings
-from services.dedupe import pair_encoder, verifier
+from services.dedupe import pair_encoder
+from services.dedupe import verifier as lexical
 from services.dedupe.logic import Deduper
 from services.dedupe.semantic import SemanticIndex, SemanticPolicy
 from services.dedupe.store import AnswerStore
@@ -14,7 +15,7 @@ from services.dedupe.verifier import Verifier
 
 def semantic_policy(settings: Settings) -> SemanticPolicy:
     """Per-task thresholds from settings over the chosen verifier's shipped defaults."""
-    shipped = pair_encoder if settings.semantic_verifier == "cross_encoder" else verifier
+    shipped = pair_encoder if settings.semantic_verifier == "cross_encoder" else lexical
     return SemanticPolicy(
         recall_cosine={"default": shipped.DEFAULT_RECALL_COSINE, **settings.semantic_recall_cosine},
         verify_threshold={"default": shipped.DEFAULT_VERIFY_THRESHOLD, **settings.semantic_verify_threshold},
@@ -24,7 +25,7 @@ def semantic_policy(settings: Settings) -> SemanticPolicy:
 def build_verifier(settings: Settings) -> Verifier:
     if settings.semantic_verifier == "cross_encoder":
         return pair_encoder.CrossEncoderVerifier.load()
-    return verifier.TrainedVerifier.load()
+    return lexical.TrainedVerifier.load()
 
 
 def build_deduper(settings: Settings, embedder: AsyncEmbedder, verifier: Verifier) -> Deduper:
