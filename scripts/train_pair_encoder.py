@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.train_verifier import DATA, SEED, embed_cosines, load_mrpc, load_sts, synthesize  # noqa: E402
+from scripts.train_verifier import SEED, embed_cosines, load_training_data  # noqa: E402
 from services.dedupe.pair_encoder import ARTIFACT_PATH, PairEncoder, Stack, logit, save_artifact  # noqa: E402
-from services.dedupe.pair_eval import Pair, load_qqp  # noqa: E402
+from services.dedupe.pair_eval import Pair  # noqa: E402
 from services.dedupe.verifier import TrainedVerifier, pair_features  # noqa: E402
 
 CHECKPOINTS = Path("/tmp/fs_pair_encoder")
@@ -160,20 +160,16 @@ def main() -> None:
 
     torch.manual_seed(SEED)
     rng = random.Random(SEED)
-    qqp = load_qqp(DATA / "qqp_gptcache/qqp_pairs_labeled.jsonl")
-    mrpc, sts = load_mrpc(), load_sts()
-    train_sents = sorted({t for a, b, _ in qqp["train"] + mrpc + sts for t in (a, b)})
-    val_sents = sorted({t for a, b, _ in qqp["val"] for t in (a, b)})
-    synth_train = synthesize(train_sents, 8000, rng)
-    synth_val = synthesize(val_sents, 1500, rng)
-    train_pairs = qqp["train"] + mrpc + sts + synth_train
+    data = load_training_data(rng)
+    train_pairs = data.train
     rng.shuffle(train_pairs)
     if args.limit:
         train_pairs = train_pairs[: args.limit]
-    print(f"train pairs {len(train_pairs)} (synthetic {len(synth_train)}), val {len(qqp['val'])}", flush=True)
+    val = data.qqp["val"]
+    print(f"train pairs {len(train_pairs)} (synthetic {len(data.synth_train)}), val {len(val)}", flush=True)
     t0 = time.time()
-    model = PairEncoder.load() if args.stack_only else train(args, train_pairs, qqp["val"], rng)
-    stack, rc, thr = fit_stack(model, qqp["val"], synth_val, args.precision)
+    model = PairEncoder.load() if args.stack_only else train(args, train_pairs, val, rng)
+    stack, rc, thr = fit_stack(model, val, data.synth_val, args.precision)
     save_artifact(model, ARTIFACT_PATH, stack)
     digest = hashlib.sha256(ARTIFACT_PATH.read_bytes()).hexdigest()[:12]
     print(f"wrote {ARTIFACT_PATH} ({ARTIFACT_PATH.stat().st_size} B, sha256 {digest}) in {time.time() - t0:.0f}s")

@@ -23,6 +23,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,32 @@ def synthesize(sentences: list[str], n: int, rng: random.Random) -> list[Pair]:
     return out
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The pairs both dedupe models train and tune on (QQP dev and PAWS are never among them)."""
+
+    qqp: dict[str, list[Pair]]
+    mrpc: list[Pair]
+    sts: list[Pair]
+    synth_train: list[Pair]
+    synth_val: list[Pair]
+
+    @property
+    def train(self) -> list[Pair]:
+        return self.qqp["train"] + self.mrpc + self.sts + self.synth_train
+
+
+def load_training_data(rng: random.Random) -> TrainingData:
+    """QQP train/val buckets, MRPC, binarized STS-B and synthetic look-alikes drawn with ``rng``."""
+    qqp = load_qqp(DATA / "qqp_gptcache/qqp_pairs_labeled.jsonl")
+    mrpc, sts = load_mrpc(), load_sts()
+    train_sents = sorted({t for a, b, _ in qqp["train"] + mrpc + sts for t in (a, b)})
+    val_sents = sorted({t for a, b, _ in qqp["val"] for t in (a, b)})
+    synth_train = synthesize(train_sents, 8000, rng)
+    synth_val = synthesize(val_sents, 1500, rng)
+    return TrainingData(qqp, mrpc, sts, synth_train, synth_val)
+
+
 def embed_cosines(pairs: list[Pair]) -> np.ndarray:
     texts_path, emb_path = CACHE / "texts.json", CACHE / "emb.npy"
     texts: list[str] = json.loads(texts_path.read_text()) if texts_path.exists() else []
@@ -166,14 +193,9 @@ def main() -> None:
     target_precision = ap.parse_args().precision
 
     t0 = time.time()
-    rng = random.Random(SEED)
-    qqp = load_qqp(DATA / "qqp_gptcache/qqp_pairs_labeled.jsonl")
-    mrpc, sts = load_mrpc(), load_sts()
-    train_sents = sorted({t for a, b, _ in qqp["train"] + mrpc + sts for t in (a, b)})
-    val_sents = sorted({t for a, b, _ in qqp["val"] for t in (a, b)})
-    synth_train = synthesize(train_sents, 8000, rng)
-    synth_val = synthesize(val_sents, 1500, rng)
-    train = qqp["train"] + mrpc + sts + synth_train
+    data = load_training_data(random.Random(SEED))
+    qqp, mrpc, sts, synth_train, synth_val = data.qqp, data.mrpc, data.sts, data.synth_train, data.synth_val
+    train = data.train
     source = np.array([0] * len(qqp["train"]) + [1] * (len(mrpc) + len(sts)) + [2] * len(synth_train))
     print(f"train pairs: qqp {len(qqp['train'])}, mrpc {len(mrpc)}, sts {len(sts)}, synthetic {len(synth_train)}")
     cos_tr, cos_val, cos_sv = embed_cosines(train), embed_cosines(qqp["val"]), embed_cosines(synth_val)
