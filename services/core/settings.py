@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     semantic_verifier: Literal["cross_encoder", "features"] = Field(
         default="cross_encoder",
         description="cross_encoder: a fine-tuned MiniLM reads both texts (~20 ms for one candidate on 2 cores, "
-                    "~4 ms each in a batch); features: a lexical MLP (microseconds, lower recall at equal "
+                    "~10 ms each in a batch); features: a lexical MLP (microseconds, lower recall at equal "
                     "precision).")
     semantic_recall_cosine: dict[str, float] = Field(
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
