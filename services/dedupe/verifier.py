@@ -133,6 +133,19 @@ def _order_stats(ca: list[str], cb: list[str]) -> tuple[float, float, int]:
     return (1.0 - disc / pairs if pairs else 1.0), ctx, disc
 
 
+def _one_block_moved(ca: list[str], cb: list[str]) -> bool:
+    """The shared content words keep their order except that one block moved to the other end.
+
+    "Which currencies do you accept for adding money?" / "For adding money, which currencies do you
+    accept?" fronts a clause; every word keeps its neighbours. A swap of two words or roles never reads
+    as one rotation of three or more words.
+    """
+    pos_b = {w: i for i, w in reversed(list(enumerate(cb)))}
+    seq = [pos_b[w] for w in dict.fromkeys(ca) if w in pos_b]
+    descents = sum(x > y for x, y in pairwise(seq))
+    return len(seq) >= 3 and descents == 1 and seq[-1] < seq[0]
+
+
 def _role_swaps(ta: list[str], tb: list[str]) -> int:
     """Pairs of shared content words that traded their neighbours: "from X to Y" / "from Y to X".
 
@@ -249,13 +262,14 @@ def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float
     ]
     # Vetoes: both sides carry numbers and they differ; one side negated; two or more shared content
     # words (or any two entities) in the opposite order, or two words trading neighbours. A reworded FAQ
-    # keeps its content words in order far more often than a different question with the same words.
+    # keeps its content words in order far more often than a different question with the same words;
+    # when it does not, it usually moved a whole clause, which is left to the model.
     reason = ""
     if nums_a and nums_b and set(nums_a) != set(nums_b):
         reason = "number_mismatch"
     elif _negated(ta) != _negated(tb):
         reason = "negation"
-    elif swaps or disc >= 2 or e_disc:
+    elif swaps or e_disc or (disc >= 2 and not _one_block_moved(ca, cb)):
         reason = "order"
     return feats, reason
 

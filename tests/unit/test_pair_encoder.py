@@ -98,6 +98,19 @@ def test_shipped_model_tells_a_rewording_from_another_question(shipped: pe.Cross
     assert hours.score > other.score
 
 
+@pytest.mark.parametrize(("query", "cached"), [
+    ("My top up is still pending", "My top-up is still pending"),
+    ("What is the exchange rate?", "What's the exchange rate?"),
+    ("How do I change my address?", "Hi, how do I change my address? Thanks!"),
+])
+def test_shipped_model_serves_edits_that_change_nothing(
+    shipped: pe.CrossEncoderVerifier, query: str, cached: str
+) -> None:
+    decision = shipped.verify(query, cached, 0.95)
+    assert decision.reason == "model"
+    assert decision.hit, decision.score
+
+
 def test_saved_artifact_loads_back_to_the_same_scores(shipped: pe.CrossEncoderVerifier, tmp_path: Path) -> None:
     model = pe.PairEncoder.load()
     path = tmp_path / "copy.safetensors"

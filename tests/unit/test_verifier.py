@@ -110,3 +110,12 @@ def test_qqp_split_never_shares_a_question_across_splits() -> None:
     for r, s in zip(rows, split, strict=True):
         for t in (r["text_a"], r["text_b"]):
             assert seen.setdefault(t, s) == s
+
+
+def test_a_fronted_clause_is_left_to_the_model_but_a_swap_is_vetoed() -> None:
+    fronted = v.pair_features("Which currencies do you accept for adding money?",
+                            "For adding money, which currencies do you accept?", 0.98)[1]
+    swapped = v.pair_features("Which currencies do you accept for adding money?",
+                            "Which money do you add for accepting currencies?", 0.95)[1]
+    assert fronted == ""
+    assert swapped == "order"
