@@ -287,6 +287,7 @@ class EmbeddedBroker:
         process = self._require_process()
         os.kill(process.pid, signal.SIGSTOP)
         self._frozen = True
+        _wait_until_stopped(process.pid)
 
     def thaw(self) -> None:
         """SIGCONT a frozen broker."""
@@ -481,3 +482,21 @@ class EmbeddedBroker:
             f"did not answer a metadata request on {self.bootstrap} within {self._start_timeout:.0f} s "
             f"(last error: {last_error!r})"
         )
+
+
+def _wait_until_stopped(pid: int, timeout_s: float = 2.0) -> None:
+    """Block until every thread of ``pid`` is stopped.
+
+    SIGSTOP reaches a multi-threaded broker thread by thread: for a moment after ``kill`` returns, a
+    network thread can still answer a request. Fault tests must not start before the freeze has taken hold.
+    """
+    deadline = time.monotonic() + timeout_s
+    tasks = Path(f"/proc/{pid}/task")
+    while tasks.exists() and time.monotonic() < deadline:
+        states = []
+        for stat in tasks.glob("*/stat"):
+            with contextlib.suppress(OSError):
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.01)
