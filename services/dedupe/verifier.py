@@ -113,14 +113,19 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+def _positions_in(ca: list[str], cb: list[str]) -> list[int]:
+    """Where each shared word of ``ca`` (first occurrences, in ``ca``'s order) first appears in ``cb``."""
+    pos_b = {w: i for i, w in reversed(list(enumerate(cb)))}
+    return [pos_b[w] for w in dict.fromkeys(ca) if w in pos_b]
+
+
 def _order_stats(ca: list[str], cb: list[str]) -> tuple[float, float, int]:
     """Order agreement of the shared content words: (concordant share, context agreement, discordant).
 
     A word swap ("from Paris to London" / "from London to Paris") keeps the bag of words but breaks
     the relative order and the word each shared term follows, which is what these two numbers see.
     """
-    pos_b = {w: i for i, w in reversed(list(enumerate(cb)))}
-    seq = [pos_b[w] for w in dict.fromkeys(ca) if w in pos_b]
+    seq = _positions_in(ca, cb)
     pairs = disc = 0
     for i in range(len(seq)):
         for j in range(i + 1, len(seq)):
@@ -140,8 +145,7 @@ def _one_block_moved(ca: list[str], cb: list[str]) -> bool:
     accept?" fronts a clause; every word keeps its neighbours. A swap of two words or roles never reads
     as one rotation of three or more words.
     """
-    pos_b = {w: i for i, w in reversed(list(enumerate(cb)))}
-    seq = [pos_b[w] for w in dict.fromkeys(ca) if w in pos_b]
+    seq = _positions_in(ca, cb)
     descents = sum(x > y for x, y in pairwise(seq))
     return len(seq) >= 3 and descents == 1 and seq[-1] < seq[0]
 
