@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 from scripts.train_verifier import _is_content
 from services.dedupe.pair_eval import Pair
@@ -103,30 +104,25 @@ def _typo(text: str, rng: random.Random) -> str | None:
     return " ".join(words)
 
 
+def _opener(text: str, rng: random.Random) -> str | None:
+    old, repl = rng.choice(_SYNONYM_OPENERS)
+    return _swap_case_insensitive(text, old, repl)
+
+
+# Edit and its sampling weight.
+_EDITS: tuple[tuple[Callable[[str, random.Random], str | None], int], ...] = (
+    (_contraction, 3), (_compound, 3), (_politeness, 3), (_article, 2), (_surface, 2), (_typo, 1), (_opener, 2),
+)
+
+
 def reword(text: str, rng: random.Random) -> str | None:
     """One or two meaning-preserving edits of ``text``, or None when none applies."""
     if not text.strip():
         return None
     out = text
     for _ in range(1 if rng.random() < 0.6 else 2):
-        kind = rng.choices(["contraction", "compound", "polite", "article", "surface", "typo", "opener"],
-                           weights=[3, 3, 3, 2, 2, 1, 2])[0]
-        if kind == "contraction":
-            new = _contraction(out, rng)
-        elif kind == "compound":
-            new = _compound(out, rng)
-        elif kind == "polite":
-            new = _politeness(out, rng)
-        elif kind == "article":
-            new = _article(out, rng)
-        elif kind == "surface":
-            new = _surface(out, rng)
-        elif kind == "typo":
-            new = _typo(out, rng)
-        else:
-            old, repl = rng.choice(_SYNONYM_OPENERS)
-            new = _swap_case_insensitive(out, old, repl)
-        out = new or out
+        edit = rng.choices([e for e, _ in _EDITS], weights=[w for _, w in _EDITS])[0]
+        out = edit(out, rng) or out
     return out if out != text else None
 
 
