@@ -5,7 +5,7 @@ and a test fails when they drift.
 """
 
 from schemas.costs import BudgetState, CostData, CostEvent
-from schemas.infra import CacheEntry, DeadLetter
+from schemas.infra import CacheEntry, CompletedCall, DeadLetter
 from schemas.requests import (
     TASK_TYPES,
     TIERS,
@@ -34,7 +34,7 @@ from schemas.summaries import SummarizeItem, SummarizeJob, SummarizeProgress, Su
 
 __all__ = [
     "STRATEGIES", "TASK_TYPES", "TIERS", "BudgetState", "CacheControl", "CacheEntry", "CacheKeys",
-    "ChatMessage", "CostData", "CostEvent", "CostPoint", "DeadLetter", "LLMRequest", "LLMResponse",
+    "ChatMessage", "CompletedCall", "CostData", "CostEvent", "CostPoint", "DeadLetter", "LLMRequest", "LLMResponse",
     "PricedStep", "ResponseError", "Route", "RoutedRequest", "SamplingParams", "Strategy",
     "SummarizeItem", "SummarizeJob", "SummarizeProgress", "SummaryResult", "TaskType", "Tier",
     "TokenUsage", "ToolCall", "UsageRecord",

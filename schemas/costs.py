@@ -37,6 +37,12 @@ class CostData(BaseModel):
         default=True, description="The counterfactual usage was estimated (it usually is: it never ran)."
     )
     batch: bool = False
+    price_unknown: bool = Field(
+        default=False,
+        description="A model on the chain is missing from the price catalog: its tokens were priced at the "
+                    "catalog's most expensive rates (a conservative figure for budgets), never dropped.",
+    )
+    unpriced_models: tuple[str, ...] = Field(default=(), description="The models the catalog could not price.")
     catalog_version: str
     simulated: bool = False
 

@@ -8,10 +8,15 @@ from pydantic import Field
 
 from schemas._base import Contract
 from schemas.requests import CacheKeys
+from schemas.responses import LLMResponse, UsageRecord
 
 
 class DeadLetter(Contract):
-    """What `<topic>.dlq` carries: the original bytes (base64), headers and the error, so nothing is lost."""
+    """What `<topic>.dlq` carries: the original bytes (base64), headers and the error.
+
+    A value too large to copy whole is truncated (`truncated`), with the full value's size and sha256, so the
+    dead letter itself always fits the producer's limit; the original stays on its topic at `offset`.
+    """
 
     schema_version: Literal[1] = 1
     topic: str
@@ -19,6 +24,9 @@ class DeadLetter(Contract):
     offset: int | None = None
     key_b64: str | None = None
     value_b64: str
+    value_size: int | None = Field(default=None, ge=0, description="Bytes of the original value.")
+    value_sha256: str | None = Field(default=None, description="sha256 of the original value, hex.")
+    truncated: bool = Field(default=False, description="value_b64 holds only the first bytes of the value.")
     headers: dict[str, str] = Field(default_factory=dict)
     error_type: str
     error: str = Field(max_length=4000)
@@ -42,3 +50,19 @@ class CacheEntry(Contract):
     simulated: bool = False
     embedding: str | None = Field(default=None, description="base64 float16 vector of lookup_text: no re-embedding.")
     cost_weight: float = Field(default=1.0, description="Relative price of recomputing; eviction keeps costly entries.")
+
+
+class CompletedCall(Contract):
+    """A paid model call on the compacted `llm.gateway.completed` topic (key = `request_key(tenant, id)`).
+
+    Written and acknowledged before the answer is published, on the partition number the dispatch came from,
+    so whichever gateway owns that partition next (after a crash, a restart or a rebalance) replays the
+    answer instead of paying for it again.
+    """
+
+    schema_version: Literal[1] = 1
+    tenant: str
+    request_id: str
+    response: LLMResponse
+    usage: UsageRecord | None = None
+    completed_at: float

@@ -61,7 +61,7 @@ class CacheControl(BaseModel):
     ttl_s: int | None = Field(default=None, gt=0, description="Upper bound on the age of a served answer.")
     shared_scope: str | None = Field(
         default=None, max_length=128,
-        description="Opt-in scope shared between tenants; both sides must name it.",
+        description="Scope shared between tenants; the tenant's policy must grant it (read and/or write).",
     )
 
 
@@ -82,8 +82,19 @@ class LLMRequest(Contract):
     tools: tuple[dict[str, Any], ...] = ()
     response_format: dict[str, Any] | None = None
     tags: dict[str, str] = Field(default_factory=dict)
-    reply_topic: str | None = Field(default=None, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    reply_topic: str | None = Field(
+        default=None, max_length=249, pattern=r"^[A-Za-z0-9._-]+$",
+        description="Also publish the answer here. Granted by the tenant's policy (by default only topics under "
+                    "`<tenant>.`), never a frugalstream topic or a DLQ.",
+    )
     created_at: float | None = Field(default=None, description="Producer's unix time, for end-to-end latency.")
+
+    @field_validator("reply_topic")
+    @classmethod
+    def _kafka_topic_name(cls, topic: str | None) -> str | None:
+        if topic in (".", ".."):
+            raise ValueError("'.' and '..' are not Kafka topic names")
+        return topic
 
     @field_validator("tags")
     @classmethod

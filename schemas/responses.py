@@ -63,7 +63,8 @@ class ResponseError(BaseModel):
 
     code: Literal[
         "provider_error", "timeout", "budget_exceeded", "policy_denied", "invalid_request",
-        "too_large", "circuit_open",
+        "too_large", "circuit_open", "unpriced_model", "shared_scope_denied", "reply_topic_denied",
+        "delivery_failed",
     ]
     message: str = Field(max_length=2000)
     retryable: bool = False

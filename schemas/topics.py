@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from schemas.costs import BudgetState, CostEvent
-from schemas.infra import CacheEntry, DeadLetter
+from schemas.infra import CacheEntry, CompletedCall, DeadLetter
 from schemas.requests import LLMRequest, RoutedRequest
 from schemas.responses import LLMResponse, UsageRecord
 from schemas.summaries import SummarizeJob, SummarizeProgress, SummaryResult
@@ -19,6 +19,7 @@ COST_EVENTS = "llm.cost-events"
 BUDGETS = "llm.budgets"
 CACHE = "llm.cache"
 DEDUPE_WAITING = "llm.dedupe.waiting"
+GATEWAY_COMPLETED = "llm.gateway.completed"
 SUMMARIZE_JOBS = "llm.summarize.jobs"
 SUMMARIES = "llm.summaries"
 SUMMARIZE_PROGRESS = "llm.summarize.progress"
@@ -33,11 +34,14 @@ TOPIC_CONTRACTS: dict[str, type[BaseModel]] = {
     BUDGETS: BudgetState,
     CACHE: CacheEntry,
     DEDUPE_WAITING: RoutedRequest,
+    GATEWAY_COMPLETED: CompletedCall,
     SUMMARIZE_JOBS: SummarizeJob,
     SUMMARIES: SummaryResult,
     SUMMARIZE_PROGRESS: SummarizeProgress,
 }
-COMPACTED = frozenset({BUDGETS, CACHE, DEDUPE_WAITING})
+COMPACTED = frozenset({BUDGETS, CACHE, DEDUPE_WAITING, GATEWAY_COMPLETED})
+#: Topics only frugalstream writes: no request may name them (or their DLQs) as a reply topic.
+INTERNAL = frozenset(TOPIC_CONTRACTS)
 
 
 def dlq_topic(topic: str) -> str:

@@ -34,11 +34,28 @@ class TierModels(BaseModel):
 
 
 class TenantPolicy(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """What a tenant may do beyond its own walls. Everything that crosses one is granted here, never by a
+    request alone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     allowed_models: tuple[str, ...] | None = None
     max_tier: Tier = "large"
     baseline_model: str | None = None
+    shared_scopes: tuple[str, ...] = Field(
+        default=(), description="Shared cache scopes this tenant may name: it is answered from them and its "
+                                "answers are stored in them. A scope no policy grants is refused.")
+    reply_topic_prefixes: tuple[str, ...] | None = Field(
+        default=None, description="Prefixes a request's reply_topic must start with; unset means `<tenant>.`. "
+                                  "frugalstream's own topics and every DLQ are refused whatever this says.")
+    allow_unpriced_models: bool = Field(
+        default=False, description="Serve pins to models the price catalog lacks (billed with a price_unknown "
+                                   "flag at a conservative rate) instead of refusing them.")
+    cache_sampled: bool = Field(
+        default=False, description="Serve answers sampled above temperature 0 from cache (and store them).")
+
+    def reply_prefixes(self, tenant: str) -> tuple[str, ...]:
+        return self.reply_topic_prefixes if self.reply_topic_prefixes is not None else (f"{tenant}.",)
 
 
 def _default_context_budgets() -> dict[str, int]:
@@ -92,12 +109,18 @@ class Settings(BaseSettings):
     cache_ttl_s: dict[str, int] = Field(default_factory=lambda: {"faq": 7 * 86400, "default": 86400})
     cache_max_entries: int = 200_000
     coalesce_timeout_s: float = 30.0
+    shard_sweep_interval_s: float = Field(
+        default=300.0, gt=0, description="How often expired entries are removed from the semantic index.")
 
     # Gateway
     provider: ProviderName = "simulated"
     provider_timeout_s: float = 60.0
     provider_max_attempts: int = 3
     simulated_latency_scale: float = 1.0
+    idempotency_retention_s: float = Field(
+        default=7 * 86400, gt=0,
+        description="How long a paid call is remembered (on `llm.gateway.completed`): a redelivery within it "
+                    "replays the answer instead of paying again.")
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: SecretStr | None = None
     openai_api_key_file: Path | None = None
@@ -109,10 +132,18 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".frugalstream")
     price_overrides: Path | None = None
     budgets_file: Path | None = None
+    budget_tick_s: float = Field(
+        default=60.0, gt=0, description="How often the accountant re-evaluates budgets without new usage, so "
+                                        "periods roll over on time (a refused tenant is served again after midnight).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_prompts: bool = Field(default=False, description="Prompt text in logs is opt-in, for debugging only.")
     log_format: Literal["json", "console"] = "json"
     metrics_port: int | None = None
+
+    # Fault injection, for the crash tests only: the named service exits hard (no flush, no commit) right after
+    # publishing the outputs of its N-th batch, i.e. inside the publish-to-commit window.
+    fault_exit_after_publish: str | None = None
+    fault_exit_after_batches: int = Field(default=1, ge=1)
 
     @classmethod
     def settings_customise_sources(

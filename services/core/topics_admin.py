@@ -7,8 +7,19 @@ from collections.abc import Collection, Mapping
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from schemas import topics as t
 from services.core.broker import aiokafka_security
 from services.core.settings import Settings
+
+
+def topic_config(settings: Settings, name: str, compacted: Collection[str]) -> dict[str, str]:
+    """Compacted state topics keep the latest value per key; paid-call records also expire with the
+    idempotency retention (`compact,delete`), so the topic stays bounded."""
+    if name not in compacted:
+        return {}
+    if name == settings.topic(t.GATEWAY_COMPLETED):
+        return {"cleanup.policy": "compact,delete", "retention.ms": str(int(settings.idempotency_retention_s * 1000))}
+    return {"cleanup.policy": "compact"}
 
 
 async def ensure_topics(settings: Settings, specs: Mapping[str, int], *, compacted: Collection[str] = (),
@@ -20,7 +31,7 @@ async def ensure_topics(settings: Settings, specs: Mapping[str, int], *, compact
         existing = set(await admin.list_topics())
         new = [
             NewTopic(name, num_partitions=parts, replication_factor=replication,
-                     topic_configs={"cleanup.policy": "compact"} if name in compacted else {})
+                     topic_configs=topic_config(settings, name, compacted))
             for name, parts in specs.items() if name not in existing
         ]
         created: list[str] = []
