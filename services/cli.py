@@ -1,4 +1,4 @@
-"""`frugalstream` command line: serve, demo, report, topics, bench, calibrate, backfill."""
+"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill."""
 
 from __future__ import annotations
 
@@ -89,6 +89,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if report["responses"] == report["requests"] and report["errors"] == 0 else 1
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from services.core.embedded_broker import BrokerBinaryNotFoundError, BrokerStartError
+    from services.devmode import dev_settings, main_async
+
+    settings = dev_settings(args.port)
+    configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
+    try:
+        return asyncio.run(main_async(settings))
+    except (BrokerBinaryNotFoundError, BrokerStartError) as exc:
+        console.print(f"[red]frugalstream dev: the embedded broker did not start on port {args.port}[/]: {exc}")
+        return 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from services.accountant.ledger import Ledger
     from services.accountant.report import build_report, render
@@ -165,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=25.0, help="requests per second to produce (default 25)")
     p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dev", help="local mode: embedded broker on 127.0.0.1:PORT, every topic and service")
+    p.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default 9092)")
+    p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("report", help="spend, baseline and savings from the accountant's ledger")
     p.add_argument("--db", help="ledger path (default: $FRUGAL_STATE_DIR/ledger.sqlite)")

@@ -30,22 +30,36 @@ class RunningServices:
         return next(s for s in self.services if s.name == name)
 
     async def __aenter__(self) -> RunningServices:
-        for svc in self.services:
-            await svc.start()
-            svc.register(self.broker, self.publisher)
-        await self.broker.start()
+        started: list[Service] = []
+        try:
+            for svc in self.services:
+                await svc.start()
+                started.append(svc)
+                svc.register(self.broker, self.publisher)
+            await self.broker.start()
+        except BaseException:
+            # A service or the broker failed to start: release what did start, so nothing is left running.
+            log.error("services_start_failed", started=[s.name for s in started])
+            await self._stop(started)
+            raise
         log.info("services_started", services=[s.name for s in self.services], bootstrap=self.settings.kafka_bootstrap)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        for svc in self.services:
+        await self._stop(self.services)
+        log.info("services_stopped", services=[s.name for s in self.services])
+
+    async def _stop(self, services: Sequence[Service]) -> None:
+        for svc in services:
             if isinstance(svc, BackgroundWork):
                 await svc.stop_background()  # nothing may publish once the broker starts closing
         await self.broker.stop()
-        for svc in reversed(self.services):
-            await svc.stop()
-        log.info("services_stopped", services=[s.name for s in self.services])
+        for svc in reversed(services):
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("service_stop_failed", service=svc.name)
 
 
 async def serve_forever(names: Sequence[str], resources: Resources, stop: asyncio.Event) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -15,6 +16,10 @@ from services.core.settings import Settings
 #: On stop, in-flight handlers get this long to finish, publish and commit before their tasks are cancelled.
 #: Below Kubernetes' default 30 s termination grace period; a gateway batch with retries fits in it.
 GRACEFUL_TIMEOUT_S = 25.0
+
+#: FastStream logs a handler's exception here with its traceback; under `faststream`, so `configure_logging`
+#: keeps its per-message INFO lines out while warnings and errors still show.
+BROKER_LOGGER = logging.getLogger("faststream.frugalstream")
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -69,7 +74,7 @@ def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
         client_id=f"{settings.kafka_client_id}{client_suffix}",
         security=security_from_settings(settings),
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
-        logger=None,
+        logger=BROKER_LOGGER,  # handler exceptions and client errors, with tracebacks (None hid them all)
         graceful_timeout=GRACEFUL_TIMEOUT_S,
         **producer_options(idempotent=settings.kafka_idempotent, linger_ms=2),
     )
@@ -80,7 +85,8 @@ def batch_subscriber_options(settings: Settings, service: str, *, max_records: i
 
     The commit sequence per batch: validate (bad input to the DLQ), process, publish every output and wait
     for the broker's acknowledgement, then the handler returns and FastStream commits the offsets. An
-    exception instead rewinds the partitions to the batch start (NACK), so nothing is lost.
+    exception instead rewinds the partitions to the batch start (NACK), so nothing is lost; the stage pauses
+    them first for a backoff (see `services.core.stage`), so a broker outage is not a busy loop.
     """
     options: dict[str, Any] = dict(subscriber_options(
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, session_timeout_ms=settings.kafka_session_timeout_ms,

@@ -151,8 +151,14 @@ class EmbeddedBroker:
         start_timeout: float = 30.0,
         stop_timeout: float = 5.0,
         cluster_id: str = "frugalstream",
+        port: int | None = None,
     ) -> None:
-        """Configure the broker; nothing is started until :meth:`start` (or entering the context)."""
+        """Configure the broker; nothing is started until :meth:`start` (or entering the context).
+
+        ``port``: listen on this loopback port (``frugalstream dev``); by default a free one is picked, and
+        picked again if another process takes it first. A fixed port that is taken fails the start.
+        """
+        self._fixed_port = port
         self._binary = Path(binary) if binary is not None else None
         self._log_dir_arg = Path(log_dir) if log_dir is not None else None
         self._start_timeout = start_timeout
@@ -248,7 +254,7 @@ class EmbeddedBroker:
                 last_error = exc
                 taken = self._port_was_taken()
                 self._reap()
-                if taken:
+                if taken and self._fixed_port is None:
                     continue
                 raise
             return
@@ -383,7 +389,7 @@ class EmbeddedBroker:
                 self._log_dir = Path(tempfile.mkdtemp(prefix="frugalstream-tansu-"))
                 self._owns_log_dir = True
 
-        self._port = _free_loopback_port()
+        self._port = self._fixed_port or _free_loopback_port()
         url = f"tcp://127.0.0.1:{self._port}"
         env = {key: value for key, value in os.environ.items() if key not in _TANSU_ENV_VARS}
         env["NO_COLOR"] = "1"  # plain text in the log file (Tansu's tracing output honours NO_COLOR)

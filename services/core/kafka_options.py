@@ -207,7 +207,10 @@ def subscriber_options(
     position after the handler returns (verified: while the handler runs, the group's committed offset
     is still the message's own offset). It also commits when the handler raises, so handlers must route
     a bad message to its DLQ themselves and not rely on redelivery. NACK_ON_ERROR would seek back and
-    redeliver forever (a stuck partition); REJECT_ON_ERROR equals ACK and emits a UserWarning.
+    redeliver forever (a stuck partition); REJECT_ON_ERROR equals ACK and emits a UserWarning. The services'
+    stages are the exception: they dead-letter bad input themselves and raise only when publishing fails, so
+    they use NACK_ON_ERROR (:func:`services.core.broker.batch_subscriber_options`) and pause the partitions
+    for a capped exponential backoff before the redelivery, which keeps it from spinning.
     With ``max_workers=N`` (N > 1) and this policy, FastStream runs N consumers in the group, each
     handling its partitions sequentially: per-partition order and commit-after-handler are preserved.
     Client-level options (metadata age, timeouts) belong to the ``KafkaBroker`` constructor.

@@ -40,6 +40,23 @@ class Metrics:
         self.stage_latency = Histogram(
             "frugal_stage_latency_seconds", "Time spent inside a service stage per message.", ["stage"],
             buckets=LATENCY_BUCKETS, registry=r)
+        self.best_effort_failures = Counter(
+            "frugal_best_effort_publish_failures", "Reply-topic copies and dead letters whose publish failed or "
+            "timed out; the batch went on (see the reply_publish_failed / dead_letter_publish_failed logs).",
+            ["kind"], registry=r)
+        self.oversize_outputs = Counter(
+            "frugal_oversize_outputs", "Outputs over max_message_bytes, replaced before publishing by a too_large "
+            "error response or a capped dead letter.", ["kind"], registry=r)
+        self.publish_backoffs = Counter(
+            "frugal_publish_backoffs", "Batches whose primary outputs failed to publish: partitions paused, then "
+            "the batch is redelivered.", ["service"], registry=r)
+        self.unpriced_usage = Counter(
+            "frugal_unpriced_usage", "Usage records billed for a model the price catalog lacks (priced at the "
+            "catalog's highest rates and flagged price_unknown).", ["model"], registry=r)
+        self._unpriced_seen: set[str] = set()
+        self.budget_publish_failures = Counter(
+            "frugal_budget_publish_failures", "Budget state publishes that failed (the states stay pending and "
+            "are published by the next evaluation).", registry=r)
 
     def record_cost(self, data: CostData) -> None:
         """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
@@ -52,11 +69,27 @@ class Metrics:
             else:
                 self.extra_cost_usd.labels(data.tenant, strategy).inc(-saved)
 
+    def record_unpriced(self, models: tuple[str, ...] | list[str]) -> None:
+        """Label values come from billed usage; past 100 distinct models the rest count as `other`."""
+        for model in models:
+            if model not in self._unpriced_seen and len(self._unpriced_seen) < 100:
+                self._unpriced_seen.add(model)
+            self.unpriced_usage.labels(model if model in self._unpriced_seen else "other").inc()
+
     def record_response(self, source: str) -> None:
         self.responses.labels(source).inc()
 
     def record_route(self, tier: str, task_type: str) -> None:
         self.routing.labels(tier, task_type).inc()
+
+    def record_best_effort_failure(self, kind: str) -> None:
+        self.best_effort_failures.labels(kind).inc()
+
+    def record_oversize(self, kind: str) -> None:
+        self.oversize_outputs.labels(kind).inc()
+
+    def record_publish_backoff(self, service: str) -> None:
+        self.publish_backoffs.labels(service).inc()
 
     def observe_latency(self, stage: str, seconds: float) -> None:
         self.stage_latency.labels(stage).observe(seconds)

@@ -16,6 +16,7 @@ from schemas import (
     UsageRecord,
 )
 from schemas import topics as t
+from services.core.identity import usage_id
 from services.core.messaging import Out
 
 
@@ -23,7 +24,7 @@ def response_outs(response: LLMResponse, request: LLMRequest, key: str | None) -
     """The terminal message on `llm.responses`, and a copy on the producer's reply topic when it named one."""
     outs = [Out(t.RESPONSES, response, key=key or request.id)]
     if request.reply_topic:
-        outs.append(Out(request.reply_topic, response, key=request.id))
+        outs.append(Out(request.reply_topic, response, key=request.id, side=True))  # best effort
     return outs
 
 
@@ -56,7 +57,8 @@ def llm_usage(routed: RoutedRequest, model: str, usage: TokenUsage, *, batch: bo
     if batch:
         steps.append(PricedStep(strategy="batch_api", model=model, usage=usage, batch=True))
     return UsageRecord(
-        id=f"gateway:{routed.request.id}", request_id=routed.request.id, tenant=routed.request.tenant,
+        id=usage_id("gateway", routed.request.tenant, routed.request.id), request_id=routed.request.id,
+        tenant=routed.request.tenant,
         stage="gateway", task_type=route.task_type, tags=routed.request.tags, source="llm",
         baseline=CostPoint(model=route.baseline_model, usage=untrimmed), steps=tuple(steps), actual_model=model,
         occurred_at=time.time(), simulated=simulated,
@@ -72,7 +74,8 @@ def cache_usage(routed: RoutedRequest, output: int, strategy: Strategy, *, simul
         steps.append(PricedStep(strategy="routed_down", model=route.model, usage=full))
     steps.append(PricedStep(strategy=strategy, model=route.model, usage=TokenUsage()))
     return UsageRecord(
-        id=f"dedupe:{routed.request.id}", request_id=routed.request.id, tenant=routed.request.tenant,
+        id=usage_id("dedupe", routed.request.tenant, routed.request.id), request_id=routed.request.id,
+        tenant=routed.request.tenant,
         stage="dedupe", task_type=route.task_type, tags=routed.request.tags, source=strategy,
         baseline=CostPoint(model=route.baseline_model, usage=full), steps=tuple(steps), actual_model=None,
         occurred_at=time.time(), simulated=simulated,

@@ -1,12 +1,17 @@
 """The consume-process-publish loop every service shares.
 
 Per batch, in order:
-1. decode each record against its contract; failures are dead-lettered, never raised;
+1. decode each record against its contract; failures are dead-lettered, never raised, and the handler's
+   `on_invalid` hook turns each into outputs (a terminal error for a request that can be identified);
 2. process the valid ones (plain logic, no Kafka); a batch that raises is retried message by message, and
-   a message that still raises is dead-lettered with its error, so one poison message cannot stall a partition;
-3. publish every output and dead letter, waiting for the broker's acknowledgements;
-4. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the handler
-   raises and the partitions rewind to the batch start: outputs may repeat, but nothing is lost.
+   a message that still raises is dead-lettered with its error (and, when it is a request, answered with a
+   terminal error), so one poison message cannot stall a partition;
+3. publish every output and dead letter, waiting for the broker's acknowledgements (sizes are checked
+   first, see `Publisher`; reply-topic copies and dead letters are best effort);
+4. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the
+   partitions are paused for a backoff (0.5 s doubling to 30 s) and the handler raises: they rewind to the
+   batch start and the batch is redelivered after the pause. Outputs may repeat, but nothing is lost, and a
+   broker outage does not turn into a busy loop.
 
 A process step may `defer(record, after_s)` instead of answering (a provider's Retry-After): the record's
 partition is rewound to it, paused, and resumed after the wait. The commit that follows stores the rewound
@@ -16,6 +21,7 @@ position, so the record is neither lost nor blocking the other partitions, and n
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -28,9 +34,11 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import BaseModel
 
+from schemas import LLMRequest, RoutedRequest
 from services.core.broker import batch_subscriber_options
 from services.core.logging import get_logger
 from services.core.messaging import Decoded, Failure, Out, Publisher, Record, decode, records_of
+from services.core.outputs import error_response, response_outs
 from services.core.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
@@ -117,8 +125,89 @@ async def run_batch(process: Process[M], good: Sequence[Decoded[M]], bad: list[F
         try:
             outs.extend(await process([item]))
         except Exception as exc:
-            bad.append((item.record, exc))
+            rec = item.record
+            log.exception("record_failed", topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                          error_type=type(exc).__name__)
+            bad.append((rec, exc))
+            outs.extend(_poison_answer(item.value, exc))
     return outs
+
+
+def _poison_answer(value: BaseModel, exc: Exception) -> list[Out]:
+    """A request whose processing keeps failing still gets its one terminal message (it is dead-lettered too).
+
+    Its own outputs were discarded with the exception, so this is the only terminal message for it.
+    """
+    if isinstance(value, RoutedRequest):
+        request, routed, key = value.request, value, value.keys.scope
+    elif isinstance(value, LLMRequest):
+        request, routed, key = value, None, None
+    else:
+        return []
+    message = f"processing failed ({type(exc).__name__}); the request was dead-lettered"
+    return response_outs(error_response(request, "delivery_failed", message, routed=routed), request, key)
+
+
+class _Backoff:
+    """Consecutive failed publishes of one subscriber: 0.5 s, 1 s, 2 s ... up to 30 s; a success resets it."""
+
+    def __init__(self, first_s: float = 0.5, cap_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay: float = min(self.first_s * 2.0 ** min(self.failures, 16), self.cap_s)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _pause_for(consumer: Any, records: Sequence[Record], seconds: float) -> bool:
+    """Pauses every partition of the batch for `seconds`; the NACK that follows rewinds them to its start."""
+    if not hasattr(consumer, "pause"):
+        return False
+    loop = asyncio.get_running_loop()
+    for topic, partition in sorted({(r.topic, r.partition) for r in records}):
+        tp = TopicPartition(topic, partition)
+        consumer.pause(tp)
+        loop.call_later(seconds, _resume, consumer, tp)
+    return True
+
+
+def _invalid_outputs(spec: TopicHandler[Any], bad: Sequence[Failure]) -> list[Out]:
+    """The handler's answers for records that failed to decode; a hook that raises is logged, never fatal."""
+    if spec.on_invalid is None:
+        return []
+    outs: list[Out] = []
+    for rec, exc in bad:
+        try:
+            outs.extend(spec.on_invalid(rec, exc))
+        except Exception:
+            log.exception("on_invalid_failed", topic=rec.topic, partition=rec.partition, offset=rec.offset)
+    return outs
+
+
+class _CrashAfterPublish:
+    """Fault injection for the crash tests: exit hard once the N-th batch is published but not yet committed.
+
+    `os._exit` skips every `finally`, flush and commit, exactly like SIGKILL in the worst possible place.
+    """
+
+    def __init__(self, after_batches: int) -> None:
+        self._left = after_batches
+
+    def after_publish(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            log.warning("fault_injected_exit", where="after_publish_before_commit")
+            os._exit(FAULT_EXIT_CODE)
+
+
+#: Exit status of an injected crash, so a test can tell it from a real failure.
+FAULT_EXIT_CODE = 86
 
 
 def whole_topic_options() -> dict[str, Any]:
@@ -126,20 +215,26 @@ def whole_topic_options() -> dict[str, Any]:
     return {"group_id": None, "ack_policy": AckPolicy.ACK_FIRST}
 
 
+#: Turns a record that failed to decode into outputs (a terminal error for a request that can be identified).
+OnInvalid = Callable[[Record, Exception], list[Out]]
+
+
 @dataclass(frozen=True)
 class TopicHandler(Generic[M]):
     topic: str
     model: type[M]
     process: Process[M]
+    on_invalid: OnInvalid | None = None
 
 
 def subscribe(
     broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str, topic: str,
-    model: type[M], process: Process[M], max_records: int = 64, **options: Any,
+    model: type[M], process: Process[M], max_records: int = 64, on_invalid: OnInvalid | None = None,
+    **options: Any,
 ) -> None:
     """Registers a batch subscriber for `topic` (logical name) that runs the steps in the module docstring."""
-    subscribe_many(broker, publisher, settings, service=service, handlers=[TopicHandler(topic, model, process)],
-                   max_records=max_records, **options)
+    subscribe_many(broker, publisher, settings, service=service,
+                   handlers=[TopicHandler(topic, model, process, on_invalid)], max_records=max_records, **options)
 
 
 def subscribe_many(
@@ -153,6 +248,9 @@ def subscribe_many(
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
     stats = STAGE_STATS.setdefault(service, StageStats())
+    fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
+        else None
+    backoff = _Backoff()
 
     async def handler(msg: KafkaMessage) -> None:
         started = time.perf_counter()
@@ -168,6 +266,7 @@ def subscribe_many(
                 if not mine:
                     continue
                 good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+                outs.extend(_invalid_outputs(spec, bad))
                 outs.extend(await run_batch(spec.process, good, bad) if good else [])
                 bad_all.extend(bad)
         finally:
@@ -175,10 +274,21 @@ def subscribe_many(
         processed = time.perf_counter()
         if records:
             publisher.metrics.observe_latency(service, (processed - started) / len(records))
-        await publisher.dead_letters(bad_all, service)
-        await publisher.publish_all(outs)
+        try:
+            letters = await publisher.capped_letters(bad_all, service)
+            await publisher.publish_all([*outs, *letters], service=service)
+        except Exception:
+            delay = backoff.next_delay()
+            paused = _pause_for(consumer, records, delay)
+            publisher.metrics.record_publish_backoff(service)
+            log.exception("publish_failed_backing_off", service=service, records=len(records),
+                          seconds=delay if paused else 0.0)
+            raise  # NACK: the offsets are not committed and the batch is redelivered after the pause
+        backoff.reset()
         if deferrals.by_partition:
             _apply_deferrals(consumer, deferrals)
+        if fault is not None and records:
+            fault.after_publish()
         published = time.perf_counter()
         stats.add(len(records), processed - started, published - processed)
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),

@@ -51,3 +51,22 @@ def test_report_without_a_ledger_says_so(tmp_path: Path) -> None:
 def test_calibrate_needs_exactly_one_target(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="exactly one"):
         main(["calibrate", "--requests", str(tmp_path / "x.jsonl")])
+
+
+def test_dev_listens_on_9092_by_default_and_takes_a_port() -> None:
+    from services.cli import build_parser, cmd_dev
+
+    args = build_parser().parse_args(["dev"])
+    assert args.port == 9092 and args.func is cmd_dev
+    assert build_parser().parse_args(["dev", "--port", "19092"]).port == 19092
+
+
+def test_dev_settings_point_at_the_embedded_broker_and_keep_a_configured_state_dir(tmp_path: Path) -> None:
+    from services.core.settings import Settings
+    from services.devmode import DEV_STATE_DIR, dev_settings
+
+    settings = dev_settings(19092, Settings())
+    assert settings.kafka_bootstrap == "127.0.0.1:19092" and not settings.kafka_idempotent
+    assert settings.state_dir == DEV_STATE_DIR and settings.provider == "simulated"
+    configured = dev_settings(19092, Settings(state_dir=tmp_path, provider="openai"))
+    assert configured.state_dir == tmp_path and configured.provider == "openai", "a configured provider is kept"

@@ -8,6 +8,7 @@ answered, so a bad message neither crashes a consumer nor stalls the flow.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from collections.abc import Sequence
@@ -55,16 +56,24 @@ PAYLOADS = st.one_of(
 )
 
 
-def spy(pipeline: RunningServices) -> list[Out]:
+def spy(pipeline: RunningServices) -> tuple[list[Out], list[tuple[Out, bytes]]]:
+    """What the stages hand to the publisher, and what actually reaches the broker, as bytes."""
     seen: list[Out] = []
+    sent: list[tuple[Out, bytes]] = []
     publish = pipeline.publisher.publish_all
+    send = pipeline.publisher._send
 
-    async def recording(outs: Sequence[Out]) -> None:
+    async def recording(outs: Sequence[Out], **kwargs: Any) -> None:
         seen.extend(outs)
-        await publish(outs)
+        await publish(outs, **kwargs)
+
+    async def sending(out: Out, data: bytes | None) -> None:
+        sent.append((out, data or b""))
+        await send(out, data)
 
     pipeline.publisher.publish_all = recording  # type: ignore[method-assign]
-    return seen
+    pipeline.publisher._send = sending  # type: ignore[method-assign]
+    return seen, sent
 
 
 def is_valid(model: type[BaseModel], payload: bytes) -> bool:
@@ -80,15 +89,22 @@ def is_valid(model: type[BaseModel], payload: bytes) -> bool:
 @example(topic=t.REQUESTS, payload=b"\xff\xfe\x00invalid utf-8")
 @example(topic=t.REQUESTS, payload=json.dumps(VALID.model_dump(mode="json") | {
     "messages": [{"role": "user", "content": "long " * 250_000}]}).encode())  # over max_message_bytes
+@example(topic=t.REQUESTS, payload=json.dumps(VALID.model_dump(mode="json") | {
+    "messages": [{"role": "user", "content": "x" * 5_000_000}]}).encode())  # 5 MB: its dead letter is capped
+@example(topic=t.ROUTED, payload=b"y" * 1_000_001)  # one byte over the limit
+@example(topic=t.REQUESTS, payload=b"z" * 1_000_000)  # exactly at the limit, invalid JSON
 async def test_fuzzed_message_is_dead_lettered_or_processed_and_flow_continues(
     pipeline: RunningServices, topic: str, payload: bytes,
 ) -> None:
-    seen = spy(pipeline)
+    seen, sent = spy(pipeline)
     await pipeline.broker.start()
     await pipeline.broker.publish(payload, topic, key=b"k")  # a handler that raised would raise here
-    letters = [o.value for o in seen if isinstance(o.value, DeadLetter)]
+    letters = [DeadLetter.model_validate_json(data) for o, data in sent if isinstance(o.value, DeadLetter)]
     if not is_valid(t.TOPIC_CONTRACTS[topic], payload) or len(payload) > pipeline.settings.max_message_bytes:
-        assert [base64.b64decode(d.value_b64) for d in letters] == [payload], "exactly one DLQ letter, raw bytes"
+        assert len(letters) == 1, "exactly one DLQ letter"
+        copied = base64.b64decode(letters[0].value_b64)
+        assert letters[0].value_size == len(payload) and letters[0].value_sha256 == hashlib.sha256(payload).hexdigest()
+        assert copied == payload if not letters[0].truncated else payload.startswith(copied) and copied, "raw bytes"
         assert letters[0].error and letters[0].topic == topic and letters[0].key_b64 == base64.b64encode(b"k").decode()
         assert "input_value" not in letters[0].error, "the reason names fields, never echoes the input"
     # A fresh id each time: a replayed example must not reuse an id the pipeline has already answered.
@@ -96,3 +112,5 @@ async def test_fuzzed_message_is_dead_lettered_or_processed_and_flow_continues(
     await pipeline.broker.publish(probe.model_dump_json().encode(), t.REQUESTS, key=b"k")
     answers = [o.value for o in seen if isinstance(o.value, LLMResponse) and o.value.request_id == probe.id]
     assert answers and answers[0].ok, "the next valid request on the same key is still answered"
+    limit = pipeline.settings.max_message_bytes
+    assert all(len(data) <= limit for _, data in sent), "nothing over the limit reaches the broker"

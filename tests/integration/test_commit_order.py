@@ -1,0 +1,96 @@
+"""Offsets are committed only after a batch's outputs are published (issue 19), on the embedded broker.
+
+A publisher that fails once stands for a broker that does not acknowledge: the handler must raise, the batch
+must be consumed again and published, and only then committed. With auto-commit the records are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel
+
+from services.core.broker import make_broker
+from services.core.embedded_broker import EmbeddedBroker
+from services.core.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
+from services.core.messaging import Decoded, Out, Publisher
+from services.core.settings import Settings
+from services.core.stage import subscribe
+
+
+class _Note(BaseModel):
+    n: int
+
+class _FlakyPublisher(Publisher):
+    """Fails the first publish of outputs, like a broker that does not acknowledge: the handler then raises."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.failures_left = 1
+        self.published: list[int] = []
+        self.all_published = asyncio.Event()
+
+    async def publish_all(self, outs: Sequence[Out], **kwargs: Any) -> None:
+        if outs and self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("outputs not acknowledged")
+        await super().publish_all(outs, **kwargs)
+        self.published.extend(o.value.n for o in outs if isinstance(o.value, _Note))
+        if set(self.published) >= {0, 1, 2}:
+            self.all_published.set()
+
+
+@pytest.mark.integration
+async def test_offsets_are_committed_only_after_the_outputs_are_published(
+    embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """A batch whose outputs fail to publish is consumed again (nothing lost), and only then committed."""
+    settings = Settings(
+        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
+        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
+        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
+    )
+    source = settings.topic("in")
+    await embedded_broker.create_topics({source: 1, settings.topic("out"): 1})
+    broker = make_broker(settings)
+    publisher = _FlakyPublisher(broker, settings)
+    seen: list[int] = []
+
+    async def process(batch: Sequence[Decoded[_Note]]) -> list[Out]:
+        seen.extend(d.value.n for d in batch)
+        return [Out("out", d.value, key="k") for d in batch]
+
+    subscribe(broker, publisher, settings, service="promise", topic="in", model=_Note, process=process)
+    async with broker:
+        await broker.start()
+        for n in range(3):
+            await broker.publish(_Note(n=n).model_dump_json().encode(), source, key=b"k")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(publisher.all_published.wait(), 15)
+        assert publisher.failures_left == 0, f"the first publish failed, as staged (seen {seen})"
+        assert sorted(set(publisher.published)) == [0, 1, 2], \
+            f"records whose outputs were never published were committed and lost (seen {seen})"
+        committed = await _committed(settings, source, settings.group("promise"))
+    assert committed == 3
+
+
+async def _committed(settings: Settings, topic: str, group: str, within_s: float = 15.0) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + within_s
+        while True:
+            offset: int | None = await consumer.committed(TopicPartition(topic, 0))
+            if offset == 3 or time.monotonic() > deadline:
+                return offset
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
