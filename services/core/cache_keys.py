@@ -1,8 +1,16 @@
 """Cache keys: what must match exactly (scope), what identifies a conversation (exact), and what gets embedded.
 
-A scope is a hard wall: tenant (or an opted-in shared scope), system prompt, tools, response format and the
-sampling parameters that change the answer. The tier is deliberately NOT in the scope: entries carry the
-tier that produced them, so an answer can serve the same or a lower tier but never a higher one.
+A scope is a hard wall: tenant (or a shared scope the tenant's policy grants), the system prompt as written,
+tools, response format, the sampling parameters that change the answer, and the pinned model. The tier is
+deliberately NOT in the scope: entries carry the tier that produced them, so an answer can serve the same or
+a lower tier but never a higher one. A pin is: a pinned request is served only by an answer of the same pin,
+and an unpinned request never by a pinned answer.
+
+Every turn is in the key, including the assistant tool calls, tool results and assistant turns after the last
+user message: whoever can append a turn must not be able to read (or poison) the answer computed for another
+conversation. Only user text is normalized (case, unicode form, whitespace, trailing punctuation: a user
+retyping a question still asks it); everything else is hashed as written, whitespace-trimmed at most, because
+"Answer ONLY in French." and "answer only in french" are different instructions, and a tool result is data.
 """
 
 from __future__ import annotations
@@ -35,36 +43,52 @@ def _digest(payload: object) -> str:
 
 
 def _turn(m: ChatMessage) -> list[object]:
-    return [m.role, normalize_text(m.content), m.name, [[c.name, c.arguments] for c in m.tool_calls], m.tool_call_id]
+    """A user's words are normalized; what a system, an assistant or a tool wrote is kept as written."""
+    content = normalize_text(m.content) if m.role == "user" else m.content.strip()
+    return [m.role, content, m.name, [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id]
 
 
 def tier_rank(tier: Tier) -> int:
     return TIERS.index(tier)
 
 
-def split_conversation(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[ChatMessage], str]:
-    """(system turns, turns before the last user turn, last user text)."""
+def conversation_parts(
+    messages: Sequence[ChatMessage],
+) -> tuple[list[ChatMessage], list[ChatMessage], str, list[ChatMessage]]:
+    """(system turns, turns before the last user turn, last user text, turns after it)."""
     system = [m for m in messages if m.role == "system"]
     rest = [m for m in messages if m.role != "system"]
     last_user = max((i for i, m in enumerate(rest) if m.role == "user"), default=-1)
     if last_user < 0:
-        return system, rest, ""
-    return system, rest[:last_user], rest[last_user].content
+        return system, rest, "", []
+    return system, rest[:last_user], rest[last_user].content, rest[last_user + 1:]
 
 
-def cache_keys(request: LLMRequest, tier: Tier) -> CacheKeys:
-    system, earlier, last_user = split_conversation(request.messages)
+def split_conversation(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[ChatMessage], str]:
+    """(system turns, turns before the last user turn, last user text): what the task rules look at.
+
+    Not a cache key: turns after the last user turn are left out here; `cache_keys` uses `conversation_parts`.
+    """
+    system, earlier, last_user, _ = conversation_parts(messages)
+    return system, earlier, last_user
+
+
+def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) -> CacheKeys:
+    """`pinned` is the model a request is pinned to (route.model when route.pinned), None when unpinned."""
+    system, earlier, last_user, after = conversation_parts(request.messages)
     owner = f"shared:{request.cache.shared_scope}" if request.cache.shared_scope else f"tenant:{request.tenant}"
     sampling = request.sampling.model_dump(mode="json")
     scope = _digest({
         "owner": owner,
-        "system": [normalize_text(m.content) for m in system],
+        "system": [m.content.strip() for m in system],
         "tools": list(request.tools),
         "response_format": request.response_format,
         "sampling": sampling,
         "max_tokens": request.max_tokens,
+        "pinned": pinned,
     })
-    prefix = _digest([_turn(m) for m in earlier])
+    # The shard a semantic lookup searches: every turn but the last user text, on both sides of it.
+    prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after]})
     return CacheKeys(
         scope=scope, prefix=prefix, exact=_digest([scope, prefix, normalize_text(last_user)]),
         lookup_text=clean_text(last_user),

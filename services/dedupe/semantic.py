@@ -3,7 +3,8 @@
 A shard holds the answers of one scope whose earlier turns are identical, so a multi-turn request can only
 match a conversation with exactly the same history, and scope is a hard wall by construction. Shards are
 flat (exact) indexes while small and become HNSW past `hnsw_threshold`. All FAISS and verifier work runs on
-one worker thread, batched across the messages of a Kafka batch, never on the event loop.
+one worker thread, batched across the messages of a Kafka batch, never on the event loop. A periodic sweep
+(on that thread too) rebuilds the shards that hold expired or evicted entries, so the index stays bounded.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ class Shard:
         self.index.add(vector.reshape(1, DIM))
         if not self.is_hnsw and len(self.entries) > self.hnsw_threshold:
             self._to_hnsw()
+
+    @classmethod
+    def of(cls, hnsw_threshold: int, entries: list[CacheEntry], vectors: list[Vectors]) -> Shard:
+        """A shard over the given entries, built in one go (flat or HNSW by size)."""
+        shard = cls(hnsw_threshold, entries=entries, vectors=vectors)
+        if len(entries) > hnsw_threshold:
+            shard._to_hnsw()
+        elif entries:
+            shard.index.add(np.stack(vectors))
+        return shard
 
     def _to_hnsw(self) -> None:
         index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
@@ -127,6 +138,39 @@ class SemanticIndex:
         for k in doomed:
             del self._shards[k]
         return len(doomed)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Rebuilds, on the worker thread, the shards that hold expired or evicted entries."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.sweep_shards, now)
+
+    def sweep_shards(self, now: float | None = None) -> int:
+        """Blocking: call from the worker thread (as `sweep` does). Keeps, per shard, the entries still in the
+        answer store and not expired (the latest one per exact key); an emptied shard is dropped. Returns how
+        many entries left the index."""
+        now = self._clock() if now is None else now
+        removed = 0
+        for key, shard in list(self._shards.items()):
+            latest: dict[str, int] = {}
+            for i, entry in enumerate(shard.entries):
+                if (entry.expires_at is not None and entry.expires_at <= now) or not self._live(entry.keys.exact):
+                    continue
+                latest[entry.keys.exact] = i  # a later entry for the same key replaced the earlier one
+            if len(latest) == len(shard.entries):
+                continue
+            if self._shards.get(key) is not shard:
+                continue  # dropped meanwhile (a rebalance)
+            removed += len(shard.entries) - len(latest)
+            if not latest:
+                del self._shards[key]
+                continue
+            kept = sorted(latest.values())
+            self._shards[key] = Shard.of(self._hnsw_threshold, [shard.entries[i] for i in kept],
+                                         [shard.vectors[i] for i in kept])
+        return removed
+
+    def shard_sizes(self) -> dict[str, int]:
+        return {k: len(s.entries) for k, s in self._shards.items()}
 
     async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]:
         if not requests:

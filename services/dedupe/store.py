@@ -70,6 +70,14 @@ class AnswerStore:
             del self._slots[k]
         return len(doomed)
 
+    def sweep(self, now: float | None = None) -> int:
+        """Drops every expired entry (a `get` only drops the one it was asked for). Returns how many."""
+        now = self._clock() if now is None else now
+        doomed = [k for k, s in self._slots.items() if s.entry.expires_at is not None and s.entry.expires_at <= now]
+        for k in doomed:
+            del self._slots[k]
+        return len(doomed)
+
     def _evict(self) -> None:
         """Drops the lowest-value tenth: value = recompute cost x (1 + hits) / (1 + hours idle)."""
         now = self._clock()

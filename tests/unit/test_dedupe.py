@@ -7,11 +7,13 @@ from collections.abc import Sequence
 
 import pytest
 
-from schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
+from schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, Tier, TokenUsage
 from schemas import topics as t
 from services.classifier.logic import Classifier
+from services.core.cache_keys import cache_keys
 from services.core.embedder import AsyncEmbedder, HashingEmbedder
-from services.core.settings import Settings
+from services.core.identity import request_key
+from services.core.settings import Settings, TenantPolicy
 from services.core.tokens import TokenCounter
 from services.dedupe.logic import Deduper
 from services.dedupe.semantic import SemanticIndex
@@ -50,7 +52,7 @@ def deduper(settings: Settings = SETTINGS, *, semantic: bool = True) -> Deduper:
     return Deduper(settings, store, semantic=index)
 
 
-def sources(outs: list[object]) -> list[str]:
+def sources(outs: Sequence[object]) -> list[str]:
     return [o.value.source for o in outs if getattr(o, "topic", None) == t.RESPONSES]  # type: ignore[attr-defined]
 
 
@@ -71,20 +73,31 @@ async def test_identical_question_from_another_tenant_is_never_a_hit() -> None:
 
 
 async def test_shared_scope_is_opt_in_on_both_sides() -> None:
-    d = deduper()
+    # Shared scopes are granted by tenant policy (the classifier refuses a scope no policy grants).
+    grant = TenantPolicy(shared_scopes=("public-faq",))
+    settings = SETTINGS.model_copy(update={"tenants": {"acme": grant, "globex": grant}})
+    d = deduper(settings)
     shared = {"shared_scope": "public-faq"}
     a, b, c = await route(ask("a", "Where is the nearest branch?", cache=shared),
                           ask("b", "Where is the nearest branch?", tenant="globex", cache=shared),
-                          ask("c", "Where is the nearest branch?", tenant="initech"))
+                          ask("c", "Where is the nearest branch?", tenant="initech"), settings=settings)
     await fill(d, a)
     assert sources(await d.on_routed([b])) == ["cache_exact"]
     assert sources(await d.on_routed([c])) == []
 
 
+def at_tier(routed: RoutedRequest, tier: Tier) -> RoutedRequest:
+    """The same unpinned request as if the classifier had routed it to `tier`."""
+    return routed.model_copy(update={"route": routed.route.model_copy(update={"tier": tier}),
+                                     "keys": cache_keys(routed.request, tier)})
+
+
 async def test_answer_serves_same_or_lower_tier_never_higher() -> None:
+    # (Pins are part of the scope since issue 12, so the tiers are set here rather than by pinning models.)
     d = deduper()
-    large, small = await route(ask("a", "How do I reset my password?", model="gpt-4o"),
-                               ask("b", "How do I reset my password?", model="gpt-4o-mini"))
+    (routed,) = await route(ask("a", "How do I reset my password?"))
+    large, small = at_tier(routed, "large"), at_tier(routed.model_copy(update={
+        "request": routed.request.model_copy(update={"id": "b"})}), "small")
     assert (large.keys.scope, large.keys.exact) == (small.keys.scope, small.keys.exact)
     await fill(d, small)
     assert sources(await d.on_routed([large])) == [], "a small-tier answer never serves a large-tier request"
@@ -123,13 +136,15 @@ async def test_concurrent_duplicates_coalesce_and_are_released_by_the_answer() -
     leader, follower = await route(ask("a", "Is there an overdraft fee?"), ask("b", "is there an overdraft fee"))
     assert [o.topic for o in await d.on_routed([leader], [1])] == [t.DISPATCH]
     held = await d.on_routed([follower], [1])
-    assert [(o.topic, o.key, o.partition) for o in held] == [(t.DEDUPE_WAITING, "b", 1)], "waiting is durable"
+    assert [(o.topic, o.key, o.partition) for o in held] == [(t.DEDUPE_WAITING, request_key("acme", "b"), 1)], \
+        "waiting is durable, keyed by identity"
     outs = await d.on_responses([(answer(leader), 1)])
     assert sources(outs) == ["coalesced"]
     cache = [o for o in outs if o.topic == t.CACHE]
     assert len(cache) == 1 and cache[0].partition == 1, "the entry goes to the partition its answer came from"
     released = [o for o in outs if o.topic == t.DEDUPE_WAITING]
-    assert [(o.key, o.value) for o in released] == [("b", None)], "a tombstone releases the waiting request"
+    assert [(o.key, o.value) for o in released] == [(request_key("acme", "b"), None)], \
+        "a tombstone releases the waiting request"
 
 
 async def test_waiting_requests_of_a_stopped_owner_are_resumed() -> None:
@@ -144,7 +159,7 @@ async def test_waiting_requests_of_a_stopped_owner_are_resumed() -> None:
                                 output_tokens=2, stored_at=time.time()), 2)])
     outs = await new.restore_waiters([(follower, 2)])
     assert sources(outs) == ["cache_exact"]
-    assert [(o.key, o.value) for o in outs if o.topic == t.DEDUPE_WAITING] == [("b", None)]
+    assert [(o.key, o.value) for o in outs if o.topic == t.DEDUPE_WAITING] == [(request_key("acme", "b"), None)]
     # Without the answer, the follower is dispatched on its own (paying is better than losing it).
     lone = deduper(semantic=False)
     outs = await lone.restore_waiters([(follower, 2)])
@@ -215,7 +230,9 @@ async def test_a_request_re_routed_while_it_waits_is_answered_once() -> None:
     leader, follower = await route(ask("a", "Can I get a new PIN?"), ask("b", "Can I get a new PIN?"))
     await d.on_routed([leader])
     assert [o.topic for o in await d.on_routed([follower])] == [t.DEDUPE_WAITING]
-    assert await d.on_routed([follower]) == [], "already held"
+    again = await d.on_routed([follower])
+    assert [(o.topic, o.value) for o in again] == [(t.DEDUPE_WAITING, follower)], \
+        "already held: its identical held record is written again (a retried batch), no answer, no dispatch"
     assert sources(await d.on_responses([(answer(leader), 0)])) == ["coalesced"]
 
 
