@@ -23,7 +23,7 @@ from services.dedupe.app import DedupeService
 from services.dedupe.verifier import Verifier
 from services.dedupe.wiring import build_deduper, build_verifier
 from services.gateway.app import GatewayService
-from services.gateway.idempotency import CompletedStore
+from services.gateway.completed import TopicCompleted
 from services.gateway.logic import Gateway
 from services.gateway.providers import Provider, build_provider
 from services.gateway.resilience import RetryPolicy
@@ -83,7 +83,7 @@ def build_service(name: str, res: Resources) -> Service:
     if name == "classifier":
         thresholds = TierThresholds(mid=s.route_threshold_mid, large=s.route_threshold_large)
         return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder, scorer=EscalationRouter.load(),
-                                               thresholds=thresholds))
+                                               thresholds=thresholds, catalog=res.catalog))
     if name == "dedupe":
         return DedupeService(s, build_deduper(s, res.embedder, res.verifier))
     if name == "gateway":
@@ -94,8 +94,9 @@ def build_service(name: str, res: Resources) -> Service:
         model_providers = {} if s.provider == "simulated" else {
             m: res.catalog.provider(m) for m in models if res.catalog.has(m)
         }
-        completed = CompletedStore(state / "gateway.sqlite")
-        return GatewayService(s, Gateway(providers, completed, policy=policy, model_providers=model_providers))
+        completed = TopicCompleted(s)  # paid calls live on `llm.gateway.completed`, not in the state dir
+        return GatewayService(s, Gateway(providers, completed, policy=policy, model_providers=model_providers),
+                              store=completed)
     if name == "summarizer":
         return SummarizerService(s, build_summarizer(s, res.provider(s.provider), lambda: res.embedder))
     if name == "accountant":

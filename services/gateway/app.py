@@ -1,23 +1,30 @@
-"""Gateway service: `llm.requests.dispatch` -> `llm.responses` + `llm.usage`.
+"""Gateway service: `llm.requests.dispatch` -> `llm.responses` + `llm.usage` (+ `llm.gateway.completed`).
+
+Per batch: the paid-call records of the batch's partitions are consulted, new calls are paid for and recorded
+on `llm.gateway.completed` (the store awaits the broker's ack), and only then does the stage publish the
+responses and usage and commit (see `services.gateway.completed`). The consumer's rebalance listener loads the
+records of newly assigned partitions before they are fetched, so a replica that takes over a crashed one's
+partitions replays what it paid for.
 
 A request the provider rate-limits with a long Retry-After is deferred: its partition is rewound to it and
 paused (`services.core.stage.defer`), so no handler sleeps and other partitions keep flowing. Answers of
-later records on that partition are held back: they are stored already and replay, once, on redelivery.
+later records on that partition are held back: they are recorded already and replay, once, on redelivery.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from faststream.kafka import KafkaBroker
 
 from schemas import RoutedRequest
 from schemas import topics as t
+from services.core.identity import request_key
 from services.core.messaging import Decoded, Out, Publisher
 from services.core.settings import Settings
 from services.core.stage import can_defer, defer, subscribe
+from services.gateway.completed import CompletedLoader, TopicCompleted
 from services.gateway.logic import Gateway
 
 
@@ -25,7 +32,13 @@ from services.gateway.logic import Gateway
 class GatewayService:
     settings: Settings
     logic: Gateway
+    store: TopicCompleted | None = None  # the topic-backed store behind `logic.completed`, when there is one
     name: str = "gateway"
+    loader: CompletedLoader | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.store is not None:
+            self.loader = CompletedLoader(self.settings, self.store)
 
     async def start(self) -> None:
         return None
@@ -33,23 +46,27 @@ class GatewayService:
     async def stop(self) -> None:
         for provider in self.logic.providers.values():
             await provider.aclose()
-        await asyncio.to_thread(self.logic.completed.close)
 
     async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
-        results = await self.logic.handle([d.value for d in batch], can_defer=can_defer())
-        waits = {r.request_id: r.retry_after_s for r in results if r.retry_after_s is not None}
+        results = await self.logic.handle([d.value for d in batch], [d.record.partition for d in batch],
+                                          can_defer=can_defer())
+        waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
         if not waits:
             return [out for r in results for out in r.outs]
         rewound: dict[tuple[str, int], int] = {}  # partition -> earliest deferred offset
         for d in batch:
-            wait = waits.get(d.value.request.id)
+            wait = waits.get(request_key(d.value.request.tenant, d.value.request.id))
             if wait is not None and defer(d.record, wait):
                 part = (d.record.topic, d.record.partition)
                 rewound[part] = min(rewound.get(part, d.record.offset), d.record.offset)
-        held = {d.value.request.id for d in batch
+        held = {request_key(d.value.request.tenant, d.value.request.id) for d in batch
                 if d.record.offset >= rewound.get((d.record.topic, d.record.partition), d.record.offset + 1)}
-        return [out for r in results if r.request_id not in held for out in r.outs]
+        return [out for r in results if r.key not in held for out in r.outs]
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        options = {}
+        if self.store is not None and self.loader is not None:
+            self.store.publisher = publisher
+            options["listener"] = self.loader
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
-                  process=self._on_dispatch, max_records=128)
+                  process=self._on_dispatch, max_records=128, **options)

@@ -1,44 +1,88 @@
-"""Answers already paid for, by request id: a redelivered dispatch re-publishes them instead of paying again."""
+"""The gateway's idempotency surface: "already paid for (tenant, request id)?" and "paid".
+
+The protocol is all the gateway logic sees. `MemoryCompleted` is the in-memory fake the unit tests use, and the
+memory behind the real store, `services.gateway.completed.TopicCompleted` (records on `llm.gateway.completed`,
+visible to every replica; see that module for the ordering that makes a paid call durable before its answer
+is published). There is no local file any more: a file on one pod cannot stop another pod from paying again.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from pathlib import Path
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from schemas import LLMResponse, UsageRecord
+from schemas import CompletedCall
+from services.core.identity import request_key
+
+Clock = Callable[[], float]
 
 
-class CompletedStore:
-    """SQLite, written before the outputs are published, so a crash between the two cannot pay twice."""
+class CompletedCalls(Protocol):
+    """Where the gateway asks "already paid?" and says "paid": the only idempotency surface it sees."""
 
-    def __init__(self, path: Path | str = ":memory:") -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS completed (request_id TEXT PRIMARY KEY, response TEXT NOT NULL, usage TEXT)"
-        )
-        self._lock = threading.Lock()
+    async def lookup(self, partition: int, key: str) -> CompletedCall | None:
+        """The recorded call for `key` (a `request_key`) on this dispatch partition, if any, durable."""
+        ...
 
-    def get(self, request_id: str) -> tuple[LLMResponse, UsageRecord | None] | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT response, usage FROM completed WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        if row is None:
-            return None
-        usage = UsageRecord.model_validate_json(row[1]) if row[1] else None
-        return LLMResponse.model_validate_json(row[0]), usage
+    async def record(self, partition: int, call: CompletedCall) -> None:
+        """Remembers a paid (or failed) call; durable when it returns, raises if it could not be made so."""
+        ...
 
-    def put(self, response: LLMResponse, usage: UsageRecord | None) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO completed (request_id, response, usage) VALUES (?, ?, ?)",
-                (response.request_id, response.model_dump_json(), usage.model_dump_json() if usage else None),
-            )
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+def call_key(call: CompletedCall) -> str:
+    return request_key(call.tenant, call.request_id)
+
+
+class MemoryCompleted:
+    """Records by partition, in completion order, forgotten after the retention. The in-memory fake used by unit
+    tests, and the memory behind `TopicCompleted`."""
+
+    def __init__(self, retention_s: float = 7 * 86400, clock: Clock = time.time) -> None:
+        self.retention_s = retention_s
+        self._clock = clock
+        self._by_partition: dict[int, OrderedDict[str, CompletedCall]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(calls) for calls in self._by_partition.values())
+
+    def _expired(self, call: CompletedCall, now: float) -> bool:
+        return call.completed_at < now - self.retention_s
+
+    def prune(self) -> int:
+        """Drops expired records (oldest first in each partition); returns how many."""
+        now, dropped = self._clock(), 0
+        for calls in self._by_partition.values():
+            while calls and self._expired(next(iter(calls.values())), now):
+                calls.popitem(last=False)
+                dropped += 1
+        return dropped
+
+    def get(self, partition: int, key: str) -> CompletedCall | None:
+        self.prune()
+        calls = self._by_partition.get(partition)
+        return calls.get(key) if calls is not None else None
+
+    def put(self, partition: int, call: CompletedCall) -> None:
+        calls = self._by_partition.setdefault(partition, OrderedDict())
+        calls[call_key(call)] = call
+        calls.move_to_end(call_key(call))
+
+    def load(self, entries: Iterable[tuple[CompletedCall, int]]) -> int:
+        """Adds records read back from the topic, skipping expired ones; returns how many were kept."""
+        now = self._clock()
+        kept = sorted(((c, p) for c, p in entries if not self._expired(c, now)), key=lambda e: e[0].completed_at)
+        for call, partition in kept:
+            self.put(partition, call)
+        return len(kept)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self._by_partition.pop(partition, None)
+
+    async def lookup(self, partition: int, key: str) -> CompletedCall | None:
+        return self.get(partition, key)
+
+    async def record(self, partition: int, call: CompletedCall) -> None:
+        self.put(partition, call)

@@ -1,10 +1,16 @@
 """Gateway work on a batch of dispatched requests: concurrent provider calls, one terminal answer each.
 
-Idempotency: an answer is stored (`CompletedStore`) before it is published, so a redelivered request id is
-replayed, never paid again; copies of one request id inside a batch (a re-routed redelivery upstream) are
-called once. Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the
-request is *deferred* (the service pauses its partition and gets it again later), at most `max_deferrals`
-times, then it is answered with a retryable error.
+Identity is (tenant, request id) (`request_key`): another tenant reusing an id is a different request, called
+and answered for itself. Idempotency: every paid call (and every final provider error) is recorded
+(`CompletedCalls.record`, durable when it returns) before its answer is returned for publishing, so a
+redelivered request, on this replica or another, is replayed, never paid again; copies of one request inside
+a batch (a re-routed redelivery upstream) are called once. A record that cannot be made durable defers the
+request (its partition is redelivered shortly and the lookup retries the record) rather than publishing an
+answer whose payment a crash could forget.
+
+Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the request is
+*deferred* (the service pauses its partition and gets it again later), at most `max_deferrals` times, then it
+is answered with a retryable error.
 """
 
 from __future__ import annotations
@@ -15,24 +21,30 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from schemas import LLMResponse, RoutedRequest, UsageRecord
+from schemas import CompletedCall, LLMResponse, RoutedRequest, UsageRecord
 from schemas import topics as t
+from services.core.identity import request_key
 from services.core.logging import get_logger
 from services.core.messaging import Out
 from services.core.outputs import error_response, llm_usage, response_outs
-from services.gateway.idempotency import CompletedStore
+from services.gateway.idempotency import CompletedCalls
 from services.gateway.providers import Completion, Provider
 from services.gateway.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
 
 log = get_logger(__name__)
 MAX_ERROR_TEXT = 2000  # ResponseError.message limit: a longer reason must not make the answer invalid
+RECORD_RETRY_S = 1.0  # a paid call whose record the broker did not acknowledge is redelivered after this
+
+
+class RecordFailedError(Exception):
+    """A paid call could not be recorded durably: its answer must not be published yet."""
 
 
 @dataclass(frozen=True)
 class Result:
     """One request's outcome: outputs to publish, or a wait after which it should be delivered again."""
 
-    request_id: str
+    key: str  # request_key(tenant, request id)
     outs: list[Out]
     retry_after_s: float | None = None
 
@@ -40,11 +52,12 @@ class Result:
 @dataclass
 class Gateway:
     providers: Mapping[str, Provider]
-    completed: CompletedStore
+    completed: CompletedCalls
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
     stats: dict[str, int] = field(
-        default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0, "deferred": 0, "duplicates": 0})
+        default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0, "deferred": 0, "duplicates": 0,
+                                 "record_failed": 0})
     model_providers: Mapping[str, str] = field(default_factory=dict)
     max_inline_wait_s: float = 1.0
     max_deferrals: int = 5
@@ -59,23 +72,55 @@ class Gateway:
         results = await self.handle(batch, can_defer=False)
         return [out for r in results for out in r.outs]
 
-    async def handle(self, batch: Sequence[RoutedRequest], *, can_defer: bool = True) -> list[Result]:
-        unique: dict[str, RoutedRequest] = {}
-        for routed in batch:
-            unique.setdefault(routed.request.id, routed)
+    async def handle(self, batch: Sequence[RoutedRequest], partitions: Sequence[int] | None = None, *,
+                     can_defer: bool = True) -> list[Result]:
+        """`partitions[i]` is the dispatch partition `batch[i]` came from: its paid-call records live there."""
+        parts = list(partitions) if partitions is not None else [0] * len(batch)
+        if len(parts) != len(batch):
+            raise ValueError("one partition per request")
+        unique: dict[str, tuple[RoutedRequest, int]] = {}
+        for routed, partition in zip(batch, parts, strict=True):
+            unique.setdefault(request_key(routed.request.tenant, routed.request.id), (routed, partition))
         self.stats["duplicates"] += len(batch) - len(unique)
-        return list(await asyncio.gather(*(self._one(r, can_defer) for r in unique.values())))
+        return list(await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items())))
 
-    async def _one(self, routed: RoutedRequest, can_defer: bool) -> Result:
+    async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
+        try:
+            return await self._one(key, routed, partition, can_defer)
+        except RecordFailedError:
+            self.stats["record_failed"] += 1
+            log.warning("completed_record_failed", request_id=routed.request.id, tenant=routed.request.tenant,
+                        partition=partition, exc_info=True)
+            if not can_defer:
+                raise
+            return Result(key, [], retry_after_s=RECORD_RETRY_S)
+
+    async def _lookup(self, partition: int, key: str) -> CompletedCall | None:
+        try:
+            return await self.completed.lookup(partition, key)
+        except Exception as exc:
+            raise RecordFailedError(str(exc)) from exc
+
+    async def _record(self, partition: int, routed: RoutedRequest, response: LLMResponse,
+                      usage: UsageRecord | None) -> None:
+        call = CompletedCall(tenant=routed.request.tenant, request_id=routed.request.id, response=response,
+                             usage=usage, completed_at=time.time())
+        try:
+            await self.completed.record(partition, call)
+        except Exception as exc:
+            raise RecordFailedError(str(exc)) from exc
+
+    async def _one(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
         request = routed.request
-        done = await asyncio.to_thread(self.completed.get, request.id)
+        done = await self._lookup(partition, key)
         if done is not None:
             self.stats["replayed"] += 1
-            return Result(request.id, _outs(routed, *done))
+            log.info("completed_replayed", request_id=request.id, tenant=request.tenant, partition=partition)
+            return Result(key, _outs(routed, done.response, done.usage))
         if routed.route.provider not in self.providers:
             response = error_response(request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
-            return Result(request.id, _outs(routed, response, None))
+            return Result(key, _outs(routed, response, None))
 
         async def call(p: Provider, model: str) -> Completion:
             return await p.complete(
@@ -92,15 +137,15 @@ class Gateway:
             )
         except FinalProviderError as exc:
             wait = exc.retry_after_s
-            if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(request.id):
+            if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(key):
                 self.stats["deferred"] += 1
                 log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
-                return Result(request.id, [], retry_after_s=wait)
-            return Result(request.id, await self._failed(routed, exc))
-        self._deferrals.pop(request.id, None)
+                return Result(key, [], retry_after_s=wait)
+            return Result(key, await self._failed(key, routed, partition, exc))
+        self._deferrals.pop(key, None)
         self.stats["calls"] += 1
         # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
-        log.info("provider_call", request_id=request.id, model=completion.model,
+        log.info("provider_call", request_id=request.id, tenant=request.tenant, model=completion.model,
                  latency_ms=round(completion.latency_ms, 1), input_tokens=completion.usage.input_tokens,
                  output_tokens=completion.usage.output_tokens)
         response = LLMResponse(
@@ -114,30 +159,31 @@ class Gateway:
             provider_latency_ms=completion.latency_ms,
         )
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
-        # Recorded before publishing: if we crash after this, the redelivery re-publishes instead of paying again.
-        await asyncio.to_thread(self.completed.put, response, usage)
-        return Result(request.id, _outs(routed, response, usage))
+        # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
+        await self._record(partition, routed, response, usage)
+        return Result(key, _outs(routed, response, usage))
 
-    def _may_defer(self, request_id: str) -> bool:
-        n = self._deferrals.get(request_id, 0)
+    def _may_defer(self, key: str) -> bool:
+        n = self._deferrals.get(key, 0)
         if n >= self.max_deferrals:
-            self._deferrals.pop(request_id, None)
+            self._deferrals.pop(key, None)
             return False
         if len(self._deferrals) > 100_000:  # bounded: ids that never come back (rebalanced away) age out
             self._deferrals.clear()
-        self._deferrals[request_id] = n + 1
+        self._deferrals[key] = n + 1
         return True
 
-    async def _failed(self, routed: RoutedRequest, exc: FinalProviderError) -> list[Out]:
+    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> list[Out]:
         request = routed.request
         self.stats["errors"] += 1
-        self._deferrals.pop(request.id, None)
+        self._deferrals.pop(key, None)
         log.warning("provider_failed", request_id=request.id, reason=str(exc)[:500], kind=exc.kind)
         code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
             "provider_error")
         response = error_response(request, code, str(exc)[:MAX_ERROR_TEXT], routed=routed,
                                   retryable=exc.rate_limited)
-        await asyncio.to_thread(self.completed.put, response, None)
+        # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
+        await self._record(partition, routed, response, None)
         return _outs(routed, response, None)
 
 

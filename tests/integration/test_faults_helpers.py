@@ -1,13 +1,16 @@
-"""Shared pieces of the fault tests (no tests here): services as OS processes, topic readers, workloads.
+"""Shared pieces of the fault tests (no tests here): services as OS processes, topic readers, workloads, and a
+fake OpenAI-compatible provider that counts every call it receives.
 
 Each service runs as `frugalstream serve NAME` in its own process, so it can be SIGKILLed, SIGTERMed or
 restarted exactly as in production; its JSON log goes to a file the test reads (the gateway writes one
-`provider_call` line per completed, i.e. paid, model call).
+`provider_call` line per completed, i.e. paid, model call). Payments are best counted where they happen: at
+the provider, per call (`CountingOpenAI`), which no id or log line can collapse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +26,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 
 from schemas import LLMRequest, LLMResponse
+from services.core.identity import request_key
 from services.core.settings import Settings
 from services.demo_workload import load_demo_workload
 
@@ -48,16 +52,18 @@ def fault_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class ServiceProcess:
-    """One `frugalstream serve NAME` process; every start appends a numbered log file."""
+    """One `frugalstream serve NAME` process; every start appends a numbered log file, `<label>.<run>.log`
+    (the label defaults to the service name; replicas of one service need distinct labels)."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, label: str | None = None) -> None:
         self.name, self.env, self.log_dir = name, env, log_dir
+        self.label = label or name
         self.runs = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.{self.runs}.log"
+        return self.log_dir / f"{self.label}.{self.runs}.log"
 
     def start(self) -> None:
         self.runs += 1
@@ -99,10 +105,12 @@ class ServiceProcess:
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def events(self, event: str) -> list[dict[str, Any]]:
-        """JSON log lines with this `event`, across every run of this service."""
+    def events(self, event: str, run: int | None = None) -> list[dict[str, Any]]:
+        """JSON log lines with this `event`, across every run of this process (or only run number `run`)."""
         found: list[dict[str, Any]] = []
-        for path in sorted(self.log_dir.glob(f"{self.name}.*.log")):
+        paths = [self.log_dir / f"{self.label}.{run}.log"] if run is not None else \
+            sorted(self.log_dir.glob(f"{self.label}.*.log"))
+        for path in paths:
             for line in path.read_text(errors="replace").splitlines():
                 if line.startswith("{") and f'"{event}"' in line:
                     record = json.loads(line)
@@ -142,3 +150,101 @@ def responses_by_id(records: Iterable[Any]) -> dict[str, Counter[str]]:
         response = LLMResponse.model_validate_json(rec.value)
         out.setdefault(response.request_id, Counter())[response.model_dump_json()] += 1
     return out
+
+
+def answers_by_key(records: Iterable[Any]) -> dict[str, Counter[str]]:
+    """`request_key(tenant, id)` -> distinct terminal messages and how often each was published."""
+    out: dict[str, Counter[str]] = {}
+    for rec in records:
+        response = LLMResponse.model_validate_json(rec.value)
+        out.setdefault(request_key(response.tenant, response.request_id), Counter())[response.model_dump_json()] += 1
+    return out
+
+
+async def read_until_quiet(settings: Settings, topics: Iterable[str], *, keys: set[str], quiet_s: float = 3.0,
+                           timeout_s: float = 120.0) -> list[Any]:
+    """Every record of these topics until each of `keys` (request keys) has an answer, and then for `quiet_s`
+    more: a second, different answer arriving after the first ones (a late redelivery, a timed-out follower
+    re-dispatched) is read too, so the caller's "exactly one distinct answer" check can see it."""
+    answered_at: list[float] = []
+
+    def done(records: list[Any]) -> bool:
+        if not answered_at:
+            if not set(answers_by_key(records)) >= keys:
+                return False
+            answered_at.append(time.monotonic())
+        return time.monotonic() - answered_at[0] >= quiet_s
+
+    return await read_topics(settings, topics, done=done, timeout_s=timeout_s + quiet_s)
+
+
+class CountingOpenAI:
+    """A raw asyncio OpenAI-compatible Chat Completions server that counts every call per prompt (the last
+    message's text). Each test request has a unique prompt, so `calls[prompt] > 1` is a second payment.
+
+    The answer names the call's number (`... #2`), so a second payment is also a different answer. `latency_s`
+    keeps calls in flight for a while. The first call of a prompt in `hold` is never answered; `held` is set
+    when it arrives, so a test can kill the gateway while that call is in flight (a placement, not a timer).
+    """
+
+    def __init__(self, latency_s: float = 0.0, hold: Iterable[str] = ()) -> None:
+        self.calls: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+        self.latency_s = latency_s
+        self.hold = set(hold)
+        self.held = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> CountingOpenAI:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await asyncio.sleep(0.05)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def env(self) -> dict[str, str]:
+        """The gateway's provider settings pointing at this server (dummy keys: nothing real is called)."""
+        return {"FRUGAL_PROVIDER": "openai", "FRUGAL_OPENAI_BASE_URL": self.url, "FRUGAL_OPENAI_API_KEY": "sk-test",
+                "FRUGAL_ANTHROPIC_API_KEY": "sk-ant-test", "FRUGAL_PROVIDER_TIMEOUT_S": "20"}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length"))
+                    body = json.loads(await reader.readexactly(length))
+                    prompt = str(body["messages"][-1]["content"])
+                    self.calls[prompt] += 1
+                    if prompt in self.hold and self.calls[prompt] == 1:
+                        self.held.set()
+                        await asyncio.sleep(3600)  # in flight until the connection dies with the gateway
+                    await asyncio.sleep(self.latency_s)
+                    n = self.calls[prompt]
+                    answer = {"id": f"c-{n}", "model": body["model"],
+                              "choices": [{"message": {"role": "assistant", "content": f"{prompt} #{n}"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+                    data = json.dumps(answer).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+                    await writer.drain()
+                    self.answered[prompt] += 1
+        finally:
+            writer.close()
+            self.writers.discard(writer)

@@ -28,7 +28,7 @@ from services.core.embedded_broker import EmbeddedBroker
 from services.core.messaging import Out
 from services.core.settings import Settings
 from services.core.tokens import TokenCounter
-from services.gateway.idempotency import CompletedStore
+from services.gateway.idempotency import MemoryCompleted
 from services.gateway.logic import Gateway
 from services.gateway.providers import OpenAIProvider
 from services.gateway.resilience import BreakerRegistry, CircuitBreaker, RetryPolicy
@@ -152,7 +152,7 @@ async def test_fault_is_retried_then_falls_back_then_answers_with_the_reason(
     fake_openai: FakeOpenAI, tmp_path: Path, kind: str,
 ) -> None:
     settings = openai_settings(tmp_path)
-    gateway = Gateway({"openai": provider(fake_openai)}, CompletedStore(),
+    gateway = Gateway({"openai": provider(fake_openai)}, MemoryCompleted(),
                       policy=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.02))
     first, down = await route(settings, [f"fault:{kind}:one?", f"fault:{kind}:all?"])
     started = time.monotonic()
@@ -173,7 +173,7 @@ async def test_circuit_breaker_stops_hammering_a_provider_that_is_down(fake_open
                                                                         tmp_path: Path) -> None:
     settings = openai_settings(tmp_path)
     breakers = BreakerRegistry(lambda: CircuitBreaker(failure_threshold=3, cooldown_s=60))
-    gateway = Gateway({"openai": provider(fake_openai)}, CompletedStore(), breakers=breakers,
+    gateway = Gateway({"openai": provider(fake_openai)}, MemoryCompleted(), breakers=breakers,
                       policy=RetryPolicy(attempts=2, base_delay_s=0.0, max_delay_s=0.0))
     routed = await route(settings, [f"fault:5xx:all {i}?" for i in range(20)])
     for r in routed:  # one at a time, as a stream arrives

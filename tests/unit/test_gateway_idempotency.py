@@ -1,0 +1,240 @@
+"""The gateway's paid-once promise without Kafka: identity is (tenant, id), records precede answers, retention.
+
+A counting provider stands for the bill: every `complete` call is one paid call, so nothing can collapse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+
+from schemas import ChatMessage, CompletedCall, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
+from schemas import topics as t
+from services.classifier.logic import Classifier
+from services.core.identity import request_key
+from services.core.messaging import Out, Publisher
+from services.core.settings import Settings
+from services.core.tokens import TokenCounter
+from services.gateway import completed as completed_module
+from services.gateway.completed import CompletedLoader, TopicCompleted
+from services.gateway.idempotency import MemoryCompleted
+from services.gateway.logic import Gateway, Result
+from services.gateway.providers import Completion, ProviderError
+from services.gateway.resilience import RetryPolicy
+
+
+class CountingProvider:
+    """Answers with the tenant-free prompt echo and counts calls per prompt; `fail` makes every call a 5xx."""
+
+    name = "simulated"
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.calls: Counter[str] = Counter()
+        self.fail = fail
+
+    async def complete(self, *, model: str, messages: Sequence[ChatMessage], **_: Any) -> Completion:
+        prompt = str(messages[-1].content)
+        self.calls[prompt] += 1
+        if self.fail:
+            raise ProviderError("down", kind="server", status=503)
+        return Completion(content=f"answer #{sum(self.calls.values())} to {prompt}", model=model,
+                          usage=TokenUsage(input_tokens=5, output_tokens=3), finish_reason="stop", latency_ms=1.0,
+                          simulated=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FakePublisher(Publisher):
+    """Records what is published, in order; `broken` makes every publish raise (the broker did not ack)."""
+
+    def __init__(self) -> None:
+        self.published: list[Out] = []
+        self.broken = False
+
+    async def publish_all(self, outs: Sequence[Out]) -> None:
+        if self.broken:
+            raise ConnectionError("no ack")
+        self.published.extend(outs)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(kafka_idempotent=False, idempotency_retention_s=3600)
+
+
+async def routed(settings: Settings, tenant: str, rid: str, prompt: str) -> RoutedRequest:
+    request = LLMRequest(id=rid, tenant=tenant, messages=(ChatMessage(role="user", content=prompt),))
+    outs = await Classifier(settings, TokenCounter()).handle([request])
+    found = [o.value for o in outs if isinstance(o.value, RoutedRequest)]
+    assert len(found) == 1
+    return found[0]
+
+
+def gateway(provider: CountingProvider, store: Any) -> Gateway:
+    return Gateway({"simulated": provider}, store, policy=RetryPolicy(attempts=1))
+
+
+def answer(result: Result) -> LLMResponse:
+    response = result.outs[0].value
+    assert isinstance(response, LLMResponse)
+    return response
+
+
+async def test_another_tenant_reusing_an_answered_id_is_called_and_answered_for_itself(settings: Settings) -> None:
+    provider = CountingProvider()
+    gw = gateway(provider, MemoryCompleted())
+    a = await routed(settings, "tenant-a", "order-1", "A's question?")
+    b = await routed(settings, "tenant-b", "order-1", "B's question?")
+    first_a = answer((await gw.handle([a]))[0])
+    got_b = answer((await gw.handle([b]))[0])
+    assert provider.calls == Counter({"A's question?": 1, "B's question?": 1}), "B was paid for, not replayed"
+    assert got_b.tenant == "tenant-b" and "B's question?" in (got_b.content or "")
+    assert got_b.content != first_a.content
+    again_a = answer((await gw.handle([a]))[0])  # A's redelivery still replays A's own answer
+    assert again_a == first_a and sum(provider.calls.values()) == 2
+
+
+async def test_copies_in_one_batch_are_called_once_per_tenant_and_id(settings: Settings) -> None:
+    provider = CountingProvider()
+    gw = gateway(provider, MemoryCompleted())
+    a = await routed(settings, "tenant-a", "same", "A asks?")
+    b = await routed(settings, "tenant-b", "same", "B asks?")
+    results = await gw.handle([a, a, b], [0, 0, 1])
+    assert provider.calls == Counter({"A asks?": 1, "B asks?": 1})
+    assert {answer(r).tenant for r in results} == {"tenant-a", "tenant-b"}
+    assert {r.key for r in results} == {request_key("tenant-a", "same"), request_key("tenant-b", "same")}
+
+
+async def test_a_redelivery_replays_the_identical_answer_and_usage(settings: Settings) -> None:
+    provider = CountingProvider()
+    gw = gateway(provider, MemoryCompleted())
+    r = await routed(settings, "acme", "r1", "Once only?")
+    first = (await gw.handle([r], [2]))[0]
+    second = (await gw.handle([r], [2]))[0]
+    assert provider.calls["Once only?"] == 1
+    assert [(o.topic, o.value) for o in second.outs] == [(o.topic, o.value) for o in first.outs]
+    assert any(o.topic == t.USAGE for o in second.outs), "the replay carries the same usage record"
+    assert gw.stats["replayed"] == 1
+
+
+async def test_a_final_provider_error_is_recorded_and_replayed_not_retried(settings: Settings) -> None:
+    provider = CountingProvider(fail=True)
+    gw = gateway(provider, MemoryCompleted())
+    r = await routed(settings, "acme", "r1", "Down?")
+    first = answer((await gw.handle([r], can_defer=False))[0])
+    tried = provider.calls["Down?"]
+    second = answer((await gw.handle([r], can_defer=False))[0])
+    assert first.source == "error" and second == first
+    assert provider.calls["Down?"] == tried, "the redelivery replays the error instead of calling again"
+
+
+async def test_the_record_is_acknowledged_on_the_dispatch_partition_before_the_answer_is_returned(
+    settings: Settings,
+) -> None:
+    provider = CountingProvider()
+    publisher = FakePublisher()
+    store = TopicCompleted(settings, publisher)
+    gw = gateway(provider, store)
+    r = await routed(settings, "acme", "r1", "Durable?")
+    result = (await gw.handle([r], [3]))[0]
+    assert [o.topic for o in publisher.published] == [t.GATEWAY_COMPLETED], "recorded before anything else"
+    record = publisher.published[0]
+    assert record.partition == 3 and record.key == request_key("acme", "r1")
+    assert isinstance(record.value, CompletedCall) and record.value.response == answer(result)
+    assert all(o.topic != t.GATEWAY_COMPLETED for o in result.outs), "the stage publishes only the answer"
+
+
+async def test_an_unacknowledged_record_defers_the_answer_and_is_retried_without_paying_again(
+    settings: Settings,
+) -> None:
+    provider = CountingProvider()
+    publisher = FakePublisher()
+    gw = gateway(provider, TopicCompleted(settings, publisher))
+    r = await routed(settings, "acme", "r1", "Ack?")
+    publisher.broken = True
+    first = (await gw.handle([r], [0], can_defer=True))[0]
+    assert first.outs == [] and first.retry_after_s is not None, "no answer published while the record is not durable"
+    publisher.broken = False
+    second = (await gw.handle([r], [0], can_defer=True))[0]
+    assert provider.calls["Ack?"] == 1, "the redelivery did not pay again"
+    assert [o.topic for o in publisher.published] == [t.GATEWAY_COMPLETED]
+    assert answer(second).source == "llm"
+
+
+async def test_records_expire_after_the_retention_and_expired_ones_are_not_loaded() -> None:
+    now = [1000.0]
+    memory = MemoryCompleted(retention_s=60, clock=lambda: now[0])
+    response = LLMResponse(request_id="r", tenant="acme", source="llm", content="x", created_at=0, responded_at=0)
+    old = CompletedCall(tenant="acme", request_id="old", response=response, completed_at=900.0)
+    fresh = CompletedCall(tenant="acme", request_id="fresh", response=response, completed_at=990.0)
+    assert memory.load([(old, 0), (fresh, 0)]) == 1
+    assert await memory.lookup(0, request_key("acme", "old")) is None
+    assert await memory.lookup(0, request_key("acme", "fresh")) == fresh
+    now[0] = 1051.0
+    assert await memory.lookup(0, request_key("acme", "fresh")) is None and len(memory) == 0
+
+
+async def test_loader_reads_new_partitions_before_serving_and_forgets_revoked_ones(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    response = LLMResponse(request_id="r", tenant="acme", source="llm", content="x", created_at=0, responded_at=0)
+    on_topic = {p: CompletedCall(tenant="acme", request_id=f"r{p}", response=response, completed_at=time.time())
+                for p in range(3)}
+    asked: list[set[int]] = []
+
+    async def fake_read(_s: Settings, name: str, _model: type[CompletedCall], parts: set[int]) -> list[Any]:
+        assert name == t.GATEWAY_COMPLETED
+        asked.append(set(parts))
+        return [(on_topic[p], p) for p in parts]
+
+    monkeypatch.setattr(completed_module, "read_compacted", fake_read)
+    store = TopicCompleted(settings, FakePublisher())
+    loader = CompletedLoader(settings, store)
+    dispatch = settings.topic(t.DISPATCH)
+    await loader.on_partitions_assigned({TopicPartition(dispatch, 0), TopicPartition(dispatch, 1)})
+    assert asked == [{0, 1}]
+    assert await store.lookup(1, request_key("acme", "r1")) == on_topic[1]
+    await loader.on_partitions_assigned({TopicPartition(dispatch, 1), TopicPartition(dispatch, 2)})
+    assert asked[-1] == {2}, "only the newly owned partition is read"
+    assert await store.lookup(0, request_key("acme", "r0")) is None, "a revoked partition is forgotten"
+    assert await store.lookup(2, request_key("acme", "r2")) == on_topic[2]
+
+
+async def test_a_lookup_waits_for_its_partition_to_load_and_retries_a_failed_load(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiokafka hands out records of a new partition while the rebalance listener still runs: the lookup itself
+    must wait for the partition's records, or a redelivery is paid again during the load."""
+    response = LLMResponse(request_id="r", tenant="acme", source="llm", content="x", created_at=0, responded_at=0)
+    paid = CompletedCall(tenant="acme", request_id="r", response=response, completed_at=time.time())
+    release = asyncio.Event()
+    failing = [True]
+    attempts: list[int] = []
+
+    async def slow_read(*_: Any) -> list[Any]:
+        attempts.append(1)
+        if failing[0]:
+            raise ConnectionError("broker away")
+        await release.wait()
+        return [(paid, 0)]
+
+    monkeypatch.setattr(completed_module, "read_compacted", slow_read)
+    store = TopicCompleted(settings, FakePublisher())
+    loader = CompletedLoader(settings, store)
+    await loader.on_partitions_assigned({TopicPartition(settings.topic(t.DISPATCH), 0)})  # the load fails
+    with pytest.raises(ConnectionError):
+        await store.lookup(0, request_key("acme", "r"))  # retried, fails again: no answer from an empty view
+    assert len(attempts) == 2
+    failing[0] = False
+    lookup = asyncio.create_task(store.lookup(0, request_key("acme", "r")))
+    await asyncio.sleep(0.05)
+    assert not lookup.done(), "the lookup waits for the load"
+    release.set()
+    assert await lookup == paid
