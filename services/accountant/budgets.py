@@ -87,14 +87,17 @@ def action_of(budget: Budget, status: Status) -> Action:
 
 
 class BudgetTracker:
-    """Evaluates budgets and remembers what it last reported, so only transitions need publishing.
+    """Evaluates budgets and remembers what was last *published*, so only transitions need publishing.
 
-    Not thread-safe: one call at a time (the accountant's handler awaits each `asyncio.to_thread` call).
+    Two steps, so a failed publish is not forgotten: `pending` returns the states that differ from what was
+    published (it changes nothing), and `mark_published` records them once the broker acknowledged them. A
+    publish that fails leaves them pending, and the next evaluation (the next batch or the next tick) returns
+    them again. Not thread-safe: one call at a time (the accountant serialises them under one lock).
     """
 
     def __init__(self, config: BudgetsConfig | Sequence[Budget]) -> None:
         self._budgets = config.budgets if isinstance(config, BudgetsConfig) else tuple(config)
-        self._last: dict[str, tuple[str, Status, Action]] = {}
+        self._published: dict[str, tuple[str, Status, Action]] = {}
 
     @property
     def budgets(self) -> tuple[Budget, ...]:
@@ -110,19 +113,25 @@ class BudgetTracker:
             spent_usd=spent, status=status, action=action_of(budget, status), updated_at=now,
         )
 
-    def evaluate(self, ledger: SpendSource, now: float, *, only_changed: bool = True) -> list[BudgetState]:
-        """States to publish.
+    @staticmethod
+    def _decision(state: BudgetState) -> tuple[str, Status, Action]:
+        return state.period_start, state.status, state.action
+
+    def pending(self, ledger: SpendSource, now: float, *, only_changed: bool = True) -> list[BudgetState]:
+        """States to publish; records nothing (see `mark_published`).
 
         With `only_changed` (the default) a state is returned when its period, status or action differs from
-        what this tracker last returned, which includes every budget on the first call (so a restarted
-        accountant republishes all of them). Spend growing within a status is not a change: the compacted
-        topic carries decisions, the ledger carries amounts. `only_changed=False` returns every state.
+        what was last marked published, which includes every budget before the first publish (so a restarted
+        accountant republishes all of them) and every budget whose period rolled over. Spend growing within a
+        status is not a change: the compacted topic carries decisions, the ledger carries amounts.
+        `only_changed=False` returns every state.
         """
-        out = []
-        for budget in self._budgets:
-            st = self.state(budget, ledger, now)
-            key = (st.period_start, st.status, st.action)
-            if not only_changed or self._last.get(st.budget_id) != key:
-                out.append(st)
-            self._last[st.budget_id] = key
-        return out
+        states = [self.state(budget, ledger, now) for budget in self._budgets]
+        if not only_changed:
+            return states
+        return [st for st in states if self._published.get(st.budget_id) != self._decision(st)]
+
+    def mark_published(self, states: Sequence[BudgetState]) -> None:
+        """Call only after the broker acknowledged `states`."""
+        for st in states:
+            self._published[st.budget_id] = self._decision(st)

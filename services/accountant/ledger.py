@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS cost_events (
     batch INTEGER NOT NULL,
     simulated INTEGER NOT NULL,
     catalog_version TEXT NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    price_unknown INTEGER NOT NULL DEFAULT 0,
+    unpriced_models TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS cost_events_time ON cost_events (time);
 CREATE INDEX IF NOT EXISTS cost_events_tenant_time ON cost_events (tenant, time);
@@ -72,10 +74,25 @@ CREATE INDEX IF NOT EXISTS cost_tags_tag ON cost_tags (tag, event_id);
 
 _INSERT = """
 INSERT OR IGNORE INTO cost_events (id, usage_id, request_id, tenant, model, baseline_model, task_type, stage,
-    source, tags, time, items, baseline_u, actual_u, saved_u, estimated, batch, simulated, catalog_version, payload)
+    source, tags, time, items, baseline_u, actual_u, saved_u, estimated, batch, simulated, catalog_version, payload,
+    price_unknown, unpriced_models)
 VALUES (:id, :usage_id, :request_id, :tenant, :model, :baseline_model, :task_type, :stage, :source, :tags, :time,
-    :items, :baseline_u, :actual_u, :saved_u, :estimated, :batch, :simulated, :catalog_version, :payload)
+    :items, :baseline_u, :actual_u, :saved_u, :estimated, :batch, :simulated, :catalog_version, :payload,
+    :price_unknown, :unpriced_models)
 """
+# Columns added after the first release: a ledger file written before them gains them on open (old rows were
+# all priced from the catalog, so the defaults are their true values).
+_ADDED_COLUMNS = (
+    ("price_unknown", "INTEGER NOT NULL DEFAULT 0"),
+    ("unpriced_models", "TEXT NOT NULL DEFAULT '[]'"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    have = {str(row[1]) for row in conn.execute("PRAGMA table_info(cost_events)")}
+    for name, decl in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE cost_events ADD COLUMN {name} {decl}")
 
 
 def to_units(usd: float) -> int:
@@ -113,6 +130,7 @@ def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
         "items": d.items, "baseline_u": baseline_u, "actual_u": actual_u, "saved_u": baseline_u - actual_u,
         "estimated": int(d.estimated), "batch": int(d.batch), "simulated": int(d.simulated),
         "catalog_version": d.catalog_version, "payload": event.model_dump_json(),
+        "price_unknown": int(d.price_unknown), "unpriced_models": json.dumps(list(d.unpriced_models)),
     }
     return row, savings, [f"{k}={v}" for k, v in sorted(d.tags.items())]
 
@@ -131,6 +149,8 @@ class Ledger:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
+            with self._conn:
+                _migrate(self._conn)
 
     def close(self) -> None:
         with self._lock:
@@ -178,13 +198,14 @@ class Ledger:
 
     def totals(self, since: float | None = None) -> dict[str, Any]:
         where, params = self._where(since)
-        n, items, base_u, act_u = self._query(
+        n, items, base_u, act_u, unpriced = self._query(
             "SELECT COUNT(*), COALESCE(SUM(e.items), 0), COALESCE(SUM(e.baseline_u), 0), "
-            f"COALESCE(SUM(e.actual_u), 0) FROM cost_events e {where}", params)[0]
+            f"COALESCE(SUM(e.actual_u), 0), COALESCE(SUM(e.price_unknown), 0) FROM cost_events e {where}", params)[0]
         return {
             "requests": int(n), "items": int(items),
             "baseline_cost_usd": to_usd(base_u), "actual_cost_usd": to_usd(act_u),
             "saved_usd": to_usd(base_u - act_u), "savings_pct": _pct(base_u - act_u, base_u),
+            "unpriced_requests": int(unpriced),
             "by_strategy": {s: to_usd(u) for s, _, _, u in self._by_strategy_units(since)},
         }
 
@@ -226,6 +247,15 @@ class Ledger:
                         "baseline_cost_usd": to_usd(base), "actual_cost_usd": to_usd(act),
                         "saved_usd": to_usd(base - act)})
         return out
+
+    def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Events billed at the conservative rate because the catalog lacked a model, by that model: what a
+        report must show so nobody mistakes an estimate for a price."""
+        where = "WHERE e.price_unknown = 1" + (" AND e.time >= ?" if since is not None else "")
+        rows = self._query(
+            "SELECT m.value, COUNT(*), SUM(e.actual_u) FROM cost_events e, json_each(e.unpriced_models) m "
+            f"{where} GROUP BY m.value ORDER BY SUM(e.actual_u) DESC, m.value", [] if since is None else [since])
+        return [{"model": str(m), "requests": int(n), "actual_cost_usd": to_usd(int(a))} for m, n, a in rows]
 
     def spent(self, tenant: str, tag: str | None, since: float) -> float:
         """Actual spend of a tenant (optionally one `key=value` tag) since a unix time, for budgets."""

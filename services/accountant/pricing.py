@@ -1,7 +1,8 @@
 """Prices a usage record's counterfactual chain and attributes the difference to strategies.
 
-Each point of the chain (baseline, then one step per strategy) is priced exactly; the saving of a step is
-the price of the previous point minus its own. The differences telescope, so in Decimal
+Each point of the chain (baseline, then one step per strategy) is priced exactly (a model the catalog lacks at
+the catalog's most expensive rates, flagged `price_unknown`); the saving of a step is the price of the previous
+point minus its own. The differences telescope, so in Decimal
 `baseline - actual == sum(savings)` holds by construction. The contract carries floats, so amounts are
 rounded to 1e-10 USD and the (at most a few 1e-10) rounding residual is assigned to the largest saving:
 the identity then also holds exactly in the rounded figures every consumer sees.
@@ -29,16 +30,28 @@ class PricedChain:
     baseline: Decimal
     actual: Decimal
     savings: dict[Strategy, Decimal] = field(default_factory=dict)
+    unpriced: tuple[str, ...] = ()  # models the catalog lacks, priced at its most expensive rates
+
+
+def price_point(point: CostPoint, catalog: PriceCatalog, unpriced: list[str]) -> Decimal:
+    """The catalog's price, or for a model it lacks the conservative price (and the model is noted): billed
+    usage is always counted, never dead-lettered for want of a rate."""
+    if catalog.has(point.model):
+        return catalog.price(point)
+    if point.model not in unpriced:
+        unpriced.append(point.model)
+    return catalog.price_conservative(point)
 
 
 def price_chain(record: UsageRecord, catalog: PriceCatalog) -> PricedChain:
-    previous = baseline = catalog.price(record.baseline)
+    unpriced: list[str] = []
+    previous = baseline = price_point(record.baseline, catalog, unpriced)
     savings: dict[Strategy, Decimal] = {}
     for step in record.steps:
-        cost = catalog.price(step)
+        cost = price_point(step, catalog, unpriced)
         savings[step.strategy] = savings.get(step.strategy, Decimal(0)) + (previous - cost)
         previous = cost
-    return PricedChain(baseline=baseline, actual=previous, savings=savings)
+    return PricedChain(baseline=baseline, actual=previous, savings=savings, unpriced=tuple(unpriced))
 
 
 def _round(value: Decimal) -> Decimal:
@@ -55,7 +68,7 @@ def round_chain(chain: PricedChain) -> PricedChain:
         # Largest exact saving absorbs the residual; ties broken by the fixed strategy order.
         target = max(savings, key=lambda s: (abs(chain.savings[s]), -STRATEGIES.index(s)))
         savings[target] += residual
-    return PricedChain(baseline=baseline, actual=actual, savings=savings)
+    return PricedChain(baseline=baseline, actual=actual, savings=savings, unpriced=chain.unpriced)
 
 
 def _f(value: Decimal) -> float:
@@ -67,7 +80,9 @@ def _last_point(record: UsageRecord) -> CostPoint:
 
 
 def price_usage(record: UsageRecord, catalog: PriceCatalog) -> CostData:
-    """The cost event payload of one usage record; raises UnknownModelError for an unpriced model."""
+    """The cost event payload of one usage record. A model the catalog lacks is priced at the catalog's most
+    expensive rates and flagged (`price_unknown`, `unpriced_models`), so its spend still reaches the ledger,
+    the reports and the budgets."""
     rounded = round_chain(price_chain(record, catalog))
     last = _last_point(record)
     model = record.actual_model
@@ -93,6 +108,8 @@ def price_usage(record: UsageRecord, catalog: PriceCatalog) -> CostData:
         estimated=last.usage.estimated,
         baseline_estimated=any(p.usage.estimated for p in (points[:-1] or points)),
         batch=last.batch,
+        price_unknown=bool(rounded.unpriced),
+        unpriced_models=rounded.unpriced,
         catalog_version=catalog.version,
         simulated=record.simulated,
     )

@@ -33,6 +33,7 @@ class Report:
     by: Dimension
     breakdown: list[dict[str, Any]]
     timeseries: list[dict[str, Any]] = field(default_factory=list)
+    unpriced: list[dict[str, Any]] = field(default_factory=list)  # models billed at the conservative rate
     since: float | None = None
     generated_at: float = field(default_factory=time.time)
     title: str = "frugalstream cost report"
@@ -41,7 +42,8 @@ class Report:
 def build_report(ledger: Ledger, by: Dimension = "tenant", since: float | None = None,
                  bucket_s: float = 3600.0, title: str = "frugalstream cost report") -> Report:
     return Report(totals=ledger.totals(since), by=by, breakdown=ledger.breakdown(by, since),
-                  timeseries=ledger.timeseries(bucket_s, since), since=since, title=title)
+                  timeseries=ledger.timeseries(bucket_s, since), unpriced=ledger.unpriced(since), since=since,
+                  title=title)
 
 
 def usd(value: float) -> str:
@@ -77,6 +79,13 @@ def tables(report: Report) -> list[Table]:
         for row in report.breakdown:
             table.add_row(*(_cell(c, row.get(c, "")) for c in columns))
         out.append(table)
+    if report.unpriced:
+        warn = Table(title="models without a catalog price (billed at the catalog's highest rates)")
+        for col in ("model", "requests", "actual_cost_usd"):
+            warn.add_column(col, justify="left" if col == "model" else "right")
+        for row in report.unpriced:
+            warn.add_row(*(_cell(c, row[c]) for c in ("model", "requests", "actual_cost_usd")))
+        out.append(warn)
     return out
 
 
@@ -104,6 +113,7 @@ def render_json(report: Report) -> str:
         "title": report.title, "generated_at": rfc3339(report.generated_at),
         "since": rfc3339(report.since) if report.since is not None else None,
         "totals": report.totals, "by": report.by, "breakdown": report.breakdown, "timeseries": report.timeseries,
+        "unpriced": report.unpriced,
     }, indent=2)
 
 
@@ -181,6 +191,16 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
         ".kpi b{display:block;font-size:1.4em}")
 
 
+def _unpriced_html(report: Report) -> str:
+    if not report.unpriced:
+        return ""
+    rows = "".join(f"<tr><td>{escape(r['model'])}</td><td>{r['requests']}</td>"
+                   f"<td>{escape(usd(r['actual_cost_usd']))}</td></tr>" for r in report.unpriced)
+    return ('<h2 class="unpriced">Models without a catalog price</h2><p>Billed at the catalog\'s highest rates '
+            "(an upper estimate) until a price is added.</p><table><thead><tr><th>model</th><th>requests</th>"
+            f"<th>actual_cost_usd</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def render_html(report: Report) -> str:
     t = report.totals
     kpis = "".join(f'<div class="kpi">{escape(label)}<b>{escape(value)}</b></div>' for label, value in (
@@ -192,7 +212,7 @@ def render_html(report: Report) -> str:
             f"<p>generated {escape(rfc3339(report.generated_at))}{escape(since)}</p>{kpis}"
             f"<h2>Spend vs baseline over time</h2>{_line_chart(report.timeseries)}"
             f"<h2>Savings by strategy</h2>{_bar_chart(t.get('by_strategy', {}))}"
-            f"<h2>By {escape(report.by)}</h2>{_html_table(report)}</body></html>\n")
+            f"<h2>By {escape(report.by)}</h2>{_html_table(report)}{_unpriced_html(report)}</body></html>\n")
 
 
 def render(report: Report, fmt: Format) -> str:

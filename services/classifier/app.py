@@ -9,8 +9,9 @@ from faststream.kafka import KafkaBroker
 
 from schemas import BudgetState, LLMRequest
 from schemas import topics as t
+from services.classifier.invalid import invalid_request_outs
 from services.classifier.logic import Classifier
-from services.core.messaging import Decoded, Out, Publisher
+from services.core.messaging import Decoded, Out, Publisher, Record
 from services.core.settings import Settings
 from services.core.stage import subscribe, whole_topic_options
 
@@ -30,6 +31,10 @@ class ClassifierService:
     async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]]) -> list[Out]:
         return await self.logic.handle([d.value for d in batch])
 
+    def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
+        """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too)."""
+        return invalid_request_outs(record, exc, self.settings)
+
     async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]]) -> list[Out]:
         for d in batch:
             self.logic.budgets.update(d.value)
@@ -37,7 +42,7 @@ class ClassifierService:
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
-                  process=self._on_requests)
+                  process=self._on_requests, on_invalid=self._on_invalid)
         # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
         subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
                   model=BudgetState, process=self._on_budgets, **whole_topic_options())

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow, localcontext
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any
@@ -240,6 +241,33 @@ class PriceCatalog:
     def provider(self, model: str) -> str:
         return self.rates(model).provider
 
+    @cached_property
+    def conservative_rates(self) -> Rates:
+        """The most expensive rate of each kind anywhere in the catalog (standard, batch and long-context), for
+        billing a model the catalog lacks: spend is never dropped, and the guess is at least what any listed
+        model would bill for the same work, so a budget trips early rather than late."""
+        every = [r for m in self._prices.values()
+                 for r in (m.standard, m.batch, *(m.long_context[1:] if m.long_context else ())) if r is not None]
+
+        def top(kind: str) -> Decimal:
+            return max((Decimal(getattr(r, kind)) for r in every), default=Decimal(0))
+
+        return Rates(input=top("input"), cached_input=top("cached_input"), cache_write=top("cache_write"),
+                     output=top("output"), reasoning=top("reasoning"))
+
+    def price_conservative(self, point: CostPoint) -> Decimal:
+        """What `price` would charge at `conservative_rates`, whatever the model (no batch discount claimed)."""
+        return self._at(self.conservative_rates, point)
+
+    @staticmethod
+    def _at(r: Rates, point: CostPoint) -> Decimal:
+        u = point.usage
+        with localcontext(_EXACT):
+            total = (u.input_tokens * r.input + u.cached_input_tokens * r.cached_input
+                     + u.cache_write_tokens * r.cache_write + u.output_tokens * r.output
+                     + u.reasoning_tokens * r.reasoning)
+            return total / PER_MILLION
+
     def price(self, point: CostPoint) -> Decimal:
         """Exact USD for the work; `usage` kinds are disjoint (input excludes cached, output excludes reasoning).
 
@@ -252,12 +280,7 @@ class PriceCatalog:
         std, batch = m.standard, m.batch
         if m.long_context is not None and prompt > m.long_context[0]:
             _, std, batch = m.long_context
-        r = batch if point.batch and batch is not None else std
-        with localcontext(_EXACT):
-            total = (u.input_tokens * r.input + u.cached_input_tokens * r.cached_input
-                     + u.cache_write_tokens * r.cache_write + u.output_tokens * r.output
-                     + u.reasoning_tokens * r.reasoning)
-            return total / PER_MILLION
+        return self._at(batch if point.batch and batch is not None else std, point)
 
 
 def _litellm_rate(spec: Mapping[str, Any], key: str) -> Decimal | None:

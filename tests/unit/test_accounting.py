@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import STRATEGIES, CostPoint, PricedStep, TokenUsage, UsageRecord
+from schemas import STRATEGIES, BudgetState, CostPoint, PricedStep, TokenUsage, UsageRecord
 from services.accountant.budgets import Budget, BudgetsConfig, BudgetTracker
 from services.accountant.ledger import Ledger
 from services.accountant.pricing import cost_event, event_id, price_chain, price_usage
 from services.accountant.report import build_report, render
 from services.core.metrics import Metrics, exposition
-from services.core.prices import PriceCatalog, UnknownModelError
+from services.core.prices import PriceCatalog
 
 CATALOG = PriceCatalog.load()
 T0 = 1_760_000_400.0  # a multiple of 3600: 2025-10-09T09:00:00Z
@@ -130,8 +130,7 @@ def test_cost_event_is_deterministic() -> None:
     assert a.subject == "acme" and a.time == "2025-10-09T09:00:00.250000Z"
     assert datetime.fromisoformat(a.time).timestamp() == T0 + 0.25
     assert a.data.catalog_version == CATALOG.version and a.data.model == "gpt-4o"
-    with pytest.raises(UnknownModelError):
-        price_usage(rec(8, "acme", point("gpt-99", input_tokens=1)), CATALOG)
+    assert not a.data.price_unknown and a.data.unpriced_models == ()
 
 
 def test_strategy_appearing_twice_is_summed() -> None:
@@ -203,29 +202,35 @@ def test_budget_states_near_and_over() -> None:
         Budget(tenant="acme", tag="team=ads", period="day", limit_usd=10, near_pct=50),
     ])
     spend = FakeSpend()
-    first = tracker.evaluate(spend, now)
+
+    def published(at: float, **kw: bool) -> list[BudgetState]:
+        states = tracker.pending(spend, at, **kw)
+        tracker.mark_published(states)
+        return states
+
+    first = published(now)
     assert [(s.status, s.action) for s in first] == [("ok", "none"), ("ok", "none")]
     assert [s.period_start for s in first] == ["2025-03-01T00:00:00Z", "2025-03-15T00:00:00Z"]
     assert spend.calls[1] == ("acme", "team=ads", datetime(2025, 3, 15, tzinfo=UTC).timestamp())
-    assert tracker.evaluate(spend, now) == []  # nothing changed
+    assert published(now) == []  # nothing changed
     spend.amount = 6.0
-    assert [(s.budget_id, s.status, s.action) for s in tracker.evaluate(spend, now)] == [
+    assert [(s.budget_id, s.status, s.action) for s in published(now)] == [
         ("acme/team=ads/day", "near", "downgrade")]
     spend.amount = 8.5
-    assert [(s.status, s.action) for s in tracker.evaluate(spend, now)] == [("near", "none")]  # refuse: no downgrade
+    assert [(s.status, s.action) for s in published(now)] == [("near", "none")]  # refuse: no downgrade
     spend.amount = 12.0
-    states = tracker.evaluate(spend, now, only_changed=False)
+    states = published(now, only_changed=False)
     assert [(s.status, s.action, s.spent_usd) for s in states] == [
         ("over", "refuse", 12.0), ("over", "downgrade", 12.0)]
     spend.amount = 0.0
-    assert len(tracker.evaluate(spend, now + 86400)) == 2  # new day (and back to ok): both changed
+    assert len(published(now + 86400)) == 2  # new day (and back to ok): both changed
 
 
 def test_budget_against_real_ledger_and_config_file(ledger: Ledger, tmp_path: Path) -> None:
     cfg = tmp_path / "budgets.toml"
     cfg.write_text('[[budgets]]\ntenant = "acme"\nperiod = "day"\nlimit_usd = 3.5\n\n'
                    '[[budgets]]\ntenant = "acme"\ntag = "team=search"\nperiod = "day"\nlimit_usd = 1\n')
-    states = BudgetTracker(BudgetsConfig.from_file(cfg)).evaluate(ledger, T0 + 4 * 3600)
+    states = BudgetTracker(BudgetsConfig.from_file(cfg)).pending(ledger, T0 + 4 * 3600)
     assert [(s.spent_usd, s.status) for s in states] == [(3.15, "near"), (0.15, "ok")]
     with pytest.raises(ValueError, match="duplicate"):
         BudgetsConfig(budgets=(Budget(tenant="a", period="day", limit_usd=1),) * 2)
@@ -265,3 +270,77 @@ def test_metrics_registry_and_exposition() -> None:
     assert 'frugal_saved_usd_total{strategy="routed_down",tenant="acme"} 2.35' in text
     assert 'frugal_stage_latency_seconds_count{stage="gateway"} 1.0' in text
     assert "frugal_spend_usd_total{" not in exposition(Metrics())  # a fresh registry, not the global one
+
+
+# --- Spend is never dropped: a model the catalog lacks is priced at its highest rates and flagged ---------------
+
+def _highest(kind: str) -> Decimal:
+    """Independent of the code under test: the top standard rate of a kind across the shipped catalog."""
+    return max(Decimal(getattr(CATALOG.rates(m).standard, kind)) for m in CATALOG.models)
+
+
+def test_unpriced_model_is_priced_conservatively_and_flagged() -> None:
+    data = price_usage(rec(8, "acme", point("gpt-99", input_tokens=M, output_tokens=M)), CATALOG)
+    assert data.price_unknown and data.unpriced_models == ("gpt-99",)
+    assert data.actual_cost_usd == float(_highest("input") + _highest("output")) > 0
+    assert data.model == "gpt-99" and data.saved_usd == 0.0
+    # Conservative: no catalog model would bill the same work more.
+    work = {"input_tokens": M, "cached_input_tokens": M, "cache_write_tokens": M, "output_tokens": M,
+            "reasoning_tokens": M}
+    guess = price_usage(rec(9, "acme", point("o9-ultra", **work)), CATALOG).actual_cost_usd
+    assert all(price_usage(rec(10, "acme", point(m, **work)), CATALOG).actual_cost_usd <= guess
+               for m in CATALOG.models)
+    # A routed-down step to an unpriced model: the chain still reconciles, the extra cost is a negative saving.
+    routed = price_usage(rec(11, "acme", point("gpt-4o", input_tokens=M),
+                             step("routed_down", "mystery-1", input_tokens=M)), CATALOG)
+    assert routed.unpriced_models == ("mystery-1",) and routed.savings_by_strategy["routed_down"] < 0
+    assert routed.baseline_cost_usd - routed.actual_cost_usd == pytest.approx(routed.savings_by_strategy["routed_down"])
+    assert not price_usage(rec(12, "acme", point("gpt-4o", input_tokens=1)), CATALOG).price_unknown
+
+
+def test_unpriced_spend_reaches_ledger_report_and_budgets(ledger: Ledger) -> None:
+    before = ledger.spent("acme", None, T0)
+    event = cost_event(rec(20, "acme", point("o3-pro", output_tokens=M), at=T0 + 60), CATALOG)
+    assert ledger.add(event)
+    assert ledger.spent("acme", None, T0) == pytest.approx(before + float(_highest("output")))
+    assert ledger.totals()["unpriced_requests"] == 1
+    assert ledger.unpriced() == [{"model": "o3-pro", "requests": 1, "actual_cost_usd": float(_highest("output"))}]
+    tracker = BudgetTracker([Budget(tenant="acme", period="day", limit_usd=before + 1, action="refuse")])
+    assert [s.status for s in tracker.pending(ledger, T0 + 120)] == ["over"]
+    report = build_report(ledger, by="model", bucket_s=3600)
+    assert json.loads(render(report, "json"))["unpriced"][0]["model"] == "o3-pro"
+    assert "Models without a catalog price" in render(report, "html") and "o3-pro" in render(report, "table")
+    assert "without a catalog price" not in render(build_report(Ledger()), "html")
+
+
+_OLD_SCHEMA = """
+CREATE TABLE cost_events (id TEXT PRIMARY KEY, usage_id TEXT NOT NULL, request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL, model TEXT, baseline_model TEXT NOT NULL, task_type TEXT, stage TEXT NOT NULL,
+    source TEXT NOT NULL, tags TEXT NOT NULL, time REAL NOT NULL, items INTEGER NOT NULL,
+    baseline_u INTEGER NOT NULL, actual_u INTEGER NOT NULL, saved_u INTEGER NOT NULL, estimated INTEGER NOT NULL,
+    batch INTEGER NOT NULL, simulated INTEGER NOT NULL, catalog_version TEXT NOT NULL, payload TEXT NOT NULL);
+INSERT INTO cost_events VALUES ('old', 'u-old', 'r-old', 'acme', 'gpt-4o', 'gpt-4o', 'faq', 'gateway', 'llm', '{}',
+    1760000400.0, 1, 25000000000, 25000000000, 0, 0, 0, 0, 'v0', '{}');
+"""
+
+
+def test_ledger_written_before_the_flag_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_OLD_SCHEMA)
+    conn.close()
+    with Ledger(path) as led:
+        assert led.totals()["unpriced_requests"] == 0 and led.totals()["actual_cost_usd"] == 2.5
+        assert led.add(cost_event(rec(21, "acme", point("o3-pro", input_tokens=M), at=T0 + 1), CATALOG))
+        assert led.totals()["unpriced_requests"] == 1 and [u["model"] for u in led.unpriced()] == ["o3-pro"]
+    with Ledger(path) as led:  # reopening migrates nothing twice
+        assert led.totals()["requests"] == 2
+
+
+def test_unpriced_usage_metric() -> None:
+    metrics = Metrics()
+    metrics.record_unpriced(("o3-pro",))
+    metrics.record_unpriced(("o3-pro", "mystery"))
+    text = exposition(metrics)
+    assert 'frugal_unpriced_usage_total{model="o3-pro"} 2.0' in text
+    assert 'frugal_unpriced_usage_total{model="mystery"} 1.0' in text

@@ -170,3 +170,21 @@ def test_invalid_entries_fail_loudly(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"version": "x", "models": {"m": {"provider": "p", "input": -1, "output": 2}}}))
     with pytest.raises(ValueError):
         PriceCatalog.load(bad)
+
+
+def test_conservative_rates_are_the_catalog_maximum_of_each_kind(catalog: PriceCatalog, tmp_path: Path) -> None:
+    top = catalog.conservative_rates
+    kinds = ("input", "cached_input", "cache_write", "output", "reasoning")
+    for model in catalog.models:
+        m = catalog.rates(model)
+        for rates in (m.standard, m.batch, *(m.long_context[1:] if m.long_context else ())):
+            assert rates is None or all(getattr(rates, k) <= getattr(top, k) for k in kinds), model
+    assert top.output == max(catalog.rates(m).standard.output for m in catalog.models)
+    point = CostPoint(model="not-in-any-catalog", usage=TokenUsage(input_tokens=1_000_000, output_tokens=1_000_000))
+    assert catalog.price_conservative(point) == top.input + top.output
+    # A team's own (dearer) price raises the conservative rate with it.
+    over = tmp_path / "over.json"
+    over.write_text(json.dumps({"version": "team", "models": {"in-house-xl": {
+        "provider": "self", "input": 40, "output": 200}}}))
+    dear = PriceCatalog.load(overrides=over).conservative_rates
+    assert (dear.input, dear.output) == (Decimal(40), Decimal(200))
