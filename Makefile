@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build first: a bare `torch` requirement would pull GBs of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint unit integration schemas clean
+.PHONY: setup demo test lint unit integration mutate schemas clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,15 @@ lint: setup
 	$(VENV)/bin/ruff check services schemas tests scripts deploy
 	$(VENV)/bin/mypy
 
+# The mutation check, then the whole suite (pytest's summary stays the last line of the run).
 test: lint
+	$(MAKE) mutate
 	$(PY) -m pytest
+
+# Breaks each promise in tests/mutations.toml in a scratch copy; fails if a mutation survives its guard tests.
+MUTATE_ARGS ?=
+mutate: setup
+	$(PY) scripts/mutate.py --jobs 2 $(MUTATE_ARGS)
 
 unit: setup
 	$(PY) -m pytest tests/unit
