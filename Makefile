@@ -19,7 +19,7 @@ demo: setup
 	$(VENV)/bin/frugalstream demo --json out/demo.json
 
 lint: setup
-	$(VENV)/bin/ruff check services schemas tests scripts deploy
+	$(VENV)/bin/ruff check services tests scripts deploy
 	$(VENV)/bin/mypy
 
 # The mutation check, then the whole suite (pytest's summary stays the last line of the run).
@@ -39,7 +39,7 @@ integration: setup
 	$(PY) -m pytest tests/integration
 
 schemas: setup
-	$(PY) -m schemas.generate
+	$(PY) -m frugalstream.schemas.generate
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/build_demo_workload.py [--data /work/shared/data] [--seed 20240611]
 
-Writes `services/data/demo_workload.jsonl.gz` (one `schemas.LLMRequest` per line, every row validated) and
-`services/data/DEMO_WORKLOAD.md` (the mix, how it is shaped, and the attribution every source requires).
+Writes `services/frugalstream/tools/data/demo_workload.jsonl.gz` (one `frugalstream.schemas.LLMRequest` per line, every row validated) and
+`services/frugalstream/tools/data/DEMO_WORKLOAD.md` (the mix, how it is shaped, and the attribution every source requires).
 Same data + same seed = byte-identical output (gzip mtime is pinned to 0).
 
 Only sources whose license allows redistribution are read: banking77 (CC BY 4.0), clinc150 (CC BY 3.0),
@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
-from schemas import ChatMessage, LLMRequest, TaskType, ToolCall  # noqa: E402
-from services.core.cache_keys import normalize_text  # noqa: E402
-from services.core.tokens import TokenCounter  # noqa: E402
-from services.demo_workload import ARRIVAL_TAG, MIX_RANGES, WORKLOAD_TAG, WORKLOADS  # noqa: E402
+from frugalstream.llm.cache_keys import normalize_text  # noqa: E402
+from frugalstream.llm.tokens import TokenCounter  # noqa: E402
+from frugalstream.schemas import ChatMessage, LLMRequest, TaskType, ToolCall  # noqa: E402
+from frugalstream.tools.demo_workload import ARRIVAL_TAG, MIX_RANGES, WORKLOAD_TAG, WORKLOADS  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data")
 OUT_DIR = ROOT / "services" / "data"
@@ -52,7 +52,7 @@ MAX_GZ_BYTES = 400_000
 MAX_MESSAGE_BYTES = 1_000_000
 COUNT_MODEL = "gpt-4o"  # token statistics in the doc use o200k_base
 
-# Requests per category; shares land in the middle of services.demo_workload.MIX_RANGES.
+# Requests per category; shares land in the middle of frugalstream.tools.demo_workload.MIX_RANGES.
 COUNTS: dict[str, int] = {"faq": 324, "routine": 180, "hard": 108, "long_history": 72, "pinned": 36}
 
 # ----------------------------------------------------------------------------------------------------------
@@ -945,15 +945,17 @@ def render_doc(builder: Builder, requests: Sequence[LLMRequest], gz_bytes: int, 
         "# The demo workload",
         "",
         "`demo_workload.jsonl.gz` is what `frugalstream demo` replays against the `simulated` provider: "
-        f"**{n} requests** (`schemas.LLMRequest`, one JSON object per line, gzip: {gz_bytes / 1000:.0f} kB, "
+        f"**{n} requests** (`frugalstream.schemas.LLMRequest`, one JSON object per line, "
+        f"gzip: {gz_bytes / 1000:.0f} kB, "
         f"{raw_bytes / 1e6:.1f} MB uncompressed), built by `scripts/build_demo_workload.py --seed {seed}` "
-        "from the datasets attributed below. Load it with `services.demo_workload.load_demo_workload()`.",
+        "from the datasets attributed below. Load it with `frugalstream.tools.demo_workload.load_demo_workload()`.",
         "",
         "It is shaped like production traffic rather than a cache showcase: most requests are not repeats, "
         "routine and hard jobs are (almost) unique, and FAQ repeats come from sampling a Zipf-like popularity, "
         "not from planting duplicates. Every request has `created_at: null` (the demo stamps it) and two "
         "demo-only tags: `workload` (the category below) and `arrival_ms` (offset from the first request, "
-        "from a contiguous window of the Azure conversation trace; `services.demo_workload.arrival_offsets_s` "
+        "from a contiguous window of the Azure conversation trace; "
+        "`frugalstream.tools.demo_workload.arrival_offsets_s` "
         "rescales it to a target duration).",
         "",
         "## Mix",

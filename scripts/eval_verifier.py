@@ -4,7 +4,7 @@
 
 Path: cosine >= DEFAULT_RECALL_COSINE, then TrainedVerifier score >= DEFAULT_VERIFY_THRESHOLD (hard rules
 veto first). Printed next to the plain cosine >= 0.95 baseline. QQP dev is the "dev" bucket of
-services.dedupe.pair_eval.qqp_split; neither set is used in training. Embeddings are read from the
+frugalstream.tools.evals.pair_eval.qqp_split; neither set is used in training. Embeddings are read from the
 /tmp/fs_verifier cache written by train_verifier.py when present, otherwise computed with the model.
 """
 
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
-from services.dedupe.pair_eval import evaluate_pairs, load_paws, load_qqp  # noqa: E402
-from services.dedupe.verifier import DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD, TrainedVerifier  # noqa: E402
+from frugalstream.llm.verifier import DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD, TrainedVerifier  # noqa: E402
+from frugalstream.tools.evals.pair_eval import evaluate_pairs, load_paws, load_qqp  # noqa: E402
 
 DATA = Path("/work/shared/data")
 CACHE = Path("/tmp/fs_verifier")

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
+from frugalstream.llm.pair_encoder import logit  # noqa: E402
+from frugalstream.llm.verifier import _STOPWORDS, _stem, _tokens  # noqa: E402
+from frugalstream.tools.evals.pair_eval import Pair  # noqa: E402
 from scripts.train_verifier import SEED, embed_cosines, featurize, load_training_data  # noqa: E402
-from services.dedupe.pair_encoder import logit  # noqa: E402
-from services.dedupe.pair_eval import Pair  # noqa: E402
-from services.dedupe.verifier import _STOPWORDS, _stem, _tokens  # noqa: E402
 
 GATE = 0.80
 RECALL = 0.40
@@ -81,7 +81,7 @@ def learning_curve(train: list[Pair], val: list[Pair]) -> list[dict[str, float]]
 
 
 def audit(val: list[Pair], n: int) -> list[dict[str, object]]:
-    from services.dedupe.pair_encoder import CrossEncoderVerifier
+    from frugalstream.llm.pair_encoder import CrossEncoderVerifier
 
     verifier = CrossEncoderVerifier.load()
     cos = embed_cosines(val)

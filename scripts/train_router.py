@@ -1,6 +1,6 @@
-"""Train the escalation router (services/classifier/router_model.npz) and bench it honestly.
+"""Train the escalation router (services/frugalstream/classifier/router_model.npz) and bench it honestly.
 
-    .venv/bin/python scripts/train_router.py [--data /work/shared/data] [--out services/classifier/router_model.npz]
+    .venv/bin/python scripts/train_router.py [--data /work/shared/data] [--out services/frugalstream/classifier/router_model.npz]
                                              [--report benchmarks/route_train_report.json] [--no-cv]
 
 Labels: RouteLLM's per-prompt correctness of Mixtral-8x7B (weak) and GPT-4 (strong) on MMLU and GSM8K,
@@ -47,16 +47,19 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, Ridge  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
-from services.classifier import route_bench as rb  # noqa: E402
-from services.classifier.router import (  # noqa: E402
+from frugalstream.classifier.router import (  # noqa: E402
     DEFAULT_PATH,
+    heldout_mask,
     predict_parts,
+    prompt_hash64,
+    prompt_key,
     structure_features,
     structure_inputs,
     topic_posterior,
 )
+from frugalstream.tools.evals import route_eval as rb  # noqa: E402
 
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
@@ -93,7 +96,7 @@ def load_routellm(data: Path) -> dict[str, Any]:
         bad = rb.load_contaminated(rb.find_contaminated_files(path))
         with open(path, newline="", encoding="utf-8") as fh:
             for rec in csv.DictReader(fh):
-                if rb.prompt_key(rec["prompt"]) in bad:
+                if prompt_key(rec["prompt"]) in bad:
                     continue
                 prompts.append(rec["prompt"])
                 weak.append(rec[WEAK] == "True")
@@ -116,7 +119,7 @@ def load_anchors(data: Path) -> list[str]:
     clinc = [t for t, _ in json.loads((data / "clinc150" / "data_full.json").read_text())["train"]]
     out: list[str] = []
     for pool in (banking, clinc):
-        out += sorted(set(pool), key=rb.prompt_hash64)[:N_ANCHOR]
+        out += sorted(set(pool), key=prompt_hash64)[:N_ANCHOR]
     return out
 
 
@@ -192,8 +195,8 @@ def main() -> None:
     s = np.concatenate([d["strong"], np.ones(len(anchors))])
     names = [*sorted(set(d["subject"])), "faq"]
     subj = np.array([names.index(v) for v in d["subject"]] + [names.index("faq")] * len(anchors))
-    hashes = np.array([rb.prompt_hash64(p) for p in d["prompts"]], dtype=np.uint64)
-    ho = np.concatenate([rb.heldout_mask(d["prompts"]), np.zeros(len(anchors), bool)])
+    hashes = np.array([prompt_hash64(p) for p in d["prompts"]], dtype=np.uint64)
+    ho = np.concatenate([heldout_mask(d["prompts"]), np.zeros(len(anchors), bool)])
     print(f"rows {n} (+{len(anchors)} anchors), held-out {int(ho.sum())}, embed {time.time() - t0:.0f}s", flush=True)
 
     report: dict[str, Any] = {"seed": SEED, "rows": n, "anchors": len(anchors)}

@@ -1,4 +1,4 @@
-"""Train the dedupe semantic-match verifier and write services/dedupe/verifier_model.npz.
+"""Train the dedupe semantic-match verifier and write services/frugalstream/llm/verifier_model.npz.
 
     .venv/bin/python scripts/train_verifier.py [--precision 0.90]   # ~1 min once embeddings are cached
 
@@ -6,7 +6,7 @@ Fixed seeds. The first run embeds the ~60k training texts with all-MiniLM-L6-v2 
 idle cores) into /tmp/fs_verifier; later runs reuse them. Then paste the printed DEFAULT_* into verifier.py.
 
 Training data (QQP dev and PAWS are never used here):
-- QQP "train" split of services.dedupe.pair_eval.qqp_split (connected components of questions, hashed);
+- QQP "train" split of frugalstream.tools.evals.pair_eval.qqp_split (connected components of questions, hashed);
   its "val" bucket is held out to choose DEFAULT_RECALL_COSINE / DEFAULT_VERIFY_THRESHOLD;
 - MRPC train; STS-benchmark train binarized (score >= 4 positive, < 3 negative, the middle dropped);
 - synthetic hard negatives from those training sentences: two content words or entities swapped,
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "services"))
 
-from services.dedupe.pair_eval import Pair, load_qqp  # noqa: E402
-from services.dedupe.verifier import _STOPWORDS, ARTIFACT_PATH, FEATURE_NAMES, TrainedVerifier, pair_features  # noqa: E402
+from frugalstream.llm.verifier import _STOPWORDS, ARTIFACT_PATH, FEATURE_NAMES, TrainedVerifier, pair_features  # noqa: E402
+from frugalstream.tools.evals.pair_eval import Pair, load_qqp  # noqa: E402
 
 DATA = Path("/work/shared/data")
 CACHE = Path("/tmp/fs_verifier")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.core.embedded_broker import BrokerBinaryNotFoundError, EmbeddedBroker
+from frugalstream.tools.embedded_broker import BrokerBinaryNotFoundError, EmbeddedBroker
 
 
 def pytest_configure(config: pytest.Config) -> None:

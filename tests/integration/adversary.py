@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
-from schemas import ChatMessage, DeadLetter, LLMRequest, LLMResponse
-from schemas import topics as t
-from services.core.settings import Settings
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, DeadLetter, LLMRequest, LLMResponse
+from frugalstream.schemas import topics as t
 
 K = TypeVar("K", bound=Hashable)
 #: Identity of a request: (tenant, request id).

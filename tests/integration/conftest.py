@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from schemas import topics as t
-from services.bootstrap import SERVICE_NAMES, Resources
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.embedder import Embedder, HashingEmbedder
-from services.core.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
-from services.core.settings import Settings
-from services.runner import RunningServices
+from frugalstream.bootstrap import SERVICE_NAMES, Resources
+from frugalstream.llm.embedder import Embedder, HashingEmbedder
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import topics as t
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 
 PARTITIONS = 4
 PipelineFactory = Callable[..., AbstractAsyncContextManager[RunningServices]]

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas import ChatMessage, LLMRequest, LLMResponse, SamplingParams, ToolCall
-from schemas import topics as t
-from services.classifier.app import ClassifierService
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.prices import PriceCatalog
-from services.core.settings import Settings, TenantPolicy
-from services.gateway.providers import SimulatedProvider
+from frugalstream.classifier.app import ClassifierService
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.providers import SimulatedProvider
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, SamplingParams, ToolCall
+from frugalstream.schemas import topics as t
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 from tests.integration.adversary import (
     Attacker,
     ask,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import ChatMessage, LLMRequest
-from services.classifier.app import ClassifierService
-from services.core.settings import Settings
-from services.demo import collect_responses, produce
+from frugalstream.classifier.app import ClassifierService
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest
+from frugalstream.tools.demo import collect_responses, produce
 from tests.integration.conftest import PipelineFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -17,12 +17,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel
 
-from services.core.broker import make_broker
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
-from services.core.messaging import Decoded, Out, Publisher
-from services.core.settings import Settings
-from services.core.stage import subscribe
+from frugalstream.runtime.broker import make_broker
+from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import subscribe
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 
 
 class _Note(BaseModel):

@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from schemas import ChatMessage, LLMRequest
-from services.bootstrap import Resources
-from services.core.embedder import HashingEmbedder
-from services.core.settings import Settings
-from services.dedupe.app import DedupeService
-from services.demo import collect_responses, produce
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.dedupe.app import DedupeService
+from frugalstream.llm.embedder import HashingEmbedder
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest
+from frugalstream.tools.demo import collect_responses, produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

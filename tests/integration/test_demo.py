@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from rich.progress import Progress
 
-import services.demo
-from schemas import LLMResponse
-from schemas import topics as t
-from services.cli import main
-from services.core.settings import Settings
+import frugalstream.tools.demo
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import LLMResponse
+from frugalstream.schemas import topics as t
+from frugalstream.tools.cli import main
 from tests.integration.adversary import read_quietly
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -23,7 +23,7 @@ COALESCE_TIMEOUT_S = 4.0
 def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every request gets one distinct answer, including after the coalescing timeout: the reader keeps listening
     past it after the last first answer, so a follower answered twice (coalesced, then re-dispatched) fails."""
-    demo_settings = services.demo.demo_settings
+    demo_settings = frugalstream.tools.demo.demo_settings
 
     def short_coalescing(bootstrap: str, state_dir: Path, latency_scale: float) -> Settings:
         # The demo's 30 s timeout would make the quiet period 30 s; the workload's leaders answer well within 4 s.
@@ -36,8 +36,8 @@ def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, mo
         return await read_quietly(settings, settings.topic(t.RESPONSES), want=ids, key_of=lambda r: r.request_id,
                                   timeout_s=timeout_s, quiet_s=COALESCE_TIMEOUT_S + 3)
 
-    monkeypatch.setattr(services.demo, "demo_settings", short_coalescing)
-    monkeypatch.setattr(services.demo, "collect_responses", collect_quietly)
+    monkeypatch.setattr(frugalstream.tools.demo, "demo_settings", short_coalescing)
+    monkeypatch.setattr(frugalstream.tools.demo, "collect_responses", collect_quietly)
     out = tmp_path / "demo.json"
     # A prefix of the bundled workload keeps CI time down; the full run is in benchmarks/RESULTS.md.
     assert main(["demo", "--limit", "240", "--rate", "60", "--json", str(out)]) == 0

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import ChatMessage, LLMRequest, LLMResponse
-from schemas import topics as t
+from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse
+from frugalstream.schemas import topics as t
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def test_dev_mode_answers_and_stops_cleanly(tmp_path: Path) -> None:
     env.pop("FRUGAL_PROVIDER", None)
     env.pop("FRUGAL_TOPIC_PREFIX", None)
     stderr = (tmp_path / "stderr.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "services.cli", "dev", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "frugalstream", "dev", "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=tmp_path)
     try:
         line = wait_ready(process)
@@ -123,9 +123,9 @@ def test_dev_mode_answers_and_stops_cleanly(tmp_path: Path) -> None:
 async def test_dev_mode_stops_the_broker_when_the_services_fail_to_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import services.runner
-    from services.core.settings import Settings
-    from services.devmode import dev_settings, run_dev
+    import frugalstream.runner
+    from frugalstream.runtime.settings import Settings
+    from frugalstream.tools.devmode import dev_settings, run_dev
 
     class Broken:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -137,7 +137,7 @@ async def test_dev_mode_stops_the_broker_when_the_services_fail_to_start(
         async def __aexit__(self, *exc: object) -> None:
             pass
 
-    monkeypatch.setattr(services.runner, "RunningServices", Broken)
+    monkeypatch.setattr(frugalstream.runner, "RunningServices", Broken)
     port = free_port()
     settings = dev_settings(port, Settings(state_dir=tmp_path / "state"))
     with pytest.raises(RuntimeError, match="failed to start"):

@@ -2,7 +2,7 @@
 
 These tests pin down what the services assume from any Kafka-protocol broker (keys, headers, consumer
 groups, rebalancing, manual commits, FastStream's commit-after-handler) and how clients behave when the
-broker hangs. Options come from :mod:`services.core.kafka_options`, the same ones the services use.
+broker hangs. Options come from :mod:`frugalstream.runtime.kafka_options`, the same ones the services use.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from aiokafka.partitioner import murmur2
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.schemas import Topic
 
-from services.core.embedded_broker import (
-    BROKER_BIN_ENV,
-    BrokerBinaryNotFoundError,
-    EmbeddedBroker,
-    find_broker_binary,
-)
-from services.core.kafka_options import (
+from frugalstream.runtime.kafka_options import (
     MIN_KAFKA_SESSION_TIMEOUT_MS,
     TANSU_FETCH_MAX_WAIT_MS,
     consumer_options,
     producer_options,
     subscriber_options,
+)
+from frugalstream.tools.embedded_broker import (
+    BROKER_BIN_ENV,
+    BrokerBinaryNotFoundError,
+    EmbeddedBroker,
+    find_broker_binary,
 )
 
 pytestmark = pytest.mark.integration

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from schemas import topics as t
-from services.bootstrap import Resources
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.embedder import HashingEmbedder
-from services.core.settings import Settings
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.llm.embedder import HashingEmbedder
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import topics as t
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 from tests.integration.test_faults_crash import produce_stream
 from tests.integration.test_faults_helpers import fresh_workload, read_topics, responses_by_id
 

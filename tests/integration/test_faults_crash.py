@@ -27,16 +27,24 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas import ChatMessage, LLMRequest, RoutedRequest, SummarizeItem, SummarizeJob, SummaryResult, UsageRecord
-from schemas import topics as t
-from services.accountant.pricing import cost_event
-from services.classifier.logic import Classifier
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.identity import request_key
-from services.core.prices import PriceCatalog
-from services.core.settings import Settings
-from services.core.stage import FAULT_EXIT_CODE
-from services.core.tokens import TokenCounter
+from frugalstream.classifier.logic import Classifier
+from frugalstream.llm.identity import request_key
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import FAULT_EXIT_CODE
+from frugalstream.schemas import (
+    ChatMessage,
+    LLMRequest,
+    RoutedRequest,
+    SummarizeItem,
+    SummarizeJob,
+    SummaryResult,
+    UsageRecord,
+)
+from frugalstream.schemas import topics as t
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 from tests.integration.test_faults_helpers import (
     CountingOpenAI,
     ServiceProcess,

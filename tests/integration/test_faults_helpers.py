@@ -25,15 +25,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from schemas import LLMRequest, LLMResponse
-from services.core.identity import request_key
-from services.core.settings import Settings
-from services.demo_workload import load_demo_workload
+from frugalstream.llm.identity import request_key
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import LLMRequest, LLMResponse
+from frugalstream.tools.demo_workload import load_demo_workload
 
 
 def frugalstream_bin() -> list[str]:
     exe = shutil.which("frugalstream", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "services.cli"]
+    return [exe] if exe else [sys.executable, "-m", "frugalstream"]
 
 
 def fault_env(settings: Settings, **extra: str) -> dict[str, str]:

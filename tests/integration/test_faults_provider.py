@@ -20,19 +20,19 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
-from schemas import topics as t
-from services.bootstrap import Resources
-from services.classifier.logic import Classifier
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.messaging import Out
-from services.core.settings import Settings
-from services.core.tokens import TokenCounter
-from services.gateway.idempotency import MemoryCompleted
-from services.gateway.logic import Gateway
-from services.gateway.providers import OpenAIProvider
-from services.gateway.resilience import BreakerRegistry, CircuitBreaker, RetryPolicy
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.classifier.logic import Classifier
+from frugalstream.gateway.idempotency import MemoryCompleted
+from frugalstream.gateway.logic import Gateway
+from frugalstream.llm.providers import OpenAIProvider
+from frugalstream.llm.resilience import BreakerRegistry, CircuitBreaker, RetryPolicy
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
+from frugalstream.schemas import topics as t
+from frugalstream.tools.embedded_broker import EmbeddedBroker
 from tests.integration.test_faults_helpers import read_topics, responses_by_id
 
 pytestmark = [pytest.mark.integration]

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import ChatMessage, LLMRequest, SummarizeItem, SummarizeJob
-from schemas import topics as t
-from services.accountant.app import AccountantService
-from services.core.embedder import MiniLMEmbedder
-from services.core.settings import Settings
-from services.demo import collect_responses, produce, wait_priced
+from frugalstream.accountant.app import AccountantService
+from frugalstream.llm.embedder import MiniLMEmbedder
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest, SummarizeItem, SummarizeJob
+from frugalstream.schemas import topics as t
+from frugalstream.tools.demo import collect_responses, produce, wait_priced
 from tests.integration.adversary import read_quietly
 from tests.integration.conftest import PipelineFactory
 

@@ -19,18 +19,18 @@ from typing import Any
 
 import pytest
 
-from schemas import ChatMessage, SamplingParams, SummarizeItem
-from schemas import topics as t
-from services.backfill import publish_parts, split_job
-from services.bootstrap import Resources
-from services.core.embedded_broker import EmbeddedBroker
-from services.core.embedder import HashingEmbedder
-from services.core.settings import Settings
-from services.gateway.providers import Completion, SimulatedProvider
-from services.gateway.providers.simulated import packed_items
-from services.runner import RunningServices
-from services.summarizer.plan import content_hash
-from services.summarizer.report import JobFollower
+from frugalstream.bootstrap import Resources
+from frugalstream.llm.embedder import HashingEmbedder
+from frugalstream.llm.providers import Completion, SimulatedProvider
+from frugalstream.llm.providers.simulated import packed_items
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, SamplingParams, SummarizeItem
+from frugalstream.schemas import topics as t
+from frugalstream.summarizer.plan import content_hash
+from frugalstream.tools.backfill import publish_parts, split_job
+from frugalstream.tools.embedded_broker import EmbeddedBroker
+from frugalstream.tools.job_report import JobFollower
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

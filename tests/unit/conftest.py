@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from faststream.kafka import TestKafkaBroker
 
-from services.bootstrap import Resources
-from services.core.embedder import HashingEmbedder
-from services.core.settings import Settings
-from services.gateway.providers import SimulatedProvider
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.llm.embedder import HashingEmbedder
+from frugalstream.llm.providers import SimulatedProvider
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.settings import Settings
 
 
 @pytest.fixture

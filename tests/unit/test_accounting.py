@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import STRATEGIES, BudgetState, CostPoint, PricedStep, TokenUsage, UsageRecord
-from services.accountant.budgets import Budget, BudgetsConfig, BudgetTracker
-from services.accountant.ledger import Ledger
-from services.accountant.pricing import cost_event, event_id, price_chain, price_usage
-from services.accountant.report import build_report, render
-from services.core.metrics import Metrics, exposition
-from services.core.prices import PriceCatalog
+from frugalstream.accountant.budgets import Budget, BudgetsConfig, BudgetTracker
+from frugalstream.accountant.ledger import Ledger
+from frugalstream.accountant.report import build_report, render
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import cost_event, event_id, price_chain, price_usage
+from frugalstream.runtime.metrics import Metrics, exposition
+from frugalstream.schemas import STRATEGIES, BudgetState, CostPoint, PricedStep, TokenUsage, UsageRecord
 
 CATALOG = PriceCatalog.load()
 T0 = 1_760_000_400.0  # a multiple of 3600: 2025-10-09T09:00:00Z

@@ -6,9 +6,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from schemas import CostPoint, PricedStep, TokenUsage, UsageRecord
-from services.accountant.pricing import cost_event
-from services.core.prices import PriceCatalog
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.schemas import CostPoint, PricedStep, TokenUsage, UsageRecord
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "analytics" / "cost_events.py"
 

@@ -6,18 +6,27 @@ import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from schemas import BudgetState, ChatMessage, CostPoint, LLMRequest, LLMResponse, RoutedRequest, TokenUsage, UsageRecord
-from schemas import topics as t
-from services.accountant.app import AccountantService
-from services.accountant.budgets import Budget, BudgetTracker
-from services.accountant.ledger import Ledger
-from services.classifier.logic import Classifier
-from services.core.messaging import Decoded, Out, Record
-from services.core.metrics import Metrics, exposition
-from services.core.prices import PriceCatalog
-from services.core.service import BackgroundWork
-from services.core.settings import Settings
-from services.core.tokens import TokenCounter
+from frugalstream.accountant.app import AccountantService
+from frugalstream.accountant.budgets import Budget, BudgetTracker
+from frugalstream.accountant.ledger import Ledger
+from frugalstream.classifier.logic import Classifier
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.metrics import Metrics, exposition
+from frugalstream.runtime.records import Decoded, Out, Record
+from frugalstream.runtime.service import BackgroundWork
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import (
+    BudgetState,
+    ChatMessage,
+    CostPoint,
+    LLMRequest,
+    LLMResponse,
+    RoutedRequest,
+    TokenUsage,
+    UsageRecord,
+)
+from frugalstream.schemas import topics as t
 
 CATALOG = PriceCatalog.load()
 BEFORE_MIDNIGHT = datetime(2026, 3, 14, 23, 50, tzinfo=UTC).timestamp()

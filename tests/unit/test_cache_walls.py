@@ -9,7 +9,19 @@ import threading
 import time
 from collections.abc import Sequence
 
-from schemas import (
+from frugalstream.dedupe.app import DedupeService
+from frugalstream.dedupe.logic import Deduper, SemanticHit
+from frugalstream.dedupe.semantic import SemanticIndex
+from frugalstream.dedupe.store import AnswerStore
+from frugalstream.dedupe.wiring import semantic_policy
+from frugalstream.llm.cache_keys import cache_keys
+from frugalstream.llm.embedder import AsyncEmbedder, HashingEmbedder
+from frugalstream.llm.identity import request_key
+from frugalstream.llm.verifier import VerifierDecision
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import (
     CacheEntry,
     ChatMessage,
     LLMRequest,
@@ -18,18 +30,7 @@ from schemas import (
     RoutedRequest,
     ToolCall,
 )
-from schemas import topics as t
-from services.core.cache_keys import cache_keys
-from services.core.embedder import AsyncEmbedder, HashingEmbedder
-from services.core.identity import request_key
-from services.core.messaging import Out, Publisher
-from services.core.settings import Settings, TenantPolicy
-from services.dedupe.app import DedupeService
-from services.dedupe.logic import Deduper, SemanticHit
-from services.dedupe.semantic import SemanticIndex
-from services.dedupe.store import AnswerStore
-from services.dedupe.verifier import VerifierDecision
-from services.dedupe.wiring import semantic_policy
+from frugalstream.schemas import topics as t
 from tests.unit.test_dedupe import SETTINGS, answer, deduper, fill, route, sources
 
 WEATHER = "What should I wear in Oslo today?"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.classifier.calibrate import by_quality, by_share, write_thresholds
-from services.core.settings import Settings
+from frugalstream.runtime.settings import Settings
+from frugalstream.tools.calibrate import by_quality, by_share, write_thresholds
 
 
 def test_by_share_hits_the_requested_shares() -> None:

@@ -6,18 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import BudgetState, ChatMessage, LLMRequest, ToolCall
-from services.classifier.routing import (
+from frugalstream.classifier.routing import (
     BudgetBook,
     PolicyDenied,
     TierThresholds,
     choose_model,
     decide_tier,
 )
-from services.classifier.task_rules import classify_task
-from services.classifier.trimming import trim_to_budget
-from services.core.settings import Settings, TenantPolicy
-from services.core.tokens import TokenCounter
+from frugalstream.classifier.task_rules import classify_task
+from frugalstream.classifier.trimming import trim_to_budget
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, ToolCall
 
 COUNTER = TokenCounter()
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas import CostPoint, PricedStep, TokenUsage, UsageRecord
-from services.accountant.ledger import Ledger
-from services.accountant.pricing import cost_event
-from services.cli import main
-from services.core.prices import PriceCatalog
+from frugalstream.accountant.ledger import Ledger
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.schemas import CostPoint, PricedStep, TokenUsage, UsageRecord
+from frugalstream.tools.cli import main
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_calibrate_needs_exactly_one_target(tmp_path: Path) -> None:
 
 
 def test_dev_listens_on_9092_by_default_and_takes_a_port() -> None:
-    from services.cli import build_parser, cmd_dev
+    from frugalstream.tools.cli import build_parser, cmd_dev
 
     args = build_parser().parse_args(["dev"])
     assert args.port == 9092 and args.func is cmd_dev
@@ -62,8 +62,8 @@ def test_dev_listens_on_9092_by_default_and_takes_a_port() -> None:
 
 
 def test_dev_settings_point_at_the_embedded_broker_and_keep_a_configured_state_dir(tmp_path: Path) -> None:
-    from services.core.settings import Settings
-    from services.devmode import DEV_STATE_DIR, dev_settings
+    from frugalstream.runtime.settings import Settings
+    from frugalstream.tools.devmode import DEV_STATE_DIR, dev_settings
 
     settings = dev_settings(19092, Settings())
     assert settings.kafka_bootstrap == "127.0.0.1:19092" and not settings.kafka_idempotent

@@ -7,19 +7,19 @@ from collections.abc import Sequence
 
 import pytest
 
-from schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, Tier, TokenUsage
-from schemas import topics as t
-from services.classifier.logic import Classifier
-from services.core.cache_keys import cache_keys
-from services.core.embedder import AsyncEmbedder, HashingEmbedder
-from services.core.identity import request_key
-from services.core.settings import Settings, TenantPolicy
-from services.core.tokens import TokenCounter
-from services.dedupe.logic import Deduper
-from services.dedupe.semantic import SemanticIndex
-from services.dedupe.store import AnswerStore
-from services.dedupe.verifier import TrainedVerifier, VerifierDecision
-from services.dedupe.wiring import semantic_policy
+from frugalstream.classifier.logic import Classifier
+from frugalstream.dedupe.logic import Deduper
+from frugalstream.dedupe.semantic import SemanticIndex
+from frugalstream.dedupe.store import AnswerStore
+from frugalstream.dedupe.wiring import semantic_policy
+from frugalstream.llm.cache_keys import cache_keys
+from frugalstream.llm.embedder import AsyncEmbedder, HashingEmbedder
+from frugalstream.llm.identity import request_key
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.llm.verifier import TrainedVerifier, VerifierDecision
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, Tier, TokenUsage
+from frugalstream.schemas import topics as t
 
 SETTINGS = Settings(semantic_task_types=("faq",), semantic_verifier="features")  # the torch-free verifier
 
@@ -186,7 +186,7 @@ async def test_expired_entries_are_not_served() -> None:
 
 def test_eviction_keeps_the_costlier_entries() -> None:
     store = AnswerStore(10, clock=lambda: 0.0)
-    from schemas import CacheKeys
+    from frugalstream.schemas import CacheKeys
 
     for n in range(11):
         keys = CacheKeys(scope="s", exact=f"e{n}", prefix="", lookup_text=f"q{n}", tier_rank=0)

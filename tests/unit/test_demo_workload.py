@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas import ChatMessage, LLMRequest
-from services.core.cache_keys import normalize_text
-from services.core.settings import Settings
-from services.core.tokens import TokenCounter
-from services.demo_workload import (
+from frugalstream.llm.cache_keys import normalize_text
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest
+from frugalstream.tools.demo_workload import (
     ARRIVAL_TAG,
     DATA_PACKAGE,
     MIX_RANGES,

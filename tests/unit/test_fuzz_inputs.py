@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from schemas import ChatMessage, DeadLetter, LLMRequest, LLMResponse
-from schemas import topics as t
-from services.core.messaging import Out
-from services.runner import RunningServices
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.records import Out
+from frugalstream.schemas import ChatMessage, DeadLetter, LLMRequest, LLMResponse
+from frugalstream.schemas import topics as t
 
 INPUT_TOPICS = (t.REQUESTS, t.ROUTED, t.DISPATCH, t.RESPONSES, t.USAGE, t.SUMMARIZE_JOBS, t.BUDGETS)
 VALID = LLMRequest(id="seed", tenant="acme", messages=(ChatMessage(role="user", content="hello?"),))

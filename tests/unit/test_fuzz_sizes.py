@@ -24,11 +24,11 @@ from hypothesis import settings as fuzz_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas import DeadLetter, LLMRequest, LLMResponse
-from schemas import topics as t
-from services.bootstrap import Resources
-from services.core.settings import Settings
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import DeadLetter, LLMRequest, LLMResponse
+from frugalstream.schemas import topics as t
 
 LIMIT = 16_384
 SHELL = {"id": "", "tenant": "acme", "messages": [{"role": "user", "content": ""}]}

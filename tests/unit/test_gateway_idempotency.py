@@ -14,19 +14,20 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from schemas import ChatMessage, CompletedCall, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
-from schemas import topics as t
-from services.classifier.logic import Classifier
-from services.core.identity import request_key
-from services.core.messaging import Out, Publisher
-from services.core.settings import Settings
-from services.core.tokens import TokenCounter
-from services.gateway import completed as completed_module
-from services.gateway.completed import CompletedLoader, TopicCompleted
-from services.gateway.idempotency import MemoryCompleted
-from services.gateway.logic import Gateway, Result
-from services.gateway.providers import Completion, ProviderError
-from services.gateway.resilience import RetryPolicy
+from frugalstream.classifier.logic import Classifier
+from frugalstream.gateway import completed as completed_module
+from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
+from frugalstream.gateway.idempotency import MemoryCompleted
+from frugalstream.gateway.logic import Gateway, Result
+from frugalstream.llm.identity import request_key
+from frugalstream.llm.providers import Completion, ProviderError
+from frugalstream.llm.resilience import RetryPolicy
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, CompletedCall, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
+from frugalstream.schemas import topics as t
 
 
 class CountingProvider:

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.dedupe import pair_encoder as pe
+from frugalstream.llm import pair_encoder as pe
 
 
 class CountingScorer:
@@ -57,7 +57,7 @@ def test_one_model_call_per_batch_and_each_pair_keeps_its_threshold() -> None:
 
 
 def test_a_stack_combines_both_models_and_the_cosine() -> None:
-    from services.dedupe.verifier import TrainedVerifier, pair_features
+    from frugalstream.llm.verifier import TrainedVerifier, pair_features
 
     lexical, scorer = TrainedVerifier.load(), CountingScorer()
     stack = pe.Stack((0.5, 0.25, 2.0), -1.0)

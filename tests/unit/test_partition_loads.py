@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from schemas import CacheEntry, RoutedRequest
-from schemas import topics as t
-from services.core.messaging import Decoded, Out, Publisher, Record
-from services.core.settings import Settings
-from services.core.state_topics import PartitionLoads, PartitionRevokedError
-from services.dedupe import app as dedupe_app
-from services.dedupe import rebuild
-from services.dedupe.app import DedupeService
+from frugalstream.dedupe import app as dedupe_app
+from frugalstream.dedupe import rebuild
+from frugalstream.dedupe.app import DedupeService
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Decoded, Out, Record
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import PartitionLoads, PartitionRevokedError
+from frugalstream.schemas import CacheEntry, RoutedRequest
+from frugalstream.schemas import topics as t
 from tests.unit.test_dedupe import SETTINGS, answer, ask, deduper, route, sources
 
 # -- PartitionLoads on its own ---------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ from typing import Any
 
 from faststream.kafka import KafkaBroker
 
-from schemas import ChatMessage, LLMRequest, LLMResponse
-from schemas import topics as t
-from services.accountant.app import AccountantService
-from services.runner import RunningServices
+from frugalstream.accountant.app import AccountantService
+from frugalstream.runner import RunningServices
+from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse
+from frugalstream.schemas import topics as t
 
 
 def collect(broker: KafkaBroker, topic: str) -> list[bytes]:
@@ -61,7 +61,7 @@ async def test_malformed_request_lands_on_dlq_and_next_flows(pipeline: RunningSe
 
 
 async def test_published_outputs_feed_prometheus_series(pipeline: RunningServices) -> None:
-    from services.core.metrics import exposition
+    from frugalstream.runtime.metrics import exposition
 
     broker = pipeline.broker
     await broker.start()

@@ -11,18 +11,19 @@ from typing import Any
 import pytest
 from faststream.kafka import TestKafkaBroker
 
-from schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
-from schemas import topics as t
-from services.classifier import logic as classifier_logic
-from services.classifier.app import ClassifierService
-from services.classifier.invalid import invalid_request_outs
-from services.classifier.logic import Classifier
-from services.core.broker import make_broker
-from services.core.cache_keys import cache_keys
-from services.core.messaging import Out, Publisher, Record
-from services.core.prices import PriceCatalog
-from services.core.settings import Settings, TenantPolicy
-from services.core.tokens import TokenCounter
+from frugalstream.classifier import logic as classifier_logic
+from frugalstream.classifier.app import ClassifierService
+from frugalstream.classifier.invalid import invalid_request_outs
+from frugalstream.classifier.logic import Classifier
+from frugalstream.llm.cache_keys import cache_keys
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.broker import make_broker
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out, Record
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
+from frugalstream.schemas import topics as t
 
 CATALOG = PriceCatalog.load()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas import CostPoint, TokenUsage
-from services.core.prices import DEFAULT_PATH, PriceCatalog, UnknownModelError
+from frugalstream.llm.pricing.catalog import DEFAULT_PATH, PriceCatalog, UnknownModelError
+from frugalstream.schemas import CostPoint, TokenUsage
 
 REQUIRED = (
     "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o4-mini", "gpt-5", "gpt-5-mini",

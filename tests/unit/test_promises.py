@@ -14,16 +14,16 @@ import time
 
 import pytest
 
-from schemas import BudgetState, ChatMessage, LLMRequest, Route, RoutedRequest, TokenUsage
-from services.accountant.ledger import Ledger
-from services.accountant.pricing import cost_event
-from services.classifier.routing import BudgetBook, PolicyDenied, choose_model
-from services.classifier.trimming import trim_to_budget
-from services.core.cache_keys import cache_keys
-from services.core.outputs import llm_usage
-from services.core.prices import PriceCatalog
-from services.core.settings import Settings, TenantPolicy
-from services.core.tokens import TokenCounter
+from frugalstream.accountant.ledger import Ledger
+from frugalstream.classifier.routing import BudgetBook, PolicyDenied, choose_model
+from frugalstream.classifier.trimming import trim_to_budget
+from frugalstream.llm.cache_keys import cache_keys
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.llm.usage import llm_usage
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, Route, RoutedRequest, TokenUsage
 
 COUNTER = TokenCounter()
 MODEL = "gpt-4o"

@@ -11,8 +11,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from schemas import ChatMessage, SamplingParams, ToolCall
-from services.gateway.providers import (
+from frugalstream.llm.providers import (
     AnthropicProvider,
     Completion,
     OpenAIProvider,
@@ -21,7 +20,8 @@ from services.gateway.providers import (
     SimulatedProvider,
     build_provider,
 )
-from services.gateway.resilience import BreakerRegistry, RetryPolicy, call_with_fallbacks
+from frugalstream.llm.resilience import BreakerRegistry, RetryPolicy, call_with_fallbacks
+from frugalstream.schemas import ChatMessage, SamplingParams, ToolCall
 
 Reply = httpx.Response | httpx.HTTPError
 P = TypeVar("P", bound=Provider)

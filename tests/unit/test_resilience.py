@@ -11,9 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import SamplingParams, TokenUsage
-from services.gateway.providers import Completion, ProviderError, parse_retry_after
-from services.gateway.resilience import (
+from frugalstream.llm.providers import Completion, ProviderError, parse_retry_after
+from frugalstream.llm.resilience import (
     Attempt,
     BreakerRegistry,
     CircuitBreaker,
@@ -21,6 +20,7 @@ from services.gateway.resilience import (
     RetryPolicy,
     call_with_fallbacks,
 )
+from frugalstream.schemas import SamplingParams, TokenUsage
 
 
 class Clock:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from frugalstream.llm.verifier import _negated, _numbers, _tokens
 from scripts.rewordings import reword, synthesize_rewordings
-from services.dedupe.verifier import _negated, _numbers, _tokens
 
 QUESTIONS = [
     "How do I top up my card with 20 euros?",

@@ -7,17 +7,17 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas import LLMRequest
-from schemas.generate import JSON_DIR, render
-from schemas.topics import ALL_TOPICS, CONTRACTS_BY_NAME, TOPIC_CONTRACTS
+from frugalstream.schemas import LLMRequest
+from frugalstream.schemas.generate import JSON_DIR, render
+from frugalstream.schemas.topics import ALL_TOPICS, CONTRACTS_BY_NAME, TOPIC_CONTRACTS
 
 
 def test_checked_in_json_schemas_match_the_models() -> None:
     rendered = render()
     on_disk = {p.name: p.read_text() for p in JSON_DIR.glob("*.schema.json")}
-    assert set(on_disk) == set(rendered), "run `python -m schemas.generate`"
+    assert set(on_disk) == set(rendered), "run `python -m frugalstream.schemas.generate`"
     for name, text in rendered.items():
-        assert on_disk[name] == text, f"{name} drifted from its model: run `python -m schemas.generate`"
+        assert on_disk[name] == text, f"{name} drifted from its model: run `python -m frugalstream.schemas.generate`"
 
 
 def test_every_contract_is_versioned_and_every_topic_has_a_dlq() -> None:

@@ -13,16 +13,17 @@ import structlog
 from faststream.kafka.security import parse_security
 from faststream.security import SASLScram512
 
-from schemas import ChatMessage, LLMRequest
-from schemas import topics as t
-from services.bootstrap import Resources
-from services.core.broker import make_broker, security_from_settings
-from services.core.embedder import HashingEmbedder
-from services.core.logging import configure_logging
-from services.core.messaging import Record, decode
-from services.core.settings import Settings
-from services.gateway.providers import OpenAIProvider
-from services.runner import RunningServices
+from frugalstream.bootstrap import Resources
+from frugalstream.llm.embedder import HashingEmbedder
+from frugalstream.llm.providers import OpenAIProvider
+from frugalstream.runner import RunningServices
+from frugalstream.runtime.broker import make_broker, security_from_settings
+from frugalstream.runtime.logging import configure_logging
+from frugalstream.runtime.messaging import decode
+from frugalstream.runtime.records import Record
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, LLMRequest
+from frugalstream.schemas import topics as t
 
 SECRET_PROMPT = "zebra-7731 my account password is hunter2"
 SECRET_KEY = "sk-live-DO-NOT-LOG-0123456789"

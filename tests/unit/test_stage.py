@@ -20,14 +20,16 @@ from faststream.kafka import KafkaBroker, TestKafkaBroker
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from schemas import CacheKeys, ChatMessage, DeadLetter, LLMRequest, LLMResponse, Route, RoutedRequest
-from schemas import topics as t
-from services.core.broker import batch_subscriber_options
-from services.core.messaging import Decoded, Out, Publisher, Record, dead_letter
-from services.core.metrics import Metrics
-from services.core.outputs import error_response, response_outs
-from services.core.settings import Settings
-from services.core.stage import subscribe
+from frugalstream.runtime.broker import batch_subscriber_options
+from frugalstream.runtime.messaging import Publisher, dead_letter
+from frugalstream.runtime.metrics import Metrics
+from frugalstream.runtime.records import Decoded, Out, Record
+from frugalstream.runtime.replies import response_outs
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import subscribe
+from frugalstream.schemas import CacheKeys, ChatMessage, DeadLetter, LLMRequest, LLMResponse, Route, RoutedRequest
+from frugalstream.schemas import topics as t
+from frugalstream.schemas.responses import error_response
 
 LIMIT = 1_000_000
 
@@ -173,7 +175,7 @@ async def test_oversize_other_output_is_dead_lettered_capped() -> None:
 
 
 async def test_large_batches_are_serialized_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    import services.core.messaging as messaging
+    import frugalstream.runtime.messaging as messaging
 
     offloaded: list[int] = []
     to_thread = asyncio.to_thread
@@ -410,7 +412,7 @@ def test_broker_has_a_real_logger() -> None:
     """With `logger=None` FastStream swallowed every handler exception and client error without a line."""
     from faststream._internal.context import ContextRepo
 
-    from services.core.broker import BROKER_LOGGER, make_broker
+    from frugalstream.runtime.broker import BROKER_LOGGER, make_broker
 
     state = make_broker(settings()).config.logger
     assert state.params_storage.get_logger(context=ContextRepo()) is BROKER_LOGGER

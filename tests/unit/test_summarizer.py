@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from schemas import (
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import price_chain
+from frugalstream.llm.providers import Completion, SimulatedProvider
+from frugalstream.llm.providers.simulated import packed_items
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import (
     ChatMessage,
     SamplingParams,
     SummarizeItem,
@@ -20,16 +26,10 @@ from schemas import (
     SummaryResult,
     UsageRecord,
 )
-from services.accountant.pricing import price_chain
-from services.core.messaging import Out
-from services.core.prices import PriceCatalog
-from services.core.settings import Settings
-from services.gateway.providers import Completion, SimulatedProvider
-from services.gateway.providers.simulated import packed_items
-from services.summarizer.batching import SimulatedBatch
-from services.summarizer.logic import Summarizer, SummarizerConfig
-from services.summarizer.plan import content_hash
-from services.summarizer.store import SummaryStore
+from frugalstream.summarizer.batching import SimulatedBatch
+from frugalstream.summarizer.logic import Summarizer, SummarizerConfig
+from frugalstream.summarizer.plan import content_hash
+from frugalstream.summarizer.store import SummaryStore
 
 INSTRUCTION = "Summarize this product in one sentence."
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from schemas import ChatMessage, SummarizeItem, SummarizeJob, SummaryResult, UsageRecord
-from services.backfill import split_job
-from services.core.settings import Settings
-from services.gateway.providers import OpenAIProvider
-from services.gateway.providers.openai_batch import BatchRequest, OpenAIBatchClient
-from services.gateway.providers.simulated import packed_items
-from services.summarizer.batching import OpenAIBatch
-from services.summarizer.logic import Summarizer, SummarizerConfig
-from services.summarizer.store import SummaryStore
+from frugalstream.llm.providers import OpenAIProvider
+from frugalstream.llm.providers.openai_batch import BatchRequest, OpenAIBatchClient
+from frugalstream.llm.providers.simulated import packed_items
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import ChatMessage, SummarizeItem, SummarizeJob, SummaryResult, UsageRecord
+from frugalstream.summarizer.batching import OpenAIBatch
+from frugalstream.summarizer.logic import Summarizer, SummarizerConfig
+from frugalstream.summarizer.store import SummaryStore
+from frugalstream.tools.backfill import split_job
 
 
 def completion(body: dict[str, Any], drop: str | None = None) -> dict[str, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas import SamplingParams, SummarizeItem
-from services.backfill import load_items, parse_duration, split_job, write_results
-from services.gateway.providers import SimulatedProvider
-from services.summarizer.packing import pack, packed_messages, parse_packed
-from services.summarizer.report import JobOutcome
+from frugalstream.llm.providers import SimulatedProvider
+from frugalstream.schemas import SamplingParams, SummarizeItem
+from frugalstream.summarizer.packing import pack, packed_messages, parse_packed
+from frugalstream.tools.backfill import load_items, parse_duration, split_job, write_results
+from frugalstream.tools.job_report import JobOutcome
 
 
 def test_parser_checks_every_item_on_its_own() -> None:

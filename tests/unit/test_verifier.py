@@ -8,8 +8,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.dedupe import verifier as v
-from services.dedupe.pair_eval import evaluate_pairs, qqp_split
+from frugalstream.llm import verifier as v
+from frugalstream.tools.evals.pair_eval import evaluate_pairs, qqp_split
 
 
 @pytest.fixture(scope="module")

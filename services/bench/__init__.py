@@ -1,1 +1,0 @@
-"""`frugalstream bench ...`: workloads that print a table for people and write JSON."""

@@ -1,1 +1,0 @@
-"""Shared building blocks: settings, broker wiring, DLQ, logging, tokens, prices, embeddings."""

@@ -1,0 +1,269 @@
+"""SQLite ledger of cost events: idempotent, exact, and cheap to query for reports and budgets.
+
+Amounts are stored as integers of 1e-10 USD (the precision of the contract), so sums are exact and
+`baseline - actual == sum(savings by strategy)` holds to the unit in every total; SQLite raises on integer
+overflow (about $920M in one sum) rather than wrapping. Events are keyed by their CloudEvents id and
+inserted with INSERT OR IGNORE, so a redelivered event changes nothing.
+
+One connection, guarded by a lock: the service calls the ledger through `asyncio.to_thread`, whose pool may
+use a different thread each call, so the connection is opened with `check_same_thread=False`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from frugalstream.llm.pricing.costing import rfc3339
+from frugalstream.schemas import CostEvent
+
+UNITS_PER_USD = 10**10
+UNATTRIBUTED = "unattributed"
+NONE_LABEL = "(none)"
+MAX_FILLED_BUCKETS = 10_000
+Dimension = Literal["tenant", "model", "task", "strategy", "tag"]
+_COLUMNS = {"tenant": "e.tenant", "model": "e.model", "task": "e.task_type"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cost_events (
+    id TEXT PRIMARY KEY,
+    usage_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    model TEXT,
+    baseline_model TEXT NOT NULL,
+    task_type TEXT,
+    stage TEXT NOT NULL,
+    source TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    time REAL NOT NULL,
+    items INTEGER NOT NULL,
+    baseline_u INTEGER NOT NULL,
+    actual_u INTEGER NOT NULL,
+    saved_u INTEGER NOT NULL,
+    estimated INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    simulated INTEGER NOT NULL,
+    catalog_version TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    price_unknown INTEGER NOT NULL DEFAULT 0,
+    unpriced_models TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS cost_events_time ON cost_events (time);
+CREATE INDEX IF NOT EXISTS cost_events_tenant_time ON cost_events (tenant, time);
+CREATE TABLE IF NOT EXISTS cost_savings (
+    event_id TEXT NOT NULL REFERENCES cost_events (id),
+    strategy TEXT NOT NULL,
+    saved_u INTEGER NOT NULL,
+    PRIMARY KEY (event_id, strategy)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cost_tags (
+    event_id TEXT NOT NULL REFERENCES cost_events (id),
+    tag TEXT NOT NULL,
+    PRIMARY KEY (event_id, tag)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cost_tags_tag ON cost_tags (tag, event_id);
+"""
+
+_INSERT = """
+INSERT OR IGNORE INTO cost_events (id, usage_id, request_id, tenant, model, baseline_model, task_type, stage,
+    source, tags, time, items, baseline_u, actual_u, saved_u, estimated, batch, simulated, catalog_version, payload,
+    price_unknown, unpriced_models)
+VALUES (:id, :usage_id, :request_id, :tenant, :model, :baseline_model, :task_type, :stage, :source, :tags, :time,
+    :items, :baseline_u, :actual_u, :saved_u, :estimated, :batch, :simulated, :catalog_version, :payload,
+    :price_unknown, :unpriced_models)
+"""
+# Columns added after the first release: a ledger file written before them gains them on open (old rows were
+# all priced from the catalog, so the defaults are their true values).
+_ADDED_COLUMNS = (
+    ("price_unknown", "INTEGER NOT NULL DEFAULT 0"),
+    ("unpriced_models", "TEXT NOT NULL DEFAULT '[]'"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    have = {str(row[1]) for row in conn.execute("PRAGMA table_info(cost_events)")}
+    for name, decl in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE cost_events ADD COLUMN {name} {decl}")
+
+
+def to_units(usd: float) -> int:
+    """Float USD (already rounded to 1e-10 by the accountant) to integer units, via its shortest repr."""
+    return int((Decimal(repr(usd)) * UNITS_PER_USD).to_integral_value(ROUND_HALF_EVEN))
+
+
+def to_usd(units: int) -> float:
+    return units / UNITS_PER_USD + 0.0
+
+
+def parse_time(text: str) -> float:
+    dt = datetime.fromisoformat(text)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _pct(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole > 0 else 0.0
+
+
+def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
+    """Columns, per-strategy units reconciled to `baseline - actual` exactly, and `key=value` tags."""
+    d = event.data
+    baseline_u, actual_u = to_units(d.baseline_cost_usd), to_units(d.actual_cost_usd)
+    savings = {str(s): to_units(v) for s, v in d.savings_by_strategy.items()}
+    residual = (baseline_u - actual_u) - sum(savings.values())
+    if residual:
+        # Only float conversion of large amounts (or a foreign producer) gets here; never lose a unit.
+        target = max(savings, key=lambda s: abs(savings[s]), default=UNATTRIBUTED)
+        savings[target] = savings.get(target, 0) + residual
+    row = {
+        "id": event.id, "usage_id": d.usage_id, "request_id": d.request_id, "tenant": d.tenant,
+        "model": d.model, "baseline_model": d.baseline_model, "task_type": d.task_type, "stage": d.stage,
+        "source": d.source, "tags": json.dumps(d.tags, sort_keys=True), "time": parse_time(event.time),
+        "items": d.items, "baseline_u": baseline_u, "actual_u": actual_u, "saved_u": baseline_u - actual_u,
+        "estimated": int(d.estimated), "batch": int(d.batch), "simulated": int(d.simulated),
+        "catalog_version": d.catalog_version, "payload": event.model_dump_json(),
+        "price_unknown": int(d.price_unknown), "unpriced_models": json.dumps(list(d.unpriced_models)),
+    }
+    return row, savings, [f"{k}={v}" for k, v in sorted(d.tags.items())]
+
+
+class Ledger:
+    """Append-only store of priced cost events; every query is exact and `since` is a unix time (inclusive)."""
+
+    def __init__(self, path: Path | str = ":memory:") -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False)
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: offsets are committed after `add`, so a committed event must survive a power loss.
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(_SCHEMA)
+            with self._conn:
+                _migrate(self._conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def add(self, event: CostEvent) -> bool:
+        """True if stored, False if an event with this id was already there (nothing changes then)."""
+        return self.add_many([event]) == 1
+
+    def add_many(self, events: Iterable[CostEvent]) -> int:
+        """Stores a batch in one transaction (one fsync); returns how many were new."""
+        rows = [_row(e) for e in events]
+        added = 0
+        with self._lock, self._conn:
+            for row, savings, tags in rows:
+                if self._conn.execute(_INSERT, row).rowcount != 1:
+                    continue
+                added += 1
+                self._conn.executemany("INSERT INTO cost_savings VALUES (?, ?, ?)",
+                                       [(row["id"], s, u) for s, u in savings.items()])
+                self._conn.executemany("INSERT INTO cost_tags VALUES (?, ?)", [(row["id"], t) for t in tags])
+        return added
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    @staticmethod
+    def _where(since: float | None) -> tuple[str, list[Any]]:
+        return ("WHERE e.time >= ?", [since]) if since is not None else ("", [])
+
+    def _by_strategy_units(self, since: float | None) -> list[tuple[str, int, int, int]]:
+        where, params = self._where(since)
+        return [(str(s), int(n), int(i), int(u)) for s, n, i, u in self._query(
+            f"SELECT s.strategy, COUNT(*), SUM(e.items), SUM(s.saved_u) FROM cost_savings s "
+            f"JOIN cost_events e ON e.id = s.event_id {where} GROUP BY s.strategy "
+            f"ORDER BY SUM(s.saved_u) DESC, s.strategy", params)]
+
+    def totals(self, since: float | None = None) -> dict[str, Any]:
+        where, params = self._where(since)
+        n, items, base_u, act_u, unpriced = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(e.items), 0), COALESCE(SUM(e.baseline_u), 0), "
+            f"COALESCE(SUM(e.actual_u), 0), COALESCE(SUM(e.price_unknown), 0) FROM cost_events e {where}", params)[0]
+        return {
+            "requests": int(n), "items": int(items),
+            "baseline_cost_usd": to_usd(base_u), "actual_cost_usd": to_usd(act_u),
+            "saved_usd": to_usd(base_u - act_u), "savings_pct": _pct(base_u - act_u, base_u),
+            "unpriced_requests": int(unpriced),
+            "by_strategy": {s: to_usd(u) for s, _, _, u in self._by_strategy_units(since)},
+        }
+
+    def breakdown(self, by: Dimension, since: float | None = None) -> list[dict[str, Any]]:
+        """Rows sorted by spend (strategy rows: by saving). Tag rows overlap: an event counts under each tag."""
+        where, params = self._where(since)
+        if by == "strategy":
+            base_u = self._query(f"SELECT COALESCE(SUM(e.baseline_u), 0) FROM cost_events e {where}", params)[0][0]
+            return [{"strategy": s, "requests": n, "items": i, "saved_usd": to_usd(u), "savings_pct": _pct(u, base_u)}
+                    for s, n, i, u in self._by_strategy_units(since)]
+        if by == "tag":
+            key, source = f"COALESCE(t.tag, '{NONE_LABEL}')", "cost_events e LEFT JOIN cost_tags t ON t.event_id = e.id"
+        elif by in _COLUMNS:
+            key, source = f"COALESCE({_COLUMNS[by]}, '{NONE_LABEL}')", "cost_events e"
+        else:
+            raise ValueError(f"cannot break down by {by!r}")
+        rows = self._query(
+            f"SELECT {key} AS k, COUNT(*), SUM(e.items), SUM(e.baseline_u), SUM(e.actual_u) FROM {source} {where} "
+            "GROUP BY k ORDER BY SUM(e.actual_u) DESC, k", params)
+        return [{by: k, "requests": n, "items": i, "baseline_cost_usd": to_usd(b), "actual_cost_usd": to_usd(a),
+                 "saved_usd": to_usd(b - a), "savings_pct": _pct(b - a, b)} for k, n, i, b, a in rows]
+
+    def timeseries(self, bucket_s: float, since: float | None = None) -> list[dict[str, Any]]:
+        """Per-bucket spend, baseline and saving, with empty buckets filled by zeros so charts don't lie."""
+        if bucket_s <= 0:
+            raise ValueError("bucket_s must be positive")
+        where, params = self._where(since)
+        rows = self._query(
+            "SELECT CAST(e.time / ? AS INTEGER) AS b, COUNT(*), SUM(e.items), SUM(e.baseline_u), SUM(e.actual_u) "
+            f"FROM cost_events e {where} GROUP BY b ORDER BY b", [bucket_s, *params])
+        found = {int(b): (int(n), int(i), int(base), int(act)) for b, n, i, base, act in rows}
+        keys = sorted(found)
+        if keys and keys[-1] - keys[0] < MAX_FILLED_BUCKETS:
+            keys = list(range(keys[0], keys[-1] + 1))
+        out = []
+        for b in keys:
+            n, i, base, act = found.get(b, (0, 0, 0, 0))
+            out.append({"t": b * bucket_s, "time": rfc3339(b * bucket_s), "requests": n, "items": i,
+                        "baseline_cost_usd": to_usd(base), "actual_cost_usd": to_usd(act),
+                        "saved_usd": to_usd(base - act)})
+        return out
+
+    def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Events billed at the conservative rate because the catalog lacked a model, by that model: what a
+        report must show so nobody mistakes an estimate for a price."""
+        where = "WHERE e.price_unknown = 1" + (" AND e.time >= ?" if since is not None else "")
+        rows = self._query(
+            "SELECT m.value, COUNT(*), SUM(e.actual_u) FROM cost_events e, json_each(e.unpriced_models) m "
+            f"{where} GROUP BY m.value ORDER BY SUM(e.actual_u) DESC, m.value", [] if since is None else [since])
+        return [{"model": str(m), "requests": int(n), "actual_cost_usd": to_usd(int(a))} for m, n, a in rows]
+
+    def spent(self, tenant: str, tag: str | None, since: float) -> float:
+        """Actual spend of a tenant (optionally one `key=value` tag) since a unix time, for budgets."""
+        if tag is None:
+            sql = "SELECT COALESCE(SUM(e.actual_u), 0) FROM cost_events e WHERE e.tenant = ? AND e.time >= ?"
+            params: list[Any] = [tenant, since]
+        else:
+            sql = ("SELECT COALESCE(SUM(e.actual_u), 0) FROM cost_events e JOIN cost_tags t ON t.event_id = e.id "
+                   "AND t.tag = ? WHERE e.tenant = ? AND e.time >= ?")
+            params = [tag, tenant, since]
+        return to_usd(int(self._query(sql, params)[0][0]))

@@ -1,0 +1,222 @@
+"""Cost reports from the ledger: terminal table, CSV, JSON, and one self-contained HTML file.
+
+The HTML report is a single file with inline SVG charts and inline CSS, no script and no external
+resource, so it can be mailed to finance or archived and still render identically years later.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from html import escape
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from frugalstream.accountant.ledger import Dimension, Ledger
+from frugalstream.llm.pricing.costing import rfc3339
+
+Format = Literal["table", "csv", "json", "html"]
+FORMATS: tuple[Format, ...] = ("table", "csv", "json", "html")
+TOTAL_LABEL = "(total)"
+_SVG_NS = "http://www.w3.org/2000/svg"  # a namespace name, never fetched
+_MONEY_KEYS = frozenset({"baseline_cost_usd", "actual_cost_usd", "saved_usd"})
+
+
+@dataclass(frozen=True)
+class Report:
+    totals: dict[str, Any]
+    by: Dimension
+    breakdown: list[dict[str, Any]]
+    timeseries: list[dict[str, Any]] = field(default_factory=list)
+    unpriced: list[dict[str, Any]] = field(default_factory=list)  # models billed at the conservative rate
+    since: float | None = None
+    generated_at: float = field(default_factory=time.time)
+    title: str = "frugalstream cost report"
+
+
+def build_report(ledger: Ledger, by: Dimension = "tenant", since: float | None = None,
+                 bucket_s: float = 3600.0, title: str = "frugalstream cost report") -> Report:
+    return Report(totals=ledger.totals(since), by=by, breakdown=ledger.breakdown(by, since),
+                  timeseries=ledger.timeseries(bucket_s, since), unpriced=ledger.unpriced(since), since=since,
+                  title=title)
+
+
+def usd(value: float) -> str:
+    """Enough decimals that a per-request cost of a cheap model is not shown as $0.00."""
+    digits = 2 if abs(value) >= 100 else 4 if abs(value) >= 1 else 6
+    return f"${value:,.{digits}f}"
+
+
+def _cell(key: str, value: Any) -> str:
+    if key in _MONEY_KEYS:
+        return usd(float(value))
+    if key.endswith("_pct"):
+        return f"{float(value):.1f}%"
+    return str(value)
+
+
+def _total_row(report: Report) -> dict[str, Any]:
+    return {report.by: TOTAL_LABEL, **{k: v for k, v in report.totals.items() if k != "by_strategy"}}
+
+
+def tables(report: Report) -> list[Table]:
+    """Rich tables (totals, then the breakdown), for a CLI that prints with colours."""
+    totals = Table(title=report.title, show_header=False)
+    for key, value in report.totals.items():
+        if key != "by_strategy":
+            totals.add_row(key, _cell(key, value))
+    out = [totals]
+    if report.breakdown:
+        columns = list(report.breakdown[0])
+        table = Table(title=f"by {report.by}")
+        for col in columns:
+            table.add_column(col, justify="left" if col == report.by else "right")
+        for row in report.breakdown:
+            table.add_row(*(_cell(c, row.get(c, "")) for c in columns))
+        out.append(table)
+    if report.unpriced:
+        warn = Table(title="models without a catalog price (billed at the catalog's highest rates)")
+        for col in ("model", "requests", "actual_cost_usd"):
+            warn.add_column(col, justify="left" if col == "model" else "right")
+        for row in report.unpriced:
+            warn.add_row(*(_cell(c, row[c]) for c in ("model", "requests", "actual_cost_usd")))
+        out.append(warn)
+    return out
+
+
+def render_table(report: Report, width: int = 120) -> str:
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None, force_terminal=False)
+    for table in tables(report):
+        console.print(table)
+    return buf.getvalue()
+
+
+def render_csv(report: Report) -> str:
+    """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked."""
+    rows = [*report.breakdown, _total_row(report)] if report.breakdown else [_total_row(report)]
+    columns = list(rows[0])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def render_json(report: Report) -> str:
+    return json.dumps({
+        "title": report.title, "generated_at": rfc3339(report.generated_at),
+        "since": rfc3339(report.since) if report.since is not None else None,
+        "totals": report.totals, "by": report.by, "breakdown": report.breakdown, "timeseries": report.timeseries,
+        "unpriced": report.unpriced,
+    }, indent=2)
+
+
+def _empty_svg(width: int, text: str) -> str:
+    return f'<svg xmlns="{_SVG_NS}" width="{width}" height="60"><text x="10" y="30">{escape(text)}</text></svg>'
+
+
+def _line_chart(points: list[dict[str, Any]], width: int = 760, height: int = 280) -> str:
+    left, right, top, bottom = 80, 20, 20, 40
+    if not points:
+        return _empty_svg(width, "no data")
+    t0, t1 = points[0]["t"], points[-1]["t"]
+    ymax = max(max(p["baseline_cost_usd"], p["actual_cost_usd"]) for p in points) or 1.0
+
+    def xy(p: dict[str, Any], key: str) -> str:
+        x = left + (p["t"] - t0) / ((t1 - t0) or 1) * (width - left - right)
+        y = top + (1 - p[key] / ymax) * (height - top - bottom)
+        return f"{x:.1f},{y:.1f}"
+
+    series = (("baseline_cost_usd", "#999999", "baseline (no strategies)", ' stroke-dasharray="6 4"'),
+              ("actual_cost_usd", "#1a7f37", "actual spend", ""))
+    lines = []
+    for key, colour, label, dash in series:
+        pts = " ".join(xy(p, key) for p in points)
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{pts}">'
+                     f"<title>{escape(label)}</title></polyline>")
+        if len(points) == 1:
+            x, y = xy(points[0], key).split(",")
+            lines.append(f'<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>')
+    y0 = height - bottom
+    axis = (f'<line x1="{left}" y1="{top}" x2="{left}" y2="{y0}" stroke="#333"/>'
+            f'<line x1="{left}" y1="{y0}" x2="{width - right}" y2="{y0}" stroke="#333"/>'
+            f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{escape(usd(ymax))}</text>'
+            f'<text x="{left - 6}" y="{y0}" text-anchor="end">$0</text>'
+            f'<text x="{left}" y="{height - 12}">{escape(points[0]["time"])}</text>'
+            f'<text x="{width - right}" y="{height - 12}" text-anchor="end">{escape(points[-1]["time"])}</text>')
+    legend = (f'<text x="{left + 10}" y="{top + 14}" fill="#999999">- - baseline</text>'
+              f'<text x="{left + 110}" y="{top + 14}" fill="#1a7f37">— actual</text>')
+    return (f'<svg xmlns="{_SVG_NS}" width="{width}" height="{height}" class="line-chart" '
+            f'role="img" aria-label="spend vs baseline over time">{axis}{"".join(lines)}{legend}</svg>')
+
+
+def _bar_chart(by_strategy: dict[str, float], width: int = 760) -> str:
+    items = sorted(by_strategy.items(), key=lambda kv: -kv[1])
+    if not items:
+        return _empty_svg(width, "no savings")
+    row, label_w, value_w = 28, 150, 110
+    height = row * len(items) + 10
+    vmax = max(abs(v) for _, v in items) or 1.0
+    bars = []
+    for i, (name, value) in enumerate(items):
+        y = 5 + i * row
+        w = abs(value) / vmax * (width - label_w - value_w)
+        colour = "#1a7f37" if value >= 0 else "#cf222e"
+        bars.append(f'<text x="{label_w - 8}" y="{y + 17}" text-anchor="end">{escape(name)}</text>'
+                    f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row - 10}" fill="{colour}"/>'
+                    f'<text x="{label_w + w + 6:.1f}" y="{y + 17}">{escape(usd(value))}</text>')
+    return (f'<svg xmlns="{_SVG_NS}" width="{width}" height="{height}" class="bar-chart" '
+            f'role="img" aria-label="savings by strategy">{"".join(bars)}</svg>')
+
+
+def _html_table(report: Report) -> str:
+    rows = [*report.breakdown, _total_row(report)] if report.breakdown else [_total_row(report)]
+    columns = list(rows[0])
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_cell(c, r.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}svg text{font-size:12px}"
+        ".kpi{display:inline-block;margin-right:2em}"
+        ".kpi b{display:block;font-size:1.4em}")
+
+
+def _unpriced_html(report: Report) -> str:
+    if not report.unpriced:
+        return ""
+    rows = "".join(f"<tr><td>{escape(r['model'])}</td><td>{r['requests']}</td>"
+                   f"<td>{escape(usd(r['actual_cost_usd']))}</td></tr>" for r in report.unpriced)
+    return ('<h2 class="unpriced">Models without a catalog price</h2><p>Billed at the catalog\'s highest rates '
+            "(an upper estimate) until a price is added.</p><table><thead><tr><th>model</th><th>requests</th>"
+            f"<th>actual_cost_usd</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def render_html(report: Report) -> str:
+    t = report.totals
+    kpis = "".join(f'<div class="kpi">{escape(label)}<b>{escape(value)}</b></div>' for label, value in (
+        ("actual spend", usd(t["actual_cost_usd"])), ("baseline", usd(t["baseline_cost_usd"])),
+        ("saved", f'{usd(t["saved_usd"])} ({t["savings_pct"]:.1f}%)'), ("requests", str(t["requests"]))))
+    since = f" since {rfc3339(report.since)}" if report.since is not None else ""
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(report.title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{escape(report.title)}</h1>"
+            f"<p>generated {escape(rfc3339(report.generated_at))}{escape(since)}</p>{kpis}"
+            f"<h2>Spend vs baseline over time</h2>{_line_chart(report.timeseries)}"
+            f"<h2>Savings by strategy</h2>{_bar_chart(t.get('by_strategy', {}))}"
+            f"<h2>By {escape(report.by)}</h2>{_html_table(report)}{_unpriced_html(report)}</body></html>\n")
+
+
+def render(report: Report, fmt: Format) -> str:
+    renderers = {"table": render_table, "csv": render_csv, "json": render_json, "html": render_html}
+    if fmt not in renderers:
+        raise ValueError(f"unknown format {fmt!r}; use one of {FORMATS}")
+    return renderers[fmt](report)

@@ -1,0 +1,49 @@
+"""Classifier service: `llm.requests` -> `llm.requests.routed` (or an error response); follows `llm.budgets`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from faststream.kafka import KafkaBroker
+
+from frugalstream.classifier.invalid import invalid_request_outs
+from frugalstream.classifier.logic import Classifier
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Decoded, Out, Record
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import subscribe, whole_topic_options
+from frugalstream.schemas import BudgetState, LLMRequest
+from frugalstream.schemas import topics as t
+
+
+@dataclass
+class ClassifierService:
+    settings: Settings
+    logic: Classifier
+    name: str = "classifier"
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]]) -> list[Out]:
+        return await self.logic.handle([d.value for d in batch])
+
+    def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
+        """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too)."""
+        return invalid_request_outs(record, exc, self.settings)
+
+    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]]) -> list[Out]:
+        for d in batch:
+            self.logic.budgets.update(d.value)
+        return []
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
+                  process=self._on_requests, on_invalid=self._on_invalid)
+        # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
+                  model=BudgetState, process=self._on_budgets, **whole_topic_options())

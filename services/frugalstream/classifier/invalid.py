@@ -1,0 +1,79 @@
+"""A terminal answer for a request that fails its contract, when it names who sent it.
+
+The stage dead-letters the record either way; this gives its caller an error on `llm.responses` instead of
+silence. The raw bytes are read leniently (any JSON object with a string `id` and `tenant` of sane length);
+the message names the failing fields and error types only, never a value, since values may be prompt text.
+No reply topic: it is unvalidated input, and writing where it says is exactly what policy must grant first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.records import Out, Record
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import LLMResponse, ResponseError
+from frugalstream.schemas import topics as t
+
+log = get_logger(__name__)
+MAX_IDENTITY_CHARS = 128  # LLMRequest's own limits on id and tenant
+MAX_DETAIL_CHARS = 1_500
+# Past this many times the size limit the bytes are not parsed at all (no terminal message: the broker's own
+# message size limit normally stops such values long before).
+PARSE_LIMIT_FACTOR = 16
+
+
+def _identity(raw: bytes, max_bytes: int) -> tuple[str, str, float | None] | None:
+    if len(raw) > max_bytes * PARSE_LIMIT_FACTOR:
+        return None
+    try:
+        doc: Any = json.loads(raw)
+    except Exception:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    rid, tenant, created = doc.get("id"), doc.get("tenant"), doc.get("created_at")
+    if not (isinstance(rid, str) and isinstance(tenant, str)):
+        return None
+    if not (0 < len(rid) <= MAX_IDENTITY_CHARS and 0 < len(tenant) <= MAX_IDENTITY_CHARS):
+        return None
+    if isinstance(created, bool) or not isinstance(created, int | float):
+        created = None
+    return rid, tenant, float(created) if created is not None else None
+
+
+def describe(exc: Exception) -> str:
+    """Field paths and error types of a validation error; the type name of anything else."""
+    if isinstance(exc, ValidationError):
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['type']}" for e in exc.errors()]
+        text = "; ".join(parts)
+    else:
+        text = type(exc).__name__
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
+
+
+def invalid_request_outs(record: Record, exc: Exception, settings: Settings) -> list[Out]:
+    """The error response for an undecodable `llm.requests` record, or nothing if it cannot be identified."""
+    if record.value is None:
+        return []
+    found = _identity(record.value, settings.max_message_bytes)
+    if found is None:
+        return []
+    rid, tenant, created = found
+    if len(record.value) > settings.max_message_bytes:
+        code = "too_large"
+        message = (f"request of {len(record.value)} bytes exceeds the {settings.max_message_bytes}-byte limit")
+    else:
+        code = "invalid_request"
+        message = f"request does not match the llm.requests contract: {describe(exc)}"
+    log.info("invalid_request_answered", tenant=tenant, request_id=rid, code=code)
+    response = LLMResponse(
+        request_id=rid, tenant=tenant, source="error", error=ResponseError(code=code, message=message),
+        created_at=created, responded_at=time.time(),
+    )
+    return [Out(t.RESPONSES, response, key=rid)]

@@ -1,0 +1,160 @@
+"""The classifier's work on a batch of requests, free of Kafka so it is testable with fakes.
+
+Per batch: the walls first (reply topic, shared scope: cheap, and a denied request costs nothing more), then
+the embeddings of the admitted ones, then routing. Token counting, trimming, text normalisation and cache-key
+hashing are CPU work proportional to the prompt (24 prompts of 400 KB held the event loop 4 s), so they run in
+a worker thread; the loop only awaits. Budget verdicts are read on the loop, where `llm.budgets` updates the
+book, and handed to the thread as a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from frugalstream.classifier.routing import (
+    BudgetBook,
+    PolicyDenied,
+    TierThresholds,
+    choose_model,
+    decide_tier,
+)
+from frugalstream.classifier.task_rules import classify_task
+from frugalstream.classifier.trimming import trim_to_budget
+from frugalstream.classifier.walls import Denial, admission_denial, unpriced_pin_denial
+from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversation
+from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.replies import response_outs
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import BudgetState, LLMRequest, Route, RoutedRequest
+from frugalstream.schemas import topics as t
+from frugalstream.schemas.responses import error_response
+
+log = get_logger(__name__)
+
+
+class EscalationScorer(Protocol):
+    def score(self, embeddings: npt.NDArray[np.float32], texts: Sequence[str]) -> npt.NDArray[np.float32]: ...
+
+
+def provider_for(model: str, settings: Settings) -> str:
+    if settings.provider == "simulated":
+        return "simulated"
+    return "anthropic" if model.startswith("claude") else "openai"
+
+
+def sampled(request: LLMRequest) -> bool:
+    """Explicitly sampled above temperature 0: two calls may rightly give two answers."""
+    return request.sampling.temperature is not None and request.sampling.temperature > 0
+
+
+@dataclass
+class Classifier:
+    settings: Settings
+    counter: TokenCounter
+    embedder: AsyncEmbedder | None = None
+    scorer: EscalationScorer | None = None
+    thresholds: TierThresholds = field(default_factory=TierThresholds)
+    budgets: BudgetBook = field(default_factory=BudgetBook)
+    # Pins to models it lacks are refused (spend must be priceable); bootstrap passes the catalog with overrides.
+    catalog: PriceCatalog = field(default_factory=PriceCatalog.load)
+    _warned_baselines: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        return self.settings.tenants.get(tenant, TenantPolicy())
+
+    async def handle(self, requests: Sequence[LLMRequest]) -> list[Out]:
+        admitted, lookups, denied = await asyncio.to_thread(self._admit, requests)
+        vectors = await self.embedder.embed(lookups) if (self.embedder is not None and admitted) else None
+        verdicts = [self.budgets.verdict(r.tenant, r.tags) for r in admitted]  # on the loop: the book changes here
+        routed = await asyncio.to_thread(self._route_all, admitted, lookups, vectors, verdicts) if admitted else []
+        return [*denied, *routed]
+
+    def _admit(self, requests: Sequence[LLMRequest]) -> tuple[list[LLMRequest], list[str], list[Out]]:
+        admitted: list[LLMRequest] = []
+        denied: list[Out] = []
+        for request in requests:
+            denial = admission_denial(request, self.policy(request.tenant), self.settings)
+            if denial is None:
+                admitted.append(request)
+            else:
+                denied.extend(self._deny(request, denial))
+        lookups = [clean_text(split_conversation(r.messages)[2]) for r in admitted]
+        return admitted, lookups, denied
+
+    def _deny(self, request: LLMRequest, denial: Denial) -> list[Out]:
+        log.info("request_denied", tenant=request.tenant, request_id=request.id, code=denial.code)
+        response = error_response(request, denial.code, denial.message)
+        if denial.code == "reply_topic_denied":
+            return [Out(t.RESPONSES, response, key=request.id)]  # never to the topic that was refused
+        return response_outs(response, request, None)
+
+    def _route_all(self, requests: Sequence[LLMRequest], lookups: Sequence[str],
+                   vectors: npt.NDArray[np.float32] | None, verdicts: Sequence[BudgetState | None]) -> list[Out]:
+        scores = self.scorer.score(vectors, lookups) if (self.scorer is not None and vectors is not None) else None
+        outs: list[Out] = []
+        for i, request in enumerate(requests):
+            vector = vectors[i] if vectors is not None else None
+            score = float(scores[i]) if scores is not None else None
+            outs.extend(self._route_one(request, vector, score, verdicts[i]))
+        return outs
+
+    def _baseline(self, request: LLMRequest, policy: TenantPolicy) -> str:
+        """The tenant's configured baseline, unless the catalog cannot price it: then the default baseline, with
+        a warning (once per tenant and model). A baseline is a counterfactual for savings, not what is served,
+        so an operator's typo should not refuse the tenant's traffic; priced at the conservative rate it would
+        overstate every saving instead."""
+        configured = policy.baseline_model
+        if configured is not None and not self.catalog.has(configured):
+            if (request.tenant, configured) not in self._warned_baselines:
+                self._warned_baselines.add((request.tenant, configured))
+                log.warning("unpriced_baseline_model", tenant=request.tenant, model=configured,
+                            fallback=self.settings.default_baseline_model)
+            configured = None
+        return configured or request.model or self.settings.default_baseline_model
+
+    def _route_one(self, request: LLMRequest, vector: npt.NDArray[np.float32] | None,
+                   score: float | None, verdict: BudgetState | None) -> list[Out]:
+        task = classify_task(request)
+        policy = self.policy(request.tenant)
+        baseline = self._baseline(request, policy)
+        full_tokens = self.counter.count_messages(request.messages, baseline)
+        tier = decide_tier(task.task_type, score, full_tokens, self.thresholds)
+        try:
+            choice = choose_model(tier.tier, request.model, policy, verdict, self.settings)
+        except PolicyDenied as denied:
+            return self._deny(request, Denial(denied.code, str(denied)))
+        # Checked after budgets: a pin that a budget dropped is not run, so its price does not matter.
+        if choice.pinned and (denial := unpriced_pin_denial(choice.model, policy, self.catalog)) is not None:
+            return self._deny(request, denial)
+        budget = self.settings.context_budgets.get(task.task_type, 8_000)
+        trimmed = trim_to_budget(request.messages, budget, self.counter, choice.model)
+        sent = request.model_copy(update={"messages": trimmed.messages}) if trimmed.dropped else request
+        note = choice.note
+        if sampled(request) and not policy.cache_sampled and sent.cache.policy != "no-store":
+            # Only the routed copy: what the producer wrote on llm.requests stays as written.
+            sent = sent.model_copy(update={"cache": sent.cache.model_copy(update={"policy": "no-store"})})
+            note = f"{note} sampled_no_store".strip()
+        keys = cache_keys(request, choice.tier, pinned=choice.model if choice.pinned else None)
+        route = Route(
+            task_type=task.task_type, tier=choice.tier, model=choice.model,
+            provider=provider_for(choice.model, self.settings), fallbacks=choice.fallbacks,
+            escalation_score=score, reason=f"task={task.rule} {tier.reason} {note}".strip(),
+            input_tokens=trimmed.tokens, full_input_tokens=trimmed.full_tokens, trimmed_messages=trimmed.dropped,
+            baseline_model=baseline, pinned=choice.pinned, downgraded_by_budget=choice.downgraded_by_budget,
+        )
+        routed = RoutedRequest(
+            request=sent, route=route, keys=keys, routed_at=time.time(),
+            embedding=encode_vector(vector) if vector is not None else None,
+        )
+        return [Out(t.ROUTED, routed, key=keys.scope)]

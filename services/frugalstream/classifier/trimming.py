@@ -1,0 +1,56 @@
+"""Context budget: trim long histories to a per-task token budget.
+
+System turns are always kept, the newest turns are kept first, and an assistant turn that called tools is
+kept or dropped together with the tool results that answer it: a provider rejects a tool result whose
+call is missing, and a call without its result confuses the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from frugalstream.llm.tokens import TokenCounter
+from frugalstream.schemas import ChatMessage
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    messages: tuple[ChatMessage, ...]
+    dropped: int
+    tokens: int
+    full_tokens: int
+
+
+def _units(turns: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
+    """Groups each tool-calling assistant turn with the tool results that follow it."""
+    units: list[list[ChatMessage]] = []
+    for msg in turns:
+        if msg.role == "tool" and units and (units[-1][0].tool_calls and msg.tool_call_id in {
+            c.id for c in units[-1][0].tool_calls
+        }):
+            units[-1].append(msg)
+        else:
+            units.append([msg])
+    return units
+
+
+def trim_to_budget(messages: Sequence[ChatMessage], budget: int, counter: TokenCounter, model: str) -> Trimmed:
+    counts = [counter.count_message(m, model) for m in messages]
+    full = sum(counts) + 3
+    if full <= budget:
+        return Trimmed(tuple(messages), 0, full, full)
+    cost = {id(m): c for m, c in zip(messages, counts, strict=True)}
+    system = [m for m in messages if m.role == "system"]
+    units = _units([m for m in messages if m.role != "system"])
+    used = 3 + sum(cost[id(m)] for m in system)
+    kept: list[list[ChatMessage]] = []
+    for i, unit in enumerate(reversed(units)):
+        unit_cost = sum(cost[id(m)] for m in unit)
+        if i > 0 and used + unit_cost > budget:
+            break  # keep a contiguous newest window; never skip a turn and keep an older one
+        kept.append(unit)
+        used += unit_cost
+    keep_ids = {id(m) for unit in kept for m in unit} | {id(m) for m in system}
+    out = tuple(m for m in messages if id(m) in keep_ids)
+    return Trimmed(out, len(messages) - len(out), used, full)

@@ -1,0 +1,141 @@
+"""Dedupe service: one consumer over `llm.requests.routed` and `llm.responses`, co-partitioned by scope.
+
+The handlers decide nothing on a record before its partition's state is loaded (`CacheRebuilder.loads`):
+aiokafka may hand out records of a newly assigned partition while the rebalance listener still loads it, and a
+redelivered request answered from a half-loaded cache would get a second, different answer. Records of a
+partition whose load failed are deferred (their partition rewound and paused, `frugalstream.runtime.stage.defer`):
+the load is retried when they come back. Records of a partition revoked meanwhile are left to its new owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from faststream.kafka import KafkaBroker
+
+from frugalstream.dedupe.logic import Deduper
+from frugalstream.dedupe.rebuild import CacheRebuilder
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import TopicHandler, defer, subscribe_many
+from frugalstream.runtime.state_topics import PartitionRevokedError
+from frugalstream.schemas import LLMResponse, RoutedRequest
+from frugalstream.schemas import topics as t
+
+log = get_logger(__name__)
+M = TypeVar("M", LLMResponse, RoutedRequest)
+LOAD_RETRY_S = 1.0  # records of a partition whose state failed to load come back after this
+
+
+@dataclass
+class DedupeService:
+    settings: Settings
+    logic: Deduper
+    name: str = "dedupe"
+    _publisher: Publisher | None = None
+    rebuilder: CacheRebuilder = field(init=False)
+    _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
+    _shard_sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: Outputs of the coalesce sweeper not yet published: retried on the next tick, never dropped.
+    unpublished: list[Out] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rebuilder = CacheRebuilder(self.settings, self.logic)
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_waiters(), name="dedupe-coalesce-sweeper")
+        self._shard_sweeper = asyncio.create_task(self._sweep_shards(), name="dedupe-shard-sweeper")
+
+    async def stop(self) -> None:
+        await self.stop_background()
+
+    async def stop_background(self) -> None:
+        for task in (self._sweeper, self._shard_sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._shard_sweeper = None
+        await self.rebuilder.loads.close()
+
+    async def _sweep_waiters(self) -> None:
+        """Coalesced followers whose leader is slow are dispatched on their own after the timeout."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.coalesce_timeout_s / 4))
+            await self.sweep_waiters_once()
+
+    async def sweep_waiters_once(self) -> None:
+        """One tick. A failure (a publish, say) is logged and its outputs kept for the next tick: the task
+        must outlive it, or every later follower of a slow leader would wait forever."""
+        try:
+            self.unpublished.extend(self.logic.expire_waiters())
+            if not self.unpublished or self._publisher is None:
+                return
+            outs, self.unpublished = self.unpublished, []
+            try:
+                await self._publisher.publish_all(outs, service=self.name)
+            except Exception:
+                self.unpublished = outs + self.unpublished
+                raise
+        except Exception:
+            log.exception("coalesce_sweep_failed", pending=len(self.unpublished))
+
+    async def _sweep_shards(self) -> None:
+        """Expired and evicted entries leave the store and the semantic shards (rebuilt off the event loop)."""
+        while True:
+            await asyncio.sleep(self.settings.shard_sweep_interval_s)
+            try:
+                dropped, removed = await self.logic.sweep()
+                if dropped or removed:
+                    log.info("cache_swept", store_entries=dropped, shard_entries=removed)
+            except Exception:
+                log.exception("cache_sweep_failed")
+
+    async def _loaded(self, batch: Sequence[Decoded[M]]) -> list[Decoded[M]]:
+        """The records whose partition's state is loaded, once it is (waits for loads in progress, retries a
+        failed one). The others are deferred; when the consumer cannot pause, the batch raises instead."""
+        failed = await self.rebuilder.loads.settle({d.record.partition for d in batch})
+        if not failed:
+            return list(batch)
+        ready: list[Decoded[M]] = []
+        for d in batch:
+            error = failed.get(d.record.partition)
+            if error is None:
+                ready.append(d)
+            elif not isinstance(error, PartitionRevokedError) and not defer(d.record, LOAD_RETRY_S):
+                raise error
+        log.warning("dedupe_partitions_not_loaded", partitions=sorted(failed), held=len(batch) - len(ready))
+        return ready
+
+    async def _on_routed(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
+        batch = await self._loaded(batch)
+        if not batch:
+            return []
+        return await self.logic.on_routed([d.value for d in batch], [d.record.partition for d in batch])
+
+    async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]]) -> list[Out]:
+        batch = await self._loaded(batch)
+        if not batch:
+            return []
+        return await self.logic.on_responses([(d.value, d.record.partition) for d in batch])
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self.rebuilder.publisher = publisher
+        # Responses first: a batch that holds both an answer and a repeat of its question serves the repeat.
+        subscribe_many(
+            broker, publisher, self.settings, service=self.name,
+            handlers=[
+                TopicHandler(t.RESPONSES, LLMResponse, self._on_responses),
+                TopicHandler(t.ROUTED, RoutedRequest, self._on_routed),
+            ],
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            listener=self.rebuilder,
+        )

@@ -1,0 +1,238 @@
+"""Verified semantic matching: FAISS shards per (scope, earlier turns), a recall threshold, then the verifier.
+
+A shard holds the answers of one scope whose earlier turns are identical, so a multi-turn request can only
+match a conversation with exactly the same history, and scope is a hard wall by construction. Shards are
+flat (exact) indexes while small and become HNSW past `hnsw_threshold`. All FAISS and verifier work runs on
+one worker thread, batched across the messages of a Kafka batch, never on the event loop. A periodic sweep
+(on that thread too) rebuilds the shards that hold expired or evicted entries, so the index stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from frugalstream.dedupe.logic import SemanticHit
+from frugalstream.llm.embedder import DIM, AsyncEmbedder, decode_vector
+from frugalstream.llm.verifier import Verifier
+from frugalstream.schemas import CacheEntry, RoutedRequest
+
+Vectors = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class SemanticPolicy:
+    """Per task type: cosine below which the verifier is not even asked, and the verifier's threshold."""
+
+    recall_cosine: Mapping[str, float]
+    verify_threshold: Mapping[str, float]
+    candidates: int = 4  # nearest neighbours searched (some may be expired, evicted or of a lower tier)
+    verify_candidates: int = 2  # servable ones sent to the verifier: the model is the expensive step
+
+    def recall(self, task: str | None) -> float:
+        return self.recall_cosine.get(task or "", self.recall_cosine["default"])
+
+    def threshold(self, task: str | None) -> float:
+        return self.verify_threshold.get(task or "", self.verify_threshold["default"])
+
+
+@dataclass
+class Shard:
+    """One FAISS index over the entries of a (scope, prefix); ids are positions in `entries`."""
+
+    hnsw_threshold: int
+    entries: list[CacheEntry] = field(default_factory=list)
+    vectors: list[Vectors] = field(default_factory=list)
+    index: faiss.Index = field(default_factory=lambda: faiss.IndexFlatIP(DIM))
+    is_hnsw: bool = False
+
+    def add(self, entry: CacheEntry, vector: Vectors) -> None:
+        self.entries.append(entry)
+        self.vectors.append(vector)
+        self.index.add(vector.reshape(1, DIM))
+        if not self.is_hnsw and len(self.entries) > self.hnsw_threshold:
+            self._to_hnsw()
+
+    @classmethod
+    def of(cls, hnsw_threshold: int, entries: list[CacheEntry], vectors: list[Vectors]) -> Shard:
+        """A shard over the given entries, built in one go (flat or HNSW by size)."""
+        shard = cls(hnsw_threshold, entries=entries, vectors=vectors)
+        if len(entries) > hnsw_threshold:
+            shard._to_hnsw()
+        elif entries:
+            shard.index.add(np.stack(vectors))
+        return shard
+
+    def _to_hnsw(self) -> None:
+        index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+        index.add(np.stack(self.vectors))
+        self.index, self.is_hnsw = index, True
+
+    def search(self, queries: Vectors, k: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        scores, ids = self.index.search(queries, min(k, len(self.entries)))
+        return scores, ids
+
+
+def shard_key(entry_scope: str, prefix: str) -> str:
+    return f"{entry_scope}/{prefix}"
+
+
+class SemanticIndex:
+    """The semantic half of the dedupe cache, shards keyed by scope and conversation prefix."""
+
+    def __init__(self, embedder: AsyncEmbedder, verifier: Verifier, policy: SemanticPolicy, *,
+                 hnsw_threshold: int = 20_000, clock: Callable[[], float] = time.time,
+                 live: Callable[[str], bool] = lambda _exact: True) -> None:
+        self._embedder = embedder
+        self._verifier = verifier
+        self._policy = policy
+        self._hnsw_threshold = hnsw_threshold
+        self._clock = clock
+        self._live = live  # evicted from the answer store means no longer servable
+        self._shards: dict[str, Shard] = {}
+        # One thread: FAISS and the verifier never run on the event loop, and never race each other.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic")
+        faiss.omp_set_num_threads(1)
+
+    def __len__(self) -> int:
+        return sum(len(s.entries) for s in self._shards.values())
+
+    async def _vectors(self, texts: Sequence[str], carried: Sequence[str | None]) -> Vectors:
+        """Uses the classifier's embedding when the request carries one; embeds the rest in one batch."""
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        missing = [i for i, c in enumerate(carried) if c is None]
+        for i, c in enumerate(carried):
+            if c is not None:
+                out[i] = decode_vector(c)
+        if missing:
+            out[missing] = await self._embedder.embed([texts[i] for i in missing])
+        return out
+
+    async def add(self, entries: Sequence[CacheEntry]) -> None:
+        if not entries:
+            return
+        vectors = await self._vectors([e.keys.lookup_text for e in entries], [e.embedding for e in entries])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self.add_vectors, list(entries), vectors)
+
+    def add_vectors(self, entries: list[CacheEntry], vectors: Vectors) -> None:
+        """Blocking: call from the worker thread (as `add` does) or from a benchmark."""
+        for entry, vector in zip(entries, vectors, strict=True):
+            key = shard_key(entry.keys.scope, entry.keys.prefix)
+            shard = self._shards.get(key)
+            if shard is None:
+                shard = self._shards[key] = Shard(self._hnsw_threshold)
+            shard.add(entry, vector)
+
+    def drop_scopes(self, keep: Callable[[str], bool]) -> int:
+        """Forgets shards whose scope this instance no longer owns (after a rebalance)."""
+        doomed = [k for k in self._shards if not keep(k.split("/", 1)[0])]
+        for k in doomed:
+            del self._shards[k]
+        return len(doomed)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Rebuilds, on the worker thread, the shards that hold expired or evicted entries."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.sweep_shards, now)
+
+    def sweep_shards(self, now: float | None = None) -> int:
+        """Blocking: call from the worker thread (as `sweep` does). Keeps, per shard, the entries still in the
+        answer store and not expired (the latest one per exact key); an emptied shard is dropped. Returns how
+        many entries left the index."""
+        now = self._clock() if now is None else now
+        removed = 0
+        for key, shard in list(self._shards.items()):
+            latest: dict[str, int] = {}
+            for i, entry in enumerate(shard.entries):
+                if (entry.expires_at is not None and entry.expires_at <= now) or not self._live(entry.keys.exact):
+                    continue
+                latest[entry.keys.exact] = i  # a later entry for the same key replaced the earlier one
+            if len(latest) == len(shard.entries):
+                continue
+            if self._shards.get(key) is not shard:
+                continue  # dropped meanwhile (a rebalance)
+            removed += len(shard.entries) - len(latest)
+            if not latest:
+                del self._shards[key]
+                continue
+            kept = sorted(latest.values())
+            self._shards[key] = Shard.of(self._hnsw_threshold, [shard.entries[i] for i in kept],
+                                         [shard.vectors[i] for i in kept])
+        return removed
+
+    def shard_sizes(self) -> dict[str, int]:
+        return {k: len(s.entries) for k, s in self._shards.items()}
+
+    async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]:
+        if not requests:
+            return []
+        vectors = await self._vectors([r.keys.lookup_text for r in requests], [r.embedding for r in requests])
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.match_vectors, list(requests), vectors)
+
+    def match_vectors(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
+        """Blocking: call from the worker thread (as `match` does) or from a benchmark.
+
+        The nearest servable candidates of every request (up to `verify_candidates`) go to the verifier in
+        one batch; each request takes its most similar accepted candidate, and the grey zone misses.
+        """
+        by_shard: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_shard.setdefault(shard_key(r.keys.scope, r.keys.prefix), []).append(i)
+        now = self._clock()
+        asks: list[tuple[int, CacheEntry, float]] = []
+        for key, rows in by_shard.items():
+            shard = self._shards.get(key)
+            if shard is None or not shard.entries:
+                continue
+            scores, ids = shard.search(vectors[rows], self._policy.candidates)
+            for row, request_scores, request_ids in zip(rows, scores, ids, strict=True):
+                asks += [(row, entry, cos) for entry, cos in
+                         self._servable(requests[row], shard, request_scores, request_ids, now)]
+        out: list[SemanticHit | None] = [None] * len(requests)
+        if not asks:
+            return out
+        decisions = self._verifier.verify_batch([
+            (requests[row].keys.lookup_text, entry.keys.lookup_text, cos,
+             self._policy.threshold(requests[row].route.task_type))
+            for row, entry, cos in asks
+        ])
+        for (row, entry, cos), decision in zip(asks, decisions, strict=True):
+            if decision.hit and out[row] is None:
+                out[row] = SemanticHit(entry, cos)
+        return out
+
+    def _servable(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
+                  ids: npt.NDArray[np.int64], now: float) -> list[tuple[CacheEntry, float]]:
+        """Candidates above the recall cosine that may serve this request, most similar first."""
+        recall = self._policy.recall(request.route.task_type)
+        max_age = request.request.cache.ttl_s
+        out: list[tuple[CacheEntry, float]] = []
+        for score, idx in zip(scores, ids, strict=True):
+            if idx < 0 or float(score) < recall:
+                break  # results are sorted: nothing further is close enough
+            entry = shard.entries[int(idx)]
+            if entry.keys.tier_rank < request.keys.tier_rank:
+                continue  # a cheaper tier's answer never serves a request routed higher
+            if not self._live(entry.keys.exact):
+                continue
+            if entry.expires_at is not None and entry.expires_at <= now:
+                continue
+            if max_age is not None and now - entry.stored_at > max_age:
+                continue
+            out.append((entry, float(score)))
+            if len(out) == self._policy.verify_candidates:
+                break
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

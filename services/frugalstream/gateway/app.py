@@ -1,0 +1,73 @@
+"""Gateway service: `llm.requests.dispatch` -> `llm.responses` + `llm.usage` (+ `llm.gateway.completed`).
+
+Per batch: the paid-call records of the batch's partitions are consulted, new calls are paid for and recorded
+on `llm.gateway.completed` (the store awaits the broker's ack), and only then does the stage publish the
+responses and usage and commit (see `frugalstream.gateway.completed`). The consumer's rebalance listener loads the
+records of newly assigned partitions before they are fetched, so a replica that takes over a crashed one's
+partitions replays what it paid for.
+
+A request the provider rate-limits with a long Retry-After is deferred: its partition is rewound to it and
+paused (`frugalstream.runtime.stage.defer`), so no handler sleeps and other partitions keep flowing. Answers of
+later records on that partition are held back: they are recorded already and replay, once, on redelivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from faststream.kafka import KafkaBroker
+
+from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
+from frugalstream.gateway.logic import Gateway
+from frugalstream.llm.identity import request_key
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import can_defer, defer, subscribe
+from frugalstream.schemas import RoutedRequest
+from frugalstream.schemas import topics as t
+
+
+@dataclass
+class GatewayService:
+    settings: Settings
+    logic: Gateway
+    store: TopicCompleted | None = None  # the topic-backed store behind `logic.completed`, when there is one
+    name: str = "gateway"
+    loader: CompletedLoader | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.store is not None:
+            self.loader = CompletedLoader(self.settings, self.store)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        for provider in self.logic.providers.values():
+            await provider.aclose()
+
+    async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
+        results = await self.logic.handle([d.value for d in batch], [d.record.partition for d in batch],
+                                          can_defer=can_defer())
+        waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
+        if not waits:
+            return [out for r in results for out in r.outs]
+        rewound: dict[tuple[str, int], int] = {}  # partition -> earliest deferred offset
+        for d in batch:
+            wait = waits.get(request_key(d.value.request.tenant, d.value.request.id))
+            if wait is not None and defer(d.record, wait):
+                part = (d.record.topic, d.record.partition)
+                rewound[part] = min(rewound.get(part, d.record.offset), d.record.offset)
+        held = {request_key(d.value.request.tenant, d.value.request.id) for d in batch
+                if d.record.offset >= rewound.get((d.record.topic, d.record.partition), d.record.offset + 1)}
+        return [out for r in results if r.key not in held for out in r.outs]
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        options = {}
+        if self.store is not None and self.loader is not None:
+            self.store.publisher = publisher
+            options["listener"] = self.loader
+        subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
+                  process=self._on_dispatch, max_records=128, **options)

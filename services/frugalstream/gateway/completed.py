@@ -1,0 +1,150 @@
+"""Paid calls, remembered on the compacted topic `llm.gateway.completed`: paid once across replicas and restarts.
+
+Why a topic and not a file: a redelivered dispatch may land on another replica (a rebalance, a pod replaced
+after a crash). The record of a paid call must be visible to whichever instance owns the request's
+partition next, so it lives where the partition does.
+
+Layout. One `CompletedCall` per paid (or failed) call, keyed by `request_key(tenant, request id)` and written
+to the SAME partition number as the dispatch record it answers. So `llm.requests.dispatch` and
+`llm.gateway.completed` MUST have equal partition counts (as `frugalstream topics` creates them): the owner of
+dispatch partition N finds every record it needs in completed partition N and reads nothing else. A dispatch
+is keyed by its cache scope, which a request keeps however often it is re-routed, so a redelivered (tenant,
+id) always comes back on the same partition (as long as the partition count is not changed).
+
+Ordering. `record` returns only once the broker acknowledged the record; the gateway publishes the response
+and usage after that, and the stage commits after those. A crash anywhere in between leaves the dispatch
+uncommitted and the record durable: the redelivery, on this instance or another, replays the recorded answer
+and never pays again. Error answers (every model failed) are recorded too, so a redelivery replays the same
+error instead of trying (and paying) again. The store, not the gateway logic, holds the Publisher: the logic
+only sees the `CompletedCalls` protocol and stays testable with `MemoryCompleted`.
+
+Ownership. `CompletedLoader` is the consumer's rebalance listener: it starts loading the records of newly
+assigned partitions and forgets revoked ones. aiokafka hands out records of a new partition while the listener
+is still running (it marks the assignment complete before awaiting the callback), so the listener alone gates
+nothing: a lookup on a partition whose load is in progress waits for it, and a lookup on a partition whose
+load failed retries the load (and fails, deferring the request, until it succeeds): no dispatch of a partition
+is served from an incomplete view of what was paid. Records older than `idempotency_retention_s` are skipped
+on load and dropped from memory; the topic itself needs a matching retention (`cleanup.policy=compact,delete`,
+`retention.ms`, as `frugalstream.runtime.topics_admin` creates it), or it grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+
+from frugalstream.gateway.idempotency import Clock, MemoryCompleted, call_key
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import read_compacted
+from frugalstream.schemas import CompletedCall
+from frugalstream.schemas import topics as t
+
+log = get_logger(__name__)
+
+
+class TopicCompleted:
+    """`CompletedCalls` on `llm.gateway.completed`: memory for the owned partitions, the topic for durability.
+
+    A call whose record could not be published stays *pending* in memory (it was paid: calling again would pay
+    twice); the next lookup of it publishes it again before replaying it.
+    """
+
+    def __init__(self, settings: Settings, publisher: Publisher | None = None, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.publisher = publisher  # set by the service when it registers on the broker
+        self.memory = MemoryCompleted(settings.idempotency_retention_s, clock)
+        self._pending: dict[tuple[int, str], CompletedCall] = {}
+        self._loads: dict[int, asyncio.Task[int]] = {}  # partitions being (or that failed to be) loaded
+
+    async def _publish(self, partition: int, call: CompletedCall) -> None:
+        if self.publisher is None:
+            raise RuntimeError("the completed-call store has no publisher (service not registered)")
+        await self.publisher.publish_all([Out(t.GATEWAY_COMPLETED, call, key=call_key(call), partition=partition)])
+
+    async def _ready(self, partition: int) -> None:
+        """Waits for the partition's load; restarts a failed one (raises while it keeps failing)."""
+        task = self._loads.get(partition)
+        if task is None:
+            return
+        if task.done() and (task.cancelled() or task.exception() is not None):
+            task = self.start_load({partition})
+        await asyncio.shield(task)
+
+    async def lookup(self, partition: int, key: str) -> CompletedCall | None:
+        await self._ready(partition)
+        pending = self._pending.get((partition, key))
+        if pending is not None:
+            await self._publish(partition, pending)
+            del self._pending[(partition, key)]
+            self.memory.put(partition, pending)
+            return pending
+        return self.memory.get(partition, key)
+
+    async def record(self, partition: int, call: CompletedCall) -> None:
+        key = (partition, call_key(call))
+        self._pending[key] = call
+        await self._publish(partition, call)
+        del self._pending[key]
+        self.memory.put(partition, call)
+
+    def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
+        """Forgets what is known of these partitions and reads them back from the topic, in one task that every
+        lookup on them awaits. Must be called synchronously when they are assigned, before any of their records
+        can be handled."""
+        self.memory.forget(partitions)  # whatever was kept from an earlier ownership may be stale
+        task = asyncio.create_task(self._load(partitions), name=f"gateway-completed-load-{sorted(partitions)}")
+        for partition in partitions:
+            self._loads[partition] = task
+        return task
+
+    async def _load(self, partitions: set[int]) -> int:
+        started = time.monotonic()
+        entries = await read_compacted(self.settings, t.GATEWAY_COMPLETED, CompletedCall, partitions)
+        loaded = self.memory.load(entries)
+        current = asyncio.current_task()
+        for partition in partitions:
+            if self._loads.get(partition) is current:
+                del self._loads[partition]
+        log.info("completed_calls_loaded", partitions=sorted(partitions), records=loaded,
+                 seconds=round(time.monotonic() - started, 2))
+        return loaded
+
+    def forget(self, partitions: set[int]) -> None:
+        lost = [k for k in self._pending if k[0] in partitions]
+        if lost:  # paid, never made durable, and now another instance owns them: it may pay again
+            log.warning("completed_pending_dropped", partitions=sorted(partitions), calls=len(lost))
+        for k in lost:
+            del self._pending[k]
+        for partition in partitions:
+            self._loads.pop(partition, None)
+        self.memory.forget(partitions)
+
+
+class CompletedLoader(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Starts loading newly owned dispatch partitions (lookups wait for it) and forgets revoked ones."""
+
+    def __init__(self, settings: Settings, store: TopicCompleted) -> None:
+        self._settings = settings
+        self._store = store
+        self.owned: set[int] = set()
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        return None  # decided in on_partitions_assigned, which knows what stays
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(t.DISPATCH)}
+        new, gone = mine - self.owned, self.owned - mine
+        self.owned = mine
+        if gone:
+            self._store.forget(gone)
+        if new:
+            task = self._store.start_load(new)  # synchronously, before this coroutine first yields
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                log.exception("completed_calls_load_failed", partitions=sorted(new))  # lookups retry it

@@ -1,0 +1,196 @@
+"""Gateway work on a batch of dispatched requests: concurrent provider calls, one terminal answer each.
+
+Identity is (tenant, request id) (`request_key`): another tenant reusing an id is a different request, called
+and answered for itself. Idempotency: every paid call (and every final provider error) is recorded
+(`CompletedCalls.record`, durable when it returns) before its answer is returned for publishing, so a
+redelivered request, on this replica or another, is replayed, never paid again; copies of one request inside
+a batch (a re-routed redelivery upstream) are called once. A record that cannot be made durable defers the
+request (its partition is redelivered shortly and the lookup retries the record) rather than publishing an
+answer whose payment a crash could forget.
+
+Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the request is
+*deferred* (the service pauses its partition and gets it again later), at most `max_deferrals` times, then it
+is answered with a retryable error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from frugalstream.gateway.idempotency import CompletedCalls
+from frugalstream.llm.identity import request_key
+from frugalstream.llm.providers import Completion, Provider
+from frugalstream.llm.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
+from frugalstream.llm.usage import llm_usage
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.replies import response_outs
+from frugalstream.schemas import CompletedCall, LLMResponse, RoutedRequest, UsageRecord
+from frugalstream.schemas import topics as t
+from frugalstream.schemas.responses import error_response
+
+log = get_logger(__name__)
+MAX_ERROR_TEXT = 2000  # ResponseError.message limit: a longer reason must not make the answer invalid
+RECORD_RETRY_S = 1.0  # a paid call whose record the broker did not acknowledge is redelivered after this
+
+
+class RecordFailedError(Exception):
+    """A paid call could not be recorded durably: its answer must not be published yet."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request's outcome: outputs to publish, or a wait after which it should be delivered again."""
+
+    key: str  # request_key(tenant, request id)
+    outs: list[Out]
+    retry_after_s: float | None = None
+
+
+@dataclass
+class Gateway:
+    providers: Mapping[str, Provider]
+    completed: CompletedCalls
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0, "deferred": 0, "duplicates": 0,
+                                 "record_failed": 0})
+    model_providers: Mapping[str, str] = field(default_factory=dict)
+    max_inline_wait_s: float = 1.0
+    max_deferrals: int = 5
+    _deferrals: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def _provider_for(self, routed_provider: str, model: str) -> Provider:
+        """A fallback model may live at another provider than the routed one (e.g. claude after gpt)."""
+        return self.providers.get(self.model_providers.get(model, routed_provider), self.providers[routed_provider])
+
+    async def on_dispatch(self, batch: Sequence[RoutedRequest]) -> list[Out]:
+        """Every request answered now; a rate-limited one gets its retryable error (no partition to pause)."""
+        results = await self.handle(batch, can_defer=False)
+        return [out for r in results for out in r.outs]
+
+    async def handle(self, batch: Sequence[RoutedRequest], partitions: Sequence[int] | None = None, *,
+                     can_defer: bool = True) -> list[Result]:
+        """`partitions[i]` is the dispatch partition `batch[i]` came from: its paid-call records live there."""
+        parts = list(partitions) if partitions is not None else [0] * len(batch)
+        if len(parts) != len(batch):
+            raise ValueError("one partition per request")
+        unique: dict[str, tuple[RoutedRequest, int]] = {}
+        for routed, partition in zip(batch, parts, strict=True):
+            unique.setdefault(request_key(routed.request.tenant, routed.request.id), (routed, partition))
+        self.stats["duplicates"] += len(batch) - len(unique)
+        return list(await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items())))
+
+    async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
+        try:
+            return await self._one(key, routed, partition, can_defer)
+        except RecordFailedError:
+            self.stats["record_failed"] += 1
+            log.warning("completed_record_failed", request_id=routed.request.id, tenant=routed.request.tenant,
+                        partition=partition, exc_info=True)
+            if not can_defer:
+                raise
+            return Result(key, [], retry_after_s=RECORD_RETRY_S)
+
+    async def _lookup(self, partition: int, key: str) -> CompletedCall | None:
+        try:
+            return await self.completed.lookup(partition, key)
+        except Exception as exc:
+            raise RecordFailedError(str(exc)) from exc
+
+    async def _record(self, partition: int, routed: RoutedRequest, response: LLMResponse,
+                      usage: UsageRecord | None) -> None:
+        call = CompletedCall(tenant=routed.request.tenant, request_id=routed.request.id, response=response,
+                             usage=usage, completed_at=time.time())
+        try:
+            await self.completed.record(partition, call)
+        except Exception as exc:
+            raise RecordFailedError(str(exc)) from exc
+
+    async def _one(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
+        request = routed.request
+        done = await self._lookup(partition, key)
+        if done is not None:
+            self.stats["replayed"] += 1
+            log.info("completed_replayed", request_id=request.id, tenant=request.tenant, partition=partition)
+            return Result(key, _outs(routed, done.response, done.usage))
+        if routed.route.provider not in self.providers:
+            response = error_response(request, "provider_error",
+                                      f"provider {routed.route.provider!r} is not configured", routed=routed)
+            return Result(key, _outs(routed, response, None))
+
+        async def call(p: Provider, model: str) -> Completion:
+            return await p.complete(
+                model=model, messages=request.messages, sampling=request.sampling, max_tokens=request.max_tokens,
+                tools=request.tools, response_format=request.response_format,
+            )
+
+        policy = dataclasses.replace(
+            self.policy, max_retry_after_s=min(self.policy.max_retry_after_s, self.max_inline_wait_s))
+        try:
+            completion = await call_with_fallbacks(
+                lambda model: self._provider_for(routed.route.provider, model),
+                (routed.route.model, *routed.route.fallbacks), call, policy=policy, breakers=self.breakers,
+            )
+        except FinalProviderError as exc:
+            wait = exc.retry_after_s
+            if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(key):
+                self.stats["deferred"] += 1
+                log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
+                return Result(key, [], retry_after_s=wait)
+            return Result(key, await self._failed(key, routed, partition, exc))
+        self._deferrals.pop(key, None)
+        self.stats["calls"] += 1
+        # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
+        log.info("provider_call", request_id=request.id, tenant=request.tenant, model=completion.model,
+                 latency_ms=round(completion.latency_ms, 1), input_tokens=completion.usage.input_tokens,
+                 output_tokens=completion.usage.output_tokens)
+        response = LLMResponse(
+            request_id=request.id, tenant=request.tenant, source="llm", content=completion.content,
+            tool_calls=completion.tool_calls, model=completion.model, tier=routed.route.tier,
+            task_type=routed.route.task_type,
+            finish_reason=completion.finish_reason, usage=completion.usage, keys=routed.keys,
+            cacheable=completion.finish_reason == "stop" and request.cache.policy != "no-store"
+            and not completion.tool_calls,
+            simulated=completion.simulated, created_at=request.created_at, responded_at=time.time(),
+            provider_latency_ms=completion.latency_ms,
+        )
+        usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
+        # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
+        await self._record(partition, routed, response, usage)
+        return Result(key, _outs(routed, response, usage))
+
+    def _may_defer(self, key: str) -> bool:
+        n = self._deferrals.get(key, 0)
+        if n >= self.max_deferrals:
+            self._deferrals.pop(key, None)
+            return False
+        if len(self._deferrals) > 100_000:  # bounded: ids that never come back (rebalanced away) age out
+            self._deferrals.clear()
+        self._deferrals[key] = n + 1
+        return True
+
+    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> list[Out]:
+        request = routed.request
+        self.stats["errors"] += 1
+        self._deferrals.pop(key, None)
+        log.warning("provider_failed", request_id=request.id, reason=str(exc)[:500], kind=exc.kind)
+        code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
+            "provider_error")
+        response = error_response(request, code, str(exc)[:MAX_ERROR_TEXT], routed=routed,
+                                  retryable=exc.rate_limited)
+        # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
+        await self._record(partition, routed, response, None)
+        return _outs(routed, response, None)
+
+
+def _outs(routed: RoutedRequest, response: LLMResponse, usage: UsageRecord | None) -> list[Out]:
+    outs = response_outs(response, routed.request, routed.keys.scope)
+    if usage is not None:
+        outs.append(Out(t.USAGE, usage, key=routed.request.tenant))
+    return outs

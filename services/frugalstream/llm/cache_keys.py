@@ -1,0 +1,96 @@
+"""Cache keys: what must match exactly (scope), what identifies a conversation (exact), and what gets embedded.
+
+A scope is a hard wall: tenant (or a shared scope the tenant's policy grants), the system prompt as written,
+tools, response format, the sampling parameters that change the answer, and the pinned model. The tier is
+deliberately NOT in the scope: entries carry the tier that produced them, so an answer can serve the same or
+a lower tier but never a higher one. A pin is: a pinned request is served only by an answer of the same pin,
+and an unpinned request never by a pinned answer.
+
+Every turn is in the key, including the assistant tool calls, tool results and assistant turns after the last
+user message: whoever can append a turn must not be able to read (or poison) the answer computed for another
+conversation. Only user text is normalized (case, unicode form, whitespace, trailing punctuation: a user
+retyping a question still asks it); everything else is hashed as written, whitespace-trimmed at most, because
+"Answer ONLY in French." and "answer only in french" are different instructions, and a tool result is data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Sequence
+
+from frugalstream.schemas import TIERS, CacheKeys, ChatMessage, LLMRequest, Tier
+
+_WS = re.compile(r"\s+")
+_TRAILING = re.compile(r"[\s.!?;:,]+$")
+
+
+def clean_text(text: str) -> str:
+    """Unicode form and whitespace; case is kept because names and acronyms matter to the verifier."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def normalize_text(text: str) -> str:
+    """Case, unicode form, whitespace and trailing punctuation do not change what is being asked."""
+    return _TRAILING.sub("", clean_text(text).casefold())
+
+
+def _digest(payload: object) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def _turn(m: ChatMessage) -> list[object]:
+    """A user's words are normalized; what a system, an assistant or a tool wrote is kept as written."""
+    content = normalize_text(m.content) if m.role == "user" else m.content.strip()
+    return [m.role, content, m.name, [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id]
+
+
+def tier_rank(tier: Tier) -> int:
+    return TIERS.index(tier)
+
+
+def conversation_parts(
+    messages: Sequence[ChatMessage],
+) -> tuple[list[ChatMessage], list[ChatMessage], str, list[ChatMessage]]:
+    """(system turns, turns before the last user turn, last user text, turns after it)."""
+    system = [m for m in messages if m.role == "system"]
+    rest = [m for m in messages if m.role != "system"]
+    last_user = max((i for i, m in enumerate(rest) if m.role == "user"), default=-1)
+    if last_user < 0:
+        return system, rest, "", []
+    return system, rest[:last_user], rest[last_user].content, rest[last_user + 1:]
+
+
+def split_conversation(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[ChatMessage], str]:
+    """(system turns, turns before the last user turn, last user text): what the task rules look at.
+
+    Not a cache key: turns after the last user turn are left out here; `cache_keys` uses `conversation_parts`.
+    """
+    system, earlier, last_user, _ = conversation_parts(messages)
+    return system, earlier, last_user
+
+
+def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) -> CacheKeys:
+    """`pinned` is the model a request is pinned to (route.model when route.pinned), None when unpinned."""
+    system, earlier, last_user, after = conversation_parts(request.messages)
+    owner = f"shared:{request.cache.shared_scope}" if request.cache.shared_scope else f"tenant:{request.tenant}"
+    sampling = request.sampling.model_dump(mode="json")
+    scope = _digest({
+        "owner": owner,
+        "system": [m.content.strip() for m in system],
+        "tools": list(request.tools),
+        "response_format": request.response_format,
+        "sampling": sampling,
+        "max_tokens": request.max_tokens,
+        "pinned": pinned,
+    })
+    # The shard a semantic lookup searches: every turn but the last user text, on both sides of it.
+    prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after]})
+    return CacheKeys(
+        scope=scope, prefix=prefix, exact=_digest([scope, prefix, normalize_text(last_user)]),
+        lookup_text=clean_text(last_user),
+        tier_rank=tier_rank(tier),
+    )

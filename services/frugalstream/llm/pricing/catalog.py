@@ -1,0 +1,322 @@
+"""Price catalog: USD per 1M tokens, priced in exact Decimal arithmetic.
+
+Finance reconciles `baseline - actual` against the savings of every strategy, so pricing must not drift:
+rates are read from JSON as Decimal (never through float), token counts are integers, and pricing runs in a
+context that *raises* on any inexact operation instead of rounding silently. The only rounding anywhere is
+at load: a self-hosted rate (a repeating fraction such as $3/h at 800 tok/s) is quantized to 1e-10 USD/1M.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow, localcontext
+from functools import cached_property
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from frugalstream.schemas import CostPoint
+
+DEFAULT_PATH = Path(__file__).with_name("data") / "prices.json"
+PER_MILLION = Decimal(1_000_000)
+SELFHOSTED_QUANTUM = Decimal("1e-10")
+_EXACT = Context(prec=80, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
+_SNAPSHOT = re.compile(r"^(?P<stem>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest)$")
+_SELFHOSTED_KEYS = frozenset({"gpu_hour_usd", "tokens_per_s"})
+_LITELLM_LONG = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
+class UnknownModelError(KeyError):
+    """Raised instead of pricing at zero: an unpriced model would silently understate spend."""
+
+    def __init__(self, model: str, close: list[str]) -> None:
+        super().__init__(model)
+        self.model, self.close = model, close
+
+    def __str__(self) -> str:
+        hint = f"; close names: {', '.join(self.close)}" if self.close else ""
+        return f"no price for model {self.model!r} in the catalog{hint}"
+
+
+_Rate = Annotated[Decimal | None, Field(ge=0)]
+
+
+class _RateFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: _Rate = None
+    cached_input: _Rate = None
+    cache_write: _Rate = None
+    output: _Rate = None
+    reasoning: _Rate = None
+    batch_input: _Rate = None
+    batch_output: _Rate = None
+    batch_cached_input: _Rate = None
+    batch_cache_write: _Rate = None
+    batch_reasoning: _Rate = None
+
+
+class _LongContext(_RateFields):
+    threshold: int = Field(gt=0)
+
+
+class _Entry(_RateFields):
+    """One model as written in a catalog file; unknown keys fail so a typo cannot price at a default."""
+
+    provider: str
+    context_window: int | None = Field(default=None, gt=0)
+    gpu_hour_usd: Decimal | None = Field(default=None, ge=0)
+    tokens_per_s: Decimal | None = Field(default=None, gt=0, description="Measured throughput of the tier.")
+    long_context: _LongContext | None = None
+
+
+class _Doc(BaseModel):
+    """A catalog file; top-level keys beyond these (as_of, notes, unit) are documentation."""
+
+    version: str = Field(min_length=1)
+    currency: str = Field(default="USD", pattern="^USD$")
+    aliases: dict[str, str] = Field(default_factory=dict)
+    models: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per 1M tokens of each billed kind."""
+
+    input: Decimal
+    cached_input: Decimal
+    cache_write: Decimal
+    output: Decimal
+    reasoning: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    provider: str
+    standard: Rates
+    batch: Rates | None
+    context_window: int | None
+    long_context: tuple[int, Rates, Rates | None] | None = None  # (prompt-token threshold, standard, batch)
+
+
+def _or(value: Decimal | None, default: Decimal) -> Decimal:
+    return value if value is not None else default
+
+
+def _rates(f: _RateFields, name: str) -> tuple[Rates, Rates | None]:
+    if f.input is None or f.output is None:
+        raise ValueError(f"{name}: input and output rates are required")
+    std = Rates(input=f.input, cached_input=_or(f.cached_input, f.input), cache_write=_or(f.cache_write, f.input),
+                output=f.output, reasoning=_or(f.reasoning, f.output))
+    if f.batch_input is None and f.batch_output is None:
+        return std, None
+    if f.batch_input is None or f.batch_output is None:
+        raise ValueError(f"{name}: batch_input and batch_output go together")
+    # Rates that only default to input/output follow the batch discount; explicitly listed ones keep their rate.
+    return std, Rates(
+        input=f.batch_input,
+        cached_input=_or(f.batch_cached_input, f.batch_input if f.cached_input is None else std.cached_input),
+        cache_write=_or(f.batch_cache_write, f.batch_input if f.cache_write is None else std.cache_write),
+        output=f.batch_output,
+        reasoning=_or(f.batch_reasoning, f.batch_output if f.reasoning is None else std.reasoning),
+    )
+
+
+def _model_price(name: str, raw: Mapping[str, Any]) -> ModelPrice:
+    try:
+        e = _Entry.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"price entry {name!r} is invalid: {exc}") from exc
+    if e.gpu_hour_usd is not None:
+        if e.tokens_per_s is None or e.input is not None or e.output is not None:
+            raise ValueError(f"{name}: give gpu_hour_usd with tokens_per_s, or input/output rates, not both")
+        with localcontext(Context(prec=60)):
+            rate = (e.gpu_hour_usd / (e.tokens_per_s * 3600) * PER_MILLION).quantize(SELFHOSTED_QUANTUM)
+        e = e.model_copy(update={"input": rate, "output": rate})
+    long = e.long_context
+    long_rates = (long.threshold, *_rates(long, f"{name}.long_context")) if long is not None else None
+    return ModelPrice(e.provider, *_rates(e, name), e.context_window, long_rates)
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Field-level merge, except that switching between API rates and GPU-derived rates drops the other."""
+    kept = dict(base)
+    if over.keys() & _SELFHOSTED_KEYS:
+        kept = {k: v for k, v in kept.items() if k not in _RateFields.model_fields}
+    if over.keys() & {"input", "output"}:
+        kept = {k: v for k, v in kept.items() if k not in _SELFHOSTED_KEYS}
+    return {**kept, **over}
+
+
+def _read(path: Path) -> tuple[_Doc, bytes]:
+    return _Doc.model_validate(json.loads(data := path.read_bytes(), parse_float=Decimal)), data
+
+
+@dataclass(frozen=True)
+class PriceCatalog:
+    """Immutable catalog; build it with `load` or `from_litellm`, share it freely between threads."""
+
+    _prices: Mapping[str, ModelPrice]
+    _aliases: Mapping[str, str]
+    _version: str
+
+    @classmethod
+    def _build(cls, raw_models: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str], version: str
+               ) -> PriceCatalog:
+        prices = {name.lower(): _model_price(name, raw) for name, raw in raw_models.items()}
+        alias_map = {a.lower(): t.lower() for a, t in aliases.items()}
+        if dangling := {a: t for a, t in alias_map.items() if t not in prices}:
+            raise ValueError(f"aliases point to unknown models: {dangling}")
+        return cls(MappingProxyType(prices), MappingProxyType(alias_map), version)
+
+    @classmethod
+    def load(cls, path: Path | None = None, overrides: Path | None = None) -> PriceCatalog:
+        """The shipped (or given) catalog, with a team's own rates merged per model on top."""
+        doc, _ = _read(path or DEFAULT_PATH)
+        models, aliases, version = {k.lower(): dict(v) for k, v in doc.models.items()}, dict(doc.aliases), doc.version
+        if overrides is not None:
+            over, data = _read(overrides)
+            for name, entry in over.models.items():
+                models[name.lower()] = _merge(models.get(name.lower(), {}), entry)
+            aliases.update(over.aliases)
+            version = f"{version}+{over.version}.{hashlib.sha256(data).hexdigest()[:8]}"
+        return cls._build(models, aliases, version)
+
+    @classmethod
+    def from_litellm(cls, json_path: Path) -> PriceCatalog:
+        """Imports LiteLLM's `model_prices_and_context_window.json` (USD per token -> per 1M)."""
+        data = json_path.read_bytes()
+        doc = json.loads(data, parse_float=Decimal)
+        models = {name.lower(): entry for name, spec in doc.items()
+                  if name != "sample_spec" and isinstance(spec, dict) and (entry := _litellm_entry(spec))}
+        # `gemini/gemini-2.5-pro` also answers to `gemini-2.5-pro` when exactly one prefixed key has that name.
+        bare = Counter(name.rsplit("/", 1)[1] for name in models if "/" in name)
+        aliases = {b: name for name in models if "/" in name
+                   if bare[b := name.rsplit("/", 1)[1]] == 1 and b not in models}
+        return cls._build(models, aliases, f"litellm-{hashlib.sha256(data).hexdigest()[:12]}")
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(sorted(self._prices))
+
+    def _resolve(self, model: str) -> str | None:
+        queue, seen = [model.strip().lower()], set[str]()
+        while queue:  # breadth first: exact, then alias, then without provider prefix, then without date
+            name = queue.pop(0)
+            if name in self._prices:
+                return name
+            seen.add(name)
+            nexts = [self._aliases.get(name), name.rsplit("/", 1)[1] if "/" in name else None,
+                     m.group("stem") if (m := _SNAPSHOT.match(name)) else None]
+            queue.extend(n for n in nexts if n is not None and n not in seen)
+        return None
+
+    def resolve(self, model: str) -> str:
+        """Canonical catalog name of `model` (dated snapshot, provider prefix or alias)."""
+        name = self._resolve(model)
+        if name is None:
+            candidates = [*self._prices, *self._aliases]
+            key = model.strip().lower().rsplit("/", 1)[-1]
+            raise UnknownModelError(model, difflib.get_close_matches(key, candidates, n=5, cutoff=0.6))
+        return name
+
+    def has(self, model: str) -> bool:
+        return self._resolve(model) is not None
+
+    def rates(self, model: str) -> ModelPrice:
+        return self._prices[self.resolve(model)]
+
+    def provider(self, model: str) -> str:
+        return self.rates(model).provider
+
+    @cached_property
+    def conservative_rates(self) -> Rates:
+        """The most expensive rate of each kind anywhere in the catalog (standard, batch and long-context), for
+        billing a model the catalog lacks: spend is never dropped, and the guess is at least what any listed
+        model would bill for the same work, so a budget trips early rather than late."""
+        every = [r for m in self._prices.values()
+                 for r in (m.standard, m.batch, *(m.long_context[1:] if m.long_context else ())) if r is not None]
+
+        def top(kind: str) -> Decimal:
+            return max((Decimal(getattr(r, kind)) for r in every), default=Decimal(0))
+
+        return Rates(input=top("input"), cached_input=top("cached_input"), cache_write=top("cache_write"),
+                     output=top("output"), reasoning=top("reasoning"))
+
+    def price_conservative(self, point: CostPoint) -> Decimal:
+        """What `price` would charge at `conservative_rates`, whatever the model (no batch discount claimed)."""
+        return self._at(self.conservative_rates, point)
+
+    @staticmethod
+    def _at(r: Rates, point: CostPoint) -> Decimal:
+        u = point.usage
+        with localcontext(_EXACT):
+            total = (u.input_tokens * r.input + u.cached_input_tokens * r.cached_input
+                     + u.cache_write_tokens * r.cache_write + u.output_tokens * r.output
+                     + u.reasoning_tokens * r.reasoning)
+            return total / PER_MILLION
+
+    def price(self, point: CostPoint) -> Decimal:
+        """Exact USD for the work; `usage` kinds are disjoint (input excludes cached, output excludes reasoning).
+
+        Batch work uses the batch rates when the provider offers them, else the standard ones (no discount
+        exists to claim). Long-context rates apply to the whole request above the model's threshold.
+        """
+        m = self.rates(point.model)
+        u = point.usage
+        prompt = u.input_tokens + u.cached_input_tokens + u.cache_write_tokens
+        std, batch = m.standard, m.batch
+        if m.long_context is not None and prompt > m.long_context[0]:
+            _, std, batch = m.long_context
+        return self._at(batch if point.batch and batch is not None else std, point)
+
+
+def _litellm_rate(spec: Mapping[str, Any], key: str) -> Decimal | None:
+    value = spec.get(key)
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        return None
+    with localcontext(_EXACT):
+        return Decimal(value) * PER_MILLION
+
+
+_LITELLM_FIELDS = {
+    "input": "input_cost_per_token", "output": "output_cost_per_token",
+    "cached_input": "cache_read_input_token_cost", "cache_write": "cache_creation_input_token_cost",
+    "batch_input": "input_cost_per_token_batches", "batch_output": "output_cost_per_token_batches",
+    "reasoning": "output_cost_per_reasoning_token",
+}
+
+
+def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Our entry format, or None for entries without per-token prices (images, audio seconds...)."""
+    rates = {ours: _litellm_rate(spec, theirs) for ours, theirs in _LITELLM_FIELDS.items()}
+    entry: dict[str, Any] = {k: v for k, v in rates.items() if v is not None}
+    if "input" not in entry or "output" not in entry:
+        return None
+    if ("batch_input" in entry) != ("batch_output" in entry):  # half a batch price: treat as no batch offer
+        entry = {k: v for k, v in entry.items() if not k.startswith("batch_")}
+    entry["provider"] = str(spec.get("litellm_provider") or "unknown")
+    window = spec.get("max_input_tokens", spec.get("max_tokens"))
+    if type(window) is int and window > 0:
+        entry["context_window"] = window
+    for key in sorted(spec):
+        if (m := _LITELLM_LONG.match(key)) and (long_in := _litellm_rate(spec, key)) is not None:
+            k = m.group(1)
+            long_out = _litellm_rate(spec, f"output_cost_per_token_above_{k}k_tokens")
+            long = {"threshold": int(k) * 1000, "input": long_in, "output": _or(long_out, entry["output"]),
+                    "cached_input": _litellm_rate(spec, f"cache_read_input_token_cost_above_{k}k_tokens")}
+            entry["long_context"] = {f: v for f, v in long.items() if v is not None}
+            break
+    return entry

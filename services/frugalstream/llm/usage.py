@@ -1,0 +1,59 @@
+"""The usage records of answers: the counterfactual chain (baseline, then one step per strategy) of every
+stage that answers a request."""
+
+from __future__ import annotations
+
+import time
+
+from frugalstream.llm.identity import usage_id
+from frugalstream.schemas import (
+    CostPoint,
+    PricedStep,
+    RoutedRequest,
+    Strategy,
+    TokenUsage,
+    UsageRecord,
+)
+
+
+def _with_input(usage: TokenUsage, extra_input: int) -> TokenUsage:
+    return usage.model_copy(update={"input_tokens": usage.input_tokens + extra_input})
+
+
+def llm_usage(routed: RoutedRequest, model: str, usage: TokenUsage, *, batch: bool = False,
+              simulated: bool = False) -> UsageRecord:
+    """baseline --routed_down--> chosen model, full context --context_trim--> what the provider billed."""
+    route = routed.route
+    trimmed_tokens = max(route.full_input_tokens - route.input_tokens, 0)
+    untrimmed = _with_input(usage, trimmed_tokens)
+    steps: list[PricedStep] = []
+    if model != route.baseline_model:
+        steps.append(PricedStep(strategy="routed_down", model=model, usage=untrimmed))
+    if trimmed_tokens:
+        steps.append(PricedStep(strategy="context_trim", model=model, usage=usage))
+    if batch:
+        steps.append(PricedStep(strategy="batch_api", model=model, usage=usage, batch=True))
+    return UsageRecord(
+        id=usage_id("gateway", routed.request.tenant, routed.request.id), request_id=routed.request.id,
+        tenant=routed.request.tenant,
+        stage="gateway", task_type=route.task_type, tags=routed.request.tags, source="llm",
+        baseline=CostPoint(model=route.baseline_model, usage=untrimmed), steps=tuple(steps), actual_model=model,
+        occurred_at=time.time(), simulated=simulated,
+    )
+
+
+def cache_usage(routed: RoutedRequest, output: int, strategy: Strategy, *, simulated: bool) -> UsageRecord:
+    """A request answered without a model call: the whole routed cost is the cache strategy's saving."""
+    route = routed.route
+    full = TokenUsage(input_tokens=route.full_input_tokens, output_tokens=output, estimated=True)
+    steps: list[PricedStep] = []
+    if route.model != route.baseline_model:
+        steps.append(PricedStep(strategy="routed_down", model=route.model, usage=full))
+    steps.append(PricedStep(strategy=strategy, model=route.model, usage=TokenUsage()))
+    return UsageRecord(
+        id=usage_id("dedupe", routed.request.tenant, routed.request.id), request_id=routed.request.id,
+        tenant=routed.request.tenant,
+        stage="dedupe", task_type=route.task_type, tags=routed.request.tags, source=strategy,
+        baseline=CostPoint(model=route.baseline_model, usage=full), steps=tuple(steps), actual_model=None,
+        occurred_at=time.time(), simulated=simulated,
+    )

@@ -1,0 +1,67 @@
+"""Runs a set of services on one broker connection: the same code path for `serve`, `demo` and tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from types import TracebackType
+
+from frugalstream.bootstrap import Resources, build_services
+from frugalstream.runtime.broker import make_broker
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.service import BackgroundWork, Service
+
+log = get_logger(__name__)
+
+
+class RunningServices:
+    """Start order: load resources, attach handlers, connect. Stop order: stop consuming (in-flight batches
+    finish, outputs are flushed and offsets committed by their handlers), close the broker, then release."""
+
+    def __init__(self, names: Sequence[str], resources: Resources, *, client_suffix: str = "") -> None:
+        self.resources = resources
+        self.settings = resources.settings
+        self.services: list[Service] = build_services(names, resources)
+        self.broker = make_broker(self.settings, client_suffix=client_suffix)
+        self.publisher = Publisher(self.broker, self.settings)
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    async def __aenter__(self) -> RunningServices:
+        started: list[Service] = []
+        try:
+            for svc in self.services:
+                await svc.start()
+                started.append(svc)
+                svc.register(self.broker, self.publisher)
+            await self.broker.start()
+        except BaseException:
+            # A service or the broker failed to start: release what did start, so nothing is left running.
+            log.error("services_start_failed", started=[s.name for s in started])
+            await self._stop(started)
+            raise
+        log.info("services_started", services=[s.name for s in self.services], bootstrap=self.settings.kafka_bootstrap)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._stop(self.services)
+        log.info("services_stopped", services=[s.name for s in self.services])
+
+    async def _stop(self, services: Sequence[Service]) -> None:
+        for svc in services:
+            if isinstance(svc, BackgroundWork):
+                await svc.stop_background()  # nothing may publish once the broker starts closing
+        await self.broker.stop()
+        for svc in reversed(services):
+            try:
+                await svc.stop()
+            except Exception:
+                log.exception("service_stop_failed", service=svc.name)
+
+
+async def serve_forever(names: Sequence[str], resources: Resources, stop: asyncio.Event) -> None:
+    async with RunningServices(names, resources):
+        await stop.wait()

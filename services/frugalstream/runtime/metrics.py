@@ -1,0 +1,109 @@
+"""Prometheus metrics on a dedicated registry.
+
+A dedicated CollectorRegistry (not prometheus_client's global one) keeps the exposition to our own series,
+lets several services share a process (`frugalstream demo`) without duplicate-registration errors, and lets
+tests build a fresh `Metrics` each time.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+
+from frugalstream.schemas import CostData
+
+NO_MODEL = "none"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The series every service reports; label values are bounded (tenants, catalog models, enums)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.spend_usd = Counter("frugal_spend_usd", "Actual LLM spend (USD).", ["tenant", "model"], registry=r)
+        self.baseline_usd = Counter(
+            "frugal_baseline_usd", "What the same work would have cost without frugalstream (USD).",
+            ["tenant", "model"], registry=r)
+        self.saved_usd = Counter(
+            "frugal_saved_usd", "Savings attributed to a strategy (USD); negative savings go to "
+            "frugal_strategy_extra_cost_usd, since counters only increase.", ["tenant", "strategy"], registry=r)
+        self.extra_cost_usd = Counter(
+            "frugal_strategy_extra_cost_usd", "Cost a strategy added (e.g. a cache write) (USD).",
+            ["tenant", "strategy"], registry=r)
+        self.responses = Counter("frugal_responses", "Terminal responses by source.", ["source"], registry=r)
+        self.routing = Counter(
+            "frugal_routing_decisions", "Classifier routing decisions by tier.", ["tier", "task_type"], registry=r)
+        self.stage_latency = Histogram(
+            "frugal_stage_latency_seconds", "Time spent inside a service stage per message.", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.best_effort_failures = Counter(
+            "frugal_best_effort_publish_failures", "Reply-topic copies and dead letters whose publish failed or "
+            "timed out; the batch went on (see the reply_publish_failed / dead_letter_publish_failed logs).",
+            ["kind"], registry=r)
+        self.oversize_outputs = Counter(
+            "frugal_oversize_outputs", "Outputs over max_message_bytes, replaced before publishing by a too_large "
+            "error response or a capped dead letter.", ["kind"], registry=r)
+        self.publish_backoffs = Counter(
+            "frugal_publish_backoffs", "Batches whose primary outputs failed to publish: partitions paused, then "
+            "the batch is redelivered.", ["service"], registry=r)
+        self.unpriced_usage = Counter(
+            "frugal_unpriced_usage", "Usage records billed for a model the price catalog lacks (priced at the "
+            "catalog's highest rates and flagged price_unknown).", ["model"], registry=r)
+        self._unpriced_seen: set[str] = set()
+        self.budget_publish_failures = Counter(
+            "frugal_budget_publish_failures", "Budget state publishes that failed (the states stay pending and "
+            "are published by the next evaluation).", registry=r)
+
+    def record_cost(self, data: CostData) -> None:
+        """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
+        model = data.model or NO_MODEL
+        self.spend_usd.labels(data.tenant, model).inc(max(0.0, data.actual_cost_usd))
+        self.baseline_usd.labels(data.tenant, data.baseline_model).inc(max(0.0, data.baseline_cost_usd))
+        for strategy, saved in data.savings_by_strategy.items():
+            if saved >= 0:
+                self.saved_usd.labels(data.tenant, strategy).inc(saved)
+            else:
+                self.extra_cost_usd.labels(data.tenant, strategy).inc(-saved)
+
+    def record_unpriced(self, models: tuple[str, ...] | list[str]) -> None:
+        """Label values come from billed usage; past 100 distinct models the rest count as `other`."""
+        for model in models:
+            if model not in self._unpriced_seen and len(self._unpriced_seen) < 100:
+                self._unpriced_seen.add(model)
+            self.unpriced_usage.labels(model if model in self._unpriced_seen else "other").inc()
+
+    def record_response(self, source: str) -> None:
+        self.responses.labels(source).inc()
+
+    def record_route(self, tier: str, task_type: str) -> None:
+        self.routing.labels(tier, task_type).inc()
+
+    def record_best_effort_failure(self, kind: str) -> None:
+        self.best_effort_failures.labels(kind).inc()
+
+    def record_oversize(self, kind: str) -> None:
+        self.oversize_outputs.labels(kind).inc()
+
+    def record_publish_backoff(self, service: str) -> None:
+        self.publish_backoffs.labels(service).inc()
+
+    def observe_latency(self, stage: str, seconds: float) -> None:
+        self.stage_latency.labels(stage).observe(seconds)
+
+
+METRICS = Metrics()
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0", metrics: Metrics = METRICS
+                         ) -> tuple[WSGIServer, threading.Thread]:
+    """Serves /metrics on a daemon thread; port 0 picks a free port (`server.server_port`)."""
+    return start_http_server(port, addr=addr, registry=metrics.registry)
+
+
+def exposition(metrics: Metrics = METRICS) -> str:
+    """The Prometheus text format of `metrics`, e.g. for a health endpoint or a test."""
+    return generate_latest(metrics.registry).decode()

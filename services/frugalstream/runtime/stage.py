@@ -1,0 +1,302 @@
+"""The consume-process-publish loop every service shares.
+
+Per batch, in order:
+1. decode each record against its contract; failures are dead-lettered, never raised, and the handler's
+   `on_invalid` hook turns each into outputs (a terminal error for a request that can be identified);
+2. process the valid ones (plain logic, no Kafka); a batch that raises is retried message by message, and
+   a message that still raises is dead-lettered with its error (and, when it is a request, answered with a
+   terminal error), so one poison message cannot stall a partition;
+3. publish every output and dead letter, waiting for the broker's acknowledgements (sizes are checked
+   first, see `Publisher`; reply-topic copies and dead letters are best effort);
+4. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the
+   partitions are paused for a backoff (0.5 s doubling to 30 s) and the handler raises: they rewind to the
+   batch start and the batch is redelivered after the pause. Outputs may repeat, but nothing is lost, and a
+   broker outage does not turn into a busy loop.
+
+A process step may `defer(record, after_s)` instead of answering (a provider's Retry-After): the record's
+partition is rewound to it, paused, and resumed after the wait. The commit that follows stores the rewound
+position, so the record is neither lost nor blocking the other partitions, and no handler sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from aiokafka import TopicPartition
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from pydantic import BaseModel
+
+from frugalstream.runtime.broker import batch_subscriber_options
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import Publisher, decode
+from frugalstream.runtime.records import Decoded, Failure, Out, Record, records_of
+from frugalstream.runtime.replies import response_outs
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import LLMRequest, RoutedRequest
+from frugalstream.schemas.responses import error_response
+
+M = TypeVar("M", bound=BaseModel)
+Process = Callable[[Sequence[Decoded[M]]], Awaitable[list[Out]]]
+log = get_logger(__name__)
+
+
+@dataclass
+class StageStats:
+    """Cumulative handler time per service, split into our own work and waiting for broker acks (benches)."""
+
+    batches: int = 0
+    records: int = 0
+    process_s: float = 0.0
+    publish_s: float = 0.0
+
+    def add(self, records: int, process_s: float, publish_s: float) -> None:
+        self.batches += 1
+        self.records += records
+        self.process_s += process_s
+        self.publish_s += publish_s
+
+
+STAGE_STATS: dict[str, StageStats] = {}
+
+
+@dataclass
+class _Deferrals:
+    """Per batch: the earliest deferred offset per partition and the longest wait asked for it."""
+
+    supported: bool
+    by_partition: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+
+
+_BATCH: ContextVar[_Deferrals | None] = ContextVar("frugal_batch_deferrals", default=None)
+
+
+def can_defer() -> bool:
+    """Whether the batch being handled runs on a consumer that can pause partitions."""
+    batch = _BATCH.get()
+    return batch is not None and batch.supported
+
+
+def defer(record: Record, after_s: float) -> bool:
+    """Redeliver `record` (and the rest of its partition) after `after_s` instead of answering it now.
+
+    Returns False when the running consumer cannot pause (outside a stage handler, or the in-memory test
+    broker): the caller must then answer the record itself. Later records of the same partition are
+    redelivered too, so the caller should hold back their outputs and replay them (see the gateway).
+    """
+    batch = _BATCH.get()
+    if batch is None or not batch.supported:
+        return False
+    key = (record.topic, record.partition)
+    offset, wait = batch.by_partition.get(key, (record.offset, 0.0))
+    batch.by_partition[key] = (min(offset, record.offset), max(wait, after_s))
+    return True
+
+
+def _apply_deferrals(consumer: Any, batch: _Deferrals) -> None:
+    """Rewind and pause each deferred partition; FastStream's commit then stores the rewound position."""
+    loop = asyncio.get_running_loop()
+    for (topic, partition), (offset, wait) in batch.by_partition.items():
+        tp = TopicPartition(topic, partition)
+        consumer.seek(tp, offset)
+        consumer.pause(tp)
+        loop.call_later(wait, _resume, consumer, tp)
+        log.info("partition_paused", topic=topic, partition=partition, offset=offset, seconds=round(wait, 2))
+
+
+def _resume(consumer: Any, tp: TopicPartition) -> None:
+    # After a rebalance the partition may belong to another member (and is no longer paused here).
+    if tp in consumer.assignment():
+        consumer.resume(tp)
+
+
+async def run_batch(process: Process[M], good: Sequence[Decoded[M]], bad: list[Failure]) -> list[Out]:
+    try:
+        return await process(good)
+    except Exception:
+        log.exception("batch_failed_retrying_individually", size=len(good))
+    outs: list[Out] = []
+    for item in good:
+        try:
+            outs.extend(await process([item]))
+        except Exception as exc:
+            rec = item.record
+            log.exception("record_failed", topic=rec.topic, partition=rec.partition, offset=rec.offset,
+                          error_type=type(exc).__name__)
+            bad.append((rec, exc))
+            outs.extend(_poison_answer(item.value, exc))
+    return outs
+
+
+def _poison_answer(value: BaseModel, exc: Exception) -> list[Out]:
+    """A request whose processing keeps failing still gets its one terminal message (it is dead-lettered too).
+
+    Its own outputs were discarded with the exception, so this is the only terminal message for it.
+    """
+    if isinstance(value, RoutedRequest):
+        request, routed, key = value.request, value, value.keys.scope
+    elif isinstance(value, LLMRequest):
+        request, routed, key = value, None, None
+    else:
+        return []
+    message = f"processing failed ({type(exc).__name__}); the request was dead-lettered"
+    return response_outs(error_response(request, "delivery_failed", message, routed=routed), request, key)
+
+
+class _Backoff:
+    """Consecutive failed publishes of one subscriber: 0.5 s, 1 s, 2 s ... up to 30 s; a success resets it."""
+
+    def __init__(self, first_s: float = 0.5, cap_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay: float = min(self.first_s * 2.0 ** min(self.failures, 16), self.cap_s)
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _pause_for(consumer: Any, records: Sequence[Record], seconds: float) -> bool:
+    """Pauses every partition of the batch for `seconds`; the NACK that follows rewinds them to its start."""
+    if not hasattr(consumer, "pause"):
+        return False
+    loop = asyncio.get_running_loop()
+    for topic, partition in sorted({(r.topic, r.partition) for r in records}):
+        tp = TopicPartition(topic, partition)
+        consumer.pause(tp)
+        loop.call_later(seconds, _resume, consumer, tp)
+    return True
+
+
+def _invalid_outputs(spec: TopicHandler[Any], bad: Sequence[Failure]) -> list[Out]:
+    """The handler's answers for records that failed to decode; a hook that raises is logged, never fatal."""
+    if spec.on_invalid is None:
+        return []
+    outs: list[Out] = []
+    for rec, exc in bad:
+        try:
+            outs.extend(spec.on_invalid(rec, exc))
+        except Exception:
+            log.exception("on_invalid_failed", topic=rec.topic, partition=rec.partition, offset=rec.offset)
+    return outs
+
+
+class _CrashAfterPublish:
+    """Fault injection for the crash tests: exit hard once the N-th batch is published but not yet committed.
+
+    `os._exit` skips every `finally`, flush and commit, exactly like SIGKILL in the worst possible place.
+    """
+
+    def __init__(self, after_batches: int) -> None:
+        self._left = after_batches
+
+    def after_publish(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            log.warning("fault_injected_exit", where="after_publish_before_commit")
+            os._exit(FAULT_EXIT_CODE)
+
+
+#: Exit status of an injected crash, so a test can tell it from a real failure.
+FAULT_EXIT_CODE = 86
+
+
+def whole_topic_options() -> dict[str, Any]:
+    """For compacted state topics every instance reads in full: no group, so no commits, from the start."""
+    return {"group_id": None, "ack_policy": AckPolicy.ACK_FIRST}
+
+
+#: Turns a record that failed to decode into outputs (a terminal error for a request that can be identified).
+OnInvalid = Callable[[Record, Exception], list[Out]]
+
+
+@dataclass(frozen=True)
+class TopicHandler(Generic[M]):
+    topic: str
+    model: type[M]
+    process: Process[M]
+    on_invalid: OnInvalid | None = None
+
+
+def subscribe(
+    broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str, topic: str,
+    model: type[M], process: Process[M], max_records: int = 64, on_invalid: OnInvalid | None = None,
+    **options: Any,
+) -> None:
+    """Registers a batch subscriber for `topic` (logical name) that runs the steps in the module docstring."""
+    subscribe_many(broker, publisher, settings, service=service,
+                   handlers=[TopicHandler(topic, model, process, on_invalid)], max_records=max_records, **options)
+
+
+def subscribe_many(
+    broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str,
+    handlers: Sequence[TopicHandler[Any]], max_records: int = 64, **options: Any,
+) -> None:
+    """One consumer over several topics; each batch is split by topic and handled in the given order.
+
+    Co-partitioned topics (same key, same partition count) need one consumer with a range assignor, so the
+    instance that owns partition N of one topic owns partition N of the others.
+    """
+    by_topic = {settings.topic(h.topic): h for h in handlers}
+    stats = STAGE_STATS.setdefault(service, StageStats())
+    fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
+        else None
+    backoff = _Backoff()
+
+    async def handler(msg: KafkaMessage) -> None:
+        started = time.perf_counter()
+        records = records_of(msg)
+        consumer = getattr(msg, "consumer", None)
+        deferrals = _Deferrals(supported=hasattr(consumer, "pause"))
+        outs: list[Out] = []
+        bad_all: list[Failure] = []
+        token = _BATCH.set(deferrals)
+        try:
+            for name, spec in by_topic.items():
+                mine = [r for r in records if r.topic == name]
+                if not mine:
+                    continue
+                good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+                outs.extend(_invalid_outputs(spec, bad))
+                outs.extend(await run_batch(spec.process, good, bad) if good else [])
+                bad_all.extend(bad)
+        finally:
+            _BATCH.reset(token)
+        processed = time.perf_counter()
+        if records:
+            publisher.metrics.observe_latency(service, (processed - started) / len(records))
+        try:
+            letters = await publisher.capped_letters(bad_all, service)
+            await publisher.publish_all([*outs, *letters], service=service)
+        except Exception:
+            delay = backoff.next_delay()
+            paused = _pause_for(consumer, records, delay)
+            publisher.metrics.record_publish_backoff(service)
+            log.exception("publish_failed_backing_off", service=service, records=len(records),
+                          seconds=delay if paused else 0.0)
+            raise  # NACK: the offsets are not committed and the batch is redelivered after the pause
+        backoff.reset()
+        if deferrals.by_partition:
+            _apply_deferrals(consumer, deferrals)
+        if fault is not None and records:
+            fault.after_publish()
+        published = time.perf_counter()
+        stats.add(len(records), processed - started, published - processed)
+        log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
+                  process_ms=round((processed - started) * 1000, 1),
+                  publish_ms=round((published - processed) * 1000, 1))
+
+    handler.__name__ = f"{service.replace('.', '_')}_handler"
+    kwargs = {**batch_subscriber_options(settings, service, max_records=max_records), **options}
+    broker.subscriber(*by_topic, **kwargs)(handler)

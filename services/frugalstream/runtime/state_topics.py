@@ -1,0 +1,209 @@
+"""Reading compacted state topics partition by partition: how a new owner rebuilds what it must know.
+
+Used when partitions are assigned (dedupe's cache and waiting requests, the gateway's paid calls). The
+rebalance listener alone gates nothing: aiokafka marks a new assignment complete, and its fetcher may hand out
+records of a new partition, before it awaits `on_partitions_assigned`. So the listener only *starts* the load
+(`PartitionLoads.start`, synchronously, before its first await) and the handlers wait for the partitions of
+the records they process (`PartitionLoads.wait` / `settle`) before deciding anything on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel, ValidationError
+
+from frugalstream.runtime.broker import aiokafka_security
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.settings import Settings
+
+log = get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+
+async def scan(settings: Settings, name: str, partitions: set[int], *, from_group: str | None = None,
+               idle_s: float = 2.0, timeout_s: float = 120.0) -> list[tuple[bytes, bytes | None, int]]:
+    """(key, value, partition) of the given partitions, from the start or from `from_group`'s committed offsets.
+
+    The group is only asked for its offsets: this reader never joins it and never commits.
+    """
+    topic = settings.topic(name)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, group_id=from_group,
+                                **aiokafka_security(settings))
+    await consumer.start()
+    found: list[tuple[bytes, bytes | None, int]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        if from_group is not None:
+            for tp in tps:
+                committed = await consumer.committed(tp)
+                if committed is not None:
+                    consumer.seek(tp, committed)
+        end = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(*tps, timeout_ms=200)
+            if not batch:
+                # Done when the reported end is reached and the partitions stay quiet for a moment, or after
+                # `idle_s` of quiet whatever the end offsets say: some brokers (Tansu) report them wrong.
+                idle = time.monotonic() - idle_since
+                positions = [await consumer.position(tp) for tp in tps]
+                at_end = all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True))
+                if (at_end and idle >= min(0.5, idle_s)) or idle >= idle_s:
+                    break
+                continue
+            idle_since = time.monotonic()
+            found.extend((rec.key or b"", rec.value, tp.partition) for tp, records in batch.items() for rec in records)
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def read_compacted(settings: Settings, name: str, model: type[M], partitions: set[int]) -> list[tuple[M, int]]:
+    """Latest value per key of the given partitions (compaction semantics: tombstones delete)."""
+    latest: dict[bytes, tuple[M, int] | None] = {}
+    for key, value, partition in await scan(settings, name, partitions):
+        if value is None:
+            latest[key] = None
+            continue
+        try:
+            latest[key] = (model.model_validate_json(value), partition)
+        except ValidationError:
+            log.warning("state_record_invalid", topic=name, partition=partition)
+    return [v for v in latest.values() if v is not None]
+
+
+Loader = Callable[[set[int]], Awaitable[object]]
+
+
+class PartitionRevokedError(RuntimeError):
+    """The partition was handed to another instance (while a handler waited for it): its records are not ours."""
+
+
+@dataclass(eq=False)
+class _Load:
+    partitions: frozenset[int]
+    loader: Loader
+    task: asyncio.Task[object] = field(init=False)
+
+    def failed(self) -> bool:
+        return self.task.done() and (self.task.cancelled() or self.task.exception() is not None)
+
+
+class PartitionLoads:
+    """Readiness, per partition, of the state loaded when the partition was assigned.
+
+    A partition is *loading* from `start` until its load succeeds, *ready* after, *revoked* after `forget`
+    (until started again), and ready when nothing is known of it (no listener: tests, in-memory brokers). A
+    failed load is kept and restarted by the next `wait`/`settle` on one of its partitions, which raises (or
+    reports) while it keeps failing: no record is handled without its partition's state.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loads: dict[int, _Load] = {}  # partitions loading, or whose load failed
+        self._revoked: set[int] = set()
+
+    @property
+    def loading(self) -> set[int]:
+        """Partitions not ready yet (loading, or whose last load failed)."""
+        return set(self._loads)
+
+    def start(self, partitions: set[int], loader: Loader) -> asyncio.Task[object]:
+        """Loads `partitions` with `loader` in one task. Call it synchronously when they are assigned, before any
+        of their records can be handled; the loader must start by dropping whatever it holds of them (it may be
+        stale, or half loaded by a failed attempt)."""
+        load = _Load(frozenset(partitions), loader)
+        load.task = asyncio.create_task(self._run(load), name=f"{self.name}-load-{sorted(partitions)}")
+        load.task.add_done_callback(self._report)
+        for partition in partitions:
+            self._loads[partition] = load
+        self._revoked -= partitions
+        return load.task
+
+    async def _run(self, load: _Load) -> object:
+        result = await load.loader(set(load.partitions))
+        for partition in load.partitions:
+            if self._loads.get(partition) is load:
+                del self._loads[partition]
+        return result
+
+    def _report(self, task: asyncio.Task[object]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # retrieved: retried by the next wait
+            log.warning("partition_load_failed", loads=self.name, task=task.get_name(),
+                        error_type=type(task.exception()).__name__)
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked partitions: a load still running for them is cancelled (its other partitions load again in a
+        new task), and their records are refused until they are started again."""
+        self._revoked |= partitions
+        cancelled: dict[int, _Load] = {}
+        for partition in partitions:
+            load = self._loads.pop(partition, None)
+            if load is not None and not load.task.done():
+                load.task.cancel()
+                cancelled[id(load)] = load
+        for load in cancelled.values():
+            rest = {p for p in load.partitions if self._loads.get(p) is load}
+            if rest:
+                self.start(rest, load.loader)
+
+    async def close(self) -> None:
+        """Cancels the loads still running (a load may publish: nothing may once the broker closes)."""
+        tasks = {load.task for load in self._loads.values() if not load.task.done()}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _restart(self, load: _Load, partition: int) -> _Load:
+        """A failed load again, for all of its partitions still waiting on it (one task, not one per partition)."""
+        self.start({p for p in load.partitions if self._loads.get(p) is load}, load.loader)
+        return self._loads[partition]
+
+    async def settle(self, partitions: Iterable[int]) -> dict[int, Exception]:
+        """Waits until each partition is loaded, restarting a failed load once; returns the partitions that are
+        not ready with why (the load's error, or `PartitionRevokedError`)."""
+        failed: dict[int, Exception] = {}
+        retried: set[_Load] = set()  # restarted by this call: a second failure is final for this call
+        for partition in sorted(set(partitions)):
+            while True:
+                if partition in self._revoked:
+                    failed[partition] = PartitionRevokedError(f"{self.name}: partition {partition} was revoked")
+                    break
+                load = self._loads.get(partition)
+                if load is None:
+                    break
+                if load.failed() and load not in retried:
+                    load = self._restart(load, partition)
+                    retried.add(load)
+                try:
+                    await asyncio.shield(load.task)
+                    break
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not load.task.cancelled() or (task is not None and task.cancelling()):
+                        raise  # we were cancelled, not the load
+                    if self._loads.get(partition) is load:  # cancelled by someone else: treat as failed
+                        failed[partition] = RuntimeError(f"{self.name}: load of partition {partition} cancelled")
+                        break
+                    # revoked (and maybe started again) while we waited: look again
+                except Exception as exc:
+                    failed[partition] = exc
+                    break
+        return failed
+
+    async def wait(self, partitions: Iterable[int]) -> None:
+        """Returns once every given partition is loaded; raises the first failure (see `settle`)."""
+        failed = await self.settle(partitions)
+        if failed:
+            raise failed[min(failed)]

@@ -1,0 +1,220 @@
+"""`frugalstream backfill FILE --text-col COL ...`: submit a summarization backfill and wait for its results.
+
+Reads CSV, JSON lines or Parquet; publishes the job to `llm.summarize.jobs` in parts that fit a Kafka
+message; shows a progress bar fed by `llm.summarize.progress`; writes one row per original item (in the
+file's order) when done; prints the job report. Parts list each distinct text's first occurrence first, so
+the early parts carry every distinct item and fill whole packs, and later parts are answered from the
+store without a model call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from frugalstream.llm.cache_keys import normalize_text
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.runtime.broker import make_broker
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import SummarizeItem, SummarizeJob, SummarizeProgress
+from frugalstream.schemas import topics as t
+from frugalstream.tools.job_report import JobFollower, JobOutcome, job_report
+
+PART_ITEMS = 1_000
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+OUT_FIELDS = ("item_id", "status", "summary", "source", "reused_from", "model", "error", "simulated")
+
+
+def parse_duration(text: str) -> int:
+    """`24h`, `30m`, `7d`, `90s` or plain seconds."""
+    text = text.strip().lower()
+    if text[-1:] in _UNITS:
+        return int(float(text[:-1]) * _UNITS[text[-1]])
+    return int(text)
+
+
+def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
+    """CSV (UTF-8, else cp1252, the usual legacy export), JSON lines, or Parquet, by extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+        return rows
+    raw = path.read_bytes()
+    if encoding is None:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("cp1252", errors="replace")
+    else:
+        text = raw.decode(encoding)
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(csv.DictReader(text.splitlines()))
+
+
+def load_items(path: Path, text_col: str, id_col: str | None, encoding: str | None = None) -> list[SummarizeItem]:
+    """Rows with an empty text are skipped; ids default to the row number and must be unique."""
+    rows = read_rows(path, encoding)
+    if rows and text_col not in rows[0]:
+        raise SystemExit(f"column {text_col!r} not in {path} (columns: {', '.join(map(str, rows[0]))})")
+    items = [SummarizeItem(id=str(row[id_col]) if id_col else str(n), text=str(row[text_col]))
+             for n, row in enumerate(rows) if row.get(text_col) not in (None, "") and str(row[text_col]).strip()]
+    if len({i.id for i in items}) != len(items):
+        raise SystemExit(f"ids in column {id_col!r} are not unique")
+    return items
+
+
+def split_job(job_id: str, tenant: str, instruction: str, items: Sequence[SummarizeItem], *,
+              model: str | None = None, deadline_s: int | None = None, near_duplicates: bool = False,
+              max_output_tokens: int = 120, part_items: int = PART_ITEMS, max_bytes: int = 900_000,
+              tags: dict[str, str] | None = None) -> list[SummarizeJob]:
+    """Distinct-first order, then parts bounded by item count and message size."""
+    seen: set[str] = set()
+    first: list[SummarizeItem] = []
+    repeats: list[SummarizeItem] = []
+    for item in items:
+        key = normalize_text(item.text)
+        (repeats if key in seen else first).append(item)
+        seen.add(key)
+    parts: list[list[SummarizeItem]] = [[]]
+    size = 0
+    for item in (*first, *repeats):
+        cost = len(item.model_dump_json().encode()) + 2
+        if parts[-1] and (len(parts[-1]) >= part_items or size + cost > max_bytes):
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += cost
+    common: dict[str, Any] = {"job_id": job_id, "tenant": tenant, "instruction": instruction, "model": model,
+                              "deadline_s": deadline_s, "near_duplicates": near_duplicates,
+                              "max_output_tokens": max_output_tokens, "tags": tags or {},
+                              "parts": len(parts), "total_items": len(items)}
+    return [SummarizeJob(items=tuple(p), part=n, **common) for n, p in enumerate(parts)]
+
+
+async def publish_parts(settings: Settings, parts: Sequence[SummarizeJob]) -> None:
+    broker = make_broker(settings, client_suffix="-backfill")
+    await broker.connect()
+    try:
+        await Publisher(broker, settings).publish_all([Out(t.SUMMARIZE_JOBS, p, key=p.job_id) for p in parts])
+    finally:
+        await broker.stop()
+
+
+async def run_backfill(settings: Settings, parts: Sequence[SummarizeJob], *, timeout_s: float = 24 * 3600.0,
+                       console: Console | None = None) -> JobOutcome:
+    """Publishes the parts and follows the job with a progress bar until every item has a result."""
+    console = console or Console(stderr=True)
+    job, total = parts[0], parts[0].total_items or len(parts[0].items)
+    follower = JobFollower(settings, job.job_id, job.tenant)
+    await follower.start()
+    try:
+        await publish_parts(settings, parts)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[calls]} model calls"), TimeElapsedColumn(), console=console,
+                      transient=False) as bar:
+            task = bar.add_task(f"summarizing {job.job_id}", total=total, calls=0)
+
+            def update(progress: SummarizeProgress | None, results: int) -> None:
+                done = max(results, progress.done_items if progress else 0)
+                bar.update(task, completed=min(done, total), calls=progress.model_calls if progress else 0)
+
+            return await follower.follow(total, timeout_s, update)
+    finally:
+        await follower.stop()
+
+
+def write_results(path: Path, outcome: JobOutcome, ids: Sequence[str]) -> None:
+    """One row per original item in input order; the format follows the extension (csv, parquet, else jsonl)."""
+    rows = []
+    for item_id in ids:
+        result = outcome.results.get(item_id)
+        row = result.model_dump(include=set(OUT_FIELDS)) if result else {"item_id": item_id, "status": "missing"}
+        rows.append({k: row.get(k) for k in OUT_FIELDS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix.lower() == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=OUT_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="summarization job report" + (" (simulated provider)" if report.get("simulated") else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("items", "unique_items", "model_calls", "input_tokens", "output_tokens", "errors"):
+        table.add_row(key, str(report.get(key)))
+    table.add_section()
+    table.add_row("baseline cost", f"${report['baseline_cost_usd']:,.6f}")
+    table.add_row("actual cost", f"${report['actual_cost_usd']:,.6f}")
+    table.add_row("savings", f"{report['savings_pct']:.2f}%")
+    for strategy, saved in report["by_strategy"].items():
+        table.add_row(f"  saved by {strategy}", f"${saved:,.6f}")
+    console.print(table)
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    settings = Settings()
+    console = Console(stderr=True)
+    path = Path(args.file)
+    items = load_items(path, args.text_col, args.id_col, args.encoding)
+    if not items:
+        console.print(f"[red]no non-empty {args.text_col!r} values in {path}[/]")
+        return 2
+    job_id = args.job_id or f"backfill-{uuid.uuid4().hex[:12]}"
+    parts = split_job(job_id, args.tenant, args.instruction, items, model=args.model,
+                      deadline_s=parse_duration(args.deadline) if args.deadline else None,
+                      near_duplicates=args.near_duplicates, max_output_tokens=args.max_output_tokens,
+                      max_bytes=int(settings.max_message_bytes * 0.9))
+    console.print(f"job {job_id}: {len(items)} items in {len(parts)} part(s) -> {settings.topic(t.SUMMARIZE_JOBS)}")
+    outcome = asyncio.run(run_backfill(settings, parts, timeout_s=args.timeout))
+    report = {"job_id": job_id, **job_report(outcome, PriceCatalog.load(overrides=settings.price_overrides))}
+    print_report(report, console)
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}.summaries.jsonl")
+    write_results(out, outcome, [i.id for i in items])
+    console.print(f"wrote {out}")
+    complete = len(outcome.results) == len(items)
+    if not complete:
+        console.print(f"[red]{len(items) - len(outcome.results)} items without a result before the timeout[/]")
+    return 0 if complete and report["errors"] == 0 else 1
+
+
+def add_backfill_parser(sub: Any) -> None:
+    p = sub.add_parser("backfill", help="summarize a CSV / JSON lines / Parquet file through the summarizer")
+    p.add_argument("file")
+    p.add_argument("--text-col", required=True)
+    p.add_argument("--id-col", help="item ids (default: row number)")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--deadline", help="how long the job may take, e.g. 24h: long deadlines use batch APIs")
+    p.add_argument("--model", help="model to use (default: the small tier; also the baseline when set)")
+    p.add_argument("--out", help="results file (.jsonl, .csv or .parquet; default FILE.summaries.jsonl)")
+    p.add_argument("--near-duplicates", action="store_true", help="also reuse verified near-duplicate items")
+    p.add_argument("--max-output-tokens", type=int, default=120)
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--job-id")
+    p.add_argument("--encoding", help="CSV / JSON lines encoding (default: UTF-8, falling back to cp1252)")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the results")
+    p.set_defaults(func=cmd_backfill)

@@ -1,0 +1,1 @@
+"""`frugalstream bench ...`: workloads that print a table and write JSON."""

@@ -1,0 +1,225 @@
+"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from frugalstream import __version__
+from frugalstream.runtime.logging import configure_logging
+from frugalstream.runtime.settings import Settings
+
+console = Console(stderr=True)
+
+
+def _since(text: str | None) -> float | None:
+    """Accepts an ISO date/time or a relative age like `24h`, `7d`, `30m`."""
+    if not text:
+        return None
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1] in units and text[:-1].isdigit():
+        return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
+    parsed = datetime.fromisoformat(text)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+async def _serve(names: Sequence[str]) -> int:
+    from frugalstream.bootstrap import SERVICE_NAMES, Resources
+    from frugalstream.runner import serve_forever
+
+    settings = Settings()
+    configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
+    if settings.metrics_port:
+        from frugalstream.runtime.metrics import start_metrics_server
+
+        start_metrics_server(settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    resources = Resources(settings)
+    try:
+        await serve_forever(list(names) or list(SERVICE_NAMES), resources, stop)
+    finally:
+        resources.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args.services))
+
+
+def print_demo_report(report: dict[str, object]) -> None:
+    table = Table(title="frugalstream demo: savings (simulated provider)")
+    table.add_column("strategy")
+    table.add_column("saved USD", justify="right")
+    by_strategy = report["by_strategy"]
+    assert isinstance(by_strategy, dict)
+    for name, saved in sorted(by_strategy.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"${saved:,.6f}")
+    table.add_section()
+    table.add_row("baseline", f"${report['baseline_cost_usd']:,.6f}")
+    table.add_row("actual", f"${report['actual_cost_usd']:,.6f}")
+    table.add_row("savings", f"{report['savings_pct']:.1f}%")
+    Console().print(table)
+    Console().print(
+        f"requests={report['requests']} responses={report['responses']} errors={report['errors']} "
+        f"by_source={report['by_source']} p50={report['latency_ms_p50']:.0f} ms "
+        f"p99={report['latency_ms_p99']:.0f} ms wall={report['wall_time_s']} s"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from frugalstream.tools.demo import run_demo, write_json
+
+    configure_logging("WARNING", fmt="console")
+    report = asyncio.run(run_demo(limit=args.limit, rate=args.rate, latency_scale=args.latency_scale))
+    print_demo_report(report)
+    if args.json:
+        write_json(report, Path(args.json))
+        console.print(f"wrote {args.json}")
+    return 0 if report["responses"] == report["requests"] and report["errors"] == 0 else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from frugalstream.tools.devmode import dev_settings, main_async
+    from frugalstream.tools.embedded_broker import BrokerBinaryNotFoundError, BrokerStartError
+
+    settings = dev_settings(args.port)
+    configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
+    try:
+        return asyncio.run(main_async(settings))
+    except (BrokerBinaryNotFoundError, BrokerStartError) as exc:
+        console.print(f"[red]frugalstream dev: the embedded broker did not start on port {args.port}[/]: {exc}")
+        return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from frugalstream.accountant.ledger import Ledger
+    from frugalstream.accountant.report import build_report, render
+
+    db = Path(args.db) if args.db else Settings().state_dir / "ledger.sqlite"
+    if not db.exists():
+        console.print(f"[red]no ledger at {db}[/]: run the accountant first or pass --db")
+        return 2
+    with Ledger(db) as ledger:
+        text = render(build_report(ledger, by=args.by, since=_since(args.since)), args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        console.print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from frugalstream.runtime.topics_admin import ensure_topics
+    from frugalstream.schemas.topics import ALL_TOPICS, COMPACTED
+
+    settings = Settings()
+    specs = {settings.topic(n): args.partitions for n in ALL_TOPICS}
+    compacted = {settings.topic(n) for n in COMPACTED}
+    created = asyncio.run(ensure_topics(settings, specs, compacted=compacted, replication=args.replication))
+    console.print(f"created {len(created)} topics ({len(specs) - len(created)} already existed)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from frugalstream.classifier.router import EscalationRouter
+    from frugalstream.llm.embedder import MiniLMEmbedder
+    from frugalstream.runtime.settings import config_path
+    from frugalstream.tools.calibrate import by_quality, by_share, load_prompts, summary, write_thresholds
+
+    if (args.strong_share is None) == (args.target_quality is None):
+        raise SystemExit("give exactly one of --strong-share or --target-quality")
+    path = Path(args.requests)
+    prompts = load_prompts(path, args.prompt_col)
+    scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts), prompts).astype(np.float64)
+    if args.strong_share is not None:
+        cal = by_share(scores, args.strong_share, args.mid_share)
+    else:
+        if not (args.weak_col and args.strong_col and path.suffix == ".csv"):
+            raise SystemExit("--target-quality needs a CSV with --weak-col and --strong-col (True/False)")
+        from frugalstream.tools.evals.route_eval import load_route_csv
+
+        rows = load_route_csv(path, args.prompt_col or "prompt", args.weak_col, args.strong_col, set())
+        weak = np.array([r[1] for r in rows], dtype=np.float64)
+        strong = np.array([r[2] for r in rows], dtype=np.float64)
+        cal = by_quality(scores, weak, strong, args.target_quality, args.mid_share)
+    target = Path(args.config) if args.config else config_path()
+    write_thresholds(target, cal)
+    print(summary(cal))
+    console.print(f"wrote thresholds to {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frugalstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"frugalstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run services against FRUGAL_KAFKA_BOOTSTRAP")
+    p.add_argument("services", nargs="*", help="classifier dedupe gateway summarizer accountant (default: all)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="embedded broker + every service + the bundled workload, then the report")
+    p.add_argument("--json", help="also write the report as JSON to this path")
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument("--rate", type=float, default=25.0, help="requests per second to produce (default 25)")
+    p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dev", help="local mode: embedded broker on 127.0.0.1:PORT, every topic and service")
+    p.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default 9092)")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("report", help="spend, baseline and savings from the accountant's ledger")
+    p.add_argument("--db", help="ledger path (default: $FRUGAL_STATE_DIR/ledger.sqlite)")
+    p.add_argument("--since", help="ISO time or age like 24h / 7d")
+    p.add_argument("--by", choices=["tenant", "model", "task", "strategy", "tag"], default="tenant")
+    p.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    p.add_argument("--out", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="set tier thresholds from a sample of your own requests")
+    p.add_argument("--requests", required=True, help="LLMRequest JSON lines, or a CSV with --prompt-col")
+    p.add_argument("--prompt-col", help="prompt column of a CSV sample")
+    p.add_argument("--strong-share", type=float, help="target share of large-tier calls, e.g. 0.1")
+    p.add_argument("--target-quality", type=float, help="fraction of the strong model's accuracy to keep, e.g. 0.95")
+    p.add_argument("--weak-col", help="CSV column: did the cheap model answer correctly")
+    p.add_argument("--strong-col", help="CSV column: did the strong model answer correctly")
+    p.add_argument("--mid-share", type=float, default=0.15, help="share of mid-tier calls below the large ones")
+    p.add_argument("--config", help="TOML config to update (default: $FRUGAL_CONFIG or ./frugalstream.toml)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("topics", help="create every frugalstream topic (compacted where the design says)")
+    p.add_argument("--partitions", type=int, default=12)
+    p.add_argument("--replication", type=int, default=3)
+    p.set_defaults(func=cmd_topics)
+
+    from frugalstream.tools.backfill import add_backfill_parser
+    from frugalstream.tools.bench.cli import add_bench_parser
+
+    add_backfill_parser(sub)
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Offline evaluation of the models the services run (routing, pair verification); never imported by them."""

@@ -1,0 +1,155 @@
+"""Follows one job on the broker (results, progress, usage) and prices its job report.
+
+Shared by `frugalstream backfill` and `frugalstream bench summarize`. The report prices the job's usage
+records with the same catalog and chain arithmetic as the accountant, so its baseline, actual cost and
+savings by strategy are exactly what the ledger will show for the job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.helpers import create_ssl_context
+
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.costing import price_chain
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import SummarizeProgress, SummaryResult, TokenUsage, UsageRecord
+from frugalstream.schemas import topics as t
+
+OnProgress = Callable[[SummarizeProgress | None, int], None]
+
+
+@dataclass
+class JobOutcome:
+    results: dict[str, SummaryResult] = field(default_factory=dict)
+    duplicates: int = 0
+    conflicts: int = 0  # a repeated result whose summary differs from the first one: must never happen
+    progress: SummarizeProgress | None = None
+    usage: dict[str, UsageRecord] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.progress is not None and self.progress.finished
+
+
+def consumer_security(settings: Settings) -> dict[str, Any]:
+    """aiokafka's own spelling of the FRUGAL_KAFKA_* security settings."""
+    kw: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_sasl_mechanism:
+        kw |= {"sasl_mechanism": settings.kafka_sasl_mechanism, "sasl_plain_username": settings.kafka_sasl_username,
+               "sasl_plain_password": settings.kafka_sasl_password.get_secret_value()
+               if settings.kafka_sasl_password else None}
+    if "SSL" in settings.kafka_security_protocol:
+        kw["ssl_context"] = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+    return kw
+
+
+class JobFollower:
+    """Reads results, progress and usage of one job. Started before the job is published, it reads each
+    topic from its beginning (Tansu's end offsets cannot be trusted) and filters by job id."""
+
+    def __init__(self, settings: Settings, job_id: str, tenant: str) -> None:
+        self.job_id, self.tenant = job_id, tenant
+        self.outcome = JobOutcome()
+        self._topics = {settings.topic(n): n for n in (t.SUMMARIES, t.SUMMARIZE_PROGRESS, t.USAGE)}
+        self._consumer = AIOKafkaConsumer(
+            *self._topics, bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+            auto_offset_reset="earliest", fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024, **consumer_security(settings))
+        self._prefix = f"{job_id}:"
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    def _take(self, topic: str, value: bytes) -> None:
+        out = self.outcome
+        if topic == t.SUMMARIES:
+            result = SummaryResult.model_validate_json(value)
+            if result.job_id == self.job_id and result.tenant == self.tenant:
+                if result.item_id in out.results:
+                    out.duplicates += 1
+                    out.conflicts += out.results[result.item_id].summary != result.summary
+                else:
+                    out.results[result.item_id] = result
+        elif topic == t.SUMMARIZE_PROGRESS:
+            progress = SummarizeProgress.model_validate_json(value)
+            if progress.job_id == self.job_id and progress.tenant == self.tenant and (
+                    out.progress is None or (progress.finished, progress.done_items) >= (
+                    out.progress.finished, out.progress.done_items)):
+                out.progress = progress
+        else:
+            record = UsageRecord.model_validate_json(value)
+            if record.stage == "summarizer" and record.tenant == self.tenant and record.request_id.startswith(
+                    self._prefix):
+                out.usage[record.id] = record
+
+    async def poll(self, timeout_ms: int = 200) -> int:
+        got = 0
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=5_000)
+        for tp, records in batches.items():
+            for rec in records:
+                if rec.value is not None:
+                    self._take(self._topics[tp.topic], rec.value)
+                    got += 1
+        return got
+
+    async def follow(self, expected: int, timeout_s: float, on_progress: OnProgress | None = None) -> JobOutcome:
+        """Until the job is finished and every expected item has a result, then drains what is in flight."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not (self.outcome.finished and len(self.outcome.results) >= expected):
+            await self.poll()
+            if on_progress is not None:
+                on_progress(self.outcome.progress, len(self.outcome.results))
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:
+            quiet = quiet + 1 if await self.poll(300) == 0 else 0
+        return self.outcome
+
+
+def job_report(outcome: JobOutcome, catalog: PriceCatalog) -> dict[str, Any]:
+    """Items, unique items, model calls, tokens, baseline and actual cost, and savings by strategy."""
+    baseline = actual = Decimal(0)
+    savings: dict[str, Decimal] = {}
+    for record in outcome.usage.values():
+        chain = price_chain(record, catalog)
+        baseline += chain.baseline
+        actual += chain.actual
+        for strategy, saved in chain.savings.items():
+            savings[strategy] = savings.get(strategy, Decimal(0)) + saved
+    progress = outcome.progress
+    usage = progress.usage if progress else TokenUsage()
+    return {
+        "items": len(outcome.results),
+        "unique_items": progress.unique_items if progress else None,
+        "model_calls": progress.model_calls if progress else None,
+        "input_tokens": usage.input_tokens + usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens + usage.reasoning_tokens,
+        "errors": sum(1 for r in outcome.results.values() if r.status == "error"),
+        "by_source": dict(Counter(r.source for r in outcome.results.values())),
+        "duplicate_results": outcome.duplicates,
+        "conflicting_results": outcome.conflicts,
+        "usage_records": len(outcome.usage),
+        "baseline_cost_usd": float(baseline),
+        "actual_cost_usd": float(actual),
+        "saved_usd": float(baseline - actual),
+        "savings_pct": float((baseline - actual) / baseline * 100) if baseline else 0.0,
+        "by_strategy": {s: float(v) for s, v in sorted(savings.items(), key=lambda kv: -kv[1])},
+        "simulated": any(r.simulated for r in outcome.results.values()),
+    }
+
+
+def ordered(results: dict[str, SummaryResult], ids: Iterable[str]) -> list[SummaryResult | None]:
+    return [results.get(i) for i in ids]
