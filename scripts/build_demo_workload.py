@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/build_demo_workload.py [--data /work/shared/data] [--seed 20240611]
 
-Writes `services/frugalstream/tools/data/demo_workload.jsonl.gz` (one `frugalstream.schemas.LLMRequest` per line, every row validated) and
-`services/frugalstream/tools/data/DEMO_WORKLOAD.md` (the mix, how it is shaped, and the attribution every source requires).
+Writes `services/frugalstream/tools/data/demo_workload.jsonl.gz` (one `frugalstream.schemas.LLMRequest` per
+line, every row validated) and `services/frugalstream/tools/data/DEMO_WORKLOAD.md` (the mix, how it is
+shaped, and the attribution every source requires).
 Same data + same seed = byte-identical output (gzip mtime is pinned to 0).
 
 Only sources whose license allows redistribution are read: banking77 (CC BY 4.0), clinc150 (CC BY 3.0),

@@ -201,7 +201,8 @@ def main() -> None:
     save_artifact(model, args.out, stack)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()[:12]
     print(f"wrote {args.out} ({args.out.stat().st_size} B, sha256 {digest}) in {time.time() - t0:.0f}s")
-    print(f"set DEFAULT_RECALL_COSINE = {rc}, DEFAULT_VERIFY_THRESHOLD = {thr} in services/frugalstream/llm/pair_encoder.py")
+    print(f"set DEFAULT_RECALL_COSINE = {rc}, DEFAULT_VERIFY_THRESHOLD = {thr} in "
+          "services/frugalstream/llm/pair_encoder.py")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Train the escalation router (services/frugalstream/classifier/router_model.npz) and bench it honestly.
 
-    .venv/bin/python scripts/train_router.py [--data /work/shared/data] [--out services/frugalstream/classifier/router_model.npz]
+    .venv/bin/python scripts/train_router.py [--data /work/shared/data]
+                                             [--out services/frugalstream/classifier/router_model.npz]
                                              [--report benchmarks/route_train_report.json] [--no-cv]
 
 Labels: RouteLLM's per-prompt correctness of Mixtral-8x7B (weak) and GPT-4 (strong) on MMLU and GSM8K,

@@ -22,7 +22,7 @@ from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TAN
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import subscribe
+from frugalstream.runtime.stage import BatchContext, subscribe
 from frugalstream.tools.embedded_broker import EmbeddedBroker
 
 
@@ -64,7 +64,7 @@ async def test_offsets_are_committed_only_after_the_outputs_are_published(
     publisher = _FlakyPublisher(broker, settings)
     seen: list[int] = []
 
-    async def process(batch: Sequence[Decoded[_Note]]) -> list[Out]:
+    async def process(batch: Sequence[Decoded[_Note]], _ctx: BatchContext) -> list[Out]:
         seen.extend(d.value.n for d in batch)
         return [Out("out", d.value, key="k") for d in batch]
 

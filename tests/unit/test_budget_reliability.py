@@ -16,6 +16,7 @@ from frugalstream.runtime.metrics import Metrics, exposition
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.service import BackgroundWork
 from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import BatchContext
 from frugalstream.schemas import (
     BudgetState,
     ChatMessage,
@@ -78,7 +79,7 @@ REFUSE_ACME = Budget(tenant="acme", period="day", limit_usd=0.1, action="refuse"
 async def test_a_failed_budget_publish_is_published_by_the_next_evaluation() -> None:
     publisher, metrics = FlakyPublisher(failures=1), Metrics()
     svc = accountant(publisher, Clock(BEFORE_MIDNIGHT), REFUSE_ACME, metrics=metrics)
-    outs = await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)])  # $0.25: over; the publish fails
+    outs = await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)], BatchContext())  # $0.25: over; the publish fails
     assert [o.topic for o in outs] == [t.COST_EVENTS], "the usage itself is still priced and published"
     assert publisher.states() == []
     assert "frugal_budget_publish_failures_total 1.0" in exposition(metrics)
@@ -90,15 +91,15 @@ async def test_a_failed_budget_publish_is_published_by_the_next_evaluation() -> 
 async def test_failed_publish_is_retried_by_the_next_usage_batch_too() -> None:
     publisher = FlakyPublisher(failures=1)
     svc = accountant(publisher, Clock(BEFORE_MIDNIGHT), REFUSE_ACME)
-    await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)])
-    await svc._on_usage([usage(2, "acme", BEFORE_MIDNIGHT)])
+    await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)], BatchContext())
+    await svc._on_usage([usage(2, "acme", BEFORE_MIDNIGHT)], BatchContext())
     assert publisher.states() == [("acme", "over", "2026-03-14T00:00:00Z")]
 
 
 async def test_period_rolls_over_without_traffic_and_the_tenant_is_served_again() -> None:
     publisher, clock = FlakyPublisher(), Clock(BEFORE_MIDNIGHT)
     svc = accountant(publisher, clock, REFUSE_ACME)
-    await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)])
+    await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)], BatchContext())
     classifier = Classifier(Settings(), TokenCounter(), catalog=CATALOG)
     for state in (o.value for o in publisher.published if isinstance(o.value, BudgetState)):
         classifier.budgets.update(state)
@@ -146,7 +147,7 @@ async def test_budgets_are_per_tenant_and_act_on_pins() -> None:
     svc = accountant(publisher, clock, REFUSE_ACME, Budget(tenant="globex", period="day", limit_usd=100),
                      Budget(tenant="initech", period="day", limit_usd=0.1, action="downgrade"))
     await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT), usage(2, "globex", BEFORE_MIDNIGHT),
-                         usage(3, "initech", BEFORE_MIDNIGHT)])
+                         usage(3, "initech", BEFORE_MIDNIGHT)], BatchContext())
     assert sorted(s[:2] for s in publisher.states()) == [("acme", "over"), ("globex", "ok"), ("initech", "over")]
     classifier = Classifier(Settings(), TokenCounter(), catalog=CATALOG)
     for out in publisher.published:
@@ -171,7 +172,7 @@ async def test_budgets_are_per_tenant_and_act_on_pins() -> None:
 async def test_unpriced_usage_is_billed_into_the_budget_and_counted() -> None:
     publisher, metrics = FlakyPublisher(), Metrics()
     svc = accountant(publisher, Clock(BEFORE_MIDNIGHT), REFUSE_ACME, metrics=metrics)
-    outs = await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT, model="o3-pro")])
+    outs = await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT, model="o3-pro")], BatchContext())
     [event] = [o.value for o in outs if o.topic == t.COST_EVENTS]
     assert event.data.price_unknown and event.data.unpriced_models == ("o3-pro",)  # type: ignore[union-attr]
     assert svc.ledger.totals()["unpriced_requests"] == 1

@@ -16,6 +16,7 @@ from frugalstream.dedupe.app import DedupeService
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import BatchContext
 from frugalstream.runtime.state_topics import PartitionLoads, PartitionRevokedError
 from frugalstream.schemas import CacheEntry, RoutedRequest
 from frugalstream.schemas import topics as t
@@ -97,6 +98,8 @@ class ListPublisher(Publisher):
         self.published.extend(outs)
 
 
+PAUSING = BatchContext(can_defer=True)
+
 def decoded(value: Any, topic: str, partition: int = 0, offset: int = 0) -> Decoded[Any]:
     return Decoded(Record(topic, partition, offset, None, None, ()), value)
 
@@ -147,11 +150,11 @@ async def test_a_request_on_a_partition_still_loading_waits_for_the_cache_and_is
     service, cache, again = await service_with_cache(monkeypatch)
     listener = assign(service, 0)
     await asyncio.sleep(0.01)  # aiokafka already hands out records of partition 0 while the listener runs
-    handled = asyncio.create_task(service._on_routed([decoded(again, t.ROUTED)]))
+    handled = asyncio.create_task(service._on_routed([decoded(again, t.ROUTED)], PAUSING))
     await asyncio.sleep(0.05)
     assert not handled.done(), "nothing is decided on a partition whose cache is not loaded"
     cache.release.set()
-    outs = await asyncio.wait_for(handled, 1)
+    outs = (await asyncio.wait_for(handled, 1)).outs
     assert sources(outs) == ["cache_exact"], "served from the rebuilt cache, not dispatched a second time"
     await asyncio.wait_for(listener, 1)
 
@@ -160,7 +163,7 @@ async def test_an_answer_on_a_partition_still_loading_waits_too(monkeypatch: pyt
     service, cache, again = await service_with_cache(monkeypatch)
     listener = assign(service, 0)
     await asyncio.sleep(0.01)
-    handled = asyncio.create_task(service._on_responses([decoded(answer(again), t.RESPONSES)]))
+    handled = asyncio.create_task(service._on_responses([decoded(answer(again), t.RESPONSES)], PAUSING))
     await asyncio.sleep(0.05)
     assert not handled.done() and len(service.logic.store) == 0
     cache.release.set()
@@ -172,23 +175,18 @@ async def test_records_of_a_partition_whose_load_fails_are_deferred_and_served_o
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service, cache, again = await service_with_cache(monkeypatch)
-    deferred: list[tuple[int, int, float]] = []
-
-    def fake_defer(record: Record, after_s: float) -> bool:
-        deferred.append((record.partition, record.offset, after_s))
-        return True
-
-    monkeypatch.setattr(dedupe_app, "defer", fake_defer)
     cache.failing = True
     await asyncio.wait_for(assign(service, 0), 1)  # the listener logs the failure and returns
     other = (await route(ask("c", "Do you ship abroad?", tenant="globex")))[0]
-    outs = await service._on_routed([decoded(again, t.ROUTED, 0, 7), decoded(other, t.ROUTED, 1, 3)])
+    handled = await service._on_routed([decoded(again, t.ROUTED, 0, 7), decoded(other, t.ROUTED, 1, 3)], PAUSING)
+    deferred = [(d.record.partition, d.record.offset, d.after_s) for d in handled.deferred]
     assert deferred == [(0, 7, dedupe_app.LOAD_RETRY_S)], "partition 0 comes back later, partition 1 flows"
+    outs = handled.outs
     assert [o.topic for o in outs] == [t.DISPATCH] and outs[0].value.request.id == "c"
     assert cache.reads == 2, "the failed load was retried by the handler"
     cache.failing = False
     cache.release.set()
-    assert sources(await service._on_routed([decoded(again, t.ROUTED, 0, 7)])) == ["cache_exact"]
+    assert sources((await service._on_routed([decoded(again, t.ROUTED, 0, 7)], PAUSING)).outs) == ["cache_exact"]
 
 
 async def test_without_a_pausing_consumer_the_batch_raises_while_the_load_fails(
@@ -198,7 +196,7 @@ async def test_without_a_pausing_consumer_the_batch_raises_while_the_load_fails(
     cache.failing = True
     await asyncio.wait_for(assign(service, 0), 1)
     with pytest.raises(ConnectionError):
-        await service._on_routed([decoded(again, t.ROUTED)])  # outside a stage batch: cannot defer
+        await service._on_routed([decoded(again, t.ROUTED)], BatchContext())  # the consumer cannot pause
     assert service.logic.stats["miss"] == 0, "nothing decided"
 
 
@@ -206,10 +204,11 @@ async def test_records_of_a_revoked_partition_are_left_to_its_new_owner(monkeypa
     service, cache, again = await service_with_cache(monkeypatch)
     listener = assign(service, 0, 1)
     await asyncio.sleep(0.01)
-    handled = asyncio.create_task(service._on_routed([decoded(again, t.ROUTED, 0)]))
+    handled = asyncio.create_task(service._on_routed([decoded(again, t.ROUTED, 0)], PAUSING))
     await asyncio.sleep(0.01)
     await asyncio.wait_for(assign(service, 1), 1)  # partition 0 goes elsewhere mid-load
-    assert await asyncio.wait_for(handled, 1) == []
+    left = await asyncio.wait_for(handled, 1)
+    assert left.outs == [] and left.deferred == []
     cache.release.set()
     await asyncio.wait_for(listener, 1)
     assert service.rebuilder.owned == {1} and service.rebuilder.loads.loading == set()

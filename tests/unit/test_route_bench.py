@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from frugalstream.tools.evals import route_eval as rb
 from frugalstream.classifier.router import DEFAULT_PATH, DIM, EscalationRouter
+from frugalstream.tools.evals import route_eval as rb
 
 # 10 prompts: weak right on 6 (0-5), strong right on 8 (0-3, 6-9); rows 6-9 gain +1, rows 4-5 lose.
 WEAK = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]

@@ -26,7 +26,7 @@ from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import subscribe
+from frugalstream.runtime.stage import BatchContext, subscribe
 from frugalstream.schemas import CacheKeys, ChatMessage, DeadLetter, LLMRequest, LLMResponse, Route, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
@@ -304,7 +304,7 @@ def batch(*values: bytes, partition: int = 0) -> FakeMessage:
                        FakeConsumer())
 
 
-async def answer_all(items: Sequence[Decoded[LLMRequest]]) -> list[Out]:
+async def answer_all(items: Sequence[Decoded[LLMRequest]], _ctx: BatchContext) -> list[Out]:
     outs: list[Out] = []
     for item in items:
         if "poison" in item.value.messages[-1].content:

@@ -30,7 +30,7 @@ from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import subscribe
+from frugalstream.runtime.stage import BatchContext, subscribe
 from frugalstream.schemas import CostEvent, UsageRecord
 from frugalstream.schemas import topics as t
 
@@ -96,7 +96,7 @@ class AccountantService:
                 log.warning("budget_publish_failed", error_type=type(exc).__name__, error=str(exc)[:500])
                 return 0
 
-    async def _on_usage(self, batch: Sequence[Decoded[UsageRecord]]) -> list[Out]:
+    async def _on_usage(self, batch: Sequence[Decoded[UsageRecord]], _ctx: BatchContext) -> list[Out]:
         events: list[CostEvent] = [cost_event(d.value, self.catalog) for d in batch]
         await asyncio.to_thread(self.ledger.add_many, events)
         self.priced += len(events)

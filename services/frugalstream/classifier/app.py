@@ -12,7 +12,7 @@ from frugalstream.classifier.logic import Classifier
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import subscribe, whole_topic_options
+from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
 from frugalstream.schemas import BudgetState, LLMRequest
 from frugalstream.schemas import topics as t
 
@@ -29,14 +29,14 @@ class ClassifierService:
     async def stop(self) -> None:
         return None
 
-    async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]]) -> list[Out]:
+    async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]], _ctx: BatchContext) -> list[Out]:
         return await self.logic.handle([d.value for d in batch])
 
     def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
         """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too)."""
         return invalid_request_outs(record, exc, self.settings)
 
-    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]]) -> list[Out]:
+    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]], _ctx: BatchContext) -> list[Out]:
         for d in batch:
             self.logic.budgets.update(d.value)
         return []

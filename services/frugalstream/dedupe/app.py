@@ -24,7 +24,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import TopicHandler, defer, subscribe_many
+from frugalstream.runtime.stage import BatchContext, Deferral, Handled, TopicHandler, subscribe_many
 from frugalstream.runtime.state_topics import PartitionRevokedError
 from frugalstream.schemas import LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
@@ -98,33 +98,39 @@ class DedupeService:
             except Exception:
                 log.exception("cache_sweep_failed")
 
-    async def _loaded(self, batch: Sequence[Decoded[M]]) -> list[Decoded[M]]:
+    async def _loaded(self, batch: Sequence[Decoded[M]], ctx: BatchContext) -> tuple[list[Decoded[M]], list[Deferral]]:
         """The records whose partition's state is loaded, once it is (waits for loads in progress, retries a
-        failed one). The others are deferred; when the consumer cannot pause, the batch raises instead."""
+        failed one), and the others to deliver again later; when the consumer cannot pause, the batch raises."""
         failed = await self.rebuilder.loads.settle({d.record.partition for d in batch})
         if not failed:
-            return list(batch)
+            return list(batch), []
         ready: list[Decoded[M]] = []
+        deferred: list[Deferral] = []
         for d in batch:
             error = failed.get(d.record.partition)
             if error is None:
                 ready.append(d)
-            elif not isinstance(error, PartitionRevokedError) and not defer(d.record, LOAD_RETRY_S):
+            elif isinstance(error, PartitionRevokedError):
+                continue  # its new owner handles it
+            elif ctx.can_defer:
+                deferred.append(Deferral(d.record, LOAD_RETRY_S))
+            else:
                 raise error
         log.warning("dedupe_partitions_not_loaded", partitions=sorted(failed), held=len(batch) - len(ready))
-        return ready
+        return ready, deferred
 
-    async def _on_routed(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
-        batch = await self._loaded(batch)
-        if not batch:
-            return []
-        return await self.logic.on_routed([d.value for d in batch], [d.record.partition for d in batch])
+    async def _on_routed(self, batch: Sequence[Decoded[RoutedRequest]], ctx: BatchContext) -> Handled:
+        ready, deferred = await self._loaded(batch, ctx)
+        if not ready:
+            return Handled([], deferred)
+        outs = await self.logic.on_routed([d.value for d in ready], [d.record.partition for d in ready])
+        return Handled(outs, deferred)
 
-    async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]]) -> list[Out]:
-        batch = await self._loaded(batch)
-        if not batch:
-            return []
-        return await self.logic.on_responses([(d.value, d.record.partition) for d in batch])
+    async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]], ctx: BatchContext) -> Handled:
+        ready, deferred = await self._loaded(batch, ctx)
+        if not ready:
+            return Handled([], deferred)
+        return Handled(await self.logic.on_responses([(d.value, d.record.partition) for d in ready]), deferred)
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self._publisher = publisher

@@ -22,9 +22,9 @@ from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.logic import Gateway
 from frugalstream.llm.identity import request_key
 from frugalstream.runtime.messaging import Publisher
-from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.records import Decoded
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import can_defer, defer, subscribe
+from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
 from frugalstream.schemas import RoutedRequest
 from frugalstream.schemas import topics as t
 
@@ -48,21 +48,19 @@ class GatewayService:
         for provider in self.logic.providers.values():
             await provider.aclose()
 
-    async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]]) -> list[Out]:
+    async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]], ctx: BatchContext) -> Handled:
         results = await self.logic.handle([d.value for d in batch], [d.record.partition for d in batch],
-                                          can_defer=can_defer())
+                                          can_defer=ctx.can_defer)
         waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
         if not waits:
-            return [out for r in results for out in r.outs]
-        rewound: dict[tuple[str, int], int] = {}  # partition -> earliest deferred offset
-        for d in batch:
-            wait = waits.get(request_key(d.value.request.tenant, d.value.request.id))
-            if wait is not None and defer(d.record, wait):
-                part = (d.record.topic, d.record.partition)
-                rewound[part] = min(rewound.get(part, d.record.offset), d.record.offset)
+            return Handled([out for r in results for out in r.outs])
+        deferred = [Deferral(d.record, wait) for d in batch
+                    if (wait := waits.get(request_key(d.value.request.tenant, d.value.request.id))) is not None]
+        rewound = rewind_points(deferred)
+        # Records at or after a rewind point come again: their answers are held back and replay, once, then.
         held = {request_key(d.value.request.tenant, d.value.request.id) for d in batch
-                if d.record.offset >= rewound.get((d.record.topic, d.record.partition), d.record.offset + 1)}
-        return [out for r in results if r.key not in held for out in r.outs]
+                if d.record.offset >= rewound.get((d.record.topic, d.record.partition), (d.record.offset + 1, 0))[0]}
+        return Handled([out for r in results if r.key not in held for out in r.outs], deferred)
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         options = {}

@@ -8,6 +8,7 @@ tests build a fresh `Metrics` each time.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -15,6 +16,27 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from frugalstream.schemas import CostData
 
 NO_MODEL = "none"
+
+
+@dataclass
+class StageStats:
+    """Cumulative handler time of one service, split into our own work and waiting for broker acks: benches
+    report the time spent inside the services apart from the broker's."""
+
+    batches: int = 0
+    records: int = 0
+    process_s: float = 0.0
+    publish_s: float = 0.0
+
+    def add(self, records: int, process_s: float, publish_s: float) -> None:
+        self.batches += 1
+        self.records += records
+        self.process_s += process_s
+        self.publish_s += publish_s
+
+    def reset(self) -> None:
+        self.batches = self.records = 0
+        self.process_s = self.publish_s = 0.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -54,6 +76,7 @@ class Metrics:
             "frugal_unpriced_usage", "Usage records billed for a model the price catalog lacks (priced at the "
             "catalog's highest rates and flagged price_unknown).", ["model"], registry=r)
         self._unpriced_seen: set[str] = set()
+        self.stages: dict[str, StageStats] = {}  # per service, in-process only (benches read it)
         self.budget_publish_failures = Counter(
             "frugal_budget_publish_failures", "Budget state publishes that failed (the states stay pending and "
             "are published by the next evaluation).", registry=r)
@@ -90,6 +113,9 @@ class Metrics:
 
     def record_publish_backoff(self, service: str) -> None:
         self.publish_backoffs.labels(service).inc()
+
+    def observe_stage(self, service: str, records: int, process_s: float, publish_s: float) -> None:
+        self.stages.setdefault(service, StageStats()).add(records, process_s, publish_s)
 
     def observe_latency(self, stage: str, seconds: float) -> None:
         self.stage_latency.labels(stage).observe(seconds)

@@ -13,9 +13,13 @@ Per batch, in order:
    batch start and the batch is redelivered after the pause. Outputs may repeat, but nothing is lost, and a
    broker outage does not turn into a busy loop.
 
-A process step may `defer(record, after_s)` instead of answering (a provider's Retry-After): the record's
-partition is rewound to it, paused, and resumed after the wait. The commit that follows stores the rewound
-position, so the record is neither lost nor blocking the other partitions, and no handler sleeps.
+A process step is called with the batch and a `BatchContext` (what the consumer can do) and returns its
+outputs, or a `Handled` that also names records to deliver again later (`Handled.deferred`: a provider's
+Retry-After, state not loaded yet). Each deferred record's partition is rewound to it, paused, and resumed
+after the wait; the commit that follows stores the rewound position, so the record is neither lost nor
+blocking the other partitions, and no handler sleeps. Records after it on that partition come again too: the
+step holds back their outputs (they replay, once, on redelivery). Deferring needs a consumer that can pause
+(`BatchContext.can_defer`); on one that cannot (FastStream's in-memory test broker), a step answers instead.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -44,66 +47,58 @@ from frugalstream.schemas import LLMRequest, RoutedRequest
 from frugalstream.schemas.responses import error_response
 
 M = TypeVar("M", bound=BaseModel)
-Process = Callable[[Sequence[Decoded[M]]], Awaitable[list[Out]]]
 log = get_logger(__name__)
 
 
-@dataclass
-class StageStats:
-    """Cumulative handler time per service, split into our own work and waiting for broker acks (benches)."""
+@dataclass(frozen=True)
+class BatchContext:
+    """What the consumer handling this batch can do, handed to every process step (no hidden state)."""
 
-    batches: int = 0
-    records: int = 0
-    process_s: float = 0.0
-    publish_s: float = 0.0
-
-    def add(self, records: int, process_s: float, publish_s: float) -> None:
-        self.batches += 1
-        self.records += records
-        self.process_s += process_s
-        self.publish_s += publish_s
+    can_defer: bool = False
 
 
-STAGE_STATS: dict[str, StageStats] = {}
+@dataclass(frozen=True)
+class Deferral:
+    """Deliver `record` (and the rest of its partition) again after `after_s`, instead of answering it now."""
+
+    record: Record
+    after_s: float
 
 
 @dataclass
-class _Deferrals:
-    """Per batch: the earliest deferred offset per partition and the longest wait asked for it."""
+class Handled:
+    """A process step's result: outputs to publish, and records to deliver again later."""
 
-    supported: bool
-    by_partition: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    outs: list[Out] = field(default_factory=list)
+    deferred: list[Deferral] = field(default_factory=list)
 
-
-_BATCH: ContextVar[_Deferrals | None] = ContextVar("frugal_batch_deferrals", default=None)
-
-
-def can_defer() -> bool:
-    """Whether the batch being handled runs on a consumer that can pause partitions."""
-    batch = _BATCH.get()
-    return batch is not None and batch.supported
+    def extend(self, other: Handled | list[Out]) -> None:
+        if isinstance(other, Handled):
+            self.outs.extend(other.outs)
+            self.deferred.extend(other.deferred)
+        else:
+            self.outs.extend(other)
 
 
-def defer(record: Record, after_s: float) -> bool:
-    """Redeliver `record` (and the rest of its partition) after `after_s` instead of answering it now.
-
-    Returns False when the running consumer cannot pause (outside a stage handler, or the in-memory test
-    broker): the caller must then answer the record itself. Later records of the same partition are
-    redelivered too, so the caller should hold back their outputs and replay them (see the gateway).
-    """
-    batch = _BATCH.get()
-    if batch is None or not batch.supported:
-        return False
-    key = (record.topic, record.partition)
-    offset, wait = batch.by_partition.get(key, (record.offset, 0.0))
-    batch.by_partition[key] = (min(offset, record.offset), max(wait, after_s))
-    return True
+Process = Callable[[Sequence[Decoded[M]], BatchContext], Awaitable["Handled | list[Out]"]]
 
 
-def _apply_deferrals(consumer: Any, batch: _Deferrals) -> None:
+def rewind_points(deferred: Sequence[Deferral]) -> dict[tuple[str, int], tuple[int, float]]:
+    """Per partition: the earliest deferred offset (it is delivered again from there) and the longest wait."""
+    points: dict[tuple[str, int], tuple[int, float]] = {}
+    for d in deferred:
+        key = (d.record.topic, d.record.partition)
+        offset, wait = points.get(key, (d.record.offset, 0.0))
+        points[key] = (min(offset, d.record.offset), max(wait, d.after_s))
+    return points
+
+
+def _apply_deferrals(consumer: Any, deferred: Sequence[Deferral]) -> None:
     """Rewind and pause each deferred partition; FastStream's commit then stores the rewound position."""
+    if not hasattr(consumer, "pause"):
+        raise RuntimeError("a step deferred records on a consumer that cannot pause (BatchContext.can_defer)")
     loop = asyncio.get_running_loop()
-    for (topic, partition), (offset, wait) in batch.by_partition.items():
+    for (topic, partition), (offset, wait) in rewind_points(deferred).items():
         tp = TopicPartition(topic, partition)
         consumer.seek(tp, offset)
         consumer.pause(tp)
@@ -117,22 +112,24 @@ def _resume(consumer: Any, tp: TopicPartition) -> None:
         consumer.resume(tp)
 
 
-async def run_batch(process: Process[M], good: Sequence[Decoded[M]], bad: list[Failure]) -> list[Out]:
+async def run_batch(process: Process[M], good: Sequence[Decoded[M]], bad: list[Failure],
+                    ctx: BatchContext = BatchContext()) -> Handled:
+    done = Handled()
     try:
-        return await process(good)
+        done.extend(await process(good, ctx))
+        return done
     except Exception:
         log.exception("batch_failed_retrying_individually", size=len(good))
-    outs: list[Out] = []
     for item in good:
         try:
-            outs.extend(await process([item]))
+            done.extend(await process([item], ctx))
         except Exception as exc:
             rec = item.record
             log.exception("record_failed", topic=rec.topic, partition=rec.partition, offset=rec.offset,
                           error_type=type(exc).__name__)
             bad.append((rec, exc))
-            outs.extend(_poison_answer(item.value, exc))
-    return outs
+            done.outs.extend(_poison_answer(item.value, exc))
+    return done
 
 
 def _poison_answer(value: BaseModel, exc: Exception) -> list[Out]:
@@ -249,7 +246,6 @@ def subscribe_many(
     instance that owns partition N of one topic owns partition N of the others.
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
-    stats = STAGE_STATS.setdefault(service, StageStats())
     fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
         else None
     backoff = _Backoff()
@@ -258,21 +254,19 @@ def subscribe_many(
         started = time.perf_counter()
         records = records_of(msg)
         consumer = getattr(msg, "consumer", None)
-        deferrals = _Deferrals(supported=hasattr(consumer, "pause"))
-        outs: list[Out] = []
+        ctx = BatchContext(can_defer=hasattr(consumer, "pause"))
+        done = Handled()
         bad_all: list[Failure] = []
-        token = _BATCH.set(deferrals)
-        try:
-            for name, spec in by_topic.items():
-                mine = [r for r in records if r.topic == name]
-                if not mine:
-                    continue
-                good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
-                outs.extend(_invalid_outputs(spec, bad))
-                outs.extend(await run_batch(spec.process, good, bad) if good else [])
-                bad_all.extend(bad)
-        finally:
-            _BATCH.reset(token)
+        for name, spec in by_topic.items():
+            mine = [r for r in records if r.topic == name]
+            if not mine:
+                continue
+            good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+            done.outs.extend(_invalid_outputs(spec, bad))
+            if good:
+                done.extend(await run_batch(spec.process, good, bad, ctx))
+            bad_all.extend(bad)
+        outs = done.outs
         processed = time.perf_counter()
         if records:
             publisher.metrics.observe_latency(service, (processed - started) / len(records))
@@ -287,12 +281,12 @@ def subscribe_many(
                           seconds=delay if paused else 0.0)
             raise  # NACK: the offsets are not committed and the batch is redelivered after the pause
         backoff.reset()
-        if deferrals.by_partition:
-            _apply_deferrals(consumer, deferrals)
+        if done.deferred:
+            _apply_deferrals(consumer, done.deferred)
         if fault is not None and records:
             fault.after_publish()
         published = time.perf_counter()
-        stats.add(len(records), processed - started, published - processed)
+        publisher.metrics.observe_stage(service, len(records), processed - started, published - processed)
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
                   process_ms=round((processed - started) * 1000, 1),
                   publish_ms=round((published - processed) * 1000, 1))

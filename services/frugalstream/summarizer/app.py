@@ -21,7 +21,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import subscribe
+from frugalstream.runtime.stage import BatchContext, subscribe
 from frugalstream.schemas import SummarizeJob
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
@@ -54,7 +54,7 @@ class SummarizerService:
             raise RuntimeError("summarizer is not registered with a broker")
         await self.publisher.publish_all(outs)
 
-    async def _on_jobs(self, batch: Sequence[Decoded[SummarizeJob]]) -> list[Out]:
+    async def _on_jobs(self, batch: Sequence[Decoded[SummarizeJob]], _ctx: BatchContext) -> list[Out]:
         continuations: list[Out] = []
         started = time.perf_counter()
         try:

@@ -1,8 +1,8 @@
 """The bundled sample workload that `frugalstream demo` replays.
 
-`services/frugalstream/tools/data/demo_workload.jsonl.gz` holds about 700 `LLMRequest`s (gzip JSON lines) built by
-`scripts/build_demo_workload.py` from redistributable datasets only; `services/frugalstream/tools/data/DEMO_WORKLOAD.md` has
-the mix, how it was built and the attribution of every source. Every request carries two demo-only tags:
+`data/demo_workload.jsonl.gz` (beside this module) holds about 700 `LLMRequest`s (gzip JSON lines) built by
+`scripts/build_demo_workload.py` from redistributable datasets only; `data/DEMO_WORKLOAD.md` has the mix, how
+it was built and the attribution of every source. Every request carries two demo-only tags:
 
 - `workload`: its category (`faq`, `routine`, `hard`, `long_history`, `pinned`), for the demo's report;
 - `arrival_ms`: when it arrives, in ms after the first request, taken from the inter-arrival gaps of the
