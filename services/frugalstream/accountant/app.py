@@ -21,10 +21,11 @@ from typing import Protocol
 
 from faststream.kafka import KafkaBroker
 
-from frugalstream.accountant.budgets import BudgetTracker
+from frugalstream.accountant.budgets import BudgetsConfig, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
@@ -112,3 +113,9 @@ class AccountantService:
         self.publisher = publisher
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.USAGE, model=UsageRecord,
                   process=self._on_usage, max_records=256)
+
+
+def wire(res: Resources) -> AccountantService:
+    s = res.settings
+    tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file)) if s.budgets_file else None
+    return AccountantService(s, res.catalog, Ledger(s.state_dir / "ledger.sqlite"), budgets=tracker)

@@ -9,6 +9,9 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.classifier.invalid import invalid_request_outs
 from frugalstream.classifier.logic import Classifier
+from frugalstream.classifier.router import EscalationRouter
+from frugalstream.classifier.routing import TierThresholds
+from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
@@ -47,3 +50,10 @@ class ClassifierService:
         # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
         subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
                   model=BudgetState, process=self._on_budgets, **whole_topic_options())
+
+
+def wire(res: Resources) -> ClassifierService:
+    s = res.settings
+    thresholds = TierThresholds(mid=s.route_threshold_mid, large=s.route_threshold_large)
+    return ClassifierService(s, Classifier(s, res.counter, embedder=res.embedder, scorer=EscalationRouter.load(),
+                                           thresholds=thresholds, catalog=res.catalog))

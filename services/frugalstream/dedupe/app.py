@@ -20,6 +20,8 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.dedupe.logic import Deduper
 from frugalstream.dedupe.rebuild import CacheRebuilder
+from frugalstream.dedupe.wiring import build_deduper
+from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
@@ -145,3 +147,7 @@ class DedupeService:
             partition_assignment_strategy=(RangePartitionAssignor,),
             listener=self.rebuilder,
         )
+
+
+def wire(res: Resources) -> DedupeService:
+    return DedupeService(res.settings, build_deduper(res.settings, res.embedder, res.verifier))

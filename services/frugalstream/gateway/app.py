@@ -21,11 +21,13 @@ from faststream.kafka import KafkaBroker
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.logic import Gateway
 from frugalstream.llm.identity import request_key
+from frugalstream.llm.resilience import RetryPolicy
+from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
-from frugalstream.schemas import RoutedRequest
+from frugalstream.schemas import TIERS, RoutedRequest
 from frugalstream.schemas import topics as t
 
 
@@ -69,3 +71,17 @@ class GatewayService:
             options["listener"] = self.loader
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=128, **options)
+
+
+def wire(res: Resources) -> GatewayService:
+    s = res.settings
+    names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
+    providers = {n: res.provider(n) for n in names}
+    policy = RetryPolicy(attempts=s.provider_max_attempts)
+    models = {m for tier in TIERS for m in s.tiers.for_tier(tier)}
+    model_providers = {} if s.provider == "simulated" else {
+        m: res.catalog.provider(m) for m in models if res.catalog.has(m)
+    }
+    completed = TopicCompleted(s)  # paid calls live on `llm.gateway.completed`, not in the state dir
+    return GatewayService(s, Gateway(providers, completed, policy=policy, model_providers=model_providers),
+                          store=completed)

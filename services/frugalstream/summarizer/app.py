@@ -17,6 +17,7 @@ from faststream.kafka import KafkaBroker
 from frugalstream.llm.embedder import AsyncEmbedder
 from frugalstream.llm.providers import Provider
 from frugalstream.llm.providers.openai_batch import OpenAIBatchClient
+from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
@@ -89,3 +90,8 @@ def build_summarizer(settings: Settings, provider: Provider,
         batch = SimulatedBatch(provider)
     near = NearDuplicates(embedder_factory=embedder_factory, verifier=load_verifier())
     return Summarizer(settings, provider, batch=batch, near=near)
+
+
+def wire(res: Resources) -> SummarizerService:
+    s = res.settings
+    return SummarizerService(s, build_summarizer(s, res.provider(s.provider), lambda: res.embedder))

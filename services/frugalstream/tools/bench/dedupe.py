@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from frugalstream.dedupe.semantic import SemanticIndex
-from frugalstream.dedupe.wiring import build_verifier, semantic_policy
+from frugalstream.dedupe.wiring import semantic_policy
 from frugalstream.llm.cache_keys import clean_text
 from frugalstream.llm.embedder import AsyncEmbedder, MiniLMEmbedder, Vectors, decode_vector, encode_vector
 from frugalstream.llm.verifier import Verifier
+from frugalstream.resources import build_verifier
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import CacheEntry, CacheKeys, ChatMessage, LLMRequest, Route, RoutedRequest
 from frugalstream.tools.evals.pair_eval import BASELINE_COSINE, Pair, load_paws, qqp_split
