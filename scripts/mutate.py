@@ -9,10 +9,11 @@ A mutation is *killed* when a guard test fails; it *survives* when they all pass
 Every snippet must occur exactly once in its file: a refactor that moves or duplicates the code makes the
 harness fail loudly instead of silently testing nothing.
 
-Isolation: the project is installed editable into .venv, but setuptools' editable finder sits *after* the
-normal path finder, so with the scratch directory first on PYTHONPATH (and as cwd) `import services` resolves
-to the mutated copy, in pytest and in every subprocess a test starts (`frugalstream serve` inherits the
-environment).
+Isolation: the project is installed editable into .venv (a path entry for `services/`, added by a .pth file
+after PYTHONPATH), so with the scratch copy's `services/` first on PYTHONPATH (and the scratch root as cwd)
+`import frugalstream` resolves to the mutated copy, in pytest and in every subprocess a test starts
+(`frugalstream serve` inherits the environment). Each run first checks that it does, and fails loudly if not:
+a mutation run against the installed code would "survive" for the wrong reason, or be "killed" by nothing.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def first_failure(output: str) -> tuple[str, str] | None:
 
 def pytest_env(scratch: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FRUGAL_", "PYTEST_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(scratch), *filter(None, [os.environ.get("PYTHONPATH")])])
+    paths = [str(scratch / "services"), str(scratch), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -186,8 +188,21 @@ def classify(returncode: int, output: str) -> tuple[Status, str | None]:
     return "harness_error", None
 
 
+def isolation_problem(scratch: Path) -> str | None:
+    """None when `import frugalstream` in the guards' environment loads the scratch copy."""
+    probe = subprocess.run([sys.executable, "-c", "import frugalstream; print(frugalstream.__file__)"],
+                           cwd=scratch, env=pytest_env(scratch), capture_output=True, text=True, check=False)
+    loaded = probe.stdout.strip()
+    if probe.returncode != 0 or not Path(loaded).resolve().is_relative_to(scratch.resolve()):
+        return f"`import frugalstream` does not load the scratch copy ({loaded or probe.stderr.strip()[-300:]})"
+    return None
+
+
 def run_guards(guards: Sequence[str], scratch: Path, timeout_s: float) -> tuple[int | None, str]:
-    """(exit code or None on timeout, combined output). The process group is killed on timeout."""
+    """(exit code or None on timeout, combined output). The process group is killed on timeout; a scratch
+    copy that the guards would not import is a harness error (exit code 3), never a verdict."""
+    if (problem := isolation_problem(scratch)) is not None:
+        return 3, problem
     proc = subprocess.Popen(pytest_command(guards, scratch), cwd=scratch, env=pytest_env(scratch),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -15,6 +15,7 @@ from scripts.mutate import (
     check_all,
     classify,
     first_failure,
+    isolation_problem,
     load_mutations,
     main,
     mutated_text,
@@ -108,3 +109,16 @@ def test_list_file_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["--list-file", str(broken), "--list"]) == 2
     assert "missing" in capsys.readouterr().err
     assert main(["--only", "no-such-mutation", "--list"]) == 2
+
+
+def test_guards_import_the_scratch_copy_or_the_run_is_refused(tmp_path: Path) -> None:
+    """A mutation run against the installed code proves nothing: the harness checks what `import` loads."""
+    package = tmp_path / "services" / "frugalstream"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    assert isolation_problem(tmp_path) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    problem = isolation_problem(empty)
+    assert problem is not None and "does not load the scratch copy" in problem
+
