@@ -1,35 +1,34 @@
-"""Integration fixtures: every service against the session's embedded broker, isolated by topic prefix."""
+"""Integration fixtures: every service against the session's embedded broker, isolated by topic prefix.
+
+The broker is the session's (see `tests/conftest.py`); the settings, the topic layout and the running of
+services are the local cluster's, the same code the demo and the benches use.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from frugalstream.bootstrap import SERVICE_NAMES, Resources
 from frugalstream.llm.embedder import Embedder, HashingEmbedder
+from frugalstream.llm.providers import Provider
 from frugalstream.runner import RunningServices
-from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import topics as t
 from frugalstream.tools.embedded_broker import EmbeddedBroker
+from frugalstream.tools.local_cluster import PARTITIONS, cluster_settings, create_topics, run_services
 
-PARTITIONS = 4
+__all__ = ["PARTITIONS", "PipelineFactory"]
+
 PipelineFactory = Callable[..., AbstractAsyncContextManager[RunningServices]]
 
 
 @pytest.fixture
 async def integration_settings(embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path) -> Settings:
-    settings = Settings(
-        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
-        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
-        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
-        simulated_latency_scale=0.01, coalesce_timeout_s=5.0,
-    )
-    await embedded_broker.create_topics({settings.topic(n): PARTITIONS for n in t.ALL_TOPICS})
+    settings = cluster_settings(embedded_broker.bootstrap, tmp_path / "state", topic_prefix=f"{topic_prefix}.",
+                                group_prefix=topic_prefix, simulated_latency_scale=0.01, coalesce_timeout_s=5.0)
+    await create_topics(embedded_broker, settings)
     return settings
 
 
@@ -37,14 +36,9 @@ async def integration_settings(embedded_broker: EmbeddedBroker, topic_prefix: st
 def pipeline(integration_settings: Settings) -> PipelineFactory:
     """`async with pipeline(names=..., embedder=...) as running:` runs services until the block ends."""
 
-    @asynccontextmanager
-    async def run(names: Sequence[str] = SERVICE_NAMES, embedder: Callable[[], Embedder] = HashingEmbedder,
-                  settings: Settings | None = None, **resource_kwargs: Any) -> AsyncIterator[RunningServices]:
-        resources = Resources(settings or integration_settings, embedder_factory=embedder, **resource_kwargs)
-        try:
-            async with RunningServices(names, resources) as running:
-                yield running
-        finally:
-            resources.close()
+    def run(names: Sequence[str] | None = None, embedder: Callable[[], Embedder] = HashingEmbedder,
+            settings: Settings | None = None,
+            provider_factory: Callable[[str], Provider] | None = None) -> AbstractAsyncContextManager[RunningServices]:
+        return run_services(settings or integration_settings, names, embedder=embedder, provider=provider_factory)
 
     return run

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from frugalstream.classifier.logic import Classifier
+from frugalstream.classifier.logic import Classifier, Routed
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import cost_event
@@ -214,8 +214,8 @@ async def routed_requests(n: int, tag: str) -> list[RoutedRequest]:
     requests = [LLMRequest(id=f"{tag}-{i // 2}", tenant=TENANTS[i % 2],
                            messages=(ChatMessage(role="user", content=f"{tag} question {i}: what is {i} plus one?"),))
                 for i in range(n)]
-    outs = await Classifier(Settings(provider="openai", kafka_idempotent=False), TokenCounter()).handle(requests)
-    routed = [o.value for o in outs if isinstance(o.value, RoutedRequest)]
+    results = await Classifier(Settings(provider="openai", kafka_idempotent=False), TokenCounter()).handle(requests)
+    routed = [r.routed for r in results if isinstance(r, Routed)]
     assert len(routed) == n and all(r.route.provider == "openai" and r.route.model.startswith("gpt-") for r in routed)
     return routed
 

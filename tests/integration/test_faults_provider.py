@@ -21,14 +21,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from frugalstream.bootstrap import Resources
-from frugalstream.classifier.logic import Classifier
+from frugalstream.classifier.logic import Classifier, Routed
 from frugalstream.gateway.idempotency import MemoryCompleted
-from frugalstream.gateway.logic import Gateway
+from frugalstream.gateway.logic import Gateway, Result
 from frugalstream.llm.providers import OpenAIProvider
 from frugalstream.llm.resilience import BreakerRegistry, CircuitBreaker, RetryPolicy
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runner import RunningServices
-from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
@@ -128,10 +127,9 @@ def provider(server: FakeOpenAI) -> OpenAIProvider:
     return OpenAIProvider(base_url=server.url, api_key="sk-test", timeout_s=0.5, connect_timeout_s=0.5)
 
 
-def answer_of(outs: list[Out]) -> LLMResponse:
-    response = outs[0].value
-    assert isinstance(response, LLMResponse)
-    return response
+def answer_of(result: Result) -> LLMResponse:
+    assert result.response is not None, f"no answer: {result.outcome}"
+    return result.response
 
 
 def openai_settings(tmp_path: Path, **kw: object) -> Settings:
@@ -141,8 +139,8 @@ def openai_settings(tmp_path: Path, **kw: object) -> Settings:
 async def route(settings: Settings, texts: list[str], prefix: str = "r") -> list[RoutedRequest]:
     requests = [LLMRequest(id=f"{prefix}{i}", tenant="acme", messages=(ChatMessage(role="user", content=x),))
                 for i, x in enumerate(texts)]
-    outs = await Classifier(settings, TokenCounter()).handle(requests)
-    routed = [o.value for o in outs if isinstance(o.value, RoutedRequest)]
+    results = await Classifier(settings, TokenCounter()).handle(requests)
+    routed = [r.routed for r in results if isinstance(r, Routed)]
     assert all(r.route.model == "gpt-4o-mini" and r.route.fallbacks for r in routed)
     return routed
 
@@ -159,7 +157,7 @@ async def test_fault_is_retried_then_falls_back_then_answers_with_the_reason(
     results = await gateway.handle([first, down], can_defer=False)
     elapsed = time.monotonic() - started
     await gateway.providers["openai"].aclose()
-    answer, error = (answer_of(r.outs) for r in results)
+    answer, error = (answer_of(r) for r in results)
     # Not retried on the same model: a malformed body, and a Retry-After longer than the gateway waits inline.
     retried = 1 if kind in ("malformed", "429") else 2
     assert fake_openai.hits[f"fault:{kind}:one?"] == retried + 1, "retries on the model, then one fallback call"
@@ -181,7 +179,7 @@ async def test_circuit_breaker_stops_hammering_a_provider_that_is_down(fake_open
     await gateway.providers["openai"].aclose()
     assert sum(fake_openai.hits.values()) <= 8, "after the circuits open, calls stop reaching the provider"
     last = answer_of((await gateway.handle([routed[-1].model_copy(update={"request": routed[-1].request.model_copy(
-        update={"id": "later"})})], can_defer=False))[0].outs)
+        update={"id": "later"})})], can_defer=False))[0])
     assert last.error is not None and last.error.code == "circuit_open"
 
 

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from frugalstream.accountant.app import AccountantService
 from frugalstream.accountant.budgets import Budget, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
-from frugalstream.classifier.logic import Classifier
+from frugalstream.accountant.logic import Accountant
+from frugalstream.classifier.logic import Classifier, Refused, Routed
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.metrics import Metrics, exposition
@@ -68,9 +69,9 @@ def usage(i: int, tenant: str, at: float, model: str = "gpt-4o") -> Decoded[Usag
 
 def accountant(publisher: FlakyPublisher, clock: Clock, *budgets: Budget, tick_s: float = 60.0,
                metrics: Metrics | None = None) -> AccountantService:
-    settings = Settings(budget_tick_s=tick_s)
-    return AccountantService(settings, CATALOG, Ledger(), budgets=BudgetTracker(budgets), clock=clock,
-                             metrics=metrics or Metrics(), publisher=publisher)
+    settings, metrics = Settings(budget_tick_s=tick_s), metrics or Metrics()
+    logic = Accountant(CATALOG, Ledger(), budgets=BudgetTracker(budgets), clock=clock, metrics=metrics)
+    return AccountantService(settings, logic, publisher=publisher, metrics=metrics)
 
 
 REFUSE_ACME = Budget(tenant="acme", period="day", limit_usd=0.1, action="refuse")
@@ -105,15 +106,15 @@ async def test_period_rolls_over_without_traffic_and_the_tenant_is_served_again(
         classifier.budgets.update(state)
     ask = LLMRequest(id="q1", tenant="acme", messages=(ChatMessage(role="user", content="hours?"),))
     [refused] = await classifier.handle([ask])
-    assert isinstance(refused.value, LLMResponse) and refused.value.error is not None
-    assert refused.value.error.code == "budget_exceeded"
+    assert isinstance(refused, Refused) and refused.response.error is not None
+    assert refused.response.error.code == "budget_exceeded"
     assert await svc.publish_budgets() == 0  # a tick before midnight: nothing changed
     clock.now = AFTER_MIDNIGHT
     assert await svc.publish_budgets() == 1  # the tick after midnight, with no new usage at all
     assert publisher.states()[-1] == ("acme", "ok", "2026-03-15T00:00:00Z")
     classifier.budgets.update(publisher.published[-1].value)  # type: ignore[arg-type]
     [served] = await classifier.handle([ask.model_copy(update={"id": "q2"})])
-    assert isinstance(served.value, RoutedRequest)
+    assert isinstance(served, Routed)
 
 
 async def test_the_timer_runs_in_the_background_and_stops() -> None:
@@ -157,9 +158,13 @@ async def test_budgets_are_per_tenant_and_act_on_pins() -> None:
         return LLMRequest(id=rid, tenant=tenant, model="gpt-4o",
                           messages=(ChatMessage(role="user", content="Write a long essay."),))
 
-    outs = await classifier.handle([pinned("a", "acme"), pinned("g", "globex"), pinned("i", "initech")])
-    by_id = {(o.value.request_id if isinstance(o.value, LLMResponse) else o.value.request.id): o.value  # type: ignore[union-attr]
-             for o in outs}
+    results = await classifier.handle([pinned("a", "acme"), pinned("g", "globex"), pinned("i", "initech")])
+    by_id: dict[str, LLMResponse | RoutedRequest] = {}
+    for r in results:
+        if isinstance(r, Refused):
+            by_id[r.request.id] = r.response
+        else:
+            by_id[r.routed.request.id] = r.routed
     refused, served, downgraded = by_id["a"], by_id["g"], by_id["i"]
     assert isinstance(refused, LLMResponse) and refused.error is not None
     assert refused.error.code == "budget_exceeded"

@@ -9,8 +9,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from frugalstream.dedupe.app import DedupeService
-from frugalstream.dedupe.logic import Deduper, SemanticHit
+from frugalstream.dedupe.app import DedupeService, outs_for
+from frugalstream.dedupe.logic import Deduper
+from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.dedupe.semantic import SemanticIndex
 from frugalstream.dedupe.store import AnswerStore
 from frugalstream.dedupe.wiring import semantic_policy
@@ -31,7 +32,7 @@ from frugalstream.schemas import (
     ToolCall,
 )
 from frugalstream.schemas import topics as t
-from tests.unit.test_dedupe import SETTINGS, answer, deduper, fill, route, sources
+from tests.unit.test_dedupe import SETTINGS, answer, deduper, fill, on_responses, on_routed, route, sources
 
 WEATHER = "What should I wear in Oslo today?"
 
@@ -89,7 +90,7 @@ async def test_a_different_tool_result_after_the_last_user_turn_is_never_served_
                               convo("b", user(WEATHER), *tool_turns("sunny")))
     assert snow.keys.exact != sunny.keys.exact and snow.keys.prefix != sunny.keys.prefix
     await fill(d, snow, content="Boots and a warm coat.")
-    assert sources(await d.on_routed([sunny])) == [], "neither the exact cache nor the semantic shard may serve it"
+    assert sources(await on_routed(d, [sunny])) == [], "neither the exact cache nor the semantic shard may serve it"
 
 
 async def test_an_appended_assistant_turn_changes_the_key_and_the_same_turns_still_hit() -> None:
@@ -101,13 +102,13 @@ async def test_an_appended_assistant_turn_changes_the_key_and_the_same_turns_sti
     )
     assert plain.keys.exact != appended.keys.exact
     await fill(d, appended, content="Shorts.")
-    assert sources(await d.on_routed([plain])) == [], "an appended turn must not poison the plain question"
-    assert sources(await d.on_routed([again])) == [], "nor a case-changed plain question"
+    assert sources(await on_routed(d, [plain])) == [], "an appended turn must not poison the plain question"
+    assert sources(await on_routed(d, [again])) == [], "nor a case-changed plain question"
     tool, same_tool = await route(convo("d", user(WEATHER), *tool_turns("snow")),
                                   convo("e", user(WEATHER.lower() + "  "), *tool_turns("  snow ")))
     assert tool.keys.exact == same_tool.keys.exact, "user text is normalized, a tool result only trimmed"
     await fill(d, tool)
-    assert sources(await d.on_routed([same_tool])) == ["cache_exact"]
+    assert sources(await on_routed(d, [same_tool])) == ["cache_exact"]
 
 
 def test_system_prompt_assistant_and_tool_text_are_hashed_as_written() -> None:
@@ -149,21 +150,21 @@ async def test_pinned_and_unpinned_answers_never_serve_each_other() -> None:
         pinned_to(base[3], "gpt-4o"), pinned_to(base[4], None))
     d = deduper(semantic=False)
     await fill(d, gpt4o_b)
-    assert sources(await d.on_routed([gpt41_c])) == [], "another pin"
-    assert sources(await d.on_routed([free_a])) == [], "an unpinned request never gets a pinned answer"
-    assert sources(await d.on_routed([gpt4o_d])) == ["cache_exact"], "the same pin does"
+    assert sources(await on_routed(d, [gpt41_c])) == [], "another pin"
+    assert sources(await on_routed(d, [free_a])) == [], "an unpinned request never gets a pinned answer"
+    assert sources(await on_routed(d, [gpt4o_d])) == ["cache_exact"], "the same pin does"
     d2 = deduper(semantic=False)
     await fill(d2, free_a)
-    assert sources(await d2.on_routed([gpt4o_b])) == [], "a pinned request never gets an unpinned answer"
-    assert sources(await d2.on_routed([free_e])) == ["cache_exact"]
+    assert sources(await on_routed(d2, [gpt4o_b])) == [], "a pinned request never gets an unpinned answer"
+    assert sources(await on_routed(d2, [free_e])) == ["cache_exact"]
 
 
 async def test_a_pinned_request_never_coalesces_with_another_pin_or_with_no_pin() -> None:
     base = await route(*(convo(rid, user("Explain my statement")) for rid in "abc"))
     d = deduper(semantic=False)
-    await d.on_routed([pinned_to(base[0], "gpt-4o")])
-    assert [o.topic for o in await d.on_routed([pinned_to(base[1], "gpt-4.1")])] == [t.DISPATCH]
-    assert [o.topic for o in await d.on_routed([pinned_to(base[2], None)])] == [t.DISPATCH]
+    await on_routed(d, [pinned_to(base[0], "gpt-4o")])
+    assert [o.topic for o in await on_routed(d, [pinned_to(base[1], "gpt-4.1")])] == [t.DISPATCH]
+    assert [o.topic for o in await on_routed(d, [pinned_to(base[2], None)])] == [t.DISPATCH]
 
 
 # 3. Identity is (tenant, request id) ----------------------------------------------------------------------
@@ -172,12 +173,12 @@ async def test_a_pinned_request_never_coalesces_with_another_pin_or_with_no_pin(
 async def test_another_tenant_reusing_an_id_in_flight_is_neither_suppressed_nor_served_its_answer() -> None:
     d = deduper(semantic=False)
     a, b = await route(convo("x", user("What is my balance?")), convo("x", user("What is my balance?"), tenant="b"))
-    assert [o.topic for o in await d.on_routed([a])] == [t.DISPATCH]
-    outs = await d.on_responses([(answer(a, "Acme: 100"), 0)])
+    assert [o.topic for o in await on_routed(d, [a])] == [t.DISPATCH]
+    outs = await on_responses(d, [(answer(a, "Acme: 100"), 0)])
     assert all(getattr(o.value, "tenant", "acme") == "acme" for o in outs), "nothing for tenant b"
-    outs = await d.on_routed([b])
+    outs = await on_routed(d, [b])
     assert [o.topic for o in outs] == [t.DISPATCH], "b's x is not 'already answered' because acme's x was"
-    assert d.waiters == {} and request_key("b", "x") in d.leading
+    assert d.coalescing.waiters == {} and request_key("b", "x") in d.coalescing.leading
 
 
 async def test_a_shared_scope_follower_with_the_leaders_id_waits_as_itself_and_gets_its_own_answer() -> None:
@@ -188,11 +189,11 @@ async def test_a_shared_scope_follower_with_the_leaders_id_waits_as_itself_and_g
                        settings=settings)
     assert a.keys.exact == b.keys.exact
     d = deduper(settings, semantic=False)
-    await d.on_routed([a], [3])
-    held = await d.on_routed([b], [3])
+    await on_routed(d, [a], [3])
+    held = await on_routed(d, [b], [3])
     assert [(o.topic, o.key) for o in held] == [(t.DEDUPE_WAITING, request_key("b", "x"))], \
         "b's x is a follower, not a re-routing of acme's x"
-    outs = await d.on_responses([(answer(a, "9 to 5"), 3)])
+    outs = await on_responses(d, [(answer(a, "9 to 5"), 3)])
     (served,) = responses(outs)
     assert (served.tenant, served.request_id, served.source, served.content) == ("b", "x", "coalesced", "9 to 5")
     assert served.served_from is None, "another tenant's request id is not disclosed"
@@ -204,12 +205,12 @@ async def test_a_rebuilt_entry_marks_only_its_own_tenant_answered() -> None:
     d = deduper(semantic=False)
     await d.load([(CacheEntry(keys=a.keys, request_id="x", tenant="acme", content="Sent.", model="m",
                               output_tokens=1, stored_at=time.time()), 0)])
-    assert await d.on_routed([a]) == [], "acme's x already has its answer"
-    assert [o.topic for o in await d.on_routed([b])] == [t.DISPATCH]
+    assert await on_routed(d, [a]) == [], "acme's x already has its answer"
+    assert [o.topic for o in await on_routed(d, [b])] == [t.DISPATCH]
     d.mark_answered("b", "y")
     (b_y,) = await route(convo("y", user("Another question"), tenant="b"))
     (acme_y,) = await route(convo("y", user("Another question")))
-    assert await d.on_routed([b_y]) == [] and [o.topic for o in await d.on_routed([acme_y])] == [t.DISPATCH]
+    assert await on_routed(d, [b_y]) == [] and [o.topic for o in await on_routed(d, [acme_y])] == [t.DISPATCH]
 
 
 # 4. Coalescing joins only what the leader's answer could serve ---------------------------------------------
@@ -226,41 +227,42 @@ async def test_a_higher_tier_twin_never_waits_for_a_lower_tier_leader() -> None:
     small, large, mid, large2 = (with_tier(base, "s", "small"), with_tier(base, "l", "large"),
                                  with_tier(base, "m", "mid"), with_tier(base, "l2", "large"))
     d = deduper(semantic=False)
-    await d.on_routed([small])
-    assert [o.topic for o in await d.on_routed([large])] == [t.DISPATCH], "a small answer cannot serve it"
-    assert [o.topic for o in await d.on_routed([mid])] == [t.DEDUPE_WAITING], "joins the large leader"
-    await d.on_responses([(answer(small, "small answer"), 0)])
-    assert [o.topic for o in await d.on_routed([large2])] == [t.DEDUPE_WAITING], \
+    await on_routed(d, [small])
+    assert [o.topic for o in await on_routed(d, [large])] == [t.DISPATCH], "a small answer cannot serve it"
+    assert [o.topic for o in await on_routed(d, [mid])] == [t.DEDUPE_WAITING], "joins the large leader"
+    await on_responses(d, [(answer(small, "small answer"), 0)])
+    assert [o.topic for o in await on_routed(d, [large2])] == [t.DEDUPE_WAITING], \
         "the small leader's answer did not clear the large leader's in-flight entry"
-    outs = await d.on_responses([(answer(large, "large answer"), 0)])
+    outs = await on_responses(d, [(answer(large, "large answer"), 0)])
     assert {(r.request_id, r.content) for r in responses(outs)} == {("m", "large answer"), ("l2", "large answer")}
 
 
 async def test_a_failed_leader_releases_its_followers_at_once_and_clears_its_entry() -> None:
     leader, f1, f2, later = await route(*(convo(rid, user("Is the app down?")) for rid in "abcd"))
     d = deduper(semantic=False)  # the default 30 s coalescing timeout: nothing may wait for it
-    await d.on_routed([leader])
-    await d.on_routed([f1, f2])
+    await on_routed(d, [leader])
+    await on_routed(d, [f1, f2])
     failed = LLMResponse(request_id="a", tenant="acme", source="error", responded_at=time.time(),
                          error=ResponseError(code="provider_error", message="boom", retryable=True))
     assert failed.keys is None, "the gateway's error responses carry no keys"
-    outs = await d.on_responses([(failed, 0)])
+    outs = await on_responses(d, [(failed, 0)])
     dispatched = [o.value.request.id for o in outs if o.topic == t.DISPATCH]  # type: ignore[union-attr]
     assert sorted(dispatched) == ["b", "c"] and responses(outs) == []
     assert sorted(str(o.key) for o in outs if o.topic == t.DEDUPE_WAITING) == [request_key("acme", r) for r in "bc"]
-    assert d.inflight == {} and d.leading == {} and d.waiters == {} and d.held == {}
-    assert [o.topic for o in await d.on_routed([later])] == [t.DISPATCH], "no one is left to wait for"
+    c = d.coalescing
+    assert c.inflight == {} and c.leading == {} and c.waiters == {} and c.held == {}
+    assert [o.topic for o in await on_routed(d, [later])] == [t.DISPATCH], "no one is left to wait for"
 
 
 async def test_followers_of_a_tool_call_answer_get_the_tool_calls() -> None:
     leader, follower = await route(convo("a", user("Book a table for two")), convo("b", user("book a table for two")))
     d = deduper(semantic=False)
-    await d.on_routed([leader])
-    await d.on_routed([follower])
+    await on_routed(d, [leader])
+    await on_routed(d, [follower])
     call = ToolCall(id="call_9", name="book", arguments='{"people": 2}')
     tool_answer = answer(leader, cacheable=False).model_copy(
         update={"content": None, "tool_calls": (call,), "finish_reason": "tool_calls"})
-    outs = await d.on_responses([(tool_answer, 0)])
+    outs = await on_responses(d, [(tool_answer, 0)])
     (served,) = responses(outs)
     assert (served.request_id, served.content, served.tool_calls, served.finish_reason) == \
         ("b", None, (call,), "tool_calls")
@@ -270,10 +272,10 @@ async def test_followers_of_a_tool_call_answer_get_the_tool_calls() -> None:
 async def test_followers_of_a_truncated_answer_are_told_it_was_truncated() -> None:
     leader, follower = await route(convo("a", user("Write our history")), convo("b", user("Write our history")))
     d = deduper(semantic=False)
-    await d.on_routed([leader])
-    await d.on_routed([follower])
+    await on_routed(d, [leader])
+    await on_routed(d, [follower])
     cut = answer(leader, "Founded in", cacheable=False).model_copy(update={"finish_reason": "length"})
-    (served,) = responses(await d.on_responses([(cut, 0)]))
+    (served,) = responses(await on_responses(d, [(cut, 0)]))
     assert (served.content, served.finish_reason) == ("Founded in", "length")
 
 
@@ -298,8 +300,8 @@ async def test_the_coalesce_sweeper_survives_a_failed_publish_and_retries_its_ou
     settings = Settings(coalesce_timeout_s=0.04, semantic_task_types=("faq",), semantic_verifier="features")
     leader, follower = await route(convo("a", user("Any fees abroad?")), convo("b", user("Any fees abroad?")))
     d = deduper(settings, semantic=False)
-    await d.on_routed([leader])
-    await d.on_routed([follower])
+    await on_routed(d, [leader])
+    await on_routed(d, [follower])
     service = DedupeService(settings, d)
     publisher = FlakyPublisher(failures=2)
     service._publisher = publisher
@@ -387,10 +389,10 @@ async def test_sampled_requests_are_never_looked_up_coalesced_or_stored_without_
     d = deduper(semantic=False)
     d.store.put(CacheEntry(keys=first.keys, request_id="z", tenant="acme", content="old slogan", model="m",
                            output_tokens=2, stored_at=time.time()))
-    assert [o.topic for o in await d.on_routed([first])] == [t.DISPATCH], "not looked up"
-    assert [o.topic for o in await d.on_routed([second])] == [t.DISPATCH], "not coalesced"
+    assert [o.topic for o in await on_routed(d, [first])] == [t.DISPATCH], "not looked up"
+    assert [o.topic for o in await on_routed(d, [second])] == [t.DISPATCH], "not coalesced"
     d.store.discard(first.keys.exact)
-    outs = await d.on_responses([(answer(first, "Fresh!", cacheable=True), 0)])
+    outs = await on_responses(d, [(answer(first, "Fresh!", cacheable=True), 0)])
     assert [o for o in outs if o.topic == t.CACHE] == [] and len(d.store) == 0, "not stored"
 
 
@@ -401,7 +403,7 @@ async def test_a_tenant_that_opts_in_caches_its_sampled_answers() -> None:
         convo("b", user("Write a slogan"), sampling={"temperature": 0.9}), settings=settings))
     d = deduper(settings, semantic=False)
     await fill(d, first, content="Fresh!")
-    assert sources(await d.on_routed([second])) == ["cache_exact"]
+    assert sources(await on_routed(d, [second])) == ["cache_exact"]
 
 
 # Robustness of the decisions themselves ----------------------------------------------------------------------------
@@ -433,27 +435,27 @@ async def test_a_batch_retried_after_a_failure_still_answers_its_exact_hits() ->
     d.store.put(CacheEntry(keys=cached.keys, request_id="z", tenant="acme", content="DE00", model="m",
                            output_tokens=1, stored_at=time.time()))
     with contextlib.suppress(RuntimeError):
-        await d.on_routed([cached, fresh])
-    assert sources(await d.on_routed([cached, fresh])) == ["cache_exact"], "not silenced by the failed attempt"
+        await on_routed(d, [cached, fresh])
+    assert sources(await on_routed(d, [cached, fresh])) == ["cache_exact"], "not silenced by the failed attempt"
 
 
 async def test_waiters_of_a_revoked_partition_are_left_to_its_new_owner() -> None:
     leader, follower = await route(convo("a", user("Where is my refund?")), convo("b", user("Where is my refund?")))
     d = deduper(Settings(coalesce_timeout_s=0.0), semantic=False)
-    await d.on_routed([leader], [1])
-    await d.on_routed([follower], [1])
+    await on_routed(d, [leader], [1])
+    await on_routed(d, [follower], [1])
     d.forget_partitions({1})
-    assert d.expire_waiters(now=time.time() + 1) == [], "the new owner resumes it from llm.dedupe.waiting"
-    assert d.waiters == {} and d.held == {} and d.inflight == {}
+    assert outs_for(d.expire_waiters(now=time.time() + 1)) == [], "the new owner resumes it from llm.dedupe.waiting"
+    assert d.coalescing.waiters == {} and d.coalescing.held == {} and d.coalescing.inflight == {}
 
 
 async def test_a_leader_past_the_timeout_takes_no_followers_and_is_still_never_answered_from_cache() -> None:
     leader, twin = await route(convo("a", user("Is my loan approved?")), convo("b", user("Is my loan approved?")))
     d = deduper(Settings(coalesce_timeout_s=0.0, semantic_task_types=("faq",)), semantic=False)
-    await d.on_routed([leader])
+    await on_routed(d, [leader])
     d.expire_waiters(now=time.time() + 1)
-    assert [o.topic for o in await d.on_routed([twin])] == [t.DISPATCH], "no one waits for a slow leader"
+    assert [o.topic for o in await on_routed(d, [twin])] == [t.DISPATCH], "no one waits for a slow leader"
     d.store.put(CacheEntry(keys=leader.keys, request_id="b", tenant="acme", content="Yes.", model="m",
                            output_tokens=1, stored_at=time.time()))
-    assert [o.topic for o in await d.on_routed([leader])] == [t.DISPATCH], \
+    assert [o.topic for o in await on_routed(d, [leader])] == [t.DISPATCH], \
         "a re-routed leader is in flight at the gateway: a cache answer would be its second terminal message"

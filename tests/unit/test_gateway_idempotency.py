@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-from frugalstream.classifier.logic import Classifier
+from frugalstream.classifier.logic import Classifier, Routed
 from frugalstream.gateway import completed as completed_module
+from frugalstream.gateway.app import GatewayService
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.idempotency import MemoryCompleted
 from frugalstream.gateway.logic import Gateway, Result
@@ -24,26 +25,32 @@ from frugalstream.llm.providers import Completion, ProviderError
 from frugalstream.llm.resilience import RetryPolicy
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.messaging import Publisher
-from frugalstream.runtime.records import Out
+from frugalstream.runtime.metrics import Metrics
+from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import BatchContext, Deferral
 from frugalstream.schemas import ChatMessage, CompletedCall, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
 from frugalstream.schemas import topics as t
 
 
 class CountingProvider:
-    """Answers with the tenant-free prompt echo and counts calls per prompt; `fail` makes every call a 5xx."""
+    """Answers with the tenant-free prompt echo and counts calls per prompt; `fail` makes every call a 5xx, and
+    a prompt in `limited` is rate limited with a Retry-After of 30 s."""
 
     name = "simulated"
 
-    def __init__(self, *, fail: bool = False) -> None:
+    def __init__(self, *, fail: bool = False, limited: frozenset[str] = frozenset()) -> None:
         self.calls: Counter[str] = Counter()
         self.fail = fail
+        self.limited = limited
 
     async def complete(self, *, model: str, messages: Sequence[ChatMessage], **_: Any) -> Completion:
         prompt = str(messages[-1].content)
         self.calls[prompt] += 1
         if self.fail:
             raise ProviderError("down", kind="server", status=503)
+        if prompt in self.limited:
+            raise ProviderError("slow down", kind="rate_limited", status=429, retry_after_s=30.0)
         return Completion(content=f"answer #{sum(self.calls.values())} to {prompt}", model=model,
                           usage=TokenUsage(input_tokens=5, output_tokens=3), finish_reason="stop", latency_ms=1.0,
                           simulated=True)
@@ -59,7 +66,7 @@ class FakePublisher(Publisher):
         self.published: list[Out] = []
         self.broken = False
 
-    async def publish_all(self, outs: Sequence[Out]) -> None:
+    async def publish_all(self, outs: Sequence[Out], *, service: str = "publisher") -> None:
         if self.broken:
             raise ConnectionError("no ack")
         self.published.extend(outs)
@@ -72,20 +79,26 @@ def settings() -> Settings:
 
 async def routed(settings: Settings, tenant: str, rid: str, prompt: str) -> RoutedRequest:
     request = LLMRequest(id=rid, tenant=tenant, messages=(ChatMessage(role="user", content=prompt),))
-    outs = await Classifier(settings, TokenCounter()).handle([request])
-    found = [o.value for o in outs if isinstance(o.value, RoutedRequest)]
+    results = await Classifier(settings, TokenCounter()).handle([request])
+    found = [r.routed for r in results if isinstance(r, Routed)]
     assert len(found) == 1
     return found[0]
 
 
-def gateway(provider: CountingProvider, store: Any) -> Gateway:
-    return Gateway({"simulated": provider}, store, policy=RetryPolicy(attempts=1))
+def gateway(provider: CountingProvider, store: Any, metrics: Metrics | None = None) -> Gateway:
+    return Gateway({"simulated": provider}, store, policy=RetryPolicy(attempts=1), metrics=metrics or Metrics())
 
 
 def answer(result: Result) -> LLMResponse:
-    response = result.outs[0].value
-    assert isinstance(response, LLMResponse)
-    return response
+    assert result.response is not None, f"no answer: {result.outcome}"
+    return result.response
+
+
+def decoded(value: RoutedRequest, partition: int = 0, offset: int = 0) -> Decoded[RoutedRequest]:
+    return Decoded(Record(t.DISPATCH, partition, offset, None, None, ()), value)
+
+
+PAUSING = BatchContext(can_defer=True)
 
 
 async def test_another_tenant_reusing_an_answered_id_is_called_and_answered_for_itself(settings: Settings) -> None:
@@ -115,14 +128,16 @@ async def test_copies_in_one_batch_are_called_once_per_tenant_and_id(settings: S
 
 async def test_a_redelivery_replays_the_identical_answer_and_usage(settings: Settings) -> None:
     provider = CountingProvider()
-    gw = gateway(provider, MemoryCompleted())
+    metrics = Metrics()
+    gw = gateway(provider, MemoryCompleted(), metrics)
     r = await routed(settings, "acme", "r1", "Once only?")
     first = (await gw.handle([r], [2]))[0]
     second = (await gw.handle([r], [2]))[0]
     assert provider.calls["Once only?"] == 1
-    assert [(o.topic, o.value) for o in second.outs] == [(o.topic, o.value) for o in first.outs]
-    assert any(o.topic == t.USAGE for o in second.outs), "the replay carries the same usage record"
-    assert gw.stats["replayed"] == 1
+    assert (first.outcome, second.outcome) == ("paid", "replayed")
+    assert (second.response, second.usage) == (first.response, first.usage)
+    assert second.usage is not None, "the replay carries the same usage record"
+    assert metrics.registry.get_sample_value("frugal_gateway_outcomes_total", {"outcome": "replayed"}) == 1
 
 
 async def test_a_final_provider_error_is_recorded_and_replayed_not_retried(settings: Settings) -> None:
@@ -142,14 +157,14 @@ async def test_the_record_is_acknowledged_on_the_dispatch_partition_before_the_a
     provider = CountingProvider()
     publisher = FakePublisher()
     store = TopicCompleted(settings, publisher)
-    gw = gateway(provider, store)
+    service = GatewayService(settings, gateway(provider, store), store=store)
     r = await routed(settings, "acme", "r1", "Durable?")
-    result = (await gw.handle([r], [3]))[0]
+    handled = await service._on_dispatch([decoded(r, partition=3)], PAUSING)
     assert [o.topic for o in publisher.published] == [t.GATEWAY_COMPLETED], "recorded before anything else"
     record = publisher.published[0]
     assert record.partition == 3 and record.key == request_key("acme", "r1")
-    assert isinstance(record.value, CompletedCall) and record.value.response == answer(result)
-    assert all(o.topic != t.GATEWAY_COMPLETED for o in result.outs), "the stage publishes only the answer"
+    assert isinstance(record.value, CompletedCall) and record.value.response == handled.outs[0].value
+    assert all(o.topic != t.GATEWAY_COMPLETED for o in handled.outs), "the stage publishes only the answer"
 
 
 async def test_an_unacknowledged_record_defers_the_answer_and_is_retried_without_paying_again(
@@ -161,12 +176,37 @@ async def test_an_unacknowledged_record_defers_the_answer_and_is_retried_without
     r = await routed(settings, "acme", "r1", "Ack?")
     publisher.broken = True
     first = (await gw.handle([r], [0], can_defer=True))[0]
-    assert first.outs == [] and first.retry_after_s is not None, "no answer published while the record is not durable"
+    assert first.response is None and first.usage is None and first.retry_after_s is not None, (
+        "no answer published while the record is not durable")
     publisher.broken = False
     second = (await gw.handle([r], [0], can_defer=True))[0]
     assert provider.calls["Ack?"] == 1, "the redelivery did not pay again"
     assert [o.topic for o in publisher.published] == [t.GATEWAY_COMPLETED]
     assert answer(second).source == "llm"
+
+
+async def test_the_service_sends_the_answer_by_cache_scope_and_the_usage_by_tenant(settings: Settings) -> None:
+    service = GatewayService(settings, gateway(CountingProvider(), MemoryCompleted()))
+    r = await routed(settings, "acme", "r1", "Where to?")
+    handled = await service._on_dispatch([decoded(r), decoded(r, offset=1)], PAUSING)
+    assert [(o.topic, o.key) for o in handled.outs] == [(t.RESPONSES, r.keys.scope), (t.USAGE, "acme")]
+    assert handled.deferred == []
+
+
+async def test_a_deferred_request_holds_back_the_answers_after_it_on_its_partition(settings: Settings) -> None:
+    """Records at or after a rewind point are delivered again: answered now too, they would be sent twice."""
+    provider = CountingProvider(limited=frozenset({"Later?"}))
+    service = GatewayService(settings, gateway(provider, MemoryCompleted()))
+    now, later, behind, other = [await routed(settings, "acme", f"r{i}", text)
+                                 for i, text in enumerate(["Now?", "Later?", "Behind?", "Elsewhere?"])]
+    batch = [decoded(now, 0, 0), decoded(later, 0, 1), decoded(behind, 0, 2), decoded(other, 1, 0)]
+    handled = await service._on_dispatch(batch, PAUSING)
+    assert handled.deferred == [Deferral(batch[1].record, 30.0)]
+    answered = {o.value.request_id for o in handled.outs if isinstance(o.value, LLMResponse)}
+    assert answered == {"r0", "r3"}, "the answer behind the rewind point is held back"
+    again = await service._on_dispatch(batch[2:3], PAUSING)
+    assert [o.value.request_id for o in again.outs if isinstance(o.value, LLMResponse)] == ["r2"]
+    assert provider.calls["Behind?"] == 1, "the held-back answer was recorded: its redelivery replays it"
 
 
 async def test_records_expire_after_the_retention_and_expired_ones_are_not_loaded() -> None:

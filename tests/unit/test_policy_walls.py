@@ -12,8 +12,8 @@ import pytest
 from faststream.kafka import TestKafkaBroker
 
 from frugalstream.classifier import logic as classifier_logic
-from frugalstream.classifier.app import ClassifierService
-from frugalstream.classifier.invalid import invalid_request_outs
+from frugalstream.classifier.app import ClassifierService, result_outs
+from frugalstream.classifier.invalid import invalid_request_answer
 from frugalstream.classifier.logic import Classifier
 from frugalstream.llm.cache_keys import cache_keys
 from frugalstream.llm.pricing.catalog import PriceCatalog
@@ -34,7 +34,8 @@ def ask(rid: str = "r1", tenant: str = "acme", text: str = "What are your openin
 
 
 async def run(settings: Settings, *requests: LLMRequest, counter: TokenCounter | None = None) -> list[Out]:
-    return await Classifier(settings, counter or TokenCounter(), catalog=CATALOG).handle(list(requests))
+    """The logic's results, routed to topics as the service routes them."""
+    return result_outs(await Classifier(settings, counter or TokenCounter(), catalog=CATALOG).handle(list(requests)))
 
 
 def routed_of(outs: Iterable[Out]) -> list[RoutedRequest]:
@@ -157,6 +158,11 @@ def record(value: bytes | None) -> Record:
     return Record(topic="llm.requests", partition=0, offset=7, key=None, value=value, headers=())
 
 
+def invalid_request_outs(rec: Record, exc: Exception, settings: Settings) -> list[Out]:
+    """What the classifier stage publishes for an undecodable request."""
+    return ClassifierService(settings, Classifier(settings, TokenCounter(), catalog=CATALOG))._on_invalid(rec, exc)
+
+
 def validation_error(raw: bytes) -> Exception:
     try:
         LLMRequest.model_validate_json(raw)
@@ -193,6 +199,7 @@ def test_oversized_request_is_answered_too_large() -> None:
     b"\xff\xfe\x00garbage",
 ])
 def test_unidentifiable_invalid_request_gets_nothing(raw: bytes | None) -> None:
+    assert invalid_request_answer(raw, ValueError("bad"), Settings()) is None
     assert invalid_request_outs(record(raw), ValueError("bad"), Settings()) == []
 
 

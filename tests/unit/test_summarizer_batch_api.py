@@ -18,8 +18,10 @@ from frugalstream.llm.providers.openai_batch import BatchRequest, OpenAIBatchCli
 from frugalstream.llm.providers.simulated import packed_items
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, SummarizeItem, SummarizeJob, SummaryResult, UsageRecord
+from frugalstream.summarizer.app import outs_of
 from frugalstream.summarizer.batching import OpenAIBatch
 from frugalstream.summarizer.logic import Summarizer, SummarizerConfig
+from frugalstream.summarizer.results import Continues, Emission, Finished
 from frugalstream.summarizer.store import SummaryStore
 from frugalstream.tools.backfill import split_job
 
@@ -148,18 +150,18 @@ async def test_summarizer_uses_batch_api_and_resumes_the_same_batch(fake_openai:
     settings = Settings(state_dir=tmp_path, provider="openai", openai_base_url=url)
     provider = OpenAIProvider(base_url=url, api_key="test")
     config = SummarizerConfig(pack_items=4, batch_poll_s=0.01, handler_budget_s=0.0)
-    logic = Summarizer(settings, provider, store=SummaryStore(tmp_path / "s.sqlite"),
-                       batch=OpenAIBatch(OpenAIBatchClient(base_url=url, api_key="test")), config=config)
+    logic = Summarizer.build(settings, provider, store=SummaryStore(tmp_path / "s.sqlite"),
+                             batch=OpenAIBatch(OpenAIBatchClient(base_url=url, api_key="test")), config=config)
     items = tuple(SummarizeItem(id=f"i{k}", text=f"Product {k % 12} with feature {k % 12}") for k in range(36))
     job = SummarizeJob(job_id="b1", tenant="acme", instruction="Summarize.", items=items, deadline_s=86_400)
     outs: list[Any] = []
 
-    async def emit(batch: list[Any]) -> None:
-        outs.extend(batch)
+    async def emit(emission: Emission) -> None:
+        outs.extend(outs_of(emission))
 
-    assert not await logic.run_job(job, emit)  # submitted, still running: the handler returns
+    assert await logic.handle(job, emit) == Continues(job, "batch_running")  # submitted, still running
     rounds = 1
-    while not await logic.run_job(job, emit):
+    while not isinstance(await logic.handle(job, emit), Finished):
         rounds += 1
     assert len(api.batches) == 1, "a continuation polls the persisted batch, never resubmits"
     results = [o.value for o in outs if isinstance(o.value, SummaryResult)]
@@ -170,8 +172,7 @@ async def test_summarizer_uses_batch_api_and_resumes_the_same_batch(fake_openai:
     # Pack 0 lost section 2 and pack 1 failed whole: 1 + 4 items retried alone, at the standard rate.
     assert api.chat_calls == 5 and len(records) - len(batched) == 5
     assert sum(r.items for r in records) == 36
-    await provider.aclose()
-    await logic.batch.aclose()  # type: ignore[union-attr]
+    await logic.aclose()
 
 
 async def test_later_part_waits_for_the_earlier_parts_batch(fake_openai: tuple[FakeOpenAI, str],
@@ -180,22 +181,21 @@ async def test_later_part_waits_for_the_earlier_parts_batch(fake_openai: tuple[F
     settings = Settings(state_dir=tmp_path, provider="openai", openai_base_url=url)
     provider = OpenAIProvider(base_url=url, api_key="test")
     config = SummarizerConfig(pack_items=20, batch_poll_s=0.01, handler_budget_s=0.0)
-    logic = Summarizer(settings, provider, store=SummaryStore(tmp_path / "s.sqlite"),
-                       batch=OpenAIBatch(OpenAIBatchClient(base_url=url, api_key="test")), config=config)
+    logic = Summarizer.build(settings, provider, store=SummaryStore(tmp_path / "s.sqlite"),
+                             batch=OpenAIBatch(OpenAIBatchClient(base_url=url, api_key="test")), config=config)
     items = [SummarizeItem(id=f"i{k}", text=f"Gadget {k % 5}") for k in range(20)]
     first, second = split_job("b2", "acme", "Summarize.", items, part_items=10, deadline_s=86_400)
     outs: list[Any] = []
 
-    async def emit(batch: list[Any]) -> None:
-        outs.extend(batch)
+    async def emit(emission: Emission) -> None:
+        outs.extend(outs_of(emission))
 
-    assert not await logic.run_job(first, emit)  # batch submitted and running
-    assert not await logic.run_job(second, emit)  # waits instead of paying for the same items
-    while not await logic.run_job(first, emit):
+    assert await logic.handle(first, emit) == Continues(first, "batch_running")  # batch submitted and running
+    assert await logic.handle(second, emit) == Continues(second, "earlier_part")  # waits instead of paying again
+    while not isinstance(await logic.handle(first, emit), Finished):
         pass
-    assert await logic.run_job(second, emit)
+    assert await logic.handle(second, emit) == Finished(second)
     assert len(api.batches) == 1 and api.chat_calls == 1  # only the section the fake drops, retried alone
     results = [o.value for o in outs if isinstance(o.value, SummaryResult)]
     assert len(results) == 20 and {r.source for r in results[10:]} == {"reused"}
-    await provider.aclose()
-    await logic.batch.aclose()  # type: ignore[union-attr]
+    await logic.aclose()

@@ -1,21 +1,20 @@
 """Accountant service: `llm.usage` -> ledger + `llm.cost-events`, and budget states to `llm.budgets`.
 
-Per batch: price every record (a model the catalog lacks at its highest rates, flagged, never dropped), write
-the new ones to the SQLite ledger (idempotent by CloudEvents id), then publish every event (redeliveries too:
-the ids are deterministic, so downstream deduplicates); offsets are committed after that.
+The logic (`Accountant`) prices and writes the ledger; this module puts each cost event on `llm.cost-events`
+keyed by its subject, and each budget state on the compacted `llm.budgets` keyed by its budget id. Offsets are
+committed after the batch's events are published.
 
-Budget states are published by the accountant itself, under one lock: evaluate, publish, and only then mark
-them published. A failed publish leaves them pending for the next evaluation, which comes with the next batch
-or, without traffic, from a timer every `budget_tick_s`, so a period rolls over on time (a refused tenant is
-served again after midnight UTC even if it sends nothing).
+Budget states are published by the service itself, not through the stage, under one lock: evaluate, publish,
+and only then mark them published. A failed publish leaves them pending for the next evaluation, which comes
+with the next batch or, without traffic, from a timer every `budget_tick_s`, so a period rolls over on time (a
+refused tenant is served again after midnight UTC even if it sends nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,8 +22,7 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.accountant.budgets import BudgetsConfig, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
-from frugalstream.llm.pricing.catalog import PriceCatalog
-from frugalstream.llm.pricing.costing import cost_event
+from frugalstream.accountant.logic import Accountant
 from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
@@ -32,7 +30,7 @@ from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, subscribe
-from frugalstream.schemas import CostEvent, UsageRecord
+from frugalstream.schemas import BudgetState, CostEvent, UsageRecord
 from frugalstream.schemas import topics as t
 
 log = get_logger(__name__)
@@ -44,27 +42,40 @@ class StatePublisher(Protocol):
     async def publish_all(self, outs: Sequence[Out]) -> None: ...
 
 
+def cost_outs(events: Sequence[CostEvent]) -> list[Out]:
+    return [Out(t.COST_EVENTS, e, key=e.subject) for e in events]
+
+
+def budget_outs(states: Sequence[BudgetState]) -> list[Out]:
+    """Keyed by budget id: the compacted topic keeps each budget's latest decision."""
+    return [Out(t.BUDGETS, s, key=s.budget_id) for s in states]
+
+
 @dataclass
 class AccountantService:
     settings: Settings
-    catalog: PriceCatalog
-    ledger: Ledger
-    budgets: BudgetTracker | None = None
-    name: str = "accountant"
-    priced: int = field(default=0)
-    clock: Callable[[], float] = time.time
-    metrics: Metrics = METRICS
+    logic: Accountant
     publisher: StatePublisher | None = None
+    metrics: Metrics = METRICS
+    name: str = "accountant"
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _ticker: asyncio.Task[None] | None = field(default=None, repr=False)
 
+    @property
+    def ledger(self) -> Ledger:
+        return self.logic.ledger
+
+    @property
+    def priced(self) -> int:
+        return self.logic.priced
+
     async def start(self) -> None:
-        if self.budgets is not None and self._ticker is None:
+        if self.logic.budgets is not None and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick_forever(), name="accountant-budget-ticker")
 
     async def stop(self) -> None:
         await self.stop_background()
-        await asyncio.to_thread(self.ledger.close)
+        await asyncio.to_thread(self.logic.close)
 
     async def stop_background(self) -> None:
         if self._ticker is not None:
@@ -81,15 +92,15 @@ class AccountantService:
     async def publish_budgets(self) -> int:
         """Publishes the budget states that differ from the last published ones; never raises (a failure is
         logged, counted, and left pending for the next call). Returns how many were published."""
-        if self.budgets is None or self.publisher is None:
+        if self.logic.budgets is None or self.publisher is None:
             return 0
-        tracker, publisher = self.budgets, self.publisher
-        async with self._lock:
+        logic, publisher = self.logic, self.publisher
+        async with self._lock:  # one evaluation at a time: a stale one must not publish after a newer one
             try:
-                states = await asyncio.to_thread(tracker.pending, self.ledger, self.clock())
+                states = await logic.budget_changes()
                 if states:
-                    await publisher.publish_all([Out(t.BUDGETS, s, key=s.budget_id) for s in states])
-                    tracker.mark_published(states)
+                    await publisher.publish_all(budget_outs(states))
+                    logic.budgets_published(states)
                     log.info("budget_states_published", budgets=[(s.budget_id, s.status) for s in states])
                 return len(states)
             except Exception as exc:
@@ -98,16 +109,9 @@ class AccountantService:
                 return 0
 
     async def _on_usage(self, batch: Sequence[Decoded[UsageRecord]], _ctx: BatchContext) -> list[Out]:
-        events: list[CostEvent] = [cost_event(d.value, self.catalog) for d in batch]
-        await asyncio.to_thread(self.ledger.add_many, events)
-        self.priced += len(events)
-        for e in events:
-            if e.data.price_unknown:
-                self.metrics.record_unpriced(e.data.unpriced_models)
-                log.warning("unpriced_usage", models=list(e.data.unpriced_models), tenant=e.data.tenant,
-                            usage_id=e.data.usage_id)
+        events = await self.logic.handle([d.value for d in batch])
         await self.publish_budgets()
-        return [Out(t.COST_EVENTS, e, key=e.subject) for e in events]
+        return cost_outs(events)
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
@@ -118,4 +122,4 @@ class AccountantService:
 def wire(res: Resources) -> AccountantService:
     s = res.settings
     tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file)) if s.budgets_file else None
-    return AccountantService(s, res.catalog, Ledger(s.state_dir / "ledger.sqlite"), budgets=tracker)
+    return AccountantService(s, Accountant(res.catalog, Ledger(s.state_dir / "ledger.sqlite"), budgets=tracker))

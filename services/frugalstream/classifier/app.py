@@ -1,4 +1,9 @@
-"""Classifier service: `llm.requests` -> `llm.requests.routed` (or an error response); follows `llm.budgets`."""
+"""Classifier service: `llm.requests` -> `llm.requests.routed` (or an error response); follows `llm.budgets`.
+
+The logic decides (`Routed`, `Refused`, the answer to an invalid request); this module says where each goes:
+a routed request keyed by its cache scope, so one scope's requests meet in one dedupe partition; a refusal on
+`llm.responses` and, when its reply topic was granted, a copy there.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,31 @@ from dataclasses import dataclass
 
 from faststream.kafka import KafkaBroker
 
-from frugalstream.classifier.invalid import invalid_request_outs
-from frugalstream.classifier.logic import Classifier
+from frugalstream.classifier.invalid import invalid_request_answer
+from frugalstream.classifier.logic import Classified, Classifier, Routed
 from frugalstream.classifier.router import EscalationRouter
 from frugalstream.classifier.routing import TierThresholds
 from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out, Record
+from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
 from frugalstream.schemas import BudgetState, LLMRequest
 from frugalstream.schemas import topics as t
+
+
+def result_outs(results: Sequence[Classified]) -> list[Out]:
+    """Where each result goes; a refused reply topic gets nothing, not even the refusal."""
+    outs: list[Out] = []
+    for result in results:
+        if isinstance(result, Routed):
+            outs.append(Out(t.ROUTED, result.routed, key=result.routed.keys.scope))
+        elif result.reply_allowed:
+            outs.extend(response_outs(result.response, result.request, None))
+        else:
+            outs.append(Out(t.RESPONSES, result.response, key=result.request.id))
+    return outs
 
 
 @dataclass
@@ -33,11 +52,13 @@ class ClassifierService:
         return None
 
     async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]], _ctx: BatchContext) -> list[Out]:
-        return await self.logic.handle([d.value for d in batch])
+        return result_outs(await self.logic.handle([d.value for d in batch]))
 
     def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
-        """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too)."""
-        return invalid_request_outs(record, exc, self.settings)
+        """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too),
+        on `llm.responses` only: its reply topic is unvalidated input."""
+        answer = invalid_request_answer(record.value, exc, self.settings)
+        return [] if answer is None else [Out(t.RESPONSES, answer, key=answer.request_id)]
 
     async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]], _ctx: BatchContext) -> list[Out]:
         for d in batch:

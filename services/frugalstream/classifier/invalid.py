@@ -1,9 +1,10 @@
 """A terminal answer for a request that fails its contract, when it names who sent it.
 
-The stage dead-letters the record either way; this gives its caller an error on `llm.responses` instead of
-silence. The raw bytes are read leniently (any JSON object with a string `id` and `tenant` of sane length);
-the message names the failing fields and error types only, never a value, since values may be prompt text.
-No reply topic: it is unvalidated input, and writing where it says is exactly what policy must grant first.
+The stage dead-letters the record either way; this gives its caller an error response (the app puts it on
+`llm.responses`) instead of silence. The raw bytes are read leniently (any JSON object with a string `id` and
+`tenant` of sane length); the message names the failing fields and error types only, never a value, since
+values may be prompt text. No reply topic: it is unvalidated input, and writing where it says is exactly what
+policy must grant first.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from frugalstream.runtime.logging import get_logger
-from frugalstream.runtime.records import Out, Record
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import LLMResponse, ResponseError
-from frugalstream.schemas import topics as t
 
 log = get_logger(__name__)
 MAX_IDENTITY_CHARS = 128  # LLMRequest's own limits on id and tenant
@@ -57,23 +56,22 @@ def describe(exc: Exception) -> str:
     return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
 
 
-def invalid_request_outs(record: Record, exc: Exception, settings: Settings) -> list[Out]:
-    """The error response for an undecodable `llm.requests` record, or nothing if it cannot be identified."""
-    if record.value is None:
-        return []
-    found = _identity(record.value, settings.max_message_bytes)
+def invalid_request_answer(raw: bytes | None, exc: Exception, settings: Settings) -> LLMResponse | None:
+    """The error response for the raw value of an undecodable request, or None if it cannot be identified."""
+    if raw is None:
+        return None
+    found = _identity(raw, settings.max_message_bytes)
     if found is None:
-        return []
+        return None
     rid, tenant, created = found
-    if len(record.value) > settings.max_message_bytes:
+    if len(raw) > settings.max_message_bytes:
         code = "too_large"
-        message = (f"request of {len(record.value)} bytes exceeds the {settings.max_message_bytes}-byte limit")
+        message = (f"request of {len(raw)} bytes exceeds the {settings.max_message_bytes}-byte limit")
     else:
         code = "invalid_request"
         message = f"request does not match the llm.requests contract: {describe(exc)}"
     log.info("invalid_request_answered", tenant=tenant, request_id=rid, code=code)
-    response = LLMResponse(
+    return LLMResponse(
         request_id=rid, tenant=tenant, source="error", error=ResponseError(code=code, message=message),
         created_at=created, responded_at=time.time(),
     )
-    return [Out(t.RESPONSES, response, key=rid)]

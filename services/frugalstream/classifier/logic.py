@@ -1,7 +1,8 @@
 """The classifier's work on a batch of requests, free of Kafka so it is testable with fakes.
 
 Per batch: the walls first (reply topic, shared scope: cheap, and a denied request costs nothing more), then
-the embeddings of the admitted ones, then routing. Token counting, trimming, text normalisation and cache-key
+the embeddings of the admitted ones, then routing. Each request ends as one result: `Routed` or `Refused`
+(the app turns them into topics and keys). Token counting, trimming, text normalisation and cache-key
 hashing are CPU work proportional to the prompt (24 prompts of 400 KB held the event loop 4 s), so they run in
 a worker thread; the loop only awaits. Budget verdicts are read on the loop, where `llm.budgets` updates the
 book, and handed to the thread as a snapshot.
@@ -33,14 +34,31 @@ from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
-from frugalstream.runtime.records import Out
-from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import BudgetState, LLMRequest, Route, RoutedRequest
-from frugalstream.schemas import topics as t
+from frugalstream.schemas import BudgetState, LLMRequest, LLMResponse, Route, RoutedRequest
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Admitted and routed: goes on to dedupe."""
+
+    routed: RoutedRequest
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Answered with an error. `reply_allowed` is False when the reply topic itself was refused: the answer may
+    then go nowhere but the terminal topic."""
+
+    request: LLMRequest
+    response: LLMResponse
+    reply_allowed: bool = True
+
+
+Classified = Routed | Refused
 
 
 class EscalationScorer(Protocol):
@@ -73,41 +91,42 @@ class Classifier:
     def policy(self, tenant: str) -> TenantPolicy:
         return self.settings.tenants.get(tenant, TenantPolicy())
 
-    async def handle(self, requests: Sequence[LLMRequest]) -> list[Out]:
+    async def handle(self, requests: Sequence[LLMRequest]) -> list[Classified]:
+        """One result per request: those refused at the walls first, then the others in request order."""
         admitted, lookups, denied = await asyncio.to_thread(self._admit, requests)
         vectors = await self.embedder.embed(lookups) if (self.embedder is not None and admitted) else None
         verdicts = [self.budgets.verdict(r.tenant, r.tags) for r in admitted]  # on the loop: the book changes here
         routed = await asyncio.to_thread(self._route_all, admitted, lookups, vectors, verdicts) if admitted else []
         return [*denied, *routed]
 
-    def _admit(self, requests: Sequence[LLMRequest]) -> tuple[list[LLMRequest], list[str], list[Out]]:
+    def _admit(self, requests: Sequence[LLMRequest]) -> tuple[list[LLMRequest], list[str], list[Classified]]:
         admitted: list[LLMRequest] = []
-        denied: list[Out] = []
+        denied: list[Classified] = []
         for request in requests:
             denial = admission_denial(request, self.policy(request.tenant), self.settings)
             if denial is None:
                 admitted.append(request)
             else:
-                denied.extend(self._deny(request, denial))
+                denied.append(self._deny(request, denial))
         lookups = [clean_text(split_conversation(r.messages)[2]) for r in admitted]
         return admitted, lookups, denied
 
-    def _deny(self, request: LLMRequest, denial: Denial) -> list[Out]:
+    def _deny(self, request: LLMRequest, denial: Denial) -> Refused:
         log.info("request_denied", tenant=request.tenant, request_id=request.id, code=denial.code)
         response = error_response(request, denial.code, denial.message)
-        if denial.code == "reply_topic_denied":
-            return [Out(t.RESPONSES, response, key=request.id)]  # never to the topic that was refused
-        return response_outs(response, request, None)
+        # A refused reply topic gets no copy of its own refusal.
+        return Refused(request, response, reply_allowed=denial.code != "reply_topic_denied")
 
     def _route_all(self, requests: Sequence[LLMRequest], lookups: Sequence[str],
-                   vectors: npt.NDArray[np.float32] | None, verdicts: Sequence[BudgetState | None]) -> list[Out]:
+                   vectors: npt.NDArray[np.float32] | None,
+                   verdicts: Sequence[BudgetState | None]) -> list[Classified]:
         scores = self.scorer.score(vectors, lookups) if (self.scorer is not None and vectors is not None) else None
-        outs: list[Out] = []
+        results: list[Classified] = []
         for i, request in enumerate(requests):
             vector = vectors[i] if vectors is not None else None
             score = float(scores[i]) if scores is not None else None
-            outs.extend(self._route_one(request, vector, score, verdicts[i]))
-        return outs
+            results.append(self._route_one(request, vector, score, verdicts[i]))
+        return results
 
     def _baseline(self, request: LLMRequest, policy: TenantPolicy) -> str:
         """The tenant's configured baseline, unless the catalog cannot price it: then the default baseline, with
@@ -124,7 +143,7 @@ class Classifier:
         return configured or request.model or self.settings.default_baseline_model
 
     def _route_one(self, request: LLMRequest, vector: npt.NDArray[np.float32] | None,
-                   score: float | None, verdict: BudgetState | None) -> list[Out]:
+                   score: float | None, verdict: BudgetState | None) -> Classified:
         task = classify_task(request)
         policy = self.policy(request.tenant)
         baseline = self._baseline(request, policy)
@@ -157,4 +176,4 @@ class Classifier:
             request=sent, route=route, keys=keys, routed_at=time.time(),
             embedding=encode_vector(vector) if vector is not None else None,
         )
-        return [Out(t.ROUTED, routed, key=keys.scope)]
+        return Routed(routed)

@@ -1,30 +1,35 @@
 """Dedupe service: one consumer over `llm.requests.routed` and `llm.responses`, co-partitioned by scope.
 
+The logic (`Deduper.handle`) decides and returns domain results; `outs_for` turns them into topics, keys and
+partitions, for the handlers, the coalesce sweeper and the rebuild alike.
+
 The handlers decide nothing on a record before its partition's state is loaded (`CacheRebuilder.loads`):
 aiokafka may hand out records of a newly assigned partition while the rebalance listener still loads it, and a
 redelivered request answered from a half-loaded cache would get a second, different answer. Records of a
-partition whose load failed are deferred (their partition rewound and paused, `frugalstream.runtime.stage.defer`):
-the load is retried when they come back. Records of a partition revoked meanwhile are left to its new owner.
+partition whose load failed are deferred (returned as `Deferral`s: their partition is rewound and paused): the
+load is retried when they come back. Records of a partition revoked meanwhile are left to its new owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, assert_never
 
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from faststream.kafka import KafkaBroker
 
 from frugalstream.dedupe.logic import Deduper
 from frugalstream.dedupe.rebuild import CacheRebuilder
+from frugalstream.dedupe.results import Answer, Decision, Dispatch, Hold, Release, Store
 from frugalstream.dedupe.wiring import build_deduper
 from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral, Handled, TopicHandler, subscribe_many
 from frugalstream.runtime.state_topics import PartitionRevokedError
@@ -34,6 +39,30 @@ from frugalstream.schemas import topics as t
 log = get_logger(__name__)
 M = TypeVar("M", LLMResponse, RoutedRequest)
 LOAD_RETRY_S = 1.0  # records of a partition whose state failed to load come back after this
+
+
+def outs_for(decisions: Iterable[Decision]) -> list[Out]:
+    """Where each decision goes. Dispatches are keyed by scope like the routed topic; waiting is keyed by
+    identity on the partition it belongs to (a compacted topic: a `Release` is its tombstone); a cache entry is
+    keyed `scope:exact` on its answer's partition; an answer goes to `llm.responses` (and the producer's reply
+    topic) with its usage record keyed by tenant."""
+    outs: list[Out] = []
+    for d in decisions:
+        if isinstance(d, Dispatch):
+            outs.append(Out(t.DISPATCH, d.routed, key=d.routed.keys.scope))
+        elif isinstance(d, Hold):
+            outs.append(Out(t.DEDUPE_WAITING, d.routed, key=d.identity, partition=d.partition))
+        elif isinstance(d, Release):
+            outs.append(Out(t.DEDUPE_WAITING, None, key=d.identity, partition=d.partition))
+        elif isinstance(d, Store):
+            keys = d.entry.keys
+            outs.append(Out(t.CACHE, d.entry, key=f"{keys.scope}:{keys.exact}", partition=d.partition))
+        elif isinstance(d, Answer):
+            outs.extend(response_outs(d.response, d.routed.request, d.routed.keys.scope))
+            outs.append(Out(t.USAGE, d.usage, key=d.routed.request.tenant))
+        else:
+            assert_never(d)
+    return outs
 
 
 @dataclass
@@ -49,7 +78,7 @@ class DedupeService:
     unpublished: list[Out] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rebuilder = CacheRebuilder(self.settings, self.logic)
+        self.rebuilder = CacheRebuilder(self.settings, self.logic, outs_for)
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_waiters(), name="dedupe-coalesce-sweeper")
@@ -77,7 +106,7 @@ class DedupeService:
         """One tick. A failure (a publish, say) is logged and its outputs kept for the next tick: the task
         must outlive it, or every later follower of a slow leader would wait forever."""
         try:
-            self.unpublished.extend(self.logic.expire_waiters())
+            self.unpublished.extend(outs_for(self.logic.expire_waiters()))
             if not self.unpublished or self._publisher is None:
                 return
             outs, self.unpublished = self.unpublished, []
@@ -125,14 +154,15 @@ class DedupeService:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
             return Handled([], deferred)
-        outs = await self.logic.on_routed([d.value for d in ready], [d.record.partition for d in ready])
-        return Handled(outs, deferred)
+        decisions = await self.logic.handle(requests=[(d.value, d.record.partition) for d in ready])
+        return Handled(outs_for(decisions), deferred)
 
     async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]], ctx: BatchContext) -> Handled:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
             return Handled([], deferred)
-        return Handled(await self.logic.on_responses([(d.value, d.record.partition) for d in ready]), deferred)
+        decisions = await self.logic.handle(answers=[(d.value, d.record.partition) for d in ready])
+        return Handled(outs_for(decisions), deferred)
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self._publisher = publisher

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Sequence
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
 from frugalstream.dedupe.logic import Deduper
+from frugalstream.dedupe.results import Decision
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.state_topics import PartitionLoads, read_compacted, scan
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
@@ -46,11 +49,14 @@ async def answered_since_commit(settings: Settings, partitions: set[int]) -> lis
 
 class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
     """Starts loading newly owned partitions from the state topics and forgets the ones handed to another
-    instance. `owned` is what is assigned; `loads` says which of it is loaded (handlers wait on it)."""
+    instance. `owned` is what is assigned; `loads` says which of it is loaded (handlers wait on it). The
+    decisions on resumed waiting requests go where the service's `outs_for` sends every decision."""
 
-    def __init__(self, settings: Settings, logic: Deduper) -> None:
+    def __init__(self, settings: Settings, logic: Deduper,
+                 outs_for: Callable[[Sequence[Decision]], list[Out]]) -> None:
         self._settings = settings
         self._logic = logic
+        self._outs_for = outs_for
         self.owned: set[int] = set()
         self.publisher: Publisher | None = None
         self.loads = PartitionLoads("dedupe")
@@ -81,7 +87,7 @@ class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
         for tenant, request_id in await answered_since_commit(self._settings, partitions):
             self._logic.mark_answered(tenant, request_id)
         held = await read_compacted(self._settings, t.DEDUPE_WAITING, RoutedRequest, partitions)
-        outs = await self._logic.restore_waiters(held)
+        outs = self._outs_for(await self._logic.restore_waiters(held))
         if outs and self.publisher is not None:
             await self.publisher.publish_all(outs, service="dedupe")
         log.info("cache_rebuilt", partitions=sorted(partitions), entries=loaded, waiting=len(held),

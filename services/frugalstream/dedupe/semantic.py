@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from frugalstream.dedupe.logic import SemanticHit
+from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.llm.embedder import DIM, AsyncEmbedder, decode_vector
 from frugalstream.llm.verifier import Verifier
 from frugalstream.schemas import CacheEntry, RoutedRequest

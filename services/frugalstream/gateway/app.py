@@ -7,8 +7,11 @@ records of newly assigned partitions before they are fetched, so a replica that 
 partitions replays what it paid for.
 
 A request the provider rate-limits with a long Retry-After is deferred: its partition is rewound to it and
-paused (`frugalstream.runtime.stage.defer`), so no handler sleeps and other partitions keep flowing. Answers of
+paused (a `Deferral` the stage applies), so no handler sleeps and other partitions keep flowing. Answers of
 later records on that partition are held back: they are recorded already and replay, once, on redelivery.
+
+The logic (`frugalstream.gateway.logic`) decides each request's `Result`; this module only routes it: the answer
+to `llm.responses` keyed by cache scope (and the producer's reply topic), the usage to `llm.usage` keyed by tenant.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from dataclasses import dataclass, field
 from faststream.kafka import KafkaBroker
 
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
-from frugalstream.gateway.logic import Gateway
+from frugalstream.gateway.logic import Gateway, Result
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.resilience import RetryPolicy
 from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
-from frugalstream.runtime.records import Decoded
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
 from frugalstream.schemas import TIERS, RoutedRequest
@@ -55,14 +59,14 @@ class GatewayService:
                                           can_defer=ctx.can_defer)
         waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
         if not waits:
-            return Handled([out for r in results for out in r.outs])
-        deferred = [Deferral(d.record, wait) for d in batch
-                    if (wait := waits.get(request_key(d.value.request.tenant, d.value.request.id))) is not None]
+            return Handled([out for r in results for out in _outs(r)])
+        keyed = [(request_key(d.value.request.tenant, d.value.request.id), d.record) for d in batch]
+        deferred = [Deferral(record, waits[key]) for key, record in keyed if key in waits]
         rewound = rewind_points(deferred)
         # Records at or after a rewind point come again: their answers are held back and replay, once, then.
-        held = {request_key(d.value.request.tenant, d.value.request.id) for d in batch
-                if d.record.offset >= rewound.get((d.record.topic, d.record.partition), (d.record.offset + 1, 0))[0]}
-        return Handled([out for r in results if r.key not in held for out in r.outs], deferred)
+        held = {key for key, record in keyed
+                if record.offset >= rewound.get((record.topic, record.partition), (record.offset + 1, 0))[0]}
+        return Handled([out for r in results if r.key not in held for out in _outs(r)], deferred)
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         options = {}
@@ -71,6 +75,17 @@ class GatewayService:
             options["listener"] = self.loader
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=128, **options)
+
+
+def _outs(result: Result) -> list[Out]:
+    """The answer where its request asked for it, and the usage keyed by tenant (a deferral has neither)."""
+    if result.response is None:
+        return []
+    request = result.routed.request
+    outs = response_outs(result.response, request, result.routed.keys.scope)
+    if result.usage is not None:
+        outs.append(Out(t.USAGE, result.usage, key=request.tenant))
+    return outs
 
 
 def wire(res: Resources) -> GatewayService:

@@ -11,6 +11,9 @@ answer whose payment a crash could forget.
 Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the request is
 *deferred* (the service pauses its partition and gets it again later), at most `max_deferrals` times, then it
 is answered with a retryable error.
+
+Each request ends as a `Result` naming what was decided (paid, replayed, failed, deferred, unrecorded); where
+the answer and its usage are published is the service's business (`frugalstream.gateway.app`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from frugalstream.gateway.idempotency import CompletedCalls
 from frugalstream.llm.identity import request_key
@@ -27,10 +31,8 @@ from frugalstream.llm.providers import Completion, Provider
 from frugalstream.llm.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.logging import get_logger
-from frugalstream.runtime.records import Out
-from frugalstream.runtime.replies import response_outs
+from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.schemas import CompletedCall, LLMResponse, RoutedRequest, UsageRecord
-from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
@@ -42,12 +44,21 @@ class RecordFailedError(Exception):
     """A paid call could not be recorded durably: its answer must not be published yet."""
 
 
+# paid: a provider answered (recorded); replayed: a recorded call answered again; failed: an error answer;
+# deferred: rate limited, delivered again later; unrecorded: the record was not acknowledged, delivered again.
+Outcome = Literal["paid", "replayed", "failed", "deferred", "unrecorded"]
+
+
 @dataclass(frozen=True)
 class Result:
-    """One request's outcome: outputs to publish, or a wait after which it should be delivered again."""
+    """One request's outcome: its answer (and the usage to bill when a model ran), or, with no answer, a wait
+    after which it should be delivered again."""
 
     key: str  # request_key(tenant, request id)
-    outs: list[Out]
+    routed: RoutedRequest  # the copy that was handled: the answer goes where it asked
+    outcome: Outcome
+    response: LLMResponse | None = None
+    usage: UsageRecord | None = None
     retry_after_s: float | None = None
 
 
@@ -57,9 +68,7 @@ class Gateway:
     completed: CompletedCalls
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     breakers: BreakerRegistry = field(default_factory=BreakerRegistry)
-    stats: dict[str, int] = field(
-        default_factory=lambda: {"calls": 0, "replayed": 0, "errors": 0, "deferred": 0, "duplicates": 0,
-                                 "record_failed": 0})
+    metrics: Metrics = METRICS
     model_providers: Mapping[str, str] = field(default_factory=dict)
     max_inline_wait_s: float = 1.0
     max_deferrals: int = 5
@@ -69,33 +78,33 @@ class Gateway:
         """A fallback model may live at another provider than the routed one (e.g. claude after gpt)."""
         return self.providers.get(self.model_providers.get(model, routed_provider), self.providers[routed_provider])
 
-    async def on_dispatch(self, batch: Sequence[RoutedRequest]) -> list[Out]:
-        """Every request answered now; a rate-limited one gets its retryable error (no partition to pause)."""
-        results = await self.handle(batch, can_defer=False)
-        return [out for r in results for out in r.outs]
-
     async def handle(self, batch: Sequence[RoutedRequest], partitions: Sequence[int] | None = None, *,
                      can_defer: bool = True) -> list[Result]:
-        """`partitions[i]` is the dispatch partition `batch[i]` came from: its paid-call records live there."""
+        """One result per distinct (tenant, id). `partitions[i]` is the dispatch partition `batch[i]` came from:
+        its paid-call records live there. Without `can_defer` every request is answered now (a rate-limited one
+        with its retryable error) and an unacknowledged record raises."""
         parts = list(partitions) if partitions is not None else [0] * len(batch)
         if len(parts) != len(batch):
             raise ValueError("one partition per request")
         unique: dict[str, tuple[RoutedRequest, int]] = {}
         for routed, partition in zip(batch, parts, strict=True):
             unique.setdefault(request_key(routed.request.tenant, routed.request.id), (routed, partition))
-        self.stats["duplicates"] += len(batch) - len(unique)
+        if len(batch) > len(unique):
+            self.metrics.record_gateway("duplicate", len(batch) - len(unique))
         return list(await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items())))
 
     async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
         try:
-            return await self._one(key, routed, partition, can_defer)
+            result = await self._one(key, routed, partition, can_defer)
         except RecordFailedError:
-            self.stats["record_failed"] += 1
+            self.metrics.record_gateway("unrecorded")
             log.warning("completed_record_failed", request_id=routed.request.id, tenant=routed.request.tenant,
                         partition=partition, exc_info=True)
             if not can_defer:
                 raise
-            return Result(key, [], retry_after_s=RECORD_RETRY_S)
+            return Result(key, routed, "unrecorded", retry_after_s=RECORD_RETRY_S)
+        self.metrics.record_gateway(result.outcome)
+        return result
 
     async def _lookup(self, partition: int, key: str) -> CompletedCall | None:
         try:
@@ -116,13 +125,12 @@ class Gateway:
         request = routed.request
         done = await self._lookup(partition, key)
         if done is not None:
-            self.stats["replayed"] += 1
             log.info("completed_replayed", request_id=request.id, tenant=request.tenant, partition=partition)
-            return Result(key, _outs(routed, done.response, done.usage))
+            return Result(key, routed, "replayed", done.response, done.usage)
         if routed.route.provider not in self.providers:
             response = error_response(request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
-            return Result(key, _outs(routed, response, None))
+            return Result(key, routed, "failed", response)
 
         async def call(p: Provider, model: str) -> Completion:
             return await p.complete(
@@ -140,12 +148,10 @@ class Gateway:
         except FinalProviderError as exc:
             wait = exc.retry_after_s
             if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(key):
-                self.stats["deferred"] += 1
                 log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
-                return Result(key, [], retry_after_s=wait)
-            return Result(key, await self._failed(key, routed, partition, exc))
+                return Result(key, routed, "deferred", retry_after_s=wait)
+            return await self._failed(key, routed, partition, exc)
         self._deferrals.pop(key, None)
-        self.stats["calls"] += 1
         # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
         log.info("provider_call", request_id=request.id, tenant=request.tenant, model=completion.model,
                  latency_ms=round(completion.latency_ms, 1), input_tokens=completion.usage.input_tokens,
@@ -163,7 +169,7 @@ class Gateway:
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
         # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
         await self._record(partition, routed, response, usage)
-        return Result(key, _outs(routed, response, usage))
+        return Result(key, routed, "paid", response, usage)
 
     def _may_defer(self, key: str) -> bool:
         n = self._deferrals.get(key, 0)
@@ -175,9 +181,8 @@ class Gateway:
         self._deferrals[key] = n + 1
         return True
 
-    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> list[Out]:
+    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> Result:
         request = routed.request
-        self.stats["errors"] += 1
         self._deferrals.pop(key, None)
         log.warning("provider_failed", request_id=request.id, reason=str(exc)[:500], kind=exc.kind)
         code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
@@ -186,11 +191,4 @@ class Gateway:
                                   retryable=exc.rate_limited)
         # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
         await self._record(partition, routed, response, None)
-        return _outs(routed, response, None)
-
-
-def _outs(routed: RoutedRequest, response: LLMResponse, usage: UsageRecord | None) -> list[Out]:
-    outs = response_outs(response, routed.request, routed.keys.scope)
-    if usage is not None:
-        outs.append(Out(t.USAGE, usage, key=routed.request.tenant))
-    return outs
+        return Result(key, routed, "failed", response)

@@ -80,6 +80,14 @@ class Metrics:
         self.budget_publish_failures = Counter(
             "frugal_budget_publish_failures", "Budget state publishes that failed (the states stay pending and "
             "are published by the next evaluation).", registry=r)
+        self.dedupe_decisions = Counter(
+            "frugal_dedupe_decisions", "Dedupe decisions by outcome: exact or semantic cache hits, requests "
+            "coalesced behind an in-flight twin, misses dispatched to the gateway.", ["outcome"], registry=r)
+        self.gateway_outcomes = Counter(
+            "frugal_gateway_outcomes", "Dispatched requests by what the gateway did: paid (a provider call), "
+            "replayed (a recorded call), failed (an error answer), deferred (rate limited), unrecorded (the record "
+            "was not acknowledged, delivered again), duplicate (another copy in the same batch).", ["outcome"],
+            registry=r)
 
     def record_cost(self, data: CostData) -> None:
         """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
@@ -105,6 +113,9 @@ class Metrics:
     def record_route(self, tier: str, task_type: str) -> None:
         self.routing.labels(tier, task_type).inc()
 
+    def record_dedupe(self, outcome: str) -> None:
+        self.dedupe_decisions.labels(outcome).inc()
+
     def record_best_effort_failure(self, kind: str) -> None:
         self.best_effort_failures.labels(kind).inc()
 
@@ -113,6 +124,9 @@ class Metrics:
 
     def record_publish_backoff(self, service: str) -> None:
         self.publish_backoffs.labels(service).inc()
+
+    def record_gateway(self, outcome: str, n: int = 1) -> None:
+        self.gateway_outcomes.labels(outcome).inc(n)
 
     def observe_stage(self, service: str, records: int, process_s: float, publish_s: float) -> None:
         self.stages.setdefault(service, StageStats()).add(records, process_s, publish_s)

@@ -28,9 +28,24 @@ from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
 from frugalstream.summarizer.logic import Summarizer
 from frugalstream.summarizer.near import NearDuplicates, load_verifier
+from frugalstream.summarizer.results import Continues, Emission
 
 CONTINUATION_HEADER = "x-frugal-continuation"
 log = get_logger(__name__)
+
+
+def outs_of(emission: Emission) -> list[Out]:
+    """Results and progress are keyed by job id (one partition keeps a job's story in order); usage by tenant."""
+    outs = [Out(t.SUMMARIES, r, key=r.job_id) for r in emission.summaries]
+    outs += [Out(t.USAGE, u, key=u.tenant) for u in emission.usage]
+    return [*outs, Out(t.SUMMARIZE_PROGRESS, emission.progress, key=emission.progress.job_id)]
+
+
+def continuation(decoded: Decoded[SummarizeJob]) -> Out:
+    """The same part again on the jobs topic, behind nothing but its own job's later parts (same key)."""
+    job = decoded.value
+    rounds = int(dict(decoded.record.headers).get(CONTINUATION_HEADER, b"0") or 0) + 1
+    return Out(t.SUMMARIZE_JOBS, job, key=job.job_id, headers={CONTINUATION_HEADER: str(rounds)})
 
 
 @dataclass
@@ -45,33 +60,27 @@ class SummarizerService:
         return None
 
     async def stop(self) -> None:
-        await self.logic.provider.aclose()
-        if self.logic.batch is not None:
-            await self.logic.batch.aclose()
-        self.logic.db.close()
+        await self.logic.aclose()
 
-    async def _emit(self, outs: list[Out]) -> None:
+    async def _emit(self, emission: Emission) -> None:
         if self.publisher is None:
             raise RuntimeError("summarizer is not registered with a broker")
-        await self.publisher.publish_all(outs)
+        await self.publisher.publish_all(outs_of(emission))
 
     async def _on_jobs(self, batch: Sequence[Decoded[SummarizeJob]], _ctx: BatchContext) -> list[Out]:
         continuations: list[Out] = []
         started = time.perf_counter()
         try:
             for decoded in batch:
-                await self._run(decoded, continuations)
+                outcome = await self.logic.handle(decoded.value, self._emit)
+                if isinstance(outcome, Continues):
+                    out = continuation(decoded)
+                    log.info("summarize_job_continues", job_id=outcome.job.job_id, part=outcome.job.part,
+                             round=int(out.headers[CONTINUATION_HEADER]), why=outcome.why)
+                    continuations.append(out)
         finally:
             self.busy_s += time.perf_counter() - started
         return continuations
-
-    async def _run(self, decoded: Decoded[SummarizeJob], continuations: list[Out]) -> None:
-        job = decoded.value
-        if await self.logic.run_job(job, self._emit):
-            return
-        rounds = int(dict(decoded.record.headers).get(CONTINUATION_HEADER, b"0") or 0) + 1
-        log.info("summarize_job_continues", job_id=job.job_id, part=job.part, round=rounds)
-        continuations.append(Out(t.SUMMARIZE_JOBS, job, key=job.job_id, headers={CONTINUATION_HEADER: str(rounds)}))
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
@@ -89,7 +98,7 @@ def build_summarizer(settings: Settings, provider: Provider,
     elif settings.provider == "simulated":
         batch = SimulatedBatch(provider)
     near = NearDuplicates(embedder_factory=embedder_factory, verifier=load_verifier())
-    return Summarizer(settings, provider, batch=batch, near=near)
+    return Summarizer.build(settings, provider, batch=batch, near=near)
 
 
 def wire(res: Resources) -> SummarizerService:

@@ -1,17 +1,12 @@
-"""Turns persisted calls into outputs: one SummaryResult per original item, the call's usage record, and the
-job's progress; a call is marked published only after the broker acknowledged its outputs."""
+"""Turns persisted calls into domain results: one SummaryResult per original item, the call's usage record, and
+the job's progress; a call is marked published only after the app's `Emit` returned (its broker acked)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from frugalstream.runtime.records import Out
 from frugalstream.schemas import SummarizeProgress, SummaryResult, TokenUsage, UsageRecord
-from frugalstream.schemas import topics as t
 from frugalstream.summarizer.plan import JobView, Plan
+from frugalstream.summarizer.results import Emission, Emit
 from frugalstream.summarizer.store import Resolved, SummaryStore
-
-Emit = Callable[[list[Out]], Awaitable[None]]
 
 
 class Emitter:
@@ -19,10 +14,10 @@ class Emitter:
         self.db, self.view, self.plan = db, view, plan
         self.rep_of = plan.near
 
-    def results(self, digest: str, got: Resolved) -> list[Out]:
+    def results(self, digest: str, got: Resolved) -> list[SummaryResult]:
         view, job = self.view, self.view.job
         items = [job.items[i] for i in view.groups[digest]]
-        outs = []
+        values = []
         for n, item in enumerate(items):
             common = {"job_id": job.job_id, "tenant": job.tenant, "item_id": item.id, "model": got.model,
                       "simulated": got.simulated}
@@ -39,12 +34,12 @@ class Emitter:
             else:
                 value = SummaryResult(**common, status="ok", summary=got.summary, source="batch_dedupe",
                                       reused_from=items[0].id)
-            outs.append(Out(t.SUMMARIES, value, key=job.job_id))
-        return outs
+            values.append(value)
+        return values
 
-    def progress(self) -> SummarizeProgress:
+    async def progress(self) -> SummarizeProgress:
         job = self.view.job
-        p = self.db.progress(job.tenant, job.job_id)
+        p = await self.db.progress(job.tenant, job.job_id)
         usage = sum((TokenUsage.model_validate_json(a) for a in p["actual"]), TokenUsage())
         return SummarizeProgress(job_id=job.job_id, tenant=job.tenant, total_items=self.view.total_items,
                                  done_items=p["done"], unique_items=p["unique"], model_calls=p["calls"],
@@ -54,14 +49,14 @@ class Emitter:
         if not call_ids and not force:
             return
         wanted = set(call_ids)
-        rows = [c for c in self.db.calls(self.view.key) if c.call_id in wanted]
-        resolved = self.db.resolved(self.view.key)
-        outs: list[Out] = []
+        rows = [c for c in await self.db.calls(self.view.key) if c.call_id in wanted]
+        resolved = await self.db.resolved(self.view.key)
+        summaries: list[SummaryResult] = []
+        usage: list[UsageRecord] = []
         for row in rows:
             for digest in row.digests:
-                outs.extend(self.results(digest, resolved[digest]))
+                summaries.extend(self.results(digest, resolved[digest]))
             if row.usage is not None:
-                outs.append(Out(t.USAGE, UsageRecord.model_validate_json(row.usage), key=self.view.job.tenant))
-        outs.append(Out(t.SUMMARIZE_PROGRESS, self.progress(), key=self.view.job.job_id))
-        await emit(outs)
-        self.db.mark_published(self.view.key, [r.call_id for r in rows])
+                usage.append(UsageRecord.model_validate_json(row.usage))
+        await emit(Emission(tuple(summaries), tuple(usage), await self.progress()))
+        await self.db.mark_published(self.view.key, [r.call_id for r in rows])

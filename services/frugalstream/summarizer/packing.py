@@ -24,6 +24,7 @@ PACKED_SYSTEM = (
 _HEADER = re.compile(r"^###[ \t]+(\S+)[ \t]*$", re.MULTILINE)
 # Pack framing beyond the items themselves: the system prompt, the instruction, chat framing.
 PACK_OUTPUT_SLACK = 16
+HEADER_TOKENS = 6  # "### 12\n" plus the blank line between items
 
 
 def single_messages(instruction: str, text: str) -> tuple[ChatMessage, ...]:
@@ -36,6 +37,16 @@ def packed_messages(instruction: str, items: Sequence[tuple[str, str]], limit: i
     body = "\n\n".join(f"### {local}\n{text.strip()}" for local, text in items)
     return (ChatMessage(role="system", content=PACKED_SYSTEM.format(limit=limit)),
             ChatMessage(role="user", content=f"{instruction}\n\n{body}"))
+
+
+def call_messages(instruction: str, texts: Sequence[str],
+                  max_output_tokens: int) -> tuple[tuple[ChatMessage, ...], int]:
+    """The prompt and output budget of one call: the single prompt for one item, the packed one for several."""
+    if len(texts) == 1:
+        return single_messages(instruction, texts[0]), max_output_tokens
+    items = [(str(i + 1), text) for i, text in enumerate(texts)]
+    budget = len(texts) * (max_output_tokens + HEADER_TOKENS) + PACK_OUTPUT_SLACK
+    return packed_messages(instruction, items, max_output_tokens), budget
 
 
 @dataclass(frozen=True)

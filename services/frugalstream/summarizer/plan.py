@@ -1,5 +1,5 @@
 """A job part's plan: which content is reused from the store, which merges into a near-duplicate, and which
-distinct items go into which packed call.
+distinct items go into which packed call; `Planner` makes it.
 
 The plan is persisted before the first call, so a redelivered job rebuilds exactly the same calls (same
 packs, same deterministic usage ids) and skips the ones the store says are done.
@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from frugalstream.llm.cache_keys import normalize_text
+from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import SummarizeJob
+from frugalstream.summarizer.config import SummarizerConfig
+from frugalstream.summarizer.near import NearDuplicates
+from frugalstream.summarizer.packing import HEADER_TOKENS, pack
+from frugalstream.summarizer.store import SummaryStore
 
 PROMPT_VERSION = "pack-v1"
 
@@ -82,3 +87,35 @@ class JobView:
     @property
     def total_items(self) -> int:
         return self.job.total_items or len(self.job.items)
+
+
+@dataclass
+class Planner:
+    """Decides, once per job part, what is reused, what merges into a near-duplicate, and what is paid for."""
+
+    db: SummaryStore
+    near: NearDuplicates = field(default_factory=NearDuplicates)
+    counter: TokenCounter = field(default_factory=TokenCounter)
+    config: SummarizerConfig = field(default_factory=SummarizerConfig)
+
+    async def plan(self, view: JobView) -> Plan:
+        """The persisted plan of a redelivered part, else a new one, persisted before any call is made."""
+        raw = await self.db.load_plan(view.key)
+        return Plan.from_json(raw) if raw is not None else await self._make(view)
+
+    async def _make(self, view: JobView) -> Plan:
+        job = view.job
+        digests = list(view.groups)
+        stored = await self.db.lookup(view.scope, digests)
+        reuse = {d: (stored[d].item_id, stored[d].job_id) for d in digests if d in stored}
+        rest = [d for d in digests if d not in reuse]
+        near = await self.near.representatives({d: view.text(d) for d in rest}) if job.near_duplicates else {}
+        paid = [d for d in rest if d not in near]
+        sizes = self.counter.count_texts([view.text(d) for d in paid], view.model)
+        packs = pack([(d, n + HEADER_TOKENS) for d, n in zip(paid, sizes, strict=True)],
+                     max_tokens=self.config.pack_tokens, max_items=self.config.pack_items)
+        plan = Plan(packs=packs, reuse=reuse, near=near)
+        earlier = await self.db.job_digests(job.tenant, job.job_id)
+        await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts,
+                                sum(1 for d in digests if d not in earlier), plan.to_json())
+        return plan

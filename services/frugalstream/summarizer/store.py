@@ -1,19 +1,28 @@
 """The summarizer's SQLite state: reusable summaries across jobs, and each job part's plan and finished calls.
 
-Writes are synchronous on the event loop on purpose: a model answer is persisted in the same step in which it
-arrives, with no await in between, so a cancelled or killed summarizer can never have paid for an answer it
-did not keep. WAL with synchronous=NORMAL survives a process crash (not a power loss) and costs well under
-a millisecond per call, which is nothing next to a model call.
+Every statement runs on one worker thread per store, so the event loop never waits on the disk and the
+connection is only ever used by one thread at a time. A write is handed to that thread in the same step in
+which a model answer arrives (no await in between) and is shielded from cancellation, so a cancelled
+summarizer still keeps every answer it paid for; `aclose` runs after the writes already handed over, so a
+summarizer started after it sees them. WAL with synchronous=NORMAL survives a process crash (not a power
+loss) and costs well under a millisecond per call, which is nothing next to a model call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS summaries (scope TEXT NOT NULL, digest TEXT NOT NULL, summary TEXT NOT NULL,
@@ -71,7 +80,9 @@ class NewResult:
     item_id: str
 
 
-class SummaryStore:
+class _Tables:
+    """The SQL, synchronous; only `SummaryStore`'s worker thread calls it."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -177,3 +188,70 @@ class SummaryStore:
 
     def drop_batch(self, job_key: str) -> None:
         self._db.execute("DELETE FROM batches WHERE job_key = ?", (job_key,))
+
+
+class SummaryStore:
+    """The tables behind one worker thread (see the module docstring for why writes are shielded)."""
+
+    def __init__(self, path: Path) -> None:
+        self._tables = _Tables(path)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-store")
+
+    def _submit(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """Hands the statement to the worker now, before the caller's next await."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(fn, *args, **kwargs))
+
+    async def _write(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.shield(self._submit(fn, *args, **kwargs))
+
+    async def aclose(self) -> None:
+        """Queued behind every write already handed over, so none is lost."""
+        await self._write(self._tables.close)
+        self._thread.shutdown(wait=True)
+
+    async def lookup(self, scope: str, digests: list[str]) -> dict[str, Stored]:
+        return await self._submit(self._tables.lookup, scope, digests)
+
+    async def load_plan(self, job_key: str) -> dict[str, Any] | None:
+        return await self._submit(self._tables.load_plan, job_key)
+
+    async def save_plan(self, job_key: str, job_id: str, tenant: str, part: int, parts: int, new_unique: int,
+                        plan: dict[str, Any]) -> None:
+        await self._write(self._tables.save_plan, job_key, job_id, tenant, part, parts, new_unique, plan)
+
+    async def earlier_part_pending(self, tenant: str, job_id: str, part: int) -> bool:
+        return await self._submit(self._tables.earlier_part_pending, tenant, job_id, part)
+
+    async def job_digests(self, tenant: str, job_id: str) -> set[str]:
+        return await self._submit(self._tables.job_digests, tenant, job_id)
+
+    async def record_call(self, *, job_key: str, job_id: str, tenant: str, call_id: str, scope: str,
+                          model: str | None, simulated: bool, results: list[NewResult], items: int, paid: bool,
+                          usage: str | None, actual: str | None) -> None:
+        await self._write(self._tables.record_call, job_key=job_key, job_id=job_id, tenant=tenant, call_id=call_id,
+                          scope=scope, model=model, simulated=simulated, results=results, items=items, paid=paid,
+                          usage=usage, actual=actual)
+
+    async def resolved(self, job_key: str) -> dict[str, Resolved]:
+        return await self._submit(self._tables.resolved, job_key)
+
+    async def calls(self, job_key: str) -> list[CallRow]:
+        return await self._submit(self._tables.calls, job_key)
+
+    async def mark_published(self, job_key: str, call_ids: list[str]) -> None:
+        await self._write(self._tables.mark_published, job_key, call_ids)
+
+    async def finish(self, job_key: str) -> None:
+        await self._write(self._tables.finish, job_key)
+
+    async def progress(self, tenant: str, job_id: str) -> dict[str, Any]:
+        return await self._submit(self._tables.progress, tenant, job_id)
+
+    async def batch(self, job_key: str) -> str | None:
+        return await self._submit(self._tables.batch, job_key)
+
+    async def save_batch(self, job_key: str, batch_id: str) -> None:
+        await self._write(self._tables.save_batch, job_key, batch_id)
+
+    async def drop_batch(self, job_key: str) -> None:
+        await self._write(self._tables.drop_batch, job_key)

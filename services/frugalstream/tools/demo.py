@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +16,17 @@ from rich.console import Console
 from rich.progress import Progress
 
 from frugalstream.accountant.app import AccountantService
-from frugalstream.bootstrap import SERVICE_NAMES, Resources
-from frugalstream.runner import RunningServices
-from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.tools.demo_workload import load_demo_workload, workload_mix
-from frugalstream.tools.embedded_broker import EmbeddedBroker
-
-PARTITIONS = 4
+from frugalstream.tools.local_cluster import cluster_settings, local_cluster, run_services
 
 
 def demo_settings(bootstrap: str, state_dir: Path, latency_scale: float) -> Settings:
-    """Tansu has no idempotent producer and answers waiting fetches late: both are set for it here."""
-    return Settings(
-        kafka_bootstrap=bootstrap, kafka_idempotent=False, kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS,
-        kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS, state_dir=state_dir,
-        provider="simulated", simulated_latency_scale=latency_scale, log_level="WARNING",
-    )
+    """The local cluster's settings with the simulated provider, whatever the environment configures."""
+    return cluster_settings(bootstrap, state_dir, provider="simulated", simulated_latency_scale=latency_scale,
+                            log_level="WARNING")
 
 
 async def produce(bootstrap: str, settings: Settings, requests: list[LLMRequest], rate: float | None) -> None:
@@ -92,26 +84,22 @@ async def run_demo(*, limit: int | None = None, rate: float | None = 100.0, late
     console = console or Console(stderr=True)
     requests = load_demo_workload()[:limit] if limit else load_demo_workload()
     ids = {r.id for r in requests}
-    with tempfile.TemporaryDirectory(prefix="frugalstream-demo-") as tmp:
-        async with EmbeddedBroker() as broker:
-            settings = demo_settings(broker.bootstrap, Path(tmp), latency_scale)
-            await broker.create_topics({settings.topic(name): PARTITIONS for name in t.ALL_TOPICS})
-            console.print(f"[bold]frugalstream demo[/] embedded broker at {broker.bootstrap}; "
-                          f"{len(requests)} requests, simulated provider")
-            resources = Resources(settings)
-            started = time.monotonic()
-            async with RunningServices(SERVICE_NAMES, resources) as running:
-                with Progress(console=console, transient=True) as progress:
-                    producer = asyncio.create_task(produce(broker.bootstrap, settings, requests, rate))
-                    got = await collect_responses(broker.bootstrap, settings, ids, timeout_s, progress)
-                    await producer
-                accountant = running.service("accountant")
-                assert isinstance(accountant, AccountantService)
-                billable = sum(1 for rs in got.values() if rs[0].source != "error")
-                await wait_priced(accountant, billable, 60.0)
-                wall = time.monotonic() - started
-                totals = await asyncio.to_thread(accountant.ledger.totals)
-            resources.close()
+    async with local_cluster(partial(demo_settings, latency_scale=latency_scale)) as cluster:
+        settings, bootstrap = cluster.settings, cluster.bootstrap
+        console.print(f"[bold]frugalstream demo[/] embedded broker at {bootstrap}; "
+                      f"{len(requests)} requests, simulated provider")
+        started = time.monotonic()
+        async with run_services(settings) as running:
+            with Progress(console=console, transient=True) as progress:
+                producer = asyncio.create_task(produce(bootstrap, settings, requests, rate))
+                got = await collect_responses(bootstrap, settings, ids, timeout_s, progress)
+                await producer
+            accountant = running.service("accountant")
+            assert isinstance(accountant, AccountantService)
+            billable = sum(1 for rs in got.values() if rs[0].source != "error")
+            await wait_priced(accountant, billable, 60.0)
+            wall = time.monotonic() - started
+            totals = await asyncio.to_thread(accountant.ledger.totals)
     return build_report(requests, got, totals, wall)
 
 

@@ -17,15 +17,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from frugalstream.runtime.kafka_options import MIN_KAFKA_SESSION_TIMEOUT_MS, TANSU_FETCH_MAX_WAIT_MS
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import topics as t
-from frugalstream.tools.embedded_broker import EmbeddedBroker
+from frugalstream.tools.local_cluster import EMBEDDED_CLIENT, local_cluster, run_services
 
 DEFAULT_PORT = 9092
-#: One count for every topic: the co-partitioned ones (routed, responses, cache, waiting) must be equal.
-PARTITIONS = 4
 DEV_STATE_DIR = Path(".frugalstream-dev")
 
 log = get_logger(__name__)
@@ -34,14 +31,11 @@ log = get_logger(__name__)
 def dev_settings(port: int, base: Settings | None = None) -> Settings:
     """The configured settings (environment, `frugalstream.toml`), pointed at the embedded broker.
 
-    Tansu has no idempotent producer and answers waiting fetches late; both are set for it. The provider and
-    state dir stay as configured; an unconfigured state dir becomes `.frugalstream-dev`, apart from `serve`'s.
+    The Kafka client settings are the local cluster's. The provider and state dir stay as configured; an
+    unconfigured state dir becomes `.frugalstream-dev`, apart from `serve`'s.
     """
     base = base or Settings()
-    update: dict[str, object] = {
-        "kafka_bootstrap": f"127.0.0.1:{port}", "kafka_idempotent": False, "kafka_security_protocol": "PLAINTEXT",
-        "kafka_fetch_max_wait_ms": TANSU_FETCH_MAX_WAIT_MS, "kafka_session_timeout_ms": MIN_KAFKA_SESSION_TIMEOUT_MS,
-    }
+    update: dict[str, object] = {"kafka_bootstrap": f"127.0.0.1:{port}", **EMBEDDED_CLIENT}
     if "state_dir" not in base.model_fields_set:
         update["state_dir"] = DEV_STATE_DIR
     return base.model_copy(update=update)
@@ -49,28 +43,13 @@ def dev_settings(port: int, base: Settings | None = None) -> Settings:
 
 async def run_dev(settings: Settings, stop: asyncio.Event, *, out: TextIO = sys.stdout) -> int:
     """Runs until `stop` is set; returns the exit status. The broker is stopped on every path out."""
-    from frugalstream.bootstrap import SERVICE_NAMES, Resources
-    from frugalstream.runner import RunningServices
-
-    port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    broker = EmbeddedBroker(port=port, log_dir=settings.state_dir / "tansu")
-    await broker.start_async()
-    try:
-        await broker.create_topics({settings.topic(name): PARTITIONS for name in t.ALL_TOPICS})
-        resources = Resources(settings)
-        try:
-            async with RunningServices(SERVICE_NAMES, resources):
-                out.write(f"frugalstream dev ready bootstrap={broker.bootstrap} provider={settings.provider} "
-                          f"requests={settings.topic(t.REQUESTS)} responses={settings.topic(t.RESPONSES)} "
-                          f"state_dir={settings.state_dir}\n")
-                out.flush()
-                await stop.wait()
-                log.info("dev_stopping")
-        finally:
-            resources.close()
-    finally:
-        await broker.stop_async()
+    async with local_cluster(settings) as cluster, run_services(settings):
+        out.write(f"frugalstream dev ready bootstrap={cluster.bootstrap} provider={settings.provider} "
+                  f"requests={settings.topic(t.REQUESTS)} responses={settings.topic(t.RESPONSES)} "
+                  f"state_dir={settings.state_dir}\n")
+        out.flush()
+        await stop.wait()
+        log.info("dev_stopping")
     return 0
 
 

@@ -14,8 +14,8 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,9 @@ from frugalstream.runtime.logging import configure_logging
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.tools.demo_workload import load_demo_workload
-from frugalstream.tools.embedded_broker import EmbeddedBroker
+from frugalstream.tools.local_cluster import local_cluster, run_services
 
 SERVICES = ("classifier", "dedupe", "gateway", "accountant")
-PARTITIONS = 4
 HITS = ("cache_exact", "cache_semantic", "coalesced")
 
 
@@ -107,45 +106,37 @@ class Run:
 
 async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: float = 0.05,
                              warmup: int = 30) -> dict[str, Any]:
-    from frugalstream.bootstrap import Resources  # heavy (torch): only when the bench runs
-    from frugalstream.runner import RunningServices
-    from frugalstream.runtime.stage import STAGE_STATS
+    from frugalstream.runtime.metrics import METRICS
     from frugalstream.tools.demo import demo_settings
 
     workload = load_demo_workload()
-    with tempfile.TemporaryDirectory(prefix="frugalstream-bench-") as tmp:
-        async with EmbeddedBroker() as broker:
-            settings = demo_settings(broker.bootstrap, Path(tmp), latency_scale)
-            await broker.create_topics({settings.topic(name): PARTITIONS for name in t.ALL_TOPICS})
-            resources = Resources(settings)
-            try:
-                async with RunningServices(SERVICES, resources):
-                    run = Run(broker.bootstrap, settings, workload)
-                    stop = asyncio.Event()
-                    reader = asyncio.create_task(run.read(stop))
-                    await run.produce(rate=20.0, duration_s=warmup / 20.0)  # model load, group joins, warm cache
-                    await run.wait_answered(120)
-                    warm_ids = set(run.answers)
-                    for stats in STAGE_STATS.values():  # handlers hold these objects: reset, do not replace
-                        stats.batches = stats.records = 0
-                        stats.process_s = stats.publish_s = 0.0
-                    sampler = asyncio.create_task(run.sample_lag(stop, PARTITIONS))
-                    started = time.monotonic()
-                    await run.produce(rate, duration_s, start_n=warmup)
-                    produce_s = time.monotonic() - started
-                    await run.wait_answered(60)
-                    drain_s = time.monotonic() - started - produce_s
-                    stop.set()
-                    await asyncio.gather(reader, sampler)
-            finally:
-                resources.close()
+    async with (
+        local_cluster(partial(demo_settings, latency_scale=latency_scale)) as cluster,
+        run_services(cluster.settings, SERVICES),
+    ):
+        run = Run(cluster.bootstrap, cluster.settings, workload)
+        stop = asyncio.Event()
+        reader = asyncio.create_task(run.read(stop))
+        await run.produce(rate=20.0, duration_s=warmup / 20.0)  # model load, group joins, warm cache
+        await run.wait_answered(120)
+        warm_ids = set(run.answers)
+        for stats in METRICS.stages.values():  # the warm-up is not measured
+            stats.reset()
+        sampler = asyncio.create_task(run.sample_lag(stop, cluster.partitions))
+        started = time.monotonic()
+        await run.produce(rate, duration_s, start_n=warmup)
+        produce_s = time.monotonic() - started
+        await run.wait_answered(60)
+        drain_s = time.monotonic() - started - produce_s
+        stop.set()
+        await asyncio.gather(reader, sampler)
     measured = [r for rid, r in run.answers.items() if rid not in warm_ids]
     return report(rate, duration_s, produce_s, drain_s, run, measured)
 
 
 def report(rate: float, duration_s: float, produce_s: float, drain_s: float, run: Run,
            measured: list[LLMResponse]) -> dict[str, Any]:
-    from frugalstream.runtime.stage import STAGE_STATS
+    from frugalstream.runtime.metrics import METRICS
 
     def e2e(r: LLMResponse) -> float:
         return ((r.responded_at or 0) - (r.created_at or 0)) * 1000
@@ -158,7 +149,7 @@ def report(rate: float, duration_s: float, produce_s: float, drain_s: float, run
     inside = {name: {"records": s.records, "batches": s.batches,
                      "process_ms_per_record": round(s.process_s * 1000 / max(1, s.records), 2),
                      "publish_ms_per_batch": round(s.publish_s * 1000 / max(1, s.batches), 2)}
-              for name, s in STAGE_STATS.items() if s.records}
+              for name, s in METRICS.stages.items() if s.records}
     return {
         "rate_rps": rate, "duration_s": duration_s, "requests": int(rate * duration_s), "answered": len(measured),
         "errors": sum(1 for r in measured if r.source == "error"),

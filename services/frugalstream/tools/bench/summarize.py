@@ -12,30 +12,26 @@ import asyncio
 import json
 import math
 import random
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from frugalstream.bootstrap import Resources
 from frugalstream.llm.cache_keys import normalize_text
 from frugalstream.llm.pricing.catalog import PriceCatalog
-from frugalstream.runner import RunningServices
 from frugalstream.runtime.logging import configure_logging
-from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import SummarizeItem
-from frugalstream.schemas import topics as t
 from frugalstream.summarizer.app import SummarizerService
 from frugalstream.summarizer.logic import SummarizerConfig
 from frugalstream.tools.backfill import load_items, run_backfill, split_job
-from frugalstream.tools.embedded_broker import EmbeddedBroker
+from frugalstream.tools.demo import demo_settings
 from frugalstream.tools.job_report import job_report
+from frugalstream.tools.local_cluster import local_cluster, run_services
 
 INSTRUCTION = "Summarize this product description in one sentence for a catalog listing."
-PARTITIONS = 4
 
 
 def distinct_texts(items: list[SummarizeItem], limit: int) -> list[str]:
@@ -60,32 +56,22 @@ def draw(texts: list[str], n: int, *, zipf_s: float = 1.1, seed: int = 7) -> lis
     return [SummarizeItem(id=f"r{k}", text=texts[i]) for k, i in enumerate(picks)]
 
 
-def bench_settings(bootstrap: str, state_dir: Path, latency_scale: float) -> Settings:
-    return Settings(kafka_bootstrap=bootstrap, kafka_idempotent=False, kafka_fetch_max_wait_ms=50,
-                    state_dir=state_dir, provider="simulated", simulated_latency_scale=latency_scale,
-                    log_level="WARNING")
-
-
 async def run_bench(texts: list[str], requests: int, *, latency_scale: float = 0.05, deadline_s: int | None = None,
                     model: str | None = None, seed: int = 7, console: Console | None = None) -> dict[str, Any]:
     """`model` pins the model (and so the baseline): savings then come from dedupe, packing and batch alone."""
     console = console or Console(stderr=True)
     items = draw(texts, requests, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="frugalstream-bench-summarize-") as tmp:
-        async with EmbeddedBroker() as broker:
-            settings = bench_settings(broker.bootstrap, Path(tmp), latency_scale)
-            await broker.create_topics({settings.topic(name): PARTITIONS for name in t.ALL_TOPICS})
-            parts = split_job("bench-summarize", "bench", INSTRUCTION, items, deadline_s=deadline_s, model=model,
-                              max_bytes=int(settings.max_message_bytes * 0.9))
-            resources = Resources(settings)
-            started = time.monotonic()
-            async with RunningServices(["summarizer"], resources) as running:
-                outcome = await run_backfill(settings, parts, timeout_s=1800.0, console=console)
-                wall = time.monotonic() - started
-                service = running.service("summarizer")
-                assert isinstance(service, SummarizerService)
-                busy = service.busy_s
-            resources.close()
+    async with local_cluster(partial(demo_settings, latency_scale=latency_scale)) as cluster:
+        settings = cluster.settings
+        parts = split_job("bench-summarize", "bench", INSTRUCTION, items, deadline_s=deadline_s, model=model,
+                          max_bytes=int(settings.max_message_bytes * 0.9))
+        started = time.monotonic()
+        async with run_services(settings, ["summarizer"]) as running:
+            outcome = await run_backfill(settings, parts, timeout_s=1800.0, console=console)
+            wall = time.monotonic() - started
+            service = running.service("summarizer")
+            assert isinstance(service, SummarizerService)
+            busy = service.busy_s
     report = job_report(outcome, PriceCatalog.load())
     per_call = SummarizerConfig().pack_items
     return {

@@ -1,0 +1,125 @@
+"""Cache lookup and fill: the exact store, the verified semantic matcher, and which scopes live on which partition.
+
+Order of checks per request: exact key (no embedding needed), then the semantic matcher within the scope (only
+for task types where a reworded request wants the same answer). The store fills itself from `llm.responses`,
+which is keyed like the routed topic, so a scope's answers arrive at the instance that owns the scope.
+
+Sampling above temperature 0 is a different answer each time: unless the tenant's policy sets `cache_sampled`,
+such a request is never looked up, never coalesced, and its answer is never stored (`may_cache`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from frugalstream.dedupe.store import AnswerStore
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SemanticHit:
+    entry: CacheEntry
+    similarity: float
+
+
+class SemanticMatcher(Protocol):
+    async def match(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]: ...
+    async def add(self, entries: Sequence[CacheEntry]) -> None: ...
+    def drop_scopes(self, keep: Callable[[str], bool]) -> int: ...
+    async def sweep(self, now: float | None = None) -> int: ...
+
+
+@dataclass
+class Lookup:
+    settings: Settings
+    store: AnswerStore
+    semantic: SemanticMatcher | None = None
+    scope_partition: dict[str, int] = field(default_factory=dict)  # scope -> partition it lives on
+
+    def may_cache(self, routed: RoutedRequest) -> bool:
+        """False for an answer sampled above temperature 0 unless the tenant's policy opts in to caching it."""
+        temperature = routed.request.sampling.temperature
+        if temperature is None or temperature <= 0:
+            return True
+        return self.settings.tenants.get(routed.request.tenant, TenantPolicy()).cache_sampled
+
+    def exact(self, routed: RoutedRequest) -> CacheEntry | None:
+        return self.store.get(routed.keys.exact, routed.keys.tier_rank, routed.request.cache.ttl_s)
+
+    async def similar(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]:
+        """A verified semantic hit per request, or None (always None for task types that are not semantic)."""
+        hits: list[SemanticHit | None] = [None] * len(requests)
+        eligible = [i for i, r in enumerate(requests) if r.route.task_type in self.settings.semantic_task_types]
+        if self.semantic is not None and eligible:
+            for i, hit in zip(eligible, await self.semantic.match([requests[i] for i in eligible]), strict=True):
+                hits[i] = hit
+        return hits
+
+    def entry(self, response: LLMResponse, vector: str | None) -> CacheEntry | None:
+        """The cache entry of a model's answer, or None when it is not one to store."""
+        if (response.source != "llm" or response.keys is None or not response.cacheable
+                or response.content is None or response.model is None):
+            return None
+        now = time.time()
+        return CacheEntry(
+            keys=response.keys, request_id=response.request_id, tenant=response.tenant,
+            content=response.content, model=response.model,
+            output_tokens=response.usage.output_tokens if response.usage else 0,
+            task_type=response.task_type, stored_at=now, expires_at=now + self.ttl_for(response.task_type),
+            simulated=response.simulated, embedding=vector,
+        )
+
+    def ttl_for(self, task_type: str | None) -> int:
+        return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
+
+    def keep(self, entry: CacheEntry, partition: int) -> bool:
+        """Stores `entry` of `partition`; False when the store keeps a higher tier's answer instead."""
+        if not self.store.put(entry):
+            return False
+        self.scope_partition[entry.keys.scope] = partition
+        return True
+
+    async def index(self, fresh: Sequence[CacheEntry]) -> None:
+        """Adds new entries to the semantic index. A failure is logged: the entries are stored and on
+        `llm.cache`, only semantic recall is missing."""
+        if not fresh or self.semantic is None:
+            return
+        try:
+            await self.semantic.add(fresh)
+        except Exception:
+            log.exception("semantic_add_failed", entries=len(fresh))
+
+    async def load(self, entries: Sequence[tuple[CacheEntry, int]]) -> int:
+        """Rebuilds from `llm.cache`: expired entries are skipped, the semantic index is filled in one batch."""
+        now = time.time()
+        fresh = [entry for entry, partition in entries
+                 if (entry.expires_at is None or entry.expires_at > now) and self.keep(entry, partition)]
+        if fresh and self.semantic is not None:
+            await self.semantic.add(fresh)
+        return len(fresh)
+
+    def forget_partitions(self, partitions: set[int]) -> int:
+        """Drops the scopes of partitions this instance no longer owns; their new owner rebuilds them."""
+        scopes = {s for s, p in self.scope_partition.items() if p in partitions}
+        if not scopes:
+            return 0
+        dropped = self.store.drop_scopes(scopes)
+        if self.semantic is not None:
+            self.semantic.drop_scopes(lambda scope: scope not in scopes)
+        for s in scopes:
+            del self.scope_partition[s]
+        return dropped
+
+    async def sweep(self, now: float | None = None) -> tuple[int, int]:
+        """Bounded state: expired entries leave the answer store, then expired and evicted ones leave the
+        semantic shards (rebuilt on the semantic worker thread). Returns (store, shard) entries dropped."""
+        dropped = self.store.sweep(now)
+        removed = await self.semantic.sweep(now) if self.semantic is not None else 0
+        return dropped, removed
