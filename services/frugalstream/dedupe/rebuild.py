@@ -17,7 +17,6 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
 
 from frugalstream.dedupe.logic import Deduper
@@ -26,7 +25,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import PartitionLoads, read_compacted, scan
+from frugalstream.runtime.state_topics import OwnedPartitions, PartitionLoads, read_compacted, scan
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
 
@@ -47,35 +46,28 @@ async def answered_since_commit(settings: Settings, partitions: set[int]) -> lis
     return ids
 
 
-class CacheRebuilder(ConsumerRebalanceListener):  # type: ignore[misc]
+class CacheRebuilder(OwnedPartitions):
     """Starts loading newly owned partitions from the state topics and forgets the ones handed to another
     instance. `owned` is what is assigned; `loads` says which of it is loaded (handlers wait on it). The
     decisions on resumed waiting requests go where the service's `outs_for` sends every decision."""
 
     def __init__(self, settings: Settings, logic: Deduper,
                  outs_for: Callable[[Sequence[Decision]], list[Out]]) -> None:
-        self._settings = settings
+        super().__init__(settings, t.ROUTED)
         self._logic = logic
         self._outs_for = outs_for
-        self.owned: set[int] = set()
         self.publisher: Publisher | None = None
         self.loads = PartitionLoads("dedupe")
 
-    async def on_partitions_revoked(self, revoked: object) -> None:
-        return None  # decided in on_partitions_assigned, which knows what stays
+    def lost(self, partitions: set[int]) -> None:
+        self.loads.forget(partitions)
+        self._logic.forget_partitions(partitions)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(t.ROUTED)}
-        new, gone = mine - self.owned, self.owned - mine
-        self.owned = mine
-        if gone:
-            self.loads.forget(gone)
-            self._logic.forget_partitions(gone)
-        if new:
-            task = self.loads.start(new, self.load)  # synchronously, before this coroutine first yields
-            # Waited for, never raised: a failure is logged by `loads` and retried when the partitions' records
-            # come; a cancellation (revoked meanwhile) is not ours.
-            await asyncio.wait({task})
+    async def gained(self, partitions: set[int]) -> None:
+        task = self.loads.start(partitions, self.load)  # synchronously, before this coroutine first yields
+        # Waited for, never raised: a failure is logged by `loads` and retried when the partitions' records
+        # come; a cancellation (revoked meanwhile) is not ours.
+        await asyncio.wait({task})
 
     async def load(self, partitions: set[int]) -> None:
         """Rebuilds `partitions` from scratch: whatever is held of them (stale, or half loaded by a failed

@@ -33,14 +33,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-
 from frugalstream.gateway.idempotency import Clock, MemoryCompleted, call_key
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import read_compacted
+from frugalstream.runtime.state_topics import OwnedPartitions, read_compacted
 from frugalstream.schemas import CompletedCall
 from frugalstream.schemas import topics as t
 
@@ -125,26 +123,19 @@ class TopicCompleted:
         self.memory.forget(partitions)
 
 
-class CompletedLoader(ConsumerRebalanceListener):  # type: ignore[misc]
+class CompletedLoader(OwnedPartitions):
     """Starts loading newly owned dispatch partitions (lookups wait for it) and forgets revoked ones."""
 
     def __init__(self, settings: Settings, store: TopicCompleted) -> None:
-        self._settings = settings
+        super().__init__(settings, t.DISPATCH)
         self._store = store
-        self.owned: set[int] = set()
 
-    async def on_partitions_revoked(self, revoked: object) -> None:
-        return None  # decided in on_partitions_assigned, which knows what stays
+    def lost(self, partitions: set[int]) -> None:
+        self._store.forget(partitions)
 
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(t.DISPATCH)}
-        new, gone = mine - self.owned, self.owned - mine
-        self.owned = mine
-        if gone:
-            self._store.forget(gone)
-        if new:
-            task = self._store.start_load(new)  # synchronously, before this coroutine first yields
-            try:
-                await asyncio.shield(task)
-            except Exception:
-                log.exception("completed_calls_load_failed", partitions=sorted(new))  # lookups retry it
+    async def gained(self, partitions: set[int]) -> None:
+        task = self._store.start_load(partitions)  # synchronously, before this coroutine first yields
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            log.exception("completed_calls_load_failed", partitions=sorted(partitions))  # lookups retry it

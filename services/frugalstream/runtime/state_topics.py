@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel, ValidationError
 
 from frugalstream.runtime.broker import aiokafka_security
@@ -207,3 +207,35 @@ class PartitionLoads:
         failed = await self.settle(partitions)
         if failed:
             raise failed[min(failed)]
+
+
+class OwnedPartitions(ConsumerRebalanceListener):  # type: ignore[misc]
+    """A rebalance listener that keeps `owned` (the partitions of `topic` assigned to this member) and hands
+    the difference to `gained` and `lost`, decided on assignment, which knows what stays.
+
+    aiokafka may hand out records of a gained partition while `gained` still runs: start loads synchronously in
+    it (before its first await) and have the handlers wait for them; the listener alone gates nothing.
+    """
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self._settings = settings
+        self._topic = topic  # logical name
+        self.owned: set[int] = set()
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(self._topic)}
+        new, gone = mine - self.owned, self.owned - mine
+        self.owned = mine
+        if gone:
+            self.lost(gone)
+        if new:
+            await self.gained(new)
+
+    def lost(self, partitions: set[int]) -> None:
+        """Forget what belongs to partitions now owned elsewhere (their new owner loads them)."""
+
+    async def gained(self, partitions: set[int]) -> None:
+        """Start loading newly owned partitions."""
