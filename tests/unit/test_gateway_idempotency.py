@@ -279,3 +279,21 @@ async def test_a_lookup_waits_for_its_partition_to_load_and_retries_a_failed_loa
     assert not lookup.done(), "the lookup waits for the load"
     release.set()
     assert await lookup == paid
+
+
+async def test_an_answer_too_large_to_record_is_recorded_and_answered_as_the_same_too_large_error(
+    settings: Settings,
+) -> None:
+    """A record that could not be written would let a redelivery pay again; the error stands in for the
+    answer in the record and on the topic alike, and the paid call is billed all the same."""
+    provider = CountingProvider()
+    store = MemoryCompleted()
+    gw = Gateway({"simulated": provider}, store, policy=RetryPolicy(attempts=1), metrics=Metrics(),
+                 max_answer_bytes=400)
+    r = await routed(settings, "acme", "big-1", "Tell me everything " + "x" * 500)
+    first = (await gw.handle([r]))[0]
+    error = answer(first)
+    assert error.error is not None and error.error.code == "too_large"
+    assert first.usage is not None and first.usage.request_id == "big-1", "the paid call is still billed"
+    again = (await gw.handle([r]))[0]
+    assert answer(again) == error and again.usage == first.usage and sum(provider.calls.values()) == 1

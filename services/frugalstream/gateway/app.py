@@ -98,5 +98,7 @@ def wire(res: Resources) -> GatewayService:
         m: res.catalog.provider(m) for m in models if res.catalog.has(m)
     }
     completed = TopicCompleted(s)  # paid calls live on `llm.gateway.completed`, not in the state dir
-    return GatewayService(s, Gateway(providers, completed, policy=policy, model_providers=model_providers),
-                          store=completed)
+    # The record wraps the answer and its usage: leave a fifth of a message for them.
+    gateway = Gateway(providers, completed, policy=policy, model_providers=model_providers,
+                      max_answer_bytes=int(s.max_message_bytes * 0.8))
+    return GatewayService(s, gateway, store=completed)

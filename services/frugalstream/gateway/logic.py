@@ -72,6 +72,9 @@ class Gateway:
     model_providers: Mapping[str, str] = field(default_factory=dict)
     max_inline_wait_s: float = 1.0
     max_deferrals: int = 5
+    # An answer whose record would not fit one message is recorded and published as a `too_large` error, the
+    # same bytes both times: a record that could not be written would let a redelivery pay again.
+    max_answer_bytes: int | None = None
     _deferrals: dict[str, int] = field(default_factory=dict, repr=False)
 
     def _provider_for(self, routed_provider: str, model: str) -> Provider:
@@ -167,9 +170,24 @@ class Gateway:
             provider_latency_ms=completion.latency_ms,
         )
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
+        response = self._fitted(response, routed)
         # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
         await self._record(partition, routed, response, usage)
         return Result(key, routed, "paid", response, usage)
+
+    def _fitted(self, response: LLMResponse, routed: RoutedRequest) -> LLMResponse:
+        """The answer, or a `too_large` error in its place when it could not be recorded in one message (the
+        usage is billed either way: the call was paid)."""
+        if self.max_answer_bytes is None:
+            return response
+        size = len(response.model_dump_json())
+        if size <= self.max_answer_bytes:
+            return response
+        log.warning("answer_too_large", request_id=routed.request.id, tenant=routed.request.tenant, size=size,
+                    limit=self.max_answer_bytes)
+        return error_response(routed.request, "too_large",
+                              f"the model's answer is {size} bytes, over the {self.max_answer_bytes}-byte limit",
+                              routed=routed)
 
     def _may_defer(self, key: str) -> bool:
         n = self._deferrals.get(key, 0)
