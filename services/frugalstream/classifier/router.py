@@ -14,7 +14,7 @@ and costs microseconds on top of the embedding:
 
 Each is z-scored, summed and Platt-mapped to [0, 1]. The artifact has two variants: ``full``
 (every training row; for serving) and ``half`` (only rows outside the held-out hash half; for honest
-benches on local data, see ``route_bench.honest_router_and_mask``).
+benches on local data, see ``frugalstream.tools.evals.route_eval.honest_router_and_mask``).
 """
 
 from __future__ import annotations

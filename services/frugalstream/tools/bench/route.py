@@ -3,7 +3,7 @@
 Every prompt is embedded with the production embedder and scored with the shipped router; the threshold
 sweep sends the top-k scores to the strong model. Rows the router was trained on are never scored: on the
 public data it was trained with, only the held-out hash half is used, with the router variant that never
-saw it (`route_bench.honest_router_and_mask`).
+saw it (`route_eval.honest_router_and_mask`).
 """
 
 from __future__ import annotations
