@@ -134,5 +134,8 @@ def test_the_distribution_has_exactly_one_top_level_package() -> None:
     packages = find_packages(where=str(ROOT / config["where"][0]), include=config["include"])
     assert packages and {p.split(".")[0] for p in packages} == {"frugalstream"}
     assert set(find_packages(where=str(SOURCE))) == set(packages), "every package under services/ ships"
-    installed = importlib.metadata.distribution("frugalstream").read_text("top_level.txt")
-    assert installed is not None and installed.split() == ["frugalstream"]
+    # The installed distribution (pip writes direct_url.json), not a build's leftover *.egg-info in a checkout.
+    installed = [d for d in importlib.metadata.distributions(name="frugalstream") if d.read_text("direct_url.json")]
+    assert len(installed) == 1
+    top_level = installed[0].read_text("top_level.txt")
+    assert top_level is not None and top_level.split() == ["frugalstream"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -153,7 +154,11 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Precedence: explicit arguments, environment, then the TOML config file (`FRUGAL_CONFIG`,
         default `frugalstream.toml` in the working directory), which is what `frugalstream calibrate` writes."""
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
+        path = config_path()
+        try:
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
         return init_settings, env_settings, toml, file_secret_settings
 
     def topic(self, name: str) -> str:
@@ -169,6 +174,15 @@ class Settings(BaseSettings):
         if file is not None:
             return file.read_text().strip()
         return None
+
+
+class UsageError(ValueError):
+    """A bad setting, argument or input file. The message names it, what was wrong and what is allowed; the
+    `frugalstream` command prints it as one line on stderr and exits 2."""
+
+
+class ConfigFileError(UsageError):
+    """The TOML config file exists but cannot be read; the message names the file and the position."""
 
 
 def config_path() -> Path:

@@ -26,7 +26,7 @@ from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import Settings, UsageError
 from frugalstream.schemas import SummarizeItem, SummarizeJob, SummarizeProgress
 from frugalstream.schemas import topics as t
 from frugalstream.tools.job_report import JobFollower, JobOutcome, job_report
@@ -42,6 +42,15 @@ def parse_duration(text: str) -> int:
     if text[-1:] in _UNITS:
         return int(float(text[:-1]) * _UNITS[text[-1]])
     return int(text)
+
+
+def _deadline(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: give seconds (3600) or a number with s, m, h or d (90s, 30m, 24h, 7d)"
+        ) from None
 
 
 def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
@@ -68,12 +77,13 @@ def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
 def load_items(path: Path, text_col: str, id_col: str | None, encoding: str | None = None) -> list[SummarizeItem]:
     """Rows with an empty text are skipped; ids default to the row number and must be unique."""
     rows = read_rows(path, encoding)
-    if rows and text_col not in rows[0]:
-        raise SystemExit(f"column {text_col!r} not in {path} (columns: {', '.join(map(str, rows[0]))})")
+    for flag, col in (("--text-col", text_col), ("--id-col", id_col)):
+        if rows and col is not None and col not in rows[0]:
+            raise UsageError(f"{flag} {col!r} is not a column of {path} (columns: {', '.join(map(str, rows[0]))})")
     items = [SummarizeItem(id=str(row[id_col]) if id_col else str(n), text=str(row[text_col]))
              for n, row in enumerate(rows) if row.get(text_col) not in (None, "") and str(row[text_col]).strip()]
     if len({i.id for i in items}) != len(items):
-        raise SystemExit(f"ids in column {id_col!r} are not unique")
+        raise UsageError(f"--id-col {id_col!r}: ids in {path} are not unique (each row needs its own id)")
     return items
 
 
@@ -177,16 +187,19 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"backfill FILE: {path} does not exist or is not a file (give a CSV, JSON lines or "
+                         "Parquet file)")
     settings = Settings()
     console = Console(stderr=True)
-    path = Path(args.file)
     items = load_items(path, args.text_col, args.id_col, args.encoding)
     if not items:
         console.print(f"[red]no non-empty {args.text_col!r} values in {path}[/]")
         return 2
     job_id = args.job_id or f"backfill-{uuid.uuid4().hex[:12]}"
     parts = split_job(job_id, args.tenant, args.instruction, items, model=args.model,
-                      deadline_s=parse_duration(args.deadline) if args.deadline else None,
+                      deadline_s=args.deadline,
                       near_duplicates=args.near_duplicates, max_output_tokens=args.max_output_tokens,
                       max_bytes=int(settings.max_message_bytes * 0.9))
     console.print(f"job {job_id}: {len(items)} items in {len(parts)} part(s) -> {settings.topic(t.SUMMARIZE_JOBS)}")
@@ -208,7 +221,8 @@ def add_backfill_parser(sub: Any) -> None:
     p.add_argument("--text-col", required=True)
     p.add_argument("--id-col", help="item ids (default: row number)")
     p.add_argument("--instruction", required=True)
-    p.add_argument("--deadline", help="how long the job may take, e.g. 24h: long deadlines use batch APIs")
+    p.add_argument("--deadline", type=_deadline,
+                   help="how long the job may take, e.g. 24h: long deadlines use batch APIs")
     p.add_argument("--model", help="model to use (default: the small tier; also the baseline when set)")
     p.add_argument("--out", help="results file (.jsonl, .csv or .parquet; default FILE.summaries.jsonl)")
     p.add_argument("--near-duplicates", action="store_true", help="also reuse verified near-duplicate items")

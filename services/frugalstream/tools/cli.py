@@ -1,33 +1,68 @@
-"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill."""
+"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill, config check."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from frugalstream import __version__
 from frugalstream.runtime.logging import configure_logging
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import Settings, UsageError, config_path
 
 console = Console(stderr=True)
 
 
-def _since(text: str | None) -> float | None:
+class OneLineParser(argparse.ArgumentParser):
+    """argparse errors as one line (no usage block): raised as `UsageError`, which `main` reports."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+_ALLOWED = {
+    "bool_parsing": "allowed: true/false, 1/0, yes/no, on/off",
+    "int_parsing": "allowed: a whole number",
+    "float_parsing": "allowed: a number",
+}
+
+
+def settings_error_line(exc: ValidationError) -> str:
+    """One line for every invalid setting, each named as it was given: the env var, else the TOML key."""
+    env = {k.upper() for k in os.environ}
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = [str(x) for x in err["loc"]]
+        names = ["FRUGAL_" + "__".join(loc[:n]).upper() for n in range(len(loc), 0, -1)]
+        given = next((n for n in names if n in env), None)
+        value = repr(err.get("input"))
+        where = f"{given}={value}" if given else f"{'.'.join(loc)} = {value} in {config_path()}"
+        hint = f" ({_ALLOWED[err['type']]})" if err["type"] in _ALLOWED else ""
+        parts.append(f"setting {where}: {err['msg']}{hint}")
+    return "; ".join(parts)
+
+
+def _since(text: str) -> float:
     """Accepts an ISO date/time or a relative age like `24h`, `7d`, `30m`."""
-    if not text:
-        return None
     units = {"m": 60, "h": 3600, "d": 86400}
-    if text[-1] in units and text[:-1].isdigit():
+    if text[-1:] in units and text[:-1].isdigit():
         return datetime.now(UTC).timestamp() - int(text[:-1]) * units[text[-1]]
-    parsed = datetime.fromisoformat(text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give an ISO date/time (2026-01-31, 2026-01-31T08:00) or an age "
+            "(30m, 24h, 7d)") from None
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
@@ -54,6 +89,12 @@ async def _serve(names: Sequence[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from frugalstream.bootstrap import SERVICE_NAMES
+
+    unknown = [n for n in args.services if n not in SERVICE_NAMES]
+    if unknown:
+        raise UsageError(f"serve: unknown service {', '.join(map(repr, unknown))} "
+                         f"(allowed: {', '.join(SERVICE_NAMES)}; none means all)")
     return asyncio.run(_serve(args.services))
 
 
@@ -111,7 +152,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         console.print(f"[red]no ledger at {db}[/]: run the accountant first or pass --db")
         return 2
     with Ledger(db) as ledger:
-        text = render(build_report(ledger, by=args.by, since=_since(args.since)), args.format)
+        text = render(build_report(ledger, by=args.by, since=args.since), args.format)
     if args.out:
         Path(args.out).write_text(text)
         console.print(f"wrote {args.out}")
@@ -132,6 +173,13 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Loads the settings (environment and TOML file) and starts nothing: a bad value fails in `main`."""
+    Settings()
+    print("config ok")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -141,7 +189,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from frugalstream.tools.calibrate import by_quality, by_share, load_prompts, summary, write_thresholds
 
     if (args.strong_share is None) == (args.target_quality is None):
-        raise SystemExit("give exactly one of --strong-share or --target-quality")
+        raise UsageError("calibrate: give exactly one of --strong-share or --target-quality")
     path = Path(args.requests)
     prompts = load_prompts(path, args.prompt_col)
     scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts), prompts).astype(np.float64)
@@ -149,7 +197,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cal = by_share(scores, args.strong_share, args.mid_share)
     else:
         if not (args.weak_col and args.strong_col and path.suffix == ".csv"):
-            raise SystemExit("--target-quality needs a CSV with --weak-col and --strong-col (True/False)")
+            raise UsageError("calibrate: --target-quality needs a CSV with --weak-col and --strong-col (True/False)")
         from frugalstream.tools.evals.route_eval import load_route_csv
 
         rows = load_route_csv(path, args.prompt_col or "prompt", args.weak_col, args.strong_col, set())
@@ -164,7 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalstream", description=__doc__)
+    parser = OneLineParser(prog="frugalstream", description=__doc__)
     parser.add_argument("--version", action="version", version=f"frugalstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="spend, baseline and savings from the accountant's ledger")
     p.add_argument("--db", help="ledger path (default: $FRUGAL_STATE_DIR/ledger.sqlite)")
-    p.add_argument("--since", help="ISO time or age like 24h / 7d")
+    p.add_argument("--since", type=_since, help="ISO time or age like 24h / 7d")
     p.add_argument("--by", choices=["tenant", "model", "task", "strategy", "tag"], default="tenant")
     p.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
     p.add_argument("--out", help="write to this file instead of stdout")
@@ -202,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config to update (default: $FRUGAL_CONFIG or ./frugalstream.toml)")
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("config", help="configuration tools")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("check", help="validate the environment and TOML settings without starting anything")
+    p.set_defaults(func=cmd_config_check)
+
     p = sub.add_parser("topics", help="create every frugalstream topic (compacted where the design says)")
     p.add_argument("--partitions", type=int, default=12)
     p.add_argument("--replication", type=int, default=3)
@@ -215,9 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> int:
+    line = " ".join(message.split())
+    sys.stderr.write((line if line.startswith("frugalstream") else f"frugalstream: {line}") + "\n")
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    """Runs one command. Every bad argument, setting or input file ends here as one line on stderr and exit
+    code 2, never a traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.func(args)
+    except UsageError as exc:
+        return _fail(str(exc))
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        return _fail(settings_error_line(exc))
     return code
 
 

@@ -77,7 +77,7 @@ def _jsonable(value: object) -> object:
 
 
 def add_route_bench(kinds: Any) -> None:
-    p = kinds.add_parser("route", help="RouteLLM-style routing bench (APGR, cost reduction at 95%)")
+    p = kinds.add_parser("route", help="RouteLLM-style routing bench (APGR, cost reduction at 95%%)")
     p.add_argument("--dataset", required=True, help="CSV with a prompt and per-model correctness columns")
     p.add_argument("--prompt-col", default="prompt")
     p.add_argument("--weak-col", required=True, help="True/False: did the cheap model answer correctly")
