@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer
 
@@ -178,26 +178,17 @@ async def read_until_quiet(settings: Settings, topics: Iterable[str], *, keys: s
     return await read_topics(settings, topics, done=done, timeout_s=timeout_s + quiet_s)
 
 
-class CountingOpenAI:
-    """A raw asyncio OpenAI-compatible Chat Completions server that counts every call per prompt (the last
-    message's text). Each test request has a unique prompt, so `calls[prompt] > 1` is a second payment.
+class FakeChatServer:
+    """A raw asyncio HTTP/1.1 server on 127.0.0.1 for OpenAI-compatible fakes: raw, so a fake can also hold a
+    call, reset a connection or cut a body short. Subclasses answer one parsed JSON body in `answer`, writing
+    to the stream, and return False to drop the connection."""
 
-    The answer names the call's number (`... #2`), so a second payment is also a different answer. `latency_s`
-    keeps calls in flight for a while. The first call of a prompt in `hold` is never answered; `held` is set
-    when it arrives, so a test can kill the gateway while that call is in flight (a placement, not a timer).
-    """
-
-    def __init__(self, latency_s: float = 0.0, hold: Iterable[str] = ()) -> None:
-        self.calls: Counter[str] = Counter()
-        self.answered: Counter[str] = Counter()
-        self.latency_s = latency_s
-        self.hold = set(hold)
-        self.held = asyncio.Event()
+    def __init__(self) -> None:
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
         self.port = 0
 
-    async def __aenter__(self) -> CountingOpenAI:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -215,10 +206,8 @@ class CountingOpenAI:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def env(self) -> dict[str, str]:
-        """The gateway's provider settings pointing at this server (dummy keys: nothing real is called)."""
-        return {"FRUGAL_PROVIDER": "openai", "FRUGAL_OPENAI_BASE_URL": self.url, "FRUGAL_OPENAI_API_KEY": "sk-test",
-                "FRUGAL_ANTHROPIC_API_KEY": "sk-ant-test", "FRUGAL_PROVIDER_TIMEOUT_S": "20"}
+    async def answer(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        raise NotImplementedError
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -228,23 +217,50 @@ class CountingOpenAI:
                     head = await reader.readuntil(b"\r\n\r\n")
                     length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                                   if line.lower().startswith(b"content-length"))
-                    body = json.loads(await reader.readexactly(length))
-                    prompt = str(body["messages"][-1]["content"])
-                    self.calls[prompt] += 1
-                    if prompt in self.hold and self.calls[prompt] == 1:
-                        self.held.set()
-                        await asyncio.sleep(3600)  # in flight until the connection dies with the gateway
-                    await asyncio.sleep(self.latency_s)
-                    n = self.calls[prompt]
-                    answer = {"id": f"c-{n}", "model": body["model"],
-                              "choices": [{"message": {"role": "assistant", "content": f"{prompt} #{n}"},
-                                           "finish_reason": "stop"}],
-                              "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
-                    data = json.dumps(answer).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                 + f"content-length: {len(data)}\r\n\r\n".encode() + data)
-                    await writer.drain()
-                    self.answered[prompt] += 1
+                    if not await self.answer(json.loads(await reader.readexactly(length)), writer):
+                        return
         finally:
             writer.close()
             self.writers.discard(writer)
+
+
+class CountingOpenAI(FakeChatServer):
+    """A raw asyncio OpenAI-compatible Chat Completions server that counts every call per prompt (the last
+    message's text). Each test request has a unique prompt, so `calls[prompt] > 1` is a second payment.
+
+    The answer names the call's number (`... #2`), so a second payment is also a different answer. `latency_s`
+    keeps calls in flight for a while. The first call of a prompt in `hold` is never answered; `held` is set
+    when it arrives, so a test can kill the gateway while that call is in flight (a placement, not a timer).
+    """
+
+    def __init__(self, latency_s: float = 0.0, hold: Iterable[str] = ()) -> None:
+        self.calls: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+        self.latency_s = latency_s
+        self.hold = set(hold)
+        self.held = asyncio.Event()
+        super().__init__()
+
+    def env(self) -> dict[str, str]:
+        """The gateway's provider settings pointing at this server (dummy keys: nothing real is called)."""
+        return {"FRUGAL_PROVIDER": "openai", "FRUGAL_OPENAI_BASE_URL": self.url, "FRUGAL_OPENAI_API_KEY": "sk-test",
+                "FRUGAL_ANTHROPIC_API_KEY": "sk-ant-test", "FRUGAL_PROVIDER_TIMEOUT_S": "20"}
+
+    async def answer(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
+        prompt = str(body["messages"][-1]["content"])
+        self.calls[prompt] += 1
+        if prompt in self.hold and self.calls[prompt] == 1:
+            self.held.set()
+            await asyncio.sleep(3600)  # in flight until the connection dies with the gateway
+        await asyncio.sleep(self.latency_s)
+        n = self.calls[prompt]
+        answer = {"id": f"c-{n}", "model": body["model"],
+                  "choices": [{"message": {"role": "assistant", "content": f"{prompt} #{n}"},
+                               "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
+        data = json.dumps(answer).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     + f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        await writer.drain()
+        self.answered[prompt] += 1
+        return True

@@ -10,12 +10,12 @@ partitions keep being answered meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -32,56 +32,21 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.tools.embedded_broker import EmbeddedBroker
-from tests.integration.test_faults_helpers import read_topics, responses_by_id
+from tests.integration.test_faults_helpers import FakeChatServer, read_topics, responses_by_id
 
 pytestmark = [pytest.mark.integration]
 OK_BODY = {"choices": [{"message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
            "usage": {"prompt_tokens": 12, "completion_tokens": 3}}
 
 
-class FakeOpenAI:
-    """A raw asyncio HTTP/1.1 server, so it can also reset connections and cut bodies short."""
+class FakeOpenAI(FakeChatServer):
+    """Misbehaves per request, chosen by the user message (see the module docstring)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.hits: Counter[str] = Counter()  # fault text -> requests received
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
 
-    async def __aenter__(self) -> FakeOpenAI:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.writers):
-            writer.close()
-        await asyncio.sleep(0.05)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 2)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-                while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length"))
-                    body = json.loads(await reader.readexactly(length))
-                    if not await self._answer(body, writer):
-                        return
-        finally:
-            writer.close()
-            self.writers.discard(writer)
-
-    async def _answer(self, body: dict[str, object], writer: asyncio.StreamWriter) -> bool:
+    async def answer(self, body: dict[str, Any], writer: asyncio.StreamWriter) -> bool:
         messages = body["messages"]
         assert isinstance(messages, list)
         text: str = messages[-1]["content"]
