@@ -128,11 +128,16 @@ def test_dead_letter_with_huge_headers_still_fits() -> None:
     assert fits(letter.model_dump_json().encode())
 
 
+async def publish_letters(pub: Publisher, failures: list[tuple[Record, Exception]]) -> None:
+    """What the stage does with a batch's failures: capped letters, published with the batch's outputs."""
+    await pub.publish_all(await pub.capped_letters(failures, "classifier"), service="classifier")
+
+
 async def test_a_5mb_record_dead_letters_in_one_go() -> None:
     """Today's bug: the letter's base64 copy exceeds the producer limit and the stage retries forever."""
     broker = FakeBroker()
     pub = publisher(broker)
-    await pub.dead_letters([(record(b"x" * 5_000_000), ValueError("too big"))], "classifier")
+    await publish_letters(pub, [(record(b"x" * 5_000_000), ValueError("too big"))])
     (data,) = broker.on(f"{t.REQUESTS}.dlq")
     assert fits(data)
 
@@ -222,7 +227,7 @@ async def test_failed_dead_letter_publish_is_logged_and_counted_not_raised() -> 
     broker = FakeBroker(fail={f"{t.REQUESTS}.dlq"})
     pub = publisher(broker)
     with capture_logs() as logs:
-        await pub.dead_letters([(record(b"bad", offset=7), ValueError("x"))], "classifier")
+        await publish_letters(pub, [(record(b"bad", offset=7), ValueError("x"))])
     (event,) = [e for e in logs if e["event"] == "dead_letter_publish_failed"]
     assert event["offset"] == 7 and event["topic"] == t.REQUESTS
     assert pub.metrics.best_effort_failures.labels("dead_letter")._value.get() == 1

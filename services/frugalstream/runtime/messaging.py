@@ -278,9 +278,6 @@ class Publisher:
             return await asyncio.to_thread(self.letters, failures, service)
         return self.letters(failures, service)
 
-    async def dead_letters(self, failures: Sequence[Failure], service: str) -> None:
-        await self.publish_all(await self.capped_letters(failures, service), service=service)
-
 
 def _request_id(value: BaseModel | None) -> str | None:
     if isinstance(value, LLMResponse):
