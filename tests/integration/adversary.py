@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, DeadLetter, LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
+from tests.integration.test_faults_helpers import read_physical
 
 K = TypeVar("K", bound=Hashable)
 #: Identity of a request: (tenant, request id).
@@ -118,19 +119,8 @@ def only(got: dict[Key, list[LLMResponse]], tenant: str, rid: str) -> LLMRespons
 async def read_raw(settings: Settings, physical_topics: Iterable[str], *, timeout_s: float = 5.0,
                    expected: int | None = None) -> list[Any]:
     """Every record of these physical topics from the start: until `expected` records, else for `timeout_s`."""
-    consumer = AIOKafkaConsumer(*physical_topics, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=50,
-                                max_partition_fetch_bytes=8 * 1024 * 1024)
-    await consumer.start()
-    records: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and (expected is None or len(records) < expected):
-            for batch in (await consumer.getmany(timeout_ms=200, max_records=1000)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+    return await read_physical(settings, physical_topics, timeout_s=timeout_s,
+                               done=lambda records: expected is not None and len(records) >= expected)
 
 
 async def dead_letters(settings: Settings, topic: str, *, timeout_s: float = 5.0,

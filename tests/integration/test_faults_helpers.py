@@ -125,10 +125,10 @@ def fresh_workload(n: int, tag: str) -> list[LLMRequest]:
     return [base[i % len(base)].model_copy(update={"id": f"{tag}-{i}"}) for i in range(n)]
 
 
-async def read_topics(settings: Settings, topics: Iterable[str], *, done: Callable[[list[Any]], bool],
-                      timeout_s: float) -> list[Any]:
-    """Every record of these (logical) topics from the start, until `done(records)` or the timeout."""
-    consumer = AIOKafkaConsumer(*(settings.topic(x) for x in topics), bootstrap_servers=settings.kafka_bootstrap,
+async def read_physical(settings: Settings, physical_topics: Iterable[str], *, done: Callable[[list[Any]], bool],
+                        timeout_s: float) -> list[Any]:
+    """Every record of these topics (full names) from the start, until `done(records)` or the timeout."""
+    consumer = AIOKafkaConsumer(*physical_topics, bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=50,
                                 max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()
@@ -143,22 +143,28 @@ async def read_topics(settings: Settings, topics: Iterable[str], *, done: Callab
     return records
 
 
-def responses_by_id(records: Iterable[Any]) -> dict[str, Counter[str]]:
-    """request id -> distinct terminal messages (canonical JSON) and how often each was published."""
+async def read_topics(settings: Settings, topics: Iterable[str], *, done: Callable[[list[Any]], bool],
+                      timeout_s: float) -> list[Any]:
+    """Every record of these (logical) topics from the start, until `done(records)` or the timeout."""
+    return await read_physical(settings, [settings.topic(x) for x in topics], done=done, timeout_s=timeout_s)
+
+
+def _distinct_by(records: Iterable[Any], key: Callable[[LLMResponse], str]) -> dict[str, Counter[str]]:
     out: dict[str, Counter[str]] = {}
     for rec in records:
         response = LLMResponse.model_validate_json(rec.value)
-        out.setdefault(response.request_id, Counter())[response.model_dump_json()] += 1
+        out.setdefault(key(response), Counter())[response.model_dump_json()] += 1
     return out
+
+
+def responses_by_id(records: Iterable[Any]) -> dict[str, Counter[str]]:
+    """request id -> distinct terminal messages (canonical JSON) and how often each was published."""
+    return _distinct_by(records, lambda r: r.request_id)
 
 
 def answers_by_key(records: Iterable[Any]) -> dict[str, Counter[str]]:
     """`request_key(tenant, id)` -> distinct terminal messages and how often each was published."""
-    out: dict[str, Counter[str]] = {}
-    for rec in records:
-        response = LLMResponse.model_validate_json(rec.value)
-        out.setdefault(request_key(response.tenant, response.request_id), Counter())[response.model_dump_json()] += 1
-    return out
+    return _distinct_by(records, lambda r: request_key(r.tenant, r.request_id))
 
 
 async def read_until_quiet(settings: Settings, topics: Iterable[str], *, keys: set[str], quiet_s: float = 3.0,
