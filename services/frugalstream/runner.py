@@ -10,6 +10,7 @@ from frugalstream.bootstrap import Resources, build_services
 from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.probes import Health, start_probe_server
 from frugalstream.runtime.service import BackgroundWork, Service
 
 log = get_logger(__name__)
@@ -19,12 +20,14 @@ class RunningServices:
     """Start order: load resources, attach handlers, connect. Stop order: stop consuming (in-flight batches
     finish, outputs are flushed and offsets committed by their handlers), close the broker, then release."""
 
-    def __init__(self, names: Sequence[str], resources: Resources, *, client_suffix: str = "") -> None:
+    def __init__(self, names: Sequence[str], resources: Resources, *, client_suffix: str = "",
+                 health: Health | None = None) -> None:
         self.resources = resources
         self.settings = resources.settings
         self.services: list[Service] = build_services(names, resources)
         self.broker = make_broker(self.settings, client_suffix=client_suffix)
-        self.publisher = Publisher(self.broker, self.settings)
+        self.publisher = Publisher(self.broker, self.settings, health=health)
+        self.health = self.publisher.health
 
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
@@ -37,6 +40,7 @@ class RunningServices:
                 started.append(svc)
                 svc.register(self.broker, self.publisher)
             await self.broker.start()
+            self.health.attach(lambda: self.broker.ping(timeout=None))
         except BaseException:
             # A service or the broker failed to start: release what did start, so nothing is left running.
             log.error("services_start_failed", started=[s.name for s in started])
@@ -51,6 +55,7 @@ class RunningServices:
         log.info("services_stopped", services=[s.name for s in self.services])
 
     async def _stop(self, services: Sequence[Service]) -> None:
+        self.health.detach()
         for svc in services:
             if isinstance(svc, BackgroundWork):
                 await svc.stop_background()  # nothing may publish once the broker starts closing
@@ -63,5 +68,17 @@ class RunningServices:
 
 
 async def serve_forever(names: Sequence[str], resources: Resources, stop: asyncio.Event) -> None:
-    async with RunningServices(names, resources):
-        await stop.wait()
+    """Runs until `stop`, with `/metrics`, `/healthz` and `/readyz` on `metrics_port` when it is set."""
+    health = Health()
+    beat: asyncio.Task[None] | None = None
+    if resources.settings.metrics_port:
+        server, _ = start_probe_server(resources.settings.metrics_port, health)
+        beat = asyncio.create_task(health.run(), name="frugal-health")
+    try:
+        async with RunningServices(names, resources, health=health):
+            await stop.wait()
+    finally:
+        if beat is not None:
+            beat.cancel()
+            await asyncio.to_thread(server.shutdown)  # waits for the serving thread's poll to end
+            server.server_close()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 from rich.progress import Progress
 
 import frugalstream.tools.demo
+from frugalstream.accountant.ledger import Ledger
+from frugalstream.accountant.report import build_report
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import LLMResponse
 from frugalstream.schemas import topics as t
@@ -38,9 +42,9 @@ def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, mo
 
     monkeypatch.setattr(frugalstream.tools.demo, "demo_settings", short_coalescing)
     monkeypatch.setattr(frugalstream.tools.demo, "collect_responses", collect_quietly)
-    out = tmp_path / "demo.json"
+    out, state = tmp_path / "demo.json", tmp_path / "demo-state"
     # A prefix of the bundled workload keeps CI time down; the full run is in benchmarks/RESULTS.md.
-    assert main(["demo", "--limit", "240", "--rate", "60", "--json", str(out)]) == 0
+    assert main(["demo", "--limit", "240", "--rate", "60", "--json", str(out), "--state-dir", str(state)]) == 0
     report = json.loads(out.read_text())
     assert report["responses"] == report["requests"] == 240
     # `duplicate_responses` counts distinct answers beyond the first (identical redelivered copies count once).
@@ -51,3 +55,14 @@ def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, mo
     assert by_strategy["routed_down"] > 0 and by_strategy["cache_exact"] > 0
     assert report["baseline_cost_usd"] - report["actual_cost_usd"] == pytest.approx(sum(by_strategy.values()),
                                                                                       abs=1e-9)
+    # The run stays behind: the command the demo prints shows it, drawn over seconds, not one hourly point.
+    assert report["ledger"] == str(state / "ledger.sqlite") and (state / "ledger.sqlite").is_file()
+    argv = shlex.split(report["report_command"])[1:]
+    assert main(argv) == 0
+    html = (state / "report.html").read_text()
+    with Ledger(state / "ledger.sqlite") as ledger:
+        assert ledger.totals()["actual_cost_usd"] == pytest.approx(report["actual_cost_usd"], abs=1e-9)
+        built = build_report(ledger)
+    assert built.bucket_s <= 10 and len(built.timeseries) >= 2
+    labels = re.findall(r'<text x="[\d.]+" y="\d+"(?: text-anchor="end")?>(\d{4}-\d{2}-\d{2} [\d:]+ UTC)</text>', html)
+    assert len(labels) == 2 and labels[0] != labels[1]

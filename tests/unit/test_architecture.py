@@ -22,12 +22,13 @@ from setuptools import find_packages
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "services"
 PACKAGE = SOURCE / "frugalstream"
-SERVICES = ("classifier", "dedupe", "gateway", "summarizer", "accountant")
+SERVICES = ("classifier", "dedupe", "gateway", "summarizer", "accountant", "http_entry")
 # floor -> what it may import of ours (besides itself)
 FLOORS = {
     "schemas": set(),
     "runtime": {"schemas"},
     "llm": {"schemas"},
+    "client": {"schemas", "runtime"},
 }
 
 

@@ -97,7 +97,8 @@ def test_long_context_tier(catalog: PriceCatalog) -> None:
     ("gpt-4o-2024-08-06", "gpt-4o"), ("openai/gpt-4o", "gpt-4o"), ("OpenAI/GPT-4o", "gpt-4o"),
     ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"), ("claude-sonnet-4-20250514", "claude-sonnet-4"),
     ("anthropic/claude-opus-4-1-20250805", "claude-opus-4"), ("models/gemini-2.5-flash", "gemini-2.5-flash"),
-    ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"), ("mistral-large-2411", "mistral-large-latest"),
+    ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"), ("mistral-large", "mistral-large-latest"),
+    ("mistral-small-2503", "mistral-small-2506"),  # a dated snapshot keeps its price when `-latest` moves on
     ("claude-3-5-haiku-latest", "claude-3-5-haiku"),
 ])
 def test_aliases(catalog: PriceCatalog, alias: str, canonical: str) -> None:

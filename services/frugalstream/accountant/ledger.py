@@ -248,6 +248,20 @@ class Ledger:
                         "saved_usd": to_usd(base - act)})
         return out
 
+    def time_span(self, since: float | None = None) -> tuple[float, float] | None:
+        """First and last event time, or None for an empty ledger: reports size their time buckets by it."""
+        where, params = self._where(since)
+        lo, hi = self._query(f"SELECT MIN(e.time), MAX(e.time) FROM cost_events e {where}", params)[0]
+        return None if lo is None else (float(lo), float(hi))
+
+    def catalog_versions(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Price catalog versions the events were priced with, newest use first, so a report can say how old
+        its prices are."""
+        where, params = self._where(since)
+        rows = self._query(f"SELECT e.catalog_version, COUNT(*), MAX(e.time) FROM cost_events e {where} "
+                           "GROUP BY e.catalog_version ORDER BY MAX(e.time) DESC, e.catalog_version", params)
+        return [{"catalog_version": str(v), "events": int(n), "last_used": rfc3339(float(t))} for v, n, t in rows]
+
     def unpriced(self, since: float | None = None) -> list[dict[str, Any]]:
         """Events billed at the conservative rate because the catalog lacked a model, by that model: what a
         report must show so nobody mistakes an estimate for a price."""

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from html import escape
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from frugalstream.accountant.ledger import Dimension, Ledger
+from frugalstream.llm.pricing.catalog import age_days
 from frugalstream.llm.pricing.costing import rfc3339
 
 Format = Literal["table", "csv", "json", "html"]
@@ -25,6 +27,10 @@ FORMATS: tuple[Format, ...] = ("table", "csv", "json", "html")
 TOTAL_LABEL = "(total)"
 _SVG_NS = "http://www.w3.org/2000/svg"  # a namespace name, never fetched
 _MONEY_KEYS = frozenset({"baseline_cost_usd", "actual_cost_usd", "saved_usd"})
+# Chart bucket sizes (seconds); a report takes the smallest that draws its span in at most MAX_POINTS buckets,
+# so a three-minute demo is drawn per 10 s and a month per day.
+BUCKETS = (1.0, 10.0, 60.0, 600.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0)
+MAX_POINTS = 120
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,49 @@ class Report:
     since: float | None = None
     generated_at: float = field(default_factory=time.time)
     title: str = "frugalstream cost report"
+    bucket_s: float = 3600.0
+    prices: list[dict[str, Any]] = field(default_factory=list)  # catalog versions used, with as_of and age
+
+
+def pick_bucket(span_s: float) -> float:
+    """The smallest bucket that draws `span_s` seconds in at most MAX_POINTS buckets."""
+    return next((b for b in BUCKETS if span_s / b < MAX_POINTS), BUCKETS[-1])
+
+
+def prices_age(versions: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """Each catalog version with the date its prices were taken (its leading YYYY-MM-DD) and their age."""
+    return [{**v, "as_of": v["catalog_version"][:10] if age_days(v["catalog_version"]) is not None else None,
+             "age_days": age_days(v["catalog_version"], now)} for v in versions]
 
 
 def build_report(ledger: Ledger, by: Dimension = "tenant", since: float | None = None,
-                 bucket_s: float = 3600.0, title: str = "frugalstream cost report") -> Report:
+                 bucket_s: float | None = None, title: str = "frugalstream cost report",
+                 now: float | None = None) -> Report:
+    """`bucket_s` None: chosen from the span of the data (see `pick_bucket`)."""
+    now = time.time() if now is None else now
+    if bucket_s is None:
+        span = ledger.time_span(since)
+        bucket_s = pick_bucket(span[1] - span[0] if span else 0.0)
     return Report(totals=ledger.totals(since), by=by, breakdown=ledger.breakdown(by, since),
                   timeseries=ledger.timeseries(bucket_s, since), unpriced=ledger.unpriced(since), since=since,
-                  title=title)
+                  generated_at=now, title=title, bucket_s=bucket_s,
+                  prices=prices_age(ledger.catalog_versions(since), now))
+
+
+def prices_line(report: Report) -> str:
+    """How old the prices are: 'prices as of 2026-11-30 (3 days old, catalog 2026-11-30.1)', oldest first."""
+    if not report.prices:
+        return "prices: no priced events"
+    parts = []
+    for p in sorted(report.prices, key=lambda p: (p["as_of"] or "", p["catalog_version"])):
+        age = f"{p['age_days']} days old" if p["age_days"] is not None else "age unknown"
+        parts.append(f"{p['as_of'] or 'undated'} ({age}, catalog {p['catalog_version']}, {p['events']} events)")
+    return "prices as of " + "; ".join(parts)
+
+
+def _oldest(report: Report) -> dict[str, Any]:
+    dated = [p for p in report.prices if p["age_days"] is not None]
+    return max(dated, key=lambda p: p["age_days"]) if dated else {"as_of": None, "age_days": None}
 
 
 def usd(value: float) -> str:
@@ -70,6 +112,7 @@ def tables(report: Report) -> list[Table]:
     for key, value in report.totals.items():
         if key != "by_strategy":
             totals.add_row(key, _cell(key, value))
+    totals.add_row("prices", prices_line(report).removeprefix("prices as of "))
     out = [totals]
     if report.breakdown:
         columns = list(report.breakdown[0])
@@ -98,9 +141,12 @@ def render_table(report: Report, width: int = 120) -> str:
 
 
 def render_csv(report: Report) -> str:
-    """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked."""
-    rows = [*report.breakdown, _total_row(report)] if report.breakdown else [_total_row(report)]
-    columns = list(rows[0])
+    """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked. The total row
+    also says how old the prices are (`prices_as_of`, `prices_age_days`: the oldest catalog used)."""
+    oldest = _oldest(report)
+    total = {**_total_row(report), "prices_as_of": oldest["as_of"], "prices_age_days": oldest["age_days"]}
+    rows = [*report.breakdown, total] if report.breakdown else [total]
+    columns = [*rows[0], *(k for k in total if k not in rows[0])]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -113,7 +159,7 @@ def render_json(report: Report) -> str:
         "title": report.title, "generated_at": rfc3339(report.generated_at),
         "since": rfc3339(report.since) if report.since is not None else None,
         "totals": report.totals, "by": report.by, "breakdown": report.breakdown, "timeseries": report.timeseries,
-        "unpriced": report.unpriced,
+        "unpriced": report.unpriced, "bucket_s": report.bucket_s, "prices": report.prices,
     }, indent=2)
 
 
@@ -121,15 +167,29 @@ def _empty_svg(width: int, text: str) -> str:
     return f'<svg xmlns="{_SVG_NS}" width="{width}" height="60"><text x="10" y="30">{escape(text)}</text></svg>'
 
 
-def _line_chart(points: list[dict[str, Any]], width: int = 760, height: int = 280) -> str:
+def bucket_label(bucket_s: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if bucket_s >= size and bucket_s % size == 0:
+            return f"{bucket_s / size:g} {unit}"
+    return f"{bucket_s:g} s"
+
+
+def time_label(t: float, bucket_s: float) -> str:
+    """A bucket boundary, as precise as the bucket: seconds for sub-minute buckets, days for daily ones."""
+    fmt = "%Y-%m-%d %H:%M:%S" if bucket_s < 60 else "%Y-%m-%d %H:%M" if bucket_s < 86400 else "%Y-%m-%d"
+    return datetime.fromtimestamp(t, UTC).strftime(fmt) + ("" if bucket_s >= 86400 else " UTC")
+
+
+def _line_chart(points: list[dict[str, Any]], bucket_s: float = 3600.0, width: int = 760, height: int = 280) -> str:
+    """Spend and baseline per bucket; the axis runs from the first bucket's start to the last bucket's end."""
     left, right, top, bottom = 80, 20, 20, 40
     if not points:
         return _empty_svg(width, "no data")
     t0, t1 = points[0]["t"], points[-1]["t"]
     ymax = max(max(p["baseline_cost_usd"], p["actual_cost_usd"]) for p in points) or 1.0
 
-    def xy(p: dict[str, Any], key: str) -> str:
-        x = left + (p["t"] - t0) / ((t1 - t0) or 1) * (width - left - right)
+    def xy(p: dict[str, Any], key: str) -> str:  # each bucket at its middle, on [first start, last end]
+        x = left + (p["t"] + bucket_s / 2 - t0) / (t1 + bucket_s - t0) * (width - left - right)
         y = top + (1 - p[key] / ymax) * (height - top - bottom)
         return f"{x:.1f},{y:.1f}"
 
@@ -148,8 +208,9 @@ def _line_chart(points: list[dict[str, Any]], width: int = 760, height: int = 28
             f'<line x1="{left}" y1="{y0}" x2="{width - right}" y2="{y0}" stroke="#333"/>'
             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{escape(usd(ymax))}</text>'
             f'<text x="{left - 6}" y="{y0}" text-anchor="end">$0</text>'
-            f'<text x="{left}" y="{height - 12}">{escape(points[0]["time"])}</text>'
-            f'<text x="{width - right}" y="{height - 12}" text-anchor="end">{escape(points[-1]["time"])}</text>')
+            f'<text x="{left}" y="{height - 12}">{escape(time_label(t0, bucket_s))}</text>'
+            f'<text x="{width - right}" y="{height - 12}" text-anchor="end">'
+            f'{escape(time_label(t1 + bucket_s, bucket_s))}</text>')
     legend = (f'<text x="{left + 10}" y="{top + 14}" fill="#999999">- - baseline</text>'
               f'<text x="{left + 110}" y="{top + 14}" fill="#1a7f37">— actual</text>')
     return (f'<svg xmlns="{_SVG_NS}" width="{width}" height="{height}" class="line-chart" '
@@ -210,7 +271,9 @@ def render_html(report: Report) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(report.title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{escape(report.title)}</h1>"
             f"<p>generated {escape(rfc3339(report.generated_at))}{escape(since)}</p>{kpis}"
-            f"<h2>Spend vs baseline over time</h2>{_line_chart(report.timeseries)}"
+            f"<p class=\"prices\">{escape(prices_line(report))}</p>"
+            f"<h2>Spend vs baseline over time (per {escape(bucket_label(report.bucket_s))})</h2>"
+            f"{_line_chart(report.timeseries, report.bucket_s)}"
             f"<h2>Savings by strategy</h2>{_bar_chart(t.get('by_strategy', {}))}"
             f"<h2>By {escape(report.by)}</h2>{_html_table(report)}{_unpriced_html(report)}</body></html>\n")
 

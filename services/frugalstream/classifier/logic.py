@@ -164,6 +164,10 @@ class Classifier:
             # Only the routed copy: what the producer wrote on llm.requests stays as written.
             sent = sent.model_copy(update={"cache": sent.cache.model_copy(update={"policy": "no-store"})})
             note = f"{note} sampled_no_store".strip()
+        if request.opaque and sent.cache.policy != "no-store":
+            # An image (audio, file) part is not in the cache key: two requests with one text are not the same.
+            sent = sent.model_copy(update={"cache": sent.cache.model_copy(update={"policy": "no-store"})})
+            note = f"{note} parts_no_store".strip()
         keys = cache_keys(request, choice.tier, pinned=choice.model if choice.pinned else None)
         route = Route(
             task_type=task.task_type, tier=choice.tier, model=choice.model,

@@ -1,6 +1,6 @@
 """Context budget: trim long histories to a per-task token budget.
 
-System turns are always kept, the newest turns are kept first, and an assistant turn that called tools is
+System and developer turns are always kept, the newest turns are kept first, and an assistant turn that called tools is
 kept or dropped together with the tool results that answer it: a provider rejects a tool result whose
 call is missing, and a call without its result confuses the model.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage
+from frugalstream.schemas.requests import INSTRUCTION_ROLES
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,8 @@ def trim_to_budget(messages: Sequence[ChatMessage], budget: int, counter: TokenC
     if full <= budget:
         return Trimmed(tuple(messages), 0, full, full)
     cost = {id(m): c for m, c in zip(messages, counts, strict=True)}
-    system = [m for m in messages if m.role == "system"]
-    units = _units([m for m in messages if m.role != "system"])
+    system = [m for m in messages if m.role in INSTRUCTION_ROLES]
+    units = _units([m for m in messages if m.role not in INSTRUCTION_ROLES])
     used = 3 + sum(cost[id(m)] for m in system)
     kept: list[list[ChatMessage]] = []
     for i, unit in enumerate(reversed(units)):

@@ -63,6 +63,9 @@ class CacheRebuilder(OwnedPartitions):
         self.loads.forget(partitions)
         self._logic.forget_partitions(partitions)
 
+    def unready(self) -> set[int]:
+        return self.loads.loading & self.owned
+
     async def gained(self, partitions: set[int]) -> None:
         task = self.loads.start(partitions, self.load)  # synchronously, before this coroutine first yields
         # Waited for, never raised: a failure is logged by `loads` and retried when the partitions' records

@@ -22,12 +22,6 @@ def semantic_policy(settings: Settings) -> SemanticPolicy:
     )
 
 
-def build_verifier(settings: Settings) -> Verifier:
-    if settings.semantic_verifier == "cross_encoder":
-        return pair_encoder.CrossEncoderVerifier.load()
-    return lexical.TrainedVerifier.load()
-
-
 def build_deduper(settings: Settings, embedder: AsyncEmbedder, verifier: Verifier) -> Deduper:
     store = AnswerStore(settings.cache_max_entries)
     semantic = SemanticIndex(embedder, verifier, semantic_policy(settings), live=lambda exact: exact in store)

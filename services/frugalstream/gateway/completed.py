@@ -90,6 +90,10 @@ class TopicCompleted:
         del self._pending[key]
         self.memory.put(partition, call)
 
+    def loading(self) -> set[int]:
+        """Partitions being loaded, or whose last load failed (a lookup on them retries it)."""
+        return set(self._loads)
+
     def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
         """Forgets what is known of these partitions and reads them back from the topic, in one task that every
         lookup on them awaits. Must be called synchronously when they are assigned, before any of their records
@@ -132,6 +136,9 @@ class CompletedLoader(OwnedPartitions):
 
     def lost(self, partitions: set[int]) -> None:
         self._store.forget(partitions)
+
+    def unready(self) -> set[int]:
+        return self._store.loading() & self.owned
 
     async def gained(self, partitions: set[int]) -> None:
         task = self._store.start_load(partitions)  # synchronously, before this coroutine first yields

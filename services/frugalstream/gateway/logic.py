@@ -23,8 +23,9 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from frugalstream.gateway import spans
 from frugalstream.gateway.idempotency import CompletedCalls
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.providers import Completion, Provider
@@ -135,11 +136,20 @@ class Gateway:
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
             return Result(key, routed, "failed", response)
 
+        # Passed only when set, so providers written before OpenAI's tool options existed keep working.
+        tool_options: dict[str, Any] = {k: v for k, v in (("tool_choice", request.tool_choice),
+                                                          ("parallel_tool_calls", request.parallel_tool_calls))
+                                        if v is not None}
+
         async def call(p: Provider, model: str) -> Completion:
-            return await p.complete(
-                model=model, messages=request.messages, sampling=request.sampling, max_tokens=request.max_tokens,
-                tools=request.tools, response_format=request.response_format,
-            )
+            with spans.model_call(p.name, model, request) as span:  # GenAI attributes, one span per attempt
+                completion = await p.complete(
+                    model=model, messages=request.messages, sampling=request.sampling,
+                    max_tokens=request.max_tokens, tools=request.tools, response_format=request.response_format,
+                    **tool_options,
+                )
+                spans.record(span, completion)
+                return completion
 
         policy = dataclasses.replace(
             self.policy, max_retry_after_s=min(self.policy.max_retry_after_s, self.max_inline_wait_s))

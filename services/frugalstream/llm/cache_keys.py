@@ -1,8 +1,8 @@
 """Cache keys: what must match exactly (scope), what identifies a conversation (exact), and what gets embedded.
 
 A scope is a hard wall: tenant (or a shared scope the tenant's policy grants), the system prompt as written,
-tools, response format, the sampling parameters that change the answer, and the pinned model. The tier is
-deliberately NOT in the scope: entries carry the tier that produced them, so an answer can serve the same or
+tools and tool choice, response format, the sampling parameters that change the answer, and the pinned model.
+The tier is deliberately NOT in the scope: entries carry the tier that produced them, so an answer can serve the same or
 a lower tier but never a higher one. A pin is: a pinned request is served only by an answer of the same pin,
 and an unpinned request never by a pinned answer.
 
@@ -86,6 +86,9 @@ def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) ->
         "sampling": sampling,
         "max_tokens": request.max_tokens,
         "pinned": pinned,
+        # Only when set, so the scopes of requests without them (and the cache built from them) stay as they were.
+        **({"tool_choice": request.tool_choice} if request.tool_choice is not None else {}),
+        **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
     })
     # The shard a semantic lookup searches: every turn but the last user text, on both sides of it.
     prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after]})

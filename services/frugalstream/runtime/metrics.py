@@ -7,13 +7,11 @@ tests build a fresh `Metrics` each time.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from frugalstream.schemas import CostData
+from frugalstream.schemas import BudgetState, CostData, TokenUsage
 
 NO_MODEL = "none"
 
@@ -88,6 +86,21 @@ class Metrics:
             "replayed (a recorded call), failed (an error answer), deferred (rate limited), unrecorded (the record "
             "was not acknowledged, delivered again), duplicate (another copy in the same batch).", ["outcome"],
             registry=r)
+        self.tokens = Counter(
+            "frugal_tokens", "Billed tokens by kind (input excludes cached reads and cache writes; output excludes "
+            "reasoning), counted once per priced usage record.", ["tenant", "model", "kind"], registry=r)
+        self.errors = Counter(
+            "frugal_errors", "Terminal error responses by code (invalid_request, budget_exceeded, provider_error, "
+            "timeout, too_large...) and the service that answered.", ["service", "code"], registry=r)
+        self.consumer_lag = Gauge(
+            "frugal_consumer_lag", "Records behind the partition's end, as of this member's last batch from it "
+            "(high watermark minus the next offset).", ["group", "topic", "partition"], registry=r)
+        self._lag_seen: dict[str, set[tuple[str, int]]] = {}
+        self.budget_remaining = Gauge(
+            "frugal_budget_remaining_usd", "Budget left in the current period (limit minus spend, floored at 0), "
+            "as the accountant last published it.", ["tenant", "budget"], registry=r)
+        self.budget_limit = Gauge(
+            "frugal_budget_limit_usd", "The budget's limit for its period.", ["tenant", "budget"], registry=r)
 
     def record_cost(self, data: CostData) -> None:
         """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
@@ -99,6 +112,32 @@ class Metrics:
                 self.saved_usd.labels(data.tenant, strategy).inc(saved)
             else:
                 self.extra_cost_usd.labels(data.tenant, strategy).inc(-saved)
+        if data.usage is not None:
+            self.record_tokens(data.tenant, model, data.usage)
+
+    def record_tokens(self, tenant: str, model: str, usage: TokenUsage) -> None:
+        for kind, n in (("input", usage.input_tokens), ("cached", usage.cached_input_tokens),
+                        ("cache_write", usage.cache_write_tokens), ("output", usage.output_tokens),
+                        ("reasoning", usage.reasoning_tokens)):
+            if n > 0:
+                self.tokens.labels(tenant, model, kind).inc(n)
+
+    def record_error(self, service: str, code: str) -> None:
+        self.errors.labels(service, code).inc()
+
+    def record_budget(self, state: BudgetState) -> None:
+        self.budget_remaining.labels(state.tenant, state.budget_id).set(max(0.0, state.limit_usd - state.spent_usd))
+        self.budget_limit.labels(state.tenant, state.budget_id).set(state.limit_usd)
+
+    def record_lag(self, group: str, lags: dict[tuple[str, int], int], assigned: set[tuple[str, int]]) -> None:
+        """Sets the lag of the partitions just read and drops the series of partitions no longer assigned."""
+        seen = self._lag_seen.setdefault(group, set())
+        for (topic, partition), lag in lags.items():
+            self.consumer_lag.labels(group, topic, str(partition)).set(max(0, lag))
+            seen.add((topic, partition))
+        for topic, partition in seen - assigned:
+            self.consumer_lag.remove(group, topic, str(partition))
+            seen.discard((topic, partition))
 
     def record_unpriced(self, models: tuple[str, ...] | list[str]) -> None:
         """Label values come from billed usage; past 100 distinct models the rest count as `other`."""
@@ -138,12 +177,6 @@ class Metrics:
 METRICS = Metrics()
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0", metrics: Metrics = METRICS
-                         ) -> tuple[WSGIServer, threading.Thread]:
-    """Serves /metrics on a daemon thread; port 0 picks a free port (`server.server_port`)."""
-    return start_http_server(port, addr=addr, registry=metrics.registry)
-
-
 def exposition(metrics: Metrics = METRICS) -> str:
-    """The Prometheus text format of `metrics`, e.g. for a health endpoint or a test."""
+    """The Prometheus text format of `metrics` (what `/metrics` serves, see `runtime.probes`), e.g. for a test."""
     return generate_latest(metrics.registry).decode()

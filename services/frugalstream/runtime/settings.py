@@ -25,9 +25,9 @@ class TierModels(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    small: tuple[str, ...] = ("gpt-4o-mini", "gpt-4.1-nano")
-    mid: tuple[str, ...] = ("gpt-4.1-mini", "gpt-4o-mini")
-    large: tuple[str, ...] = ("gpt-4o", "gpt-4.1")
+    small: tuple[str, ...] = Field(default=("gpt-4o-mini", "gpt-4.1-nano"), description="Cheapest tier.")
+    mid: tuple[str, ...] = Field(default=("gpt-4.1-mini", "gpt-4o-mini"), description="Middle tier.")
+    large: tuple[str, ...] = Field(default=("gpt-4o", "gpt-4.1"), description="Strongest tier.")
 
     def for_tier(self, tier: Tier) -> tuple[str, ...]:
         models: tuple[str, ...] = getattr(self, tier)
@@ -40,9 +40,11 @@ class TenantPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    allowed_models: tuple[str, ...] | None = None
-    max_tier: Tier = "large"
-    baseline_model: str | None = None
+    allowed_models: tuple[str, ...] | None = Field(
+        default=None, description="Models the tenant may pin or be routed to; unset: any priced model.")
+    max_tier: Tier = Field(default="large", description="Highest tier the tenant's requests are routed to.")
+    baseline_model: str | None = Field(
+        default=None, description="The tenant's counterfactual model; unset: `default_baseline_model`.")
     shared_scopes: tuple[str, ...] = Field(
         default=(), description="Shared cache scopes this tenant may name: it is answered from them and its "
                                 "answers are stored in them. A scope no policy grants is refused.")
@@ -70,34 +72,65 @@ class Settings(BaseSettings):
     )
 
     # Kafka
-    kafka_bootstrap: str = "localhost:9092"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    kafka_sasl_username: str | None = None
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
-    kafka_ssl_certfile: Path | None = None
-    kafka_ssl_keyfile: Path | None = None
+    kafka_bootstrap: str = Field(
+        default="localhost:9092", description="Kafka bootstrap servers, comma-separated host:port.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How clients talk to the brokers: TLS, SASL, both or neither.")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="SASL mechanism, with a SASL_* security protocol.")
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password (never logged).")
+    kafka_ssl_cafile: Path | None = Field(default=None, description="CA bundle that signs the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(default=None, description="Client certificate, for mutual TLS.")
+    kafka_ssl_keyfile: Path | None = Field(default=None, description="Client private key, for mutual TLS.")
     kafka_idempotent: bool = Field(default=True, description="Off only for brokers without idempotent producers.")
-    kafka_fetch_max_wait_ms: int = 500
+    kafka_fetch_max_wait_ms: int = Field(
+        default=500, description="Longest a fetch waits for data; lower it on brokers that never answer a "
+                                 "waiting fetch early (the embedded Tansu broker), where it is the latency.")
     kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, description="Kafka rejects less than 6 s.")
-    kafka_client_id: str = "frugalstream"
+    kafka_client_id: str = Field(
+        default="frugalstream", description="Client id prefix shown in broker logs and quotas.")
     topic_prefix: str = Field(default="", description="Prepended to every topic name (tests, multi-env clusters).")
-    group_prefix: str = "frugalstream"
-    max_message_bytes: int = 1_000_000
+    group_prefix: str = Field(default="frugalstream", description="Consumer groups are `<group_prefix>.<service>`.")
+    max_message_bytes: int = Field(
+        default=1_000_000, description="Largest message read or published; a larger request is answered "
+                                       "`too_large`. Keep it under the broker's message.max.bytes.")
 
     # Routing
-    tiers: TierModels = TierModels()
-    default_baseline_model: str = "gpt-4o"
-    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
-    context_budgets: dict[str, int] = Field(default_factory=_default_context_budgets)
-    budget_action: Literal["downgrade", "refuse"] = "downgrade"
+    tiers: TierModels = Field(
+        default=TierModels(), description="Ordered models per tier (small, mid, large): the first is used, the "
+                                          "rest are fallbacks.")
+    default_baseline_model: str = Field(
+        default="gpt-4o", description="What the counterfactual is priced on when a tenant names no baseline.")
+    tenants: dict[str, TenantPolicy] = Field(
+        default_factory=dict, description="Per-tenant policy (see the tenant policy table).")
+    context_budgets: dict[str, int] = Field(
+        default_factory=_default_context_budgets, description="History token budget per task type; older "
+                                                              "turns beyond it are trimmed.")
+    budget_action: Literal["downgrade", "refuse"] = Field(
+        default="downgrade", description="What an exhausted budget does: route to the small tier, or refuse "
+                                         "with `budget_exceeded`.")
     # Escalation score at or above which a request goes to mid / large (`frugalstream calibrate` sets them).
-    route_threshold_mid: float = Field(default=0.12, ge=0, le=1)
-    route_threshold_large: float = Field(default=0.20, ge=0, le=1)
+    route_threshold_mid: float = Field(
+        default=0.12, ge=0, le=1, description="Escalation score at or above which a request goes to mid "
+                                             "(`frugalstream calibrate` sets it).")
+    route_threshold_large: float = Field(
+        default=0.20, ge=0, le=1, description="Escalation score at or above which a request goes to large "
+                                             "(`frugalstream calibrate` sets it).")
 
     # Dedupe. Semantic matching is on only where a reworded request wants the same answer.
-    semantic_task_types: tuple[TaskType, ...] = ("faq",)
+    semantic_task_types: tuple[TaskType, ...] = Field(
+        default=("faq",), description="Task types where a verified rewording is answered from cache; the "
+                                      "others use exact matches only.")
+    model_precision: Literal["int8", "fp32"] = Field(
+        default="int8", description="int8: the shipped quantized ONNX models on ONNX Runtime (no torch). fp32: "
+                                    "the original weights on torch, for comparison; needs the `train` extra.")
+    embed_max_tokens: int = Field(
+        default=256, ge=16, le=512, description="Tokens of a request's lookup text the embedder reads; longer "
+                                                "texts are truncated (the router and verifier were tuned at 256).")
+    model_threads: int = Field(
+        default=1, ge=1, le=64, description="ONNX Runtime threads per model; one suits services that share a "
+                                            "few cores, since batching across requests pays more.")
     semantic_verifier: Literal["cross_encoder", "features"] = Field(
         default="cross_encoder",
         description="cross_encoder: a fine-tuned MiniLM reads both texts (~20 ms for one candidate on 2 cores, "
@@ -107,44 +140,82 @@ class Settings(BaseSettings):
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
     semantic_verify_threshold: dict[str, float] = Field(
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
-    cache_ttl_s: dict[str, int] = Field(default_factory=lambda: {"faq": 7 * 86400, "default": 86400})
-    cache_max_entries: int = 200_000
-    coalesce_timeout_s: float = 30.0
+    cache_ttl_s: dict[str, int] = Field(
+        default_factory=lambda: {"faq": 7 * 86400, "default": 86400},
+        description="Seconds a cached answer is served, per task type (`default` for the rest).")
+    cache_max_entries: int = Field(default=200_000, description="Cached answers kept per dedupe instance.")
+    coalesce_timeout_s: float = Field(
+        default=30.0, description="How long a request waits for an in-flight twin's answer before it is "
+                                  "dispatched itself.")
     shard_sweep_interval_s: float = Field(
         default=300.0, gt=0, description="How often expired entries are removed from the semantic index.")
 
     # Gateway
-    provider: ProviderName = "simulated"
-    provider_timeout_s: float = 60.0
-    provider_max_attempts: int = 3
-    simulated_latency_scale: float = 1.0
+    provider: ProviderName = Field(
+        default="simulated", description="Model provider: openai (any OpenAI-compatible endpoint), anthropic, "
+                                         "or simulated (deterministic answers, named as such everywhere).")
+    provider_timeout_s: float = Field(default=60.0, description="Timeout of one provider call.")
+    provider_max_attempts: int = Field(default=3, description="Attempts per model before falling back to the next.")
+    simulated_latency_scale: float = Field(
+        default=1.0, description="Scale of the simulated provider's realistic latency (0 answers at once).")
     idempotency_retention_s: float = Field(
         default=7 * 86400, gt=0,
         description="How long a paid call is remembered (on `llm.gateway.completed`): a redelivery within it "
                     "replays the answer instead of paying again.")
-    openai_base_url: str = "https://api.openai.com/v1"
-    openai_api_key: SecretStr | None = None
-    openai_api_key_file: Path | None = None
-    anthropic_base_url: str = "https://api.anthropic.com"
-    anthropic_api_key: SecretStr | None = None
-    anthropic_api_key_file: Path | None = None
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1", description="OpenAI-compatible endpoint (vLLM, Ollama, Azure, "
+                                                         "OpenRouter...).")
+    openai_api_key: SecretStr | None = Field(default=None, description="OpenAI-compatible API key (never logged).")
+    openai_api_key_file: Path | None = Field(
+        default=None, description="File holding the OpenAI key (a mounted secret); used when the key is unset.")
+    anthropic_base_url: str = Field(default="https://api.anthropic.com", description="Anthropic Messages API endpoint.")
+    anthropic_api_key: SecretStr | None = Field(default=None, description="Anthropic API key (never logged).")
+    anthropic_api_key_file: Path | None = Field(
+        default=None, description="File holding the Anthropic key (a mounted secret); used when the key is unset.")
 
     # State and observability
-    state_dir: Path = Path(".frugalstream")
-    price_overrides: Path | None = None
-    budgets_file: Path | None = None
+    state_dir: Path = Field(
+        default=Path(".frugalstream"), description="The accountant's ledger, the summarizer's store and an "
+                                                   "updated price catalog (keep it on a volume).")
+    price_catalog: Path | None = Field(
+        default=None, description="Price catalog file; unset: `<state_dir>/prices.json` once `frugalstream "
+                                  "prices update` wrote it, else the shipped catalog.")
+    price_overrides: Path | None = Field(
+        default=None, description="Your own rates (same format as the catalog), merged per model on top.")
+    budgets_file: Path | None = Field(default=None, description="Budgets, as TOML or JSON.")
     budget_tick_s: float = Field(
         default=60.0, gt=0, description="How often the accountant re-evaluates budgets without new usage, so "
                                         "periods roll over on time (a refused tenant is served again after midnight).")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log threshold.")
     log_prompts: bool = Field(default=False, description="Prompt text in logs is opt-in, for debugging only.")
-    log_format: Literal["json", "console"] = "json"
-    metrics_port: int | None = None
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="json lines (for collectors) or console (for people).")
+    metrics_port: int | None = Field(default=None, description="Port of `/metrics` (Prometheus), `/healthz` and "
+                                                               "`/readyz` (probes); unset: no server.")
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP base URL traces are exported to (like OTEL_EXPORTER_OTLP_ENDPOINT, "
+                                  "which also works); unset: no tracing, no exporter.")
+
+    # OpenAI-compatible HTTP entry (`frugalstream serve http`, `frugalstream dev --http-port`)
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP entry listens on.")
+    http_port: int = Field(default=8080, ge=0, le=65535,
+                           description="Port the HTTP entry listens on.")
+    http_api_keys: SecretStr | None = Field(
+        default=None, description='API keys as a JSON object {"<key>": "<tenant>", ...}; a request without a '
+                                  "listed key gets 401. `frugalstream dev` accepts `frugal-dev` (tenant `dev`) "
+                                  "when no key is configured.")
+    http_api_keys_file: Path | None = Field(default=None, description="The same JSON object, from a file.")
+    http_max_pending: int = Field(
+        default=1000, gt=0, description="Requests one HTTP entry may wait on; beyond it the pipeline is behind "
+                                        "and callers get 429 with Retry-After.")
+    http_timeout_s: float = Field(default=120.0, gt=0, description="How long a call waits for its answer (504).")
 
     # Fault injection, for the crash tests only: the named service exits hard (no flush, no commit) right after
     # publishing the outputs of its N-th batch, i.e. inside the publish-to-commit window.
-    fault_exit_after_publish: str | None = None
-    fault_exit_after_batches: int = Field(default=1, ge=1)
+    fault_exit_after_publish: str | None = Field(
+        default=None, description="Tests only: the named service exits hard after publishing a batch.")
+    fault_exit_after_batches: int = Field(
+        default=1, ge=1, description="Tests only: which batch `fault_exit_after_publish` exits after.")
 
     @classmethod
     def settings_customise_sources(

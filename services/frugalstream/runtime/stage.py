@@ -20,6 +20,10 @@ after the wait; the commit that follows stores the rewound position, so the reco
 blocking the other partitions, and no handler sleeps. Records after it on that partition come again too: the
 step holds back their outputs (they replay, once, on redelivery). Deferring needs a consumer that can pause
 (`BatchContext.can_defer`); on one that cannot (FastStream's in-memory test broker), a step answers instead.
+
+Observability rides along: with tracing on, each record gets a span continuing the trace in its headers and
+each output carries its record's trace context (`runtime.tracing`); after a batch the partitions' lag is
+recorded; every group member is tracked for readiness (`runtime.probes`).
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from pydantic import BaseModel
 
+from frugalstream.runtime import tracing
 from frugalstream.runtime.broker import batch_subscriber_options
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher, decode
+from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Decoded, Failure, Out, Record, records_of
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import OwnedPartitions
 from frugalstream.schemas import LLMRequest, RoutedRequest
 from frugalstream.schemas.responses import error_response
 
@@ -249,8 +256,18 @@ def subscribe_many(
     fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
         else None
     backoff = _Backoff()
+    kwargs = {**batch_subscriber_options(settings, service, max_records=max_records), **options}
+    group: str | None = kwargs.get("group_id")
+    if group is not None:
+        # Readiness waits for every group member's first assignment and the state of what it owns.
+        kwargs.setdefault("listener", OwnedPartitions(settings, handlers[0].topic))
+        publisher.health.track(service, kwargs["listener"])
 
     async def handler(msg: KafkaMessage) -> None:
+        with tracing.batch_trace(service, group) as trace:
+            await handle(msg, trace)
+
+    async def handle(msg: KafkaMessage, trace: tracing.BatchTrace) -> None:
         started = time.perf_counter()
         records = records_of(msg)
         consumer = getattr(msg, "consumer", None)
@@ -262,9 +279,12 @@ def subscribe_many(
             if not mine:
                 continue
             good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+            trace.add(good, bad)
             done.outs.extend(_invalid_outputs(spec, bad))
             if good:
+                poisoned = len(bad)
                 done.extend(await run_batch(spec.process, good, bad, ctx))
+                trace.failed(bad[poisoned:])
             bad_all.extend(bad)
         outs = done.outs
         processed = time.perf_counter()
@@ -272,7 +292,7 @@ def subscribe_many(
             publisher.metrics.observe_latency(service, (processed - started) / len(records))
         try:
             letters = await publisher.capped_letters(bad_all, service)
-            await publisher.publish_all([*outs, *letters], service=service)
+            await publisher.publish_all(trace.stamp([*outs, *letters]), service=service)
         except Exception:
             delay = backoff.next_delay()
             paused = _pause_for(consumer, records, delay)
@@ -285,6 +305,8 @@ def subscribe_many(
             _apply_deferrals(consumer, done.deferred)
         if fault is not None and records:
             fault.after_publish()
+        if group is not None:
+            _observe_lag(publisher.metrics, group, consumer, records)
         published = time.perf_counter()
         publisher.metrics.observe_stage(service, len(records), processed - started, published - processed)
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
@@ -292,5 +314,19 @@ def subscribe_many(
                   publish_ms=round((published - processed) * 1000, 1))
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
-    kwargs = {**batch_subscriber_options(settings, service, max_records=max_records), **options}
     broker.subscriber(*by_topic, **kwargs)(handler)
+
+
+def _observe_lag(metrics: Metrics, group: str, consumer: Any, records: Sequence[Record]) -> None:
+    """Lag of the batch's partitions from the high watermark the last fetch reported (no broker round trip)."""
+    if consumer is None or not hasattr(consumer, "highwater"):
+        return  # the in-memory test broker has no offsets
+    nxt: dict[tuple[str, int], int] = {}
+    for r in records:
+        nxt[(r.topic, r.partition)] = max(nxt.get((r.topic, r.partition), 0), r.offset + 1)
+    lags = {}
+    for (topic, partition), offset in nxt.items():
+        high = consumer.highwater(TopicPartition(topic, partition))
+        if high is not None:
+            lags[(topic, partition)] = high - offset
+    metrics.record_lag(group, lags, {(tp.topic, tp.partition) for tp in consumer.assignment()})

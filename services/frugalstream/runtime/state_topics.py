@@ -221,6 +221,7 @@ class OwnedPartitions(ConsumerRebalanceListener):  # type: ignore[misc]
         self._settings = settings
         self._topic = topic  # logical name
         self.owned: set[int] = set()
+        self.joined = False  # got its first assignment (possibly empty): readiness waits for it
 
     async def on_partitions_revoked(self, revoked: object) -> None:
         return None
@@ -229,10 +230,15 @@ class OwnedPartitions(ConsumerRebalanceListener):  # type: ignore[misc]
         mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(self._topic)}
         new, gone = mine - self.owned, self.owned - mine
         self.owned = mine
+        self.joined = True
         if gone:
             self.lost(gone)
         if new:
             await self.gained(new)
+
+    def unready(self) -> set[int]:
+        """Owned partitions whose state is not loaded yet (loading, or the last load failed): `/readyz`."""
+        return set()
 
     def lost(self, partitions: set[int]) -> None:
         """Forget what belongs to partitions now owned elsewhere (their new owner loads them)."""

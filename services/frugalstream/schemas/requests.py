@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from frugalstream.schemas._base import Contract
 
@@ -21,24 +21,88 @@ TIERS: tuple[Tier, ...] = ("small", "mid", "large")
 CachePolicy = Literal["default", "no-store", "no-cache"]
 
 
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+#: Roles whose turns instruct the model: kept whole by trimming, never a conversation turn to drop.
+INSTRUCTION_ROLES: tuple[Role, ...] = ("system", "developer")
+ToolChoice = Literal["none", "auto", "required"] | dict[str, Any]
+
+
 class ToolCall(BaseModel):
+    """Flat (`id`, `name`, `arguments`); OpenAI's nested `{"type": "function", "function": {...}}` is accepted."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(max_length=256)
     name: str = Field(max_length=256)
     arguments: str = Field(default="", description="JSON-encoded arguments, as the provider sent them.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "function" in data:
+            if data.get("type", "function") != "function":
+                raise ValueError(f"tool_calls[].type {data.get('type')!r} is not supported (only 'function')")
+            fn = data["function"]
+            if not isinstance(fn, dict):
+                raise ValueError("tool_calls[].function must be an object with name and arguments")
+            return {"id": data.get("id", ""), "name": fn.get("name"), "arguments": fn.get("arguments", "")}
+        return data
+
+
+def _text_of(parts: tuple[dict[str, Any], ...]) -> str:
+    return "\n".join(p["text"] for p in parts if p.get("type") == "text")
+
 
 class ChatMessage(BaseModel):
-    """One chat turn in the OpenAI-style format every provider adapter maps from."""
+    """One chat turn in the OpenAI-style format every provider adapter maps from.
+
+    `content` is always the turn's text. A turn sent as content parts (OpenAI's list form) keeps them in
+    `parts`, untouched, for the provider; `content` is then their text parts joined, recomputed on every
+    validation so the text that routing and cache keys read is always the text the model gets. A turn
+    with a non-text part (image, audio, file) is `opaque`: its text does not say what is asked, so the
+    classifier marks the request uncacheable.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Role
     content: str = ""
     name: str | None = Field(default=None, max_length=256)
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = Field(default=None, max_length=256)
+    parts: tuple[dict[str, Any], ...] | None = Field(
+        default=None, max_length=256, description="Content parts as sent (OpenAI list form), passed to the "
+                                                  "provider untouched; `content` holds their text.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_content(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        content = data.get("content")
+        if content is None and "content" in data:
+            if data.get("role") != "assistant":
+                raise ValueError("messages[].content may be null only on an assistant turn (with tool_calls)")
+            data["content"] = ""
+        elif isinstance(content, list):
+            if data.get("parts") is not None:
+                raise ValueError("give content parts either as a list in content or in parts, not both")
+            data["parts"] = content
+        parts = data.get("parts")
+        if parts is not None:
+            for part in parts if isinstance(parts, list | tuple) else ():
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError("messages[].content parts must be objects with a string 'type'")
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError("messages[].content text parts need a string 'text'")
+            data["content"] = _text_of(tuple(parts)) if isinstance(parts, list | tuple) else ""
+        return data
+
+    @property
+    def opaque(self) -> bool:
+        """Carries a part (image, audio, file...) whose meaning is not in `content`."""
+        return self.parts is not None and any(p.get("type") != "text" for p in self.parts)
 
 
 class SamplingParams(BaseModel):
@@ -50,6 +114,12 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, stop: Any) -> Any:
+        """OpenAI accepts one string, a list, or null."""
+        return () if stop is None else (stop,) if isinstance(stop, str) else stop
 
 
 class CacheControl(BaseModel):
@@ -63,6 +133,9 @@ class CacheControl(BaseModel):
         default=None, max_length=128,
         description="Scope shared between tenants; the tenant's policy must grant it (read and/or write).",
     )
+
+
+_SAMPLING_FIELDS = tuple(SamplingParams.model_fields)
 
 
 class LLMRequest(Contract):
@@ -80,6 +153,9 @@ class LLMRequest(Contract):
     cache: CacheControl = CacheControl()
     task_hint: TaskType | None = None
     tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="OpenAI's tool_choice: none, auto, required, or {type: function, function: {name}}.")
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     reply_topic: str | None = Field(
@@ -88,6 +164,50 @@ class LLMRequest(Contract):
                     "`<tenant>.`), never a frugalstream topic or a DLQ.",
     )
     created_at: float | None = Field(default=None, description="Producer's unix time, for end-to-end latency.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_top_level(cls, data: Any) -> Any:
+        """OpenAI's spelling: top-level sampling fields, `max_completion_tokens`, `n`; a clash names the field."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        n = data.pop("n", None)
+        if n is not None and n != 1:
+            raise ValueError(f"n={n!r} is not supported: one answer per request (send n=1 or leave it out)")
+        sampling = dict(data.get("sampling") or {})
+        for name in _SAMPLING_FIELDS:
+            if name not in data:
+                continue
+            value = data.pop(name)
+            if value is None:
+                continue
+            if sampling.get(name) not in (None, value):
+                raise ValueError(f"{name} is given both top-level and in sampling, with different values")
+            sampling[name] = value
+        if sampling:
+            data["sampling"] = sampling
+        completion = data.pop("max_completion_tokens", None)
+        if completion is not None:
+            if data.get("max_tokens") not in (None, completion):
+                raise ValueError("max_tokens and max_completion_tokens are both given, with different values")
+            data["max_tokens"] = completion
+        return data
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _function_choice(cls, choice: ToolChoice | None) -> ToolChoice | None:
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError("tool_choice must be 'none', 'auto', 'required' or "
+                                 "{'type': 'function', 'function': {'name': ...}}")
+        return choice
+
+    @property
+    def opaque(self) -> bool:
+        """A turn carries a non-text part: the text alone does not identify the request, so it is not cached."""
+        return any(m.opaque for m in self.messages)
 
     @field_validator("reply_topic")
     @classmethod

@@ -13,8 +13,9 @@ import argparse
 import asyncio
 import csv
 import json
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from frugalstream.llm.cache_keys import normalize_text
-from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
@@ -30,6 +30,9 @@ from frugalstream.runtime.settings import Settings, UsageError
 from frugalstream.schemas import SummarizeItem, SummarizeJob, SummarizeProgress
 from frugalstream.schemas import topics as t
 from frugalstream.tools.job_report import JobFollower, JobOutcome, job_report
+from frugalstream.tools.preflight import check_bootstrap
+from frugalstream.tools.prices import configured_catalog
+from frugalstream.tools.waiting import WaitWatch
 
 PART_ITEMS = 1_000
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -126,25 +129,35 @@ async def publish_parts(settings: Settings, parts: Sequence[SummarizeJob]) -> No
 
 async def run_backfill(settings: Settings, parts: Sequence[SummarizeJob], *, timeout_s: float = 24 * 3600.0,
                        console: Console | None = None) -> JobOutcome:
-    """Publishes the parts and follows the job with a progress bar until every item has a result."""
+    """Publishes the parts and follows the job until every item has a result, showing done/total, the rate and,
+    when nothing arrives, what it is waiting for."""
     console = console or Console(stderr=True)
     job, total = parts[0], parts[0].total_items or len(parts[0].items)
     follower = JobFollower(settings, job.job_id, job.tenant)
     await follower.start()
     try:
         await publish_parts(settings, parts)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[calls]} model calls"), TimeElapsedColumn(), console=console,
-                      transient=False) as bar:
-            task = bar.add_task(f"summarizing {job.job_id}", total=total, calls=0)
-
-            def update(progress: SummarizeProgress | None, results: int) -> None:
-                done = max(results, progress.done_items if progress else 0)
-                bar.update(task, completed=min(done, total), calls=progress.model_calls if progress else 0)
-
-            return await follower.follow(total, timeout_s, update)
+        return await follow_with_progress(follower, total, timeout_s, console, settings.kafka_bootstrap)
     finally:
         await follower.stop()
+
+
+async def follow_with_progress(follower: JobFollower, total: int, timeout_s: float, console: Console,
+                               bootstrap: str, clock: Callable[[], float] = time.monotonic) -> JobOutcome:
+    watch = WaitWatch(total, clock(), hint=f"is `frugalstream serve summarizer` running against {bootstrap}?")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[calls]} model calls"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=console, transient=False) as bar:
+        task = bar.add_task(f"summarizing {follower.job_id}", total=total, calls=0, status="")
+
+        def update(progress: SummarizeProgress | None, results: int) -> None:
+            done = min(max(results, progress.done_items if progress else 0), total)
+            status, line = watch.observe(done, progress is not None or results > 0, clock())
+            bar.update(task, completed=done, calls=progress.model_calls if progress else 0, status=status)
+            if line is not None:
+                bar.console.print(f"backfill {follower.job_id}: {line}")
+
+        return await follower.follow(total, timeout_s, update)
 
 
 def write_results(path: Path, outcome: JobOutcome, ids: Sequence[str]) -> None:
@@ -194,6 +207,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     settings = Settings()
     console = Console(stderr=True)
     items = load_items(path, args.text_col, args.id_col, args.encoding)
+    check_bootstrap(settings, command="backfill")
+    catalog = configured_catalog(settings)[1]
     if not items:
         console.print(f"[red]no non-empty {args.text_col!r} values in {path}[/]")
         return 2
@@ -204,7 +219,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                       max_bytes=int(settings.max_message_bytes * 0.9))
     console.print(f"job {job_id}: {len(items)} items in {len(parts)} part(s) -> {settings.topic(t.SUMMARIZE_JOBS)}")
     outcome = asyncio.run(run_backfill(settings, parts, timeout_s=args.timeout))
-    report = {"job_id": job_id, **job_report(outcome, PriceCatalog.load(overrides=settings.price_overrides))}
+    report = {"job_id": job_id, **job_report(outcome, catalog)}
     print_report(report, console)
     out = Path(args.out) if args.out else path.with_name(f"{path.stem}.summaries.jsonl")
     write_results(out, outcome, [i.id for i in items])

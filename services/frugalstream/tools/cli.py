@@ -1,4 +1,4 @@
-"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill, config check."""
+"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill, prices, config check."""
 
 from __future__ import annotations
 
@@ -69,32 +69,38 @@ def _since(text: str) -> float:
 async def _serve(names: Sequence[str]) -> int:
     from frugalstream.bootstrap import SERVICE_NAMES, Resources
     from frugalstream.runner import serve_forever
+    from frugalstream.runtime import tracing
 
     settings = Settings()
     configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
-    if settings.metrics_port:
-        from frugalstream.runtime.metrics import start_metrics_server
-
-        start_metrics_server(settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     resources = Resources(settings)
+    tracing.setup_tracing(settings, "frugalstream-" + "-".join(names) if names else "frugalstream")
     try:
         await serve_forever(list(names) or list(SERVICE_NAMES), resources, stop)
     finally:
         resources.close()
+        tracing.shutdown_tracing()  # flushes the spans still buffered
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from frugalstream.bootstrap import SERVICE_NAMES
 
-    unknown = [n for n in args.services if n not in SERVICE_NAMES]
+    unknown = [n for n in args.services if n not in SERVICE_NAMES and n != "http"]
     if unknown:
         raise UsageError(f"serve: unknown service {', '.join(map(repr, unknown))} "
-                         f"(allowed: {', '.join(SERVICE_NAMES)}; none means all)")
+                         f"(allowed: {', '.join(SERVICE_NAMES)}, http; none means all but http)")
+    from frugalstream.tools.preflight import check_bootstrap
+
+    check_bootstrap(Settings(), command="serve")
+    if "http" in args.services:
+        from frugalstream.tools.http_serve import serve_with_http
+
+        return asyncio.run(serve_with_http([n for n in args.services if n != "http"]))
     return asyncio.run(_serve(args.services))
 
 
@@ -122,11 +128,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from frugalstream.tools.demo import run_demo, write_json
 
     configure_logging("WARNING", fmt="console")
-    report = asyncio.run(run_demo(limit=args.limit, rate=args.rate, latency_scale=args.latency_scale))
+    report = asyncio.run(run_demo(limit=args.limit, rate=args.rate, latency_scale=args.latency_scale,
+                                  state_dir=Path(args.state_dir)))
     print_demo_report(report)
     if args.json:
         write_json(report, Path(args.json))
         console.print(f"wrote {args.json}")
+    console.print(f"the run's ledger is kept in {report['ledger']}; to see it: {report['report_command']}")
     return 0 if report["responses"] == report["requests"] and report["errors"] == 0 else 1
 
 
@@ -137,7 +145,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     settings = dev_settings(args.port)
     configure_logging(settings.log_level, log_prompts=settings.log_prompts, fmt=settings.log_format)
     try:
-        return asyncio.run(main_async(settings))
+        return asyncio.run(main_async(settings, http_port=args.http_port))
     except (BrokerBinaryNotFoundError, BrokerStartError) as exc:
         console.print(f"[red]frugalstream dev: the embedded broker did not start on port {args.port}[/]: {exc}")
         return 1
@@ -164,8 +172,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from frugalstream.runtime.topics_admin import ensure_topics
     from frugalstream.schemas.topics import ALL_TOPICS, COMPACTED
+    from frugalstream.tools.preflight import check_bootstrap
 
     settings = Settings()
+    check_bootstrap(settings, command="topics")
     specs = {settings.topic(n): args.partitions for n in ALL_TOPICS}
     compacted = {settings.topic(n) for n in COMPACTED}
     created = asyncio.run(ensure_topics(settings, specs, compacted=compacted, replication=args.replication))
@@ -180,44 +190,14 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from frugalstream.classifier.router import EscalationRouter
-    from frugalstream.llm.embedder import MiniLMEmbedder
-    from frugalstream.runtime.settings import config_path
-    from frugalstream.tools.calibrate import by_quality, by_share, load_prompts, summary, write_thresholds
-
-    if (args.strong_share is None) == (args.target_quality is None):
-        raise UsageError("calibrate: give exactly one of --strong-share or --target-quality")
-    path = Path(args.requests)
-    prompts = load_prompts(path, args.prompt_col)
-    scores = EscalationRouter.load().score(MiniLMEmbedder().embed(prompts), prompts).astype(np.float64)
-    if args.strong_share is not None:
-        cal = by_share(scores, args.strong_share, args.mid_share)
-    else:
-        if not (args.weak_col and args.strong_col and path.suffix == ".csv"):
-            raise UsageError("calibrate: --target-quality needs a CSV with --weak-col and --strong-col (True/False)")
-        from frugalstream.tools.evals.route_eval import load_route_csv
-
-        rows = load_route_csv(path, args.prompt_col or "prompt", args.weak_col, args.strong_col, set())
-        weak = np.array([r[1] for r in rows], dtype=np.float64)
-        strong = np.array([r[2] for r in rows], dtype=np.float64)
-        cal = by_quality(scores, weak, strong, args.target_quality, args.mid_share)
-    target = Path(args.config) if args.config else config_path()
-    write_thresholds(target, cal)
-    print(summary(cal))
-    console.print(f"wrote thresholds to {target}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="frugalstream", description=__doc__)
     parser.add_argument("--version", action="version", version=f"frugalstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run services against FRUGAL_KAFKA_BOOTSTRAP")
-    p.add_argument("services", nargs="*", help="classifier dedupe gateway summarizer accountant (default: all)")
+    p.add_argument("services", nargs="*", help="classifier dedupe gateway summarizer accountant (default: all), "
+                                               "and http: the OpenAI-compatible HTTP entry")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="embedded broker + every service + the bundled workload, then the report")
@@ -225,10 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="replay only the first N requests")
     p.add_argument("--rate", type=float, default=25.0, help="requests per second to produce (default 25)")
     p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
+    p.add_argument("--state-dir", default=".frugalstream-demo",
+                   help="where the run's ledger and state are kept (default .frugalstream-demo; replaced each run)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("dev", help="local mode: embedded broker on 127.0.0.1:PORT, every topic and service")
     p.add_argument("--port", type=int, default=9092, help="broker port on 127.0.0.1 (default 9092)")
+    p.add_argument("--http-port", type=int, help="also run the OpenAI-compatible HTTP entry on 127.0.0.1:PORT")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("report", help="spend, baseline and savings from the accountant's ledger")
@@ -238,17 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
     p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("calibrate", help="set tier thresholds from a sample of your own requests")
-    p.add_argument("--requests", required=True, help="LLMRequest JSON lines, or a CSV with --prompt-col")
-    p.add_argument("--prompt-col", help="prompt column of a CSV sample")
-    p.add_argument("--strong-share", type=float, help="target share of large-tier calls, e.g. 0.1")
-    p.add_argument("--target-quality", type=float, help="fraction of the strong model's accuracy to keep, e.g. 0.95")
-    p.add_argument("--weak-col", help="CSV column: did the cheap model answer correctly")
-    p.add_argument("--strong-col", help="CSV column: did the strong model answer correctly")
-    p.add_argument("--mid-share", type=float, default=0.15, help="share of mid-tier calls below the large ones")
-    p.add_argument("--config", help="TOML config to update (default: $FRUGAL_CONFIG or ./frugalstream.toml)")
-    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True)
@@ -262,9 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from frugalstream.tools.backfill import add_backfill_parser
     from frugalstream.tools.bench.cli import add_bench_parser
+    from frugalstream.tools.calibrate import add_calibrate_parser
+    from frugalstream.tools.prices import add_prices_parser
 
+    add_calibrate_parser(sub)
     add_backfill_parser(sub)
     add_bench_parser(sub)
+    add_prices_parser(sub)
     return parser
 
 

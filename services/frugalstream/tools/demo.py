@@ -1,9 +1,16 @@
-"""`frugalstream demo`: an embedded broker, every service in one process, the bundled workload, the report."""
+"""`frugalstream demo`: an embedded broker, every service in one process, the bundled workload, the report.
+
+The run's state (the accountant's ledger above all) is kept in a state dir (`.frugalstream-demo` by default,
+never `FRUGAL_STATE_DIR`, which may be a real deployment's), so `frugalstream report` can show the run after
+the demo ends. Each run starts that dir afresh, and only a dir an earlier demo marked as its own is emptied.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import shutil
 import time
 from collections import Counter
 from functools import partial
@@ -16,11 +23,35 @@ from rich.console import Console
 from rich.progress import Progress
 
 from frugalstream.accountant.app import AccountantService
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import Settings, UsageError
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.tools.demo_workload import load_demo_workload, workload_mix
 from frugalstream.tools.local_cluster import cluster_settings, local_cluster, run_services
+
+DEFAULT_STATE_DIR = Path(".frugalstream-demo")
+MARKER = ".frugalstream-demo"
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """An empty state dir for this run, marked as the demo's; a non-empty dir without the mark is refused (it
+    may be someone's data), one with the mark is the previous run and is removed."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"demo --state-dir {path}: is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / MARKER).is_file():
+            raise UsageError(f"demo --state-dir {path}: not empty and not an earlier demo's state dir (no {MARKER} "
+                             "file); choose another directory")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER).write_text("state of `frugalstream demo`; the next demo run replaces this directory\n")
+    return path
+
+
+def report_command(state_dir: Path) -> str:
+    """The exact command that shows the run's ledger."""
+    db, out = state_dir / "ledger.sqlite", state_dir / "report.html"
+    return f"frugalstream report --db {shlex.quote(str(db))} --format html --out {shlex.quote(str(out))}"
 
 
 def demo_settings(bootstrap: str, state_dir: Path, latency_scale: float) -> Settings:
@@ -80,11 +111,13 @@ async def wait_priced(accountant: AccountantService, expected: int, timeout_s: f
 
 
 async def run_demo(*, limit: int | None = None, rate: float | None = 100.0, latency_scale: float = 0.05,
-                   timeout_s: float = 600.0, console: Console | None = None) -> dict[str, Any]:
+                   timeout_s: float = 600.0, console: Console | None = None,
+                   state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, Any]:
     console = console or Console(stderr=True)
     requests = load_demo_workload()[:limit] if limit else load_demo_workload()
     ids = {r.id for r in requests}
-    async with local_cluster(partial(demo_settings, latency_scale=latency_scale)) as cluster:
+    prepare_state_dir(state_dir)
+    async with local_cluster(partial(demo_settings, latency_scale=latency_scale), state_dir=state_dir) as cluster:
         settings, bootstrap = cluster.settings, cluster.bootstrap
         console.print(f"[bold]frugalstream demo[/] embedded broker at {bootstrap}; "
                       f"{len(requests)} requests, simulated provider")
@@ -100,7 +133,8 @@ async def run_demo(*, limit: int | None = None, rate: float | None = 100.0, late
             await wait_priced(accountant, billable, 60.0)
             wall = time.monotonic() - started
             totals = await asyncio.to_thread(accountant.ledger.totals)
-    return build_report(requests, got, totals, wall)
+    return {**build_report(requests, got, totals, wall), "state_dir": str(state_dir),
+            "ledger": str(state_dir / "ledger.sqlite"), "report_command": report_command(state_dir)}
 
 
 def build_report(requests: list[LLMRequest], got: dict[str, list[LLMResponse]], totals: dict[str, Any],

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -41,26 +43,39 @@ def dev_settings(port: int, base: Settings | None = None) -> Settings:
     return base.model_copy(update=update)
 
 
-async def run_dev(settings: Settings, stop: asyncio.Event, *, out: TextIO = sys.stdout) -> int:
-    """Runs until `stop` is set; returns the exit status. The broker is stopped on every path out."""
-    async with local_cluster(settings) as cluster, run_services(settings):
+async def run_dev(settings: Settings, stop: asyncio.Event, *, out: TextIO = sys.stdout,
+                  http_port: int | None = None) -> int:
+    """Runs until `stop` is set; returns the exit status. The broker is stopped on every path out.
+    With `http_port`, the OpenAI-compatible HTTP entry listens on 127.0.0.1:PORT too (key `frugal-dev`)."""
+    async with local_cluster(settings) as cluster, run_services(settings), dev_http(settings, http_port) as url:
         out.write(f"frugalstream dev ready bootstrap={cluster.bootstrap} provider={settings.provider} "
                   f"requests={settings.topic(t.REQUESTS)} responses={settings.topic(t.RESPONSES)} "
-                  f"state_dir={settings.state_dir}\n")
+                  f"state_dir={settings.state_dir}{f' http={url}' if url else ''}\n")
         out.flush()
         await stop.wait()
         log.info("dev_stopping")
     return 0
 
 
-async def main_async(settings: Settings) -> int:
+@asynccontextmanager
+async def dev_http(settings: Settings, port: int | None) -> AsyncIterator[str | None]:
+    if port is None:
+        yield None
+        return
+    from frugalstream.http_entry.server import http_entry
+
+    async with http_entry(settings, host="127.0.0.1", port=port, dev=True) as running:
+        yield running.url
+
+
+async def main_async(settings: Settings, *, http_port: int | None = None) -> int:
     """`run_dev` with SIGINT and SIGTERM wired to a clean stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        return await run_dev(settings, stop)
+        return await run_dev(settings, stop, http_port=http_port)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -64,12 +64,13 @@ class LocalCluster:
 
 @asynccontextmanager
 async def local_cluster(settings: Settings | SettingsFactory = cluster_settings, *,
-                        partitions: int = PARTITIONS) -> AsyncIterator[LocalCluster]:
+                        partitions: int = PARTITIONS, state_dir: Path | None = None) -> AsyncIterator[LocalCluster]:
     """An embedded broker with every topic, stopped on every path out (also when the block raises).
 
     A `Settings` pins the port (its bootstrap address) and keeps the state, and the broker's log, in its
     state dir, as `frugalstream dev` wants. A factory gets a free port and a temporary state dir that is
-    removed on exit, as the demo, the benches and the tests want; it is called once the broker listens.
+    removed on exit, as the benches and the tests want (or `state_dir`, kept, as the demo wants); it is
+    called once the broker listens.
     """
     with ExitStack() as stack:
         if isinstance(settings, Settings):
@@ -78,7 +79,9 @@ async def local_cluster(settings: Settings | SettingsFactory = cluster_settings,
             state_dir.mkdir(parents=True, exist_ok=True)
         else:
             port = None
-            state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="frugalstream-")))
+            if state_dir is None:
+                state_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="frugalstream-")))
+            state_dir.mkdir(parents=True, exist_ok=True)
         async with EmbeddedBroker(port=port, log_dir=state_dir / "tansu") as broker:
             built = settings if isinstance(settings, Settings) else settings(broker.bootstrap, state_dir)
             await create_topics(broker, built, partitions)

@@ -12,9 +12,9 @@ import difflib
 import hashlib
 import json
 import re
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from decimal import Context, Decimal, DivisionByZero, Inexact, InvalidOperation, Overflow, localcontext
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from frugalstream.llm.pricing.litellm import LiteLLMMap, bare_aliases
 from frugalstream.schemas import CostPoint
 
 DEFAULT_PATH = Path(__file__).with_name("data") / "prices.json"
@@ -31,7 +32,7 @@ SELFHOSTED_QUANTUM = Decimal("1e-10")
 _EXACT = Context(prec=80, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
 _SNAPSHOT = re.compile(r"^(?P<stem>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest)$")
 _SELFHOSTED_KEYS = frozenset({"gpu_hour_usd", "tokens_per_s"})
-_LITELLM_LONG = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+_DATE = re.compile(r"^(\d{4}-\d{2}-\d{2})")
 
 
 class UnknownModelError(KeyError):
@@ -78,13 +79,40 @@ class _Entry(_RateFields):
     long_context: _LongContext | None = None
 
 
+class Source(BaseModel):
+    """Where rates came from and the day they were taken from it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    as_of: str | None = None
+
+
 class _Doc(BaseModel):
-    """A catalog file; top-level keys beyond these (as_of, notes, unit) are documentation."""
+    """A catalog file; top-level keys beyond these (notes, unit) are documentation. `sources` and
+    `provenance` (model -> source key, or field -> source key with `*` as the default) say where each rate
+    came from; a file without them is one source of its own."""
 
     version: str = Field(min_length=1)
+    as_of: str | None = None
     currency: str = Field(default="USD", pattern="^USD$")
     aliases: dict[str, str] = Field(default_factory=dict)
     models: dict[str, dict[str, Any]]
+    sources: dict[str, Source] = Field(default_factory=dict)
+    provenance: dict[str, str | dict[str, str]] = Field(default_factory=dict)
+
+
+def age_days(as_of: str | None, now: float | None = None) -> int | None:
+    """Whole days since a catalog's (or a version string's leading) YYYY-MM-DD date; None when undated."""
+    m = _DATE.match(as_of or "")
+    if m is None:
+        return None
+    try:
+        day = date.fromisoformat(m.group(1))
+    except ValueError:
+        return None
+    today = datetime.fromtimestamp(now, UTC).date() if now is not None else datetime.now(UTC).date()
+    return (today - day).days
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +188,19 @@ def _read(path: Path) -> tuple[_Doc, bytes]:
     return _Doc.model_validate(json.loads(data := path.read_bytes(), parse_float=Decimal)), data
 
 
+def _file_date(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).date().isoformat()
+
+
+def _provenance(doc: _Doc, default: str) -> dict[str, dict[str, str]]:
+    """model -> {field or `*`: source key}, for every model of the file."""
+    out: dict[str, dict[str, str]] = {}
+    for name in doc.models:
+        given = doc.provenance.get(name, default)
+        out[name.lower()] = {"*": given} if isinstance(given, str) else {"*": default, **given}
+    return out
+
+
 @dataclass(frozen=True)
 class PriceCatalog:
     """Immutable catalog; build it with `load` or `from_litellm`, share it freely between threads."""
@@ -167,49 +208,78 @@ class PriceCatalog:
     _prices: Mapping[str, ModelPrice]
     _aliases: Mapping[str, str]
     _version: str
+    _as_of: str | None = None
+    _entries: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    _sources: Mapping[str, Source] = field(default_factory=dict)
+    _provenance: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @classmethod
-    def _build(cls, raw_models: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str], version: str
-               ) -> PriceCatalog:
+    def _build(cls, raw_models: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str], version: str,
+               as_of: str | None = None, sources: Mapping[str, Source] | None = None,
+               provenance: Mapping[str, Mapping[str, str]] | None = None) -> PriceCatalog:
         prices = {name.lower(): _model_price(name, raw) for name, raw in raw_models.items()}
         alias_map = {a.lower(): t.lower() for a, t in aliases.items()}
         if dangling := {a: t for a, t in alias_map.items() if t not in prices}:
             raise ValueError(f"aliases point to unknown models: {dangling}")
-        return cls(MappingProxyType(prices), MappingProxyType(alias_map), version)
+        entries = {name.lower(): MappingProxyType(dict(raw)) for name, raw in raw_models.items()}
+        return cls(MappingProxyType(prices), MappingProxyType(alias_map), version, as_of,
+                   MappingProxyType(entries), MappingProxyType(dict(sources or {})),
+                   MappingProxyType(dict(provenance or {})))
 
     @classmethod
     def load(cls, path: Path | None = None, overrides: Path | None = None) -> PriceCatalog:
         """The shipped (or given) catalog, with a team's own rates merged per model on top."""
-        doc, _ = _read(path or DEFAULT_PATH)
+        path = path or DEFAULT_PATH
+        doc, _ = _read(path)
         models, aliases, version = {k.lower(): dict(v) for k, v in doc.models.items()}, dict(doc.aliases), doc.version
+        sources = dict(doc.sources) or {
+            "catalog": Source(label=f"{'shipped catalog' if path == DEFAULT_PATH else path} {doc.version}",
+                              as_of=doc.as_of)}
+        provenance = _provenance(doc, next(iter(sources)))
         if overrides is not None:
             over, data = _read(overrides)
+            sources["overrides"] = Source(label=f"price overrides {overrides} ({over.version})",
+                                          as_of=over.as_of or _file_date(overrides))
             for name, entry in over.models.items():
-                models[name.lower()] = _merge(models.get(name.lower(), {}), entry)
+                key = name.lower()
+                models[key] = _merge(models.get(key, {}), entry)
+                kept = {f: s for f, s in provenance.get(key, {}).items() if f == "*" or f in models[key]}
+                provenance[key] = {**kept, **dict.fromkeys(entry, "overrides")}
             aliases.update(over.aliases)
             version = f"{version}+{over.version}.{hashlib.sha256(data).hexdigest()[:8]}"
-        return cls._build(models, aliases, version)
+        return cls._build(models, aliases, version, doc.as_of, sources, provenance)
 
     @classmethod
     def from_litellm(cls, json_path: Path) -> PriceCatalog:
         """Imports LiteLLM's `model_prices_and_context_window.json` (USD per token -> per 1M)."""
-        data = json_path.read_bytes()
-        doc = json.loads(data, parse_float=Decimal)
-        models = {name.lower(): entry for name, spec in doc.items()
-                  if name != "sample_spec" and isinstance(spec, dict) and (entry := _litellm_entry(spec))}
-        # `gemini/gemini-2.5-pro` also answers to `gemini-2.5-pro` when exactly one prefixed key has that name.
-        bare = Counter(name.rsplit("/", 1)[1] for name in models if "/" in name)
-        aliases = {b: name for name in models if "/" in name
-                   if bare[b := name.rsplit("/", 1)[1]] == 1 and b not in models}
-        return cls._build(models, aliases, f"litellm-{hashlib.sha256(data).hexdigest()[:12]}")
+        src = LiteLLMMap.read(json_path)
+        models = src.models()
+        return cls._build(models, bare_aliases(models), f"litellm-{src.sha256[:12]}",
+                          sources={"litellm": Source(label=src.label)},
+                          provenance={name: {"*": "litellm"} for name in models})
 
     @property
     def version(self) -> str:
         return self._version
 
     @property
+    def as_of(self) -> str | None:
+        """The day the catalog's rates were taken from their sources (YYYY-MM-DD), when it says."""
+        return self._as_of
+
+    @property
     def models(self) -> tuple[str, ...]:
         return tuple(sorted(self._prices))
+
+    def entry(self, model: str) -> Mapping[str, Any]:
+        """The model's rates as written (before defaults), keyed like a catalog file's entry."""
+        return self._entries[self.resolve(model)]
+
+    def source_of(self, model: str, rate: str) -> Source:
+        """Which source gave this model this rate (a field of its entry), and on what day."""
+        prov = self._provenance.get(self.resolve(model), {})
+        key = prov.get(rate, prov.get("*", ""))
+        return self._sources.get(key, Source(label=key or "unknown"))
 
     def _resolve(self, model: str) -> str | None:
         queue, seen = [model.strip().lower()], set[str]()
@@ -281,42 +351,3 @@ class PriceCatalog:
         if m.long_context is not None and prompt > m.long_context[0]:
             _, std, batch = m.long_context
         return self._at(batch if point.batch and batch is not None else std, point)
-
-
-def _litellm_rate(spec: Mapping[str, Any], key: str) -> Decimal | None:
-    value = spec.get(key)
-    if isinstance(value, bool) or not isinstance(value, Decimal | int):
-        return None
-    with localcontext(_EXACT):
-        return Decimal(value) * PER_MILLION
-
-
-_LITELLM_FIELDS = {
-    "input": "input_cost_per_token", "output": "output_cost_per_token",
-    "cached_input": "cache_read_input_token_cost", "cache_write": "cache_creation_input_token_cost",
-    "batch_input": "input_cost_per_token_batches", "batch_output": "output_cost_per_token_batches",
-    "reasoning": "output_cost_per_reasoning_token",
-}
-
-
-def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Our entry format, or None for entries without per-token prices (images, audio seconds...)."""
-    rates = {ours: _litellm_rate(spec, theirs) for ours, theirs in _LITELLM_FIELDS.items()}
-    entry: dict[str, Any] = {k: v for k, v in rates.items() if v is not None}
-    if "input" not in entry or "output" not in entry:
-        return None
-    if ("batch_input" in entry) != ("batch_output" in entry):  # half a batch price: treat as no batch offer
-        entry = {k: v for k, v in entry.items() if not k.startswith("batch_")}
-    entry["provider"] = str(spec.get("litellm_provider") or "unknown")
-    window = spec.get("max_input_tokens", spec.get("max_tokens"))
-    if type(window) is int and window > 0:
-        entry["context_window"] = window
-    for key in sorted(spec):
-        if (m := _LITELLM_LONG.match(key)) and (long_in := _litellm_rate(spec, key)) is not None:
-            k = m.group(1)
-            long_out = _litellm_rate(spec, f"output_cost_per_token_above_{k}k_tokens")
-            long = {"threshold": int(k) * 1000, "input": long_in, "output": _or(long_out, entry["output"]),
-                    "cached_input": _litellm_rate(spec, f"cache_read_input_token_cost_above_{k}k_tokens")}
-            entry["long_context"] = {f: v for f, v in long.items() if v is not None}
-            break
-    return entry

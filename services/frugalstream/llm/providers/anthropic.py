@@ -25,6 +25,7 @@ from frugalstream.llm.providers.base import (
 )
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
+from frugalstream.schemas.requests import INSTRUCTION_ROLES, ToolChoice
 
 # Anthropic stop reasons in the OpenAI vocabulary the rest of the pipeline uses ("stop" = complete answer).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
@@ -45,6 +46,10 @@ def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
     """Content blocks for one non-system message; empty text blocks are rejected by the API, so dropped."""
     if message.role == "tool":
         return [{"type": "tool_result", "tool_use_id": message.tool_call_id or "", "content": message.content}]
+    for part in message.parts or ():
+        if part.get("type") != "text":  # image_url and friends have other shapes here: refuse, never drop
+            raise ProviderError(f"content part of type {part.get('type')!r} is not supported by the anthropic "
+                                "adapter", kind="client")
     blocks: list[dict[str, Any]] = [{"type": "text", "text": message.content}] if message.content else []
     if message.role == "assistant":
         blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": _tool_input(c)}
@@ -78,6 +83,20 @@ def _tool_to_anthropic(tool: Mapping[str, Any]) -> dict[str, Any]:
     return dict(tool)
 
 
+def _tool_choice(choice: ToolChoice | None, parallel: bool | None) -> dict[str, Any] | None:
+    """OpenAI's tool_choice and parallel_tool_calls in the Messages API's one `tool_choice` object."""
+    if choice is None and parallel is None:
+        return None
+    out: dict[str, Any]
+    if isinstance(choice, dict):
+        out = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        out = {"type": {"required": "any", "none": "none"}.get(choice or "auto", "auto")}
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
 def build_messages_body(
     *,
     model: str,
@@ -86,14 +105,16 @@ def build_messages_body(
     max_tokens: int,
     tools: Sequence[Mapping[str, Any]],
     response_format: Mapping[str, Any] | None,
+    tool_choice: ToolChoice | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> dict[str, Any]:
     """System messages are lifted into `system`; tool results become user turns; same-role turns merge."""
-    system = [m.content for m in messages if m.role == "system" and m.content]
+    system = [m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content]
     if (instruction := _format_instruction(response_format)) is not None:
         system.append(instruction)
     turns: list[dict[str, Any]] = []
     for message in messages:
-        if message.role == "system":
+        if message.role in INSTRUCTION_ROLES:
             continue
         role = "assistant" if message.role == "assistant" else "user"
         blocks = _blocks(message)
@@ -117,6 +138,8 @@ def build_messages_body(
         body["stop_sequences"] = list(sampling.stop)
     if tools:
         body["tools"] = [_tool_to_anthropic(t) for t in tools]
+        if (choice := _tool_choice(tool_choice, parallel_tool_calls)) is not None:
+            body["tool_choice"] = choice
     return body  # `seed` has no Anthropic equivalent and is dropped
 
 
@@ -185,10 +208,13 @@ class AnthropicProvider:
         max_tokens: int | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
         response_format: Mapping[str, Any] | None = None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         body = build_messages_body(model=model, messages=messages, sampling=sampling,
                                    max_tokens=max_tokens or self._default_max_tokens, tools=tools,
-                                   response_format=response_format)
+                                   response_format=response_format, tool_choice=tool_choice,
+                                   parallel_tool_calls=parallel_tool_calls)
         response, latency_ms = await post_json(self._client, self.name, "/v1/messages", body)
         return self._parse(response, model, messages, latency_ms)
 

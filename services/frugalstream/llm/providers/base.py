@@ -22,6 +22,7 @@ import httpx
 
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
+from frugalstream.schemas.requests import ToolChoice
 
 ErrorKind = Literal["timeout", "rate_limited", "server", "client", "malformed", "connection", "circuit_open"]
 
@@ -84,6 +85,8 @@ class Provider(Protocol):
         max_tokens: int | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
         response_format: Mapping[str, Any] | None = None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...

@@ -27,15 +27,17 @@ from frugalstream.llm.providers.base import (
 )
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
+from frugalstream.schemas.requests import ToolChoice
 
 
 def message_to_openai(message: ChatMessage) -> dict[str, Any]:
     """Our ChatMessage is already OpenAI-shaped; only tool calls and optional fields need spelling out."""
-    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    out: dict[str, Any] = {"role": message.role,
+                           "content": list(message.parts) if message.parts is not None else message.content}
     if message.name:
         out["name"] = message.name
     if message.role == "assistant" and message.tool_calls:
-        out["content"] = message.content or None
+        out["content"] = out["content"] or None
         out["tool_calls"] = [
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
             for c in message.tool_calls
@@ -147,6 +149,8 @@ class OpenAIProvider:
         max_tokens: int | None,
         tools: Sequence[Mapping[str, Any]],
         response_format: Mapping[str, Any] | None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": [message_to_openai(m) for m in messages]}
         if sampling.temperature is not None:
@@ -161,6 +165,10 @@ class OpenAIProvider:
             body[self._max_tokens_field] = max_tokens
         if tools:
             body["tools"] = [dict(t) for t in tools]
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
+            if parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = parallel_tool_calls
         if response_format is not None:
             body["response_format"] = dict(response_format)
         return body
@@ -174,9 +182,12 @@ class OpenAIProvider:
         max_tokens: int | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
         response_format: Mapping[str, Any] | None = None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         body = self.build_body(model=model, messages=messages, sampling=sampling, max_tokens=max_tokens,
-                               tools=tools, response_format=response_format)
+                               tools=tools, response_format=response_format, tool_choice=tool_choice,
+                               parallel_tool_calls=parallel_tool_calls)
         response, latency_ms = await post_json(self._client, self.name, self._chat_path.format(model=model), body)
         return self._parse(response, model, messages, tools, latency_ms)
 

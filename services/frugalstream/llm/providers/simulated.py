@@ -27,7 +27,8 @@ from typing import Any
 
 from frugalstream.llm.providers.base import Completion, ErrorKind, ProviderError
 from frugalstream.llm.tokens import TokenCounter
-from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage
+from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
+from frugalstream.schemas.requests import ToolChoice
 
 # (base latency ms, ms per output token) by model size, roughly what hosted APIs show at low load.
 _LATENCY = {"small": (150.0, 5.0), "mid": (300.0, 12.0), "large": (600.0, 25.0)}
@@ -99,8 +100,34 @@ def packed_items(messages: Sequence[ChatMessage]) -> tuple[str, list[tuple[str, 
     return user[:marks[0].start()].strip(), items, int(limit.group(1)) if limit else None
 
 
+_PLACEHOLDER: dict[str, object] = {"string": "simulated", "integer": 1, "number": 1, "boolean": True,
+                                   "array": [], "object": {}}
+
+
+def forced_tool_call(tools: Sequence[Mapping[str, Any]], choice: ToolChoice | None, digest: bytes) -> ToolCall | None:
+    """The call a model must make when `tool_choice` forces one (`required`, or a named function), with a
+    placeholder for each required argument; None otherwise: under `auto` the simulator answers in text, as
+    the demo workload expects."""
+    names = [t["function"]["name"] for t in tools
+             if t.get("type") == "function" and isinstance(t.get("function"), Mapping)]
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+    elif choice == "required" and names:
+        name = names[0]
+    else:
+        return None
+    spec: Mapping[str, Any] = next((t["function"] for t in tools if isinstance(t.get("function"), Mapping)
+                 and t["function"].get("name") == name), {})
+    params = spec.get("parameters") or {}
+    props = params.get("properties") or {}
+    args = {k: _PLACEHOLDER.get(str(props.get(k, {}).get("type")), "simulated") for k in params.get("required", [])}
+    return ToolCall(id=f"call_{digest[:6].hex()}", name=name, arguments=json.dumps(args, separators=(",", ":")))
+
+
 def request_digest(model: str, messages: Sequence[ChatMessage]) -> bytes:
-    canonical = json.dumps([model, [m.model_dump(mode="json") for m in messages]], sort_keys=True)
+    # `parts` is left out when absent, so digests (and answers) of plain-text turns are what they always were.
+    canonical = json.dumps([model, [m.model_dump(mode="json", exclude={"parts"} if m.parts is None else None)
+                                    for m in messages]], sort_keys=True)
     return hashlib.sha256(canonical.encode()).digest()
 
 
@@ -192,9 +219,13 @@ class SimulatedProvider:
         max_tokens: int | None = None,
         tools: Sequence[Mapping[str, Any]] = (),
         response_format: Mapping[str, Any] | None = None,
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> Completion:
         digest = request_digest(model, messages)
         self._maybe_fail(model, digest)
+        if tools and (call := forced_tool_call(tools, tool_choice, digest)) is not None:
+            return self._tool_answer(model, messages, tools, call)
         rng = random.Random(digest)
         size = model_size(model)
         task = guess_task(messages)
@@ -225,6 +256,17 @@ class SimulatedProvider:
             latency_ms=latency_ms,
             simulated=True,
             reported_model=model,
+        )
+
+    def _tool_answer(self, model: str, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]],
+                     call: ToolCall) -> Completion:
+        output = self._counter.count_text(call.name, model) + self._counter.count_text(call.arguments, model) + 3
+        tools_tokens = self._counter.count_text(json.dumps(list(tools), separators=(",", ":")), model)
+        return Completion(
+            content="", model=model, finish_reason="tool_calls", latency_ms=0.0, simulated=True,
+            usage=TokenUsage(input_tokens=self._counter.count_messages(messages, model) + tools_tokens,
+                             output_tokens=output, estimated=self._usage_estimated),
+            tool_calls=(call,), reported_model=model,
         )
 
     async def aclose(self) -> None:

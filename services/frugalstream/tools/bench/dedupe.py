@@ -23,11 +23,12 @@ import numpy as np
 from frugalstream.dedupe.semantic import SemanticIndex
 from frugalstream.dedupe.wiring import semantic_policy
 from frugalstream.llm.cache_keys import clean_text
-from frugalstream.llm.embedder import AsyncEmbedder, MiniLMEmbedder, Vectors, decode_vector, encode_vector
+from frugalstream.llm.embedder import AsyncEmbedder, Vectors, decode_vector, encode_vector
 from frugalstream.llm.verifier import Verifier
-from frugalstream.resources import build_verifier
+from frugalstream.resources import build_embedder, build_verifier
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import CacheEntry, CacheKeys, ChatMessage, LLMRequest, Route, RoutedRequest
+from frugalstream.tools.bench.models import add_model_arguments
 from frugalstream.tools.evals.pair_eval import BASELINE_COSINE, Pair, load_paws, qqp_split
 
 
@@ -138,8 +139,9 @@ def time_verifier(verifier: Verifier, pairs: list[Pair], vec: dict[str, Vectors]
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    embedder = AsyncEmbedder(MiniLMEmbedder())
-    settings = Settings(semantic_verifier=args.verifier)
+    settings = Settings(semantic_verifier=args.verifier, model_precision=args.precision,
+                        embed_max_tokens=args.max_tokens)
+    embedder = AsyncEmbedder(build_embedder(settings))
     verifier = build_verifier(settings)
     index = SemanticIndex(embedder, verifier, semantic_policy(settings))
     try:
@@ -159,6 +161,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         result = await run_pairs(pairs, index, vec)
         result.update(source=args.pairs or args.intents, split=args.split, verifier=args.verifier,
+                      precision=args.precision, max_tokens=args.max_tokens,
                       embed_s=round(embed_s, 1), decide_s=round(time.perf_counter() - started, 1))
         if args.shard_size:
             result["lookup"] = time_lookups(index, vectors, args.shard_size, 2000, args.seed)
@@ -202,5 +205,6 @@ def add_dedupe_bench(kinds: Any) -> None:
     p.add_argument("--verifier", choices=["cross_encoder", "features"], default="cross_encoder",
                    help="the semantic verifier (FRUGAL_SEMANTIC_VERIFIER in production)")
     p.add_argument("--seed", type=int, default=0)
+    add_model_arguments(p)
     p.add_argument("--json", help="write the result as JSON")
     p.set_defaults(func=cmd)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from frugalstream.tools.bench.models import add_model_arguments
+
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from frugalstream.llm.embedder import MiniLMEmbedder
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     router, mask, note = honest_router_and_mask([r[0] for r in rows])
     scored = [r for r, keep in zip(rows, mask, strict=True) if keep]
     started = time.perf_counter()
-    vectors = MiniLMEmbedder().embed([r[0] for r in scored])
+    vectors = MiniLMEmbedder(precision=args.precision, max_seq_tokens=args.max_tokens).embed([r[0] for r in scored])
     embed_s = time.perf_counter() - started
     latencies = []
     for v, row in zip(vectors[: min(len(vectors), 2000)], scored, strict=False):
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataset=str(path), rows_total=len(rows), rows_scored=len(scored), contaminated_excluded=len(contaminated),
         split=note, cost_reduction_at_95=1 - result["strong_share_at_95"],
         random_cost_reduction_at_95=1 - result["random_strong_share_at_95"], embed_s=round(embed_s, 1),
+        precision=args.precision, max_tokens=args.max_tokens,
         score_ms_p50=latencies[len(latencies) // 2], score_ms_p99=latencies[int(len(latencies) * 0.99)],
     )
     return result
@@ -82,5 +85,6 @@ def add_route_bench(kinds: Any) -> None:
     p.add_argument("--prompt-col", default="prompt")
     p.add_argument("--weak-col", required=True, help="True/False: did the cheap model answer correctly")
     p.add_argument("--strong-col", required=True, help="True/False: did the strong model answer correctly")
+    add_model_arguments(p)
     p.add_argument("--json", help="write the result as JSON")
     p.set_defaults(func=cmd)

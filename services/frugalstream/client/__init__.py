@@ -1,0 +1,6 @@
+"""A Python client over Kafka: `submit` (fire and forget) and `complete` (await the answer), async and sync."""
+
+from frugalstream.client.answers import AnswerBoard
+from frugalstream.client.client import FrugalClient, SyncFrugalClient, build_request
+
+__all__ = ["AnswerBoard", "FrugalClient", "SyncFrugalClient", "build_request"]
