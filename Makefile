@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,train,prices]'
+	$(PY) -m pip install --quiet -e '.[dev,train,prices,parquet]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -39,13 +39,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
+from demo_workload_batch import doc_section, shape  # noqa: E402  (the deferrable share, the long prefixes)
+
 from frugalstream.llm.cache_keys import normalize_text  # noqa: E402
 from frugalstream.llm.tokens import TokenCounter  # noqa: E402
 from frugalstream.schemas import ChatMessage, LLMRequest, TaskType, ToolCall  # noqa: E402
 from frugalstream.tools.demo_workload import ARRIVAL_TAG, MIX_RANGES, WORKLOAD_TAG, WORKLOADS  # noqa: E402
 
 DEFAULT_DATA = Path("/work/shared/data")
-OUT_DIR = ROOT / "services" / "data"
+OUT_DIR = ROOT / "services" / "frugalstream" / "tools" / "data"
 OUT_FILE = OUT_DIR / "demo_workload.jsonl.gz"
 DOC_FILE = OUT_DIR / "DEMO_WORKLOAD.md"
 DEFAULT_SEED = 20240611
@@ -1046,7 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     builder = Builder(load_sources(args.data), args.seed)
-    requests = builder.build()
+    requests = shape(builder.build())
     lines = [r.model_dump_json() for r in requests]
     for line in lines:  # what we write is exactly what load_demo_workload() will read back
         LLMRequest.model_validate_json(line)
@@ -1060,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"workload is {len(blob):,} bytes gzipped, the limit is {MAX_GZ_BYTES:,}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     OUT_FILE.write_bytes(blob)
-    DOC_FILE.write_text(render_doc(builder, requests, len(blob), len(raw), args.seed) + "\n", encoding="utf-8")
+    DOC_FILE.write_text(render_doc(builder, requests, len(blob), len(raw), args.seed) + "\n\n" + doc_section(requests)
+                        + "\n", encoding="utf-8")
     mix = Counter(r.tags[WORKLOAD_TAG] for r in requests)
     print(f"{len(requests)} requests, {len(blob):,} bytes gz ({len(raw):,} raw) -> {OUT_FILE.relative_to(ROOT)}")
     print("mix: " + ", ".join(f"{w} {mix[w]} ({mix[w] / len(requests):.1%})" for w in WORKLOADS))

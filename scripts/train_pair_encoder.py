@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
-from frugalstream.llm.pair_encoder import ARTIFACT_PATH, PairEncoder, Stack, logit, save_artifact  # noqa: E402
+from frugalstream.llm.pair_encoder import (  # noqa: E402
+    ARTIFACT_PATH,
+    PairEncoder,
+    PairScorer,
+    Stack,
+    logit,
+    save_artifact,
+)
 from frugalstream.llm.verifier import TrainedVerifier, pair_features  # noqa: E402
 from frugalstream.tools.evals.pair_eval import Pair  # noqa: E402
 from scripts.rewordings import synthesize_rewordings  # noqa: E402
@@ -108,8 +117,18 @@ def train(args: argparse.Namespace, train_pairs: list[Pair], val: list[Pair], rn
     return model
 
 
+def int8_cosines(pairs: list[Pair]) -> np.ndarray:
+    """Cosines from the int8 embedder the services run (one text per run, as in production)."""
+    from frugalstream.llm.embedder import MiniLMEmbedder
+
+    texts = sorted({t for a, b, _ in pairs for t in (a, b)})
+    vec = dict(zip(texts, MiniLMEmbedder(precision="int8").embed(texts), strict=True))
+    return np.array([float(vec[a] @ vec[b]) for a, b, _ in pairs])
+
+
 def fit_stack(
-    model: PairEncoder, val: list[Pair], synth_val: list[Pair], reworded_val: list[Pair], precision: float
+    model: PairScorer, val: list[Pair], synth_val: list[Pair], reworded_val: list[Pair], precision: float,
+    cosines: Callable[[list[Pair]], np.ndarray] = embed_cosines,
 ) -> tuple[Stack, float, float]:
     """Combine cross-encoder, lexical MLP and cosine on QQP val; pick the recall cosine and threshold there."""
     from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
@@ -117,7 +136,7 @@ def fit_stack(
     lexical = TrainedVerifier.load()
 
     def parts(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        cos = embed_cosines(pairs)
+        cos = cosines(pairs)
         feats = [pair_features(a, b, float(c)) for (a, b, _), c in zip(pairs, cos, strict=True)]
         veto = np.array([bool(reason) for _, reason in feats])
         lex = lexical.predict(np.asarray([f for f, _ in feats], dtype=np.float64))
@@ -159,6 +178,20 @@ def fit_stack(
     return stack, rc, thr
 
 
+def refit_int8(val: list[Pair], synth_val: list[Pair], reworded_val: list[Pair], precision: float) -> None:
+    """The same choice as for fp32 (QQP val, precision target, synthetic false-hit cap), made on what the
+    services run: the int8 cross-encoder's probabilities and the int8 embedder's cosines."""
+    from frugalstream.llm.onnx_models import MANIFEST_FILE, MODELS_DIR, OnnxPairScorer
+
+    stack, rc, thr = fit_stack(OnnxPairScorer(), val, synth_val, reworded_val, precision, cosines=int8_cosines)
+    path = MODELS_DIR / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["models"]["pair-encoder"].update(
+        stack={"weights": list(stack.weights), "bias": stack.bias}, recall_cosine=rc, verify_threshold=thr)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote the int8 stack, recall_cosine={rc} and verify_threshold={thr} to {path}")
+
+
 def recall_at_precision(gated: np.ndarray, y: np.ndarray, precision: float) -> float:
     """Highest recall of any score cutoff whose precision is at least ``precision`` (-inf = not asked)."""
     order = np.argsort(-gated)
@@ -178,6 +211,9 @@ def main() -> None:
     ap.add_argument("--precision", type=float, default=TARGET_PRECISION, help="QQP val precision target")
     ap.add_argument("--stack-only", action="store_true", help="keep the shipped encoder, refit the stack only")
     ap.add_argument("--out", type=Path, default=ARTIFACT_PATH, help="where to write the artifact")
+    ap.add_argument("--int8-stack", action="store_true",
+                    help="refit the stack and thresholds on the shipped int8 models (after scripts/export_onnx.py) "
+                         "and write them to the models manifest")
     args = ap.parse_args()
 
     torch.manual_seed(SEED)
@@ -196,6 +232,9 @@ def main() -> None:
     print(f"train pairs {len(train_pairs)} (look-alikes {len(data.synth_train)}, rewordings {len(reworded_train)}),"
           f" val {len(val)}", flush=True)
     t0 = time.time()
+    if args.int8_stack:
+        refit_int8(val, data.synth_val, reworded_val, args.precision)
+        return
     model = PairEncoder.load(args.out) if args.stack_only else train(args, train_pairs, val, rng)
     stack, rc, thr = fit_stack(model, val, data.synth_val, reworded_val, args.precision)
     save_artifact(model, args.out, stack)

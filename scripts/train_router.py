@@ -75,13 +75,13 @@ PRECISION = "int8"  # what serving runs; --precision fp32 trains on the torch or
 
 def embed(texts: list[str]) -> np.ndarray:
     """MiniLM embeddings from the production embedder, cached in /tmp by precision and text list."""
-    key = hashlib.sha256(("\x00".join(texts) + PRECISION).encode("utf-8")).hexdigest()[:24]
+    key = hashlib.sha256(("\x00".join(texts) + PRECISION + "-alone").encode("utf-8")).hexdigest()[:24]
     path = CACHE / f"{key}.npy"
     if path.exists():
         return np.asarray(np.load(path), dtype=np.float32)
     from frugalstream.llm.embedder import MiniLMEmbedder
 
-    emb = MiniLMEmbedder(precision=PRECISION, batch_size=32, cache_size=0).embed(texts)  # type: ignore[arg-type]
+    emb = MiniLMEmbedder(precision=PRECISION, cache_size=0).embed(texts)  # type: ignore[arg-type]
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, emb.astype(np.float32))
     return np.asarray(emb, dtype=np.float32)

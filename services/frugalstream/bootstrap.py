@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from frugalstream.accountant import app as accountant_app
+from frugalstream.audit import app as audit_app
 from frugalstream.classifier import app as classifier_app
 from frugalstream.dedupe import app as dedupe_app
 from frugalstream.gateway import app as gateway_app
@@ -25,6 +26,7 @@ WIRING: Mapping[str, Callable[[Resources], Service]] = {
     "gateway": gateway_app.wire,
     "summarizer": summarizer_app.wire,
     "accountant": accountant_app.wire,
+    "audit": audit_app.wire,
 }
 SERVICE_NAMES: tuple[str, ...] = tuple(WIRING)
 

@@ -21,13 +21,26 @@ class RunningServices:
     finish, outputs are flushed and offsets committed by their handlers), close the broker, then release."""
 
     def __init__(self, names: Sequence[str], resources: Resources, *, client_suffix: str = "",
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, services: list[Service] | None = None) -> None:
         self.resources = resources
         self.settings = resources.settings
-        self.services: list[Service] = build_services(names, resources)
+        self.services: list[Service] = services if services is not None else build_services(names, resources)
         self.broker = make_broker(self.settings, client_suffix=client_suffix)
         self.publisher = Publisher(self.broker, self.settings, health=health)
         self.health = self.publisher.health
+
+    @classmethod
+    async def load(cls, names: Sequence[str], resources: Resources, *, health: Health,
+                   client_suffix: str = "") -> RunningServices:
+        """Builds the services on a worker thread, which loads the models they use (embedder, verifier: seconds
+        of CPU): the event loop keeps beating, so the process stays live, and `health` is not ready, saying
+        "loading models", until they are in."""
+        health.loading("models")
+        try:
+            services = await asyncio.to_thread(build_services, names, resources)
+        finally:
+            health.loaded("models")
+        return cls(names, resources, client_suffix=client_suffix, health=health, services=services)
 
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
@@ -75,7 +88,7 @@ async def serve_forever(names: Sequence[str], resources: Resources, stop: asynci
         server, _ = start_probe_server(resources.settings.metrics_port, health)
         beat = asyncio.create_task(health.run(), name="frugal-health")
     try:
-        async with RunningServices(names, resources, health=health):
+        async with await RunningServices.load(names, resources, health=health):
             await stop.wait()
     finally:
         if beat is not None:

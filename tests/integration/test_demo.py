@@ -53,6 +53,11 @@ def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, mo
     assert 70 <= report["savings_pct"] <= 95
     by_strategy = report["by_strategy"]
     assert by_strategy["routed_down"] > 0 and by_strategy["cache_exact"] > 0
+    # Issue 18: the jobs that can wait went through the batch API, every one answered before it was due; the
+    # pipelines' repeated handbook prompt was read from the provider's prompt cache.
+    assert by_strategy["batch_api"] > 0 and by_strategy["prompt_cache"] > 0
+    deferrable = report["deferrable"]
+    assert deferrable["requests"] > 0 and deferrable["answered_before_deadline"] == deferrable["requests"]
     assert report["baseline_cost_usd"] - report["actual_cost_usd"] == pytest.approx(sum(by_strategy.values()),
                                                                                       abs=1e-9)
     # The run stays behind: the command the demo prints shows it, drawn over seconds, not one hourly point.

@@ -46,6 +46,9 @@ def fault_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FRUGAL_SIMULATED_LATENCY_SCALE": str(settings.simulated_latency_scale),
         "FRUGAL_STATE_DIR": str(settings.state_dir), "FRUGAL_PROVIDER": settings.provider,
         "FRUGAL_COALESCE_TIMEOUT_S": str(settings.coalesce_timeout_s), "TOKENIZERS_PARALLELISM": "false",
+        # An audit pays the baseline again for the same prompt on purpose (tests/unit/test_audits.py): off here,
+        # so a second call to the fake provider can only be the paid-once promise breaking.
+        "FRUGAL_AUDIT_RATE": "0",
     })
     env.update(extra)
     return env

@@ -22,7 +22,7 @@ from setuptools import find_packages
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "services"
 PACKAGE = SOURCE / "frugalstream"
-SERVICES = ("classifier", "dedupe", "gateway", "summarizer", "accountant", "http_entry")
+SERVICES = ("classifier", "dedupe", "gateway", "summarizer", "accountant", "http_entry", "audit")
 # floor -> what it may import of ours (besides itself)
 FLOORS = {
     "schemas": set(),

@@ -94,8 +94,15 @@ def test_compose_services_have_health_checks_volumes_and_real_commands() -> None
     _check_command(topics["command"])
 
 
-def _k8s() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "frugalstream.yaml").read_text()) if d]
+K8S = DEPLOY / "k8s"
+#: The kustomize base and every overlay, each checked as the manifests it renders to.
+LAYOUTS = ["base", *sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())]
+
+
+def _k8s(layout: str = "base") -> list[dict[str, Any]]:
+    from tests.kustomize_lite import render
+
+    return render(K8S / "base" if layout == "base" else K8S / "overlays" / layout)
 
 
 def _probe(container: dict[str, Any], kind: str, ports: dict[str, int]) -> tuple[str, int]:
@@ -108,8 +115,9 @@ def _workloads(docs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
 
 
-def test_k8s_workloads_have_probes_volumes_and_real_commands() -> None:
-    docs = _k8s()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_k8s_workloads_have_probes_volumes_and_real_commands(layout: str) -> None:
+    docs = _k8s(layout)
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     headless = {d["metadata"]["name"] for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"}
     served: set[str] = set()
@@ -139,8 +147,10 @@ def _exported_series() -> set[str]:
 
 def test_every_series_the_dashboard_queries_is_exported() -> None:
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
-    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+    queried = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in re.findall(r"\bfrugal_[a-z_]+", target["expr"])}
-    assert {"frugal_tokens_total", "frugal_errors_total", "frugal_consumer_lag",
-            "frugal_budget_remaining_usd"} <= queried  # the dashboard charts what an operator alerts on
+    assert {"frugal_tokens_total", "frugal_errors_total", "frugal_consumer_lag", "frugal_budget_remaining_usd",
+            "frugal_responses_total", "frugal_routing_reasons_total", "frugal_budget_downgrades_total",
+            "frugal_context_trims_total", "frugal_verifier_decisions_total",
+            "frugal_dedupe_decisions_total"} <= queried  # the dashboard charts what an operator alerts on
     assert queried <= _exported_series(), queried - _exported_series()

@@ -88,7 +88,7 @@ def test_shipped_artifact_holds_only_fine_tuned_weights() -> None:
 
 
 def test_shipped_model_tells_a_rewording_from_another_question(shipped: pe.CrossEncoderVerifier) -> None:
-    thr = pe.DEFAULT_VERIFY_THRESHOLD
+    thr = shipped.threshold
     para = shipped.verify("How can I learn Python quickly?", "What is the fastest way to learn Python?", 0.9, thr)
     other = shipped.verify("How can I learn Python quickly?", "How can I learn Java quickly?", 0.85, thr)
     hours = shipped.verify("What are your opening hours?", "When are you open?", 0.8, thr)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from faststream.kafka import KafkaBroker
 
+from frugalstream.accountant.audit_estimates import add_audits
 from frugalstream.accountant.budgets import BudgetsConfig, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
 from frugalstream.accountant.logic import Accountant
@@ -29,9 +30,10 @@ from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, subscribe
+from frugalstream.runtime.stage import BatchContext, background_options, subscribe
 from frugalstream.schemas import BudgetState, CostEvent, UsageRecord
 from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import AuditRecord
 
 log = get_logger(__name__)
 
@@ -113,10 +115,17 @@ class AccountantService:
         await self.publish_budgets()
         return cost_outs(events)
 
+    async def _on_audits(self, batch: Sequence[Decoded[AuditRecord]], _ctx: BatchContext) -> list[Out]:
+        """Judged audits go next to the cost events, so `frugalstream report` shows their estimates."""
+        await asyncio.to_thread(add_audits, self.ledger, [d.value for d in batch])
+        return []
+
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS,
+                  model=AuditRecord, process=self._on_audits, max_records=256, **background_options())
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.USAGE, model=UsageRecord,
-                  process=self._on_usage, max_records=256)
+                  process=self._on_usage, max_records=256, **background_options())
 
 
 def wire(res: Resources) -> AccountantService:

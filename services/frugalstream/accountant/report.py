@@ -18,6 +18,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
+from frugalstream.accountant import audit_estimates
 from frugalstream.accountant.ledger import Dimension, Ledger
 from frugalstream.llm.pricing.catalog import age_days
 from frugalstream.llm.pricing.costing import rfc3339
@@ -45,6 +46,8 @@ class Report:
     title: str = "frugalstream cost report"
     bucket_s: float = 3600.0
     prices: list[dict[str, Any]] = field(default_factory=list)  # catalog versions used, with as_of and age
+    audits: list[dict[str, Any]] = field(default_factory=list)  # acceptance per tenant/task/kind (issue 16)
+    audit_summary: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_bucket(span_s: float) -> float:
@@ -69,7 +72,9 @@ def build_report(ledger: Ledger, by: Dimension = "tenant", since: float | None =
     return Report(totals=ledger.totals(since), by=by, breakdown=ledger.breakdown(by, since),
                   timeseries=ledger.timeseries(bucket_s, since), unpriced=ledger.unpriced(since), since=since,
                   generated_at=now, title=title, bucket_s=bucket_s,
-                  prices=prices_age(ledger.catalog_versions(since), now))
+                  prices=prices_age(ledger.catalog_versions(since), now),
+                  audits=(audits := audit_estimates.estimates(ledger, since)),
+                  audit_summary=audit_estimates.summary(ledger, audits, since))
 
 
 def prices_line(report: Report) -> str:
@@ -129,6 +134,8 @@ def tables(report: Report) -> list[Table]:
         for row in report.unpriced:
             warn.add_row(*(_cell(c, row[c]) for c in ("model", "requests", "actual_cost_usd")))
         out.append(warn)
+    if report.audits:
+        out.append(audit_estimates.rich_table(report.audits, report.audit_summary))
     return out
 
 
@@ -151,6 +158,8 @@ def render_csv(report: Report) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    if report.audits:
+        buf.write(audit_estimates.csv_block(report.audits, report.audit_summary))
     return buf.getvalue()
 
 
@@ -160,6 +169,7 @@ def render_json(report: Report) -> str:
         "since": rfc3339(report.since) if report.since is not None else None,
         "totals": report.totals, "by": report.by, "breakdown": report.breakdown, "timeseries": report.timeseries,
         "unpriced": report.unpriced, "bucket_s": report.bucket_s, "prices": report.prices,
+        "audits": report.audits, "audit_summary": report.audit_summary,
     }, indent=2)
 
 
@@ -275,7 +285,9 @@ def render_html(report: Report) -> str:
             f"<h2>Spend vs baseline over time (per {escape(bucket_label(report.bucket_s))})</h2>"
             f"{_line_chart(report.timeseries, report.bucket_s)}"
             f"<h2>Savings by strategy</h2>{_bar_chart(t.get('by_strategy', {}))}"
-            f"<h2>By {escape(report.by)}</h2>{_html_table(report)}{_unpriced_html(report)}</body></html>\n")
+            f"<h2>By {escape(report.by)}</h2>{_html_table(report)}{_unpriced_html(report)}"
+            f"{audit_estimates.html_block(report.audits, report.audit_summary) if report.audits else ''}"
+            "</body></html>\n")
 
 
 def render(report: Report, fmt: Format) -> str:

@@ -15,15 +15,17 @@ from faststream.kafka import KafkaBroker
 from frugalstream.classifier.invalid import invalid_request_answer
 from frugalstream.classifier.logic import Classified, Classifier, Routed
 from frugalstream.classifier.router import EscalationRouter
-from frugalstream.classifier.routing import TierThresholds
+from frugalstream.classifier.routing import TierThresholds, reason_kind
 from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
 from frugalstream.schemas import BudgetState, LLMRequest
 from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import ThresholdChange
 
 
 def result_outs(results: Sequence[Classified]) -> list[Out]:
@@ -44,6 +46,7 @@ class ClassifierService:
     settings: Settings
     logic: Classifier
     name: str = "classifier"
+    metrics: Metrics = METRICS
 
     async def start(self) -> None:
         return None
@@ -52,7 +55,12 @@ class ClassifierService:
         return None
 
     async def _on_requests(self, batch: Sequence[Decoded[LLMRequest]], _ctx: BatchContext) -> list[Out]:
-        return result_outs(await self.logic.handle([d.value for d in batch]))
+        results = await self.logic.handle([d.value for d in batch])
+        for result in results:
+            if isinstance(result, Routed):
+                route = result.routed.route
+                self.metrics.record_routing(route, result.routed.request.tenant, reason_kind(route))
+        return result_outs(results)
 
     def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
         """An undecodable request that names its id and tenant gets a terminal error (it is dead-lettered too),
@@ -65,12 +73,19 @@ class ClassifierService:
             self.logic.budgets.update(d.value)
         return []
 
+    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
+        for d in batch:
+            self.logic.live.update(d.value)
+        return []
+
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
                   process=self._on_requests, on_invalid=self._on_invalid)
         # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
         subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
                   model=BudgetState, process=self._on_budgets, **whole_topic_options())
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
 
 
 def wire(res: Resources) -> ClassifierService:

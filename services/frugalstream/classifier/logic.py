@@ -32,6 +32,7 @@ from frugalstream.classifier.walls import Denial, admission_denial, unpriced_pin
 from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversation
 from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
 from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
@@ -84,9 +85,15 @@ class Classifier:
     scorer: EscalationScorer | None = None
     thresholds: TierThresholds = field(default_factory=TierThresholds)
     budgets: BudgetBook = field(default_factory=BudgetBook)
+    live: ThresholdBook = field(default_factory=ThresholdBook)
     # Pins to models it lacks are refused (spend must be priceable); bootstrap passes the catalog with overrides.
     catalog: PriceCatalog = field(default_factory=PriceCatalog.load)
     _warned_baselines: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def _thresholds(self, tenant: str, task: str) -> TierThresholds:
+        """The tenant's live routing threshold (moved by audits, `llm.thresholds`), else the configured ones."""
+        mid = self.live.get(tenant, task, "route_mid")
+        return self.thresholds if mid is None else self.thresholds.model_copy(update={"mid": mid})
 
     def policy(self, tenant: str) -> TenantPolicy:
         return self.settings.tenants.get(tenant, TenantPolicy())
@@ -94,10 +101,29 @@ class Classifier:
     async def handle(self, requests: Sequence[LLMRequest]) -> list[Classified]:
         """One result per request: those refused at the walls first, then the others in request order."""
         admitted, lookups, denied = await asyncio.to_thread(self._admit, requests)
-        vectors = await self.embedder.embed(lookups) if (self.embedder is not None and admitted) else None
+        vectors = await self._embed(admitted, lookups)
         verdicts = [self.budgets.verdict(r.tenant, r.tags) for r in admitted]  # on the loop: the book changes here
         routed = await asyncio.to_thread(self._route_all, admitted, lookups, vectors, verdicts) if admitted else []
         return [*denied, *routed]
+
+    def needs_vector(self, request: LLMRequest) -> bool:
+        """Whether any decision reads this request's embedding: the router does unless a model is pinned;
+        dedupe's semantic lookup does for a cacheable request of a semantic task type. Otherwise the
+        embedding, most of the classifier's CPU, is skipped."""
+        if request.model is None:
+            return True
+        cacheable = (request.cache.policy == "default" and not request.opaque
+                     and (not sampled(request) or self.policy(request.tenant).cache_sampled))
+        return cacheable and classify_task(request).task_type in self.settings.semantic_task_types
+
+    async def _embed(self, admitted: Sequence[LLMRequest], lookups: Sequence[str]) -> npt.NDArray[np.float32] | None:
+        """Rows of the requests that need one (`needs_vector`); the others stay NaN and travel without one."""
+        wanted = [i for i, r in enumerate(admitted) if self.needs_vector(r)] if self.embedder is not None else []
+        if self.embedder is None or not wanted:
+            return None
+        vectors = np.full((len(admitted), self.embedder.dim), np.nan, dtype=np.float32)
+        vectors[wanted] = await self.embedder.embed([lookups[i] for i in wanted])
+        return vectors
 
     def _admit(self, requests: Sequence[LLMRequest]) -> tuple[list[LLMRequest], list[str], list[Classified]]:
         admitted: list[LLMRequest] = []
@@ -120,11 +146,16 @@ class Classifier:
     def _route_all(self, requests: Sequence[LLMRequest], lookups: Sequence[str],
                    vectors: npt.NDArray[np.float32] | None,
                    verdicts: Sequence[BudgetState | None]) -> list[Classified]:
-        scores = self.scorer.score(vectors, lookups) if (self.scorer is not None and vectors is not None) else None
+        scores: npt.NDArray[np.float32] | None = None
+        embedded = [] if vectors is None else [i for i in range(len(requests)) if not np.isnan(vectors[i, 0])]
+        if self.scorer is not None and vectors is not None and embedded:
+            scores = np.full(len(requests), np.nan, dtype=np.float32)
+            scores[embedded] = self.scorer.score(vectors[embedded], [lookups[i] for i in embedded])
         results: list[Classified] = []
+        has_vector = set(embedded)
         for i, request in enumerate(requests):
-            vector = vectors[i] if vectors is not None else None
-            score = float(scores[i]) if scores is not None else None
+            vector = vectors[i] if vectors is not None and i in has_vector else None
+            score = float(scores[i]) if scores is not None and i in has_vector else None
             results.append(self._route_one(request, vector, score, verdicts[i]))
         return results
 
@@ -148,7 +179,7 @@ class Classifier:
         policy = self.policy(request.tenant)
         baseline = self._baseline(request, policy)
         full_tokens = self.counter.count_messages(request.messages, baseline)
-        tier = decide_tier(task.task_type, score, full_tokens, self.thresholds)
+        tier = decide_tier(task.task_type, score, full_tokens, self._thresholds(request.tenant, task.task_type))
         try:
             choice = choose_model(tier.tier, request.model, policy, verdict, self.settings)
         except PolicyDenied as denied:

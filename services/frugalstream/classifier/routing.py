@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict
 
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import TIERS, BudgetState, TaskType, Tier
+from frugalstream.schemas import TIERS, BudgetState, Route, TaskType, Tier
 
 
 class TierThresholds(BaseModel):
@@ -55,6 +55,22 @@ def decide_tier(
     if input_tokens > LONG_INPUT_TOKENS and rank(tier) < rank("mid"):
         tier, reason = "mid", reason + " long_input"
     return TierDecision(tier, reason)
+
+
+def reason_kind(route: Route) -> str:
+    """What set a routed request's tier, as a bounded metric label: pinned, budget, policy (below the task's
+    floor: the tenant's max tier or allowed models), long_input (`decide_tier` bumped it to mid), score (above
+    the floor) or floor."""
+    if route.pinned:
+        return "pinned"
+    if route.downgraded_by_budget:
+        return "budget"
+    floor = TASK_FLOOR[route.task_type]
+    if rank(route.tier) < rank(floor):
+        return "policy"
+    if "long_input" in route.reason.split():
+        return "long_input" if route.tier == "mid" else "policy"
+    return "score" if rank(route.tier) > rank(floor) else "floor"
 
 
 @dataclass

@@ -23,18 +23,28 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.dedupe.logic import Deduper
 from frugalstream.dedupe.rebuild import CacheRebuilder
-from frugalstream.dedupe.results import Answer, Decision, Dispatch, Hold, Release, Store
+from frugalstream.dedupe.results import Answer, Audit, Decision, Dispatch, Hold, Release, Store
 from frugalstream.dedupe.wiring import build_deduper
+from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, Deferral, Handled, TopicHandler, subscribe_many
+from frugalstream.runtime.stage import (
+    BatchContext,
+    Deferral,
+    Handled,
+    TopicHandler,
+    subscribe,
+    subscribe_many,
+    whole_topic_options,
+)
 from frugalstream.runtime.state_topics import PartitionRevokedError
 from frugalstream.schemas import LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import ThresholdChange
 
 log = get_logger(__name__)
 M = TypeVar("M", LLMResponse, RoutedRequest)
@@ -60,6 +70,9 @@ def outs_for(decisions: Iterable[Decision]) -> list[Out]:
         elif isinstance(d, Answer):
             outs.extend(response_outs(d.response, d.routed.request, d.routed.keys.scope))
             outs.append(Out(t.USAGE, d.usage, key=d.routed.request.tenant))
+        elif isinstance(d, Audit):
+            topic = t.AUDITS_DISPATCH if d.request.job is not None else t.AUDITS_ANSWERED
+            outs.append(Out(topic, d.request, key=d.request.tenant))
         else:
             assert_never(d)
     return outs
@@ -79,6 +92,11 @@ class DedupeService:
 
     def __post_init__(self) -> None:
         self.rebuilder = CacheRebuilder(self.settings, self.logic, outs_for)
+
+    @property
+    def thresholds(self) -> ThresholdBook:
+        """The semantic policy's live book (`llm.thresholds`), shared with the matcher."""
+        return self.logic.thresholds
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_waiters(), name="dedupe-coalesce-sweeper")
@@ -157,6 +175,11 @@ class DedupeService:
         decisions = await self.logic.handle(requests=[(d.value, d.record.partition) for d in ready])
         return Handled(outs_for(decisions), deferred)
 
+    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
+        for d in batch:
+            self.thresholds.update(d.value)
+        return []
+
     async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]], ctx: BatchContext) -> Handled:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
@@ -177,6 +200,9 @@ class DedupeService:
             partition_assignment_strategy=(RangePartitionAssignor,),
             listener=self.rebuilder,
         )
+        # Live per-tenant thresholds: every instance reads the compacted topic whole (no group, no commits).
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
 
 
 def wire(res: Resources) -> DedupeService:

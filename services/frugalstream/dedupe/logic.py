@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from frugalstream.dedupe.answered import AnsweredMemory
+from frugalstream.dedupe.audit_sampling import AuditSampler
 from frugalstream.dedupe.coalescing import Coalescer, serves
 from frugalstream.dedupe.lookup import Lookup, SemanticMatcher
 from frugalstream.dedupe.results import (
@@ -30,6 +31,7 @@ from frugalstream.dedupe.results import (
 )
 from frugalstream.dedupe.store import AnswerStore
 from frugalstream.llm.identity import request_key
+from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
@@ -42,11 +44,14 @@ class Deduper:
     """The orchestrator: owns the three parts and the order in which they are asked; counts its decisions."""
 
     def __init__(self, settings: Settings, store: AnswerStore, semantic: SemanticMatcher | None = None, *,
-                 metrics: Metrics = METRICS, answered_max: int = 500_000) -> None:
+                 metrics: Metrics = METRICS, answered_max: int = 500_000,
+                 thresholds: ThresholdBook | None = None) -> None:
         self.settings = settings
         self.lookup = Lookup(settings, store, semantic)
         self.coalescing = Coalescer(settings.coalesce_timeout_s)
         self.answered = AnsweredMemory(answered_max)
+        self.audits = AuditSampler(settings)
+        self.thresholds = thresholds if thresholds is not None else ThresholdBook()
         self.metrics = metrics
 
     @property
@@ -85,13 +90,17 @@ class Deduper:
                 answered_now.append(key)
             else:
                 pending.append((routed, partition))
-        hits = await self.lookup.similar([routed for routed, _ in pending])
+        hits, nears = await self.lookup.similar_with_near([routed for routed, _ in pending])
         now = time.time()
-        for (routed, partition), hit in zip(pending, hits, strict=True):
+        for (routed, partition), hit, near in zip(pending, hits, nears, strict=True):
             if hit is not None:
                 decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity)))
+                decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
                 answered_now.append(identity(routed))
-            elif (waiter := self.coalescing.join_or_lead(routed, partition, now)) is not None:
+                continue
+            if near is not None:
+                self.audits.on_near_miss(routed, near)
+            if (waiter := self.coalescing.join_or_lead(routed, partition, now)) is not None:
                 self.metrics.record_dedupe("coalesced")
                 decisions.append(Hold(routed, waiter.partition))
             else:
@@ -125,6 +134,7 @@ class Deduper:
             key = request_key(response.tenant, response.request_id)
             self.answered.mark(key)
             vector, followers = self.coalescing.answered(key)
+            decisions.extend(a for a in (self.audits.on_answer(response),) if a is not None)
             entry = self.lookup.entry(response, vector) if self.answered.may_store(key) else None
             if entry is not None and self.lookup.keep(entry, partition):
                 fresh.append(entry)
@@ -135,6 +145,7 @@ class Deduper:
                     continue  # answered another way meanwhile (the timeout dispatched it, say)
                 if serves(response):
                     decisions.append(follower_answer(waiter.routed, response))
+                    decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),) if a is not None)
                     self.answered.mark(waiter.key)
                 else:
                     decisions.append(self._dispatch(waiter.routed))  # the leader failed: each tries itself

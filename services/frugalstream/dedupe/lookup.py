@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from frugalstream.dedupe.store import AnswerStore
 from frugalstream.runtime.logging import get_logger
@@ -27,6 +27,8 @@ log = get_logger(__name__)
 class SemanticHit:
     entry: CacheEntry
     similarity: float
+    score: float | None = None  # the verifier's score
+    threshold: float | None = None  # the verifier threshold it was held to
 
 
 class SemanticMatcher(Protocol):
@@ -34,6 +36,14 @@ class SemanticMatcher(Protocol):
     async def add(self, entries: Sequence[CacheEntry]) -> None: ...
     def drop_scopes(self, keep: Callable[[str], bool]) -> int: ...
     async def sweep(self, now: float | None = None) -> int: ...
+
+
+@runtime_checkable
+class NearMatcher(Protocol):
+    """A matcher that also names each missed request's best rejected candidate (free audit labels)."""
+
+    async def match_with_near(self, requests: Sequence[RoutedRequest],
+                              ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]: ...
 
 
 @dataclass
@@ -55,12 +65,23 @@ class Lookup:
 
     async def similar(self, requests: Sequence[RoutedRequest]) -> list[SemanticHit | None]:
         """A verified semantic hit per request, or None (always None for task types that are not semantic)."""
+        return (await self.similar_with_near(requests))[0]
+
+    async def similar_with_near(self, requests: Sequence[RoutedRequest],
+                                ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
+        """`similar`, and per missed request its best candidate the verifier rejected, when the matcher says."""
         hits: list[SemanticHit | None] = [None] * len(requests)
+        near: list[SemanticHit | None] = [None] * len(requests)
         eligible = [i for i, r in enumerate(requests) if r.route.task_type in self.settings.semantic_task_types]
         if self.semantic is not None and eligible:
-            for i, hit in zip(eligible, await self.semantic.match([requests[i] for i in eligible]), strict=True):
-                hits[i] = hit
-        return hits
+            asked = [requests[i] for i in eligible]
+            if isinstance(self.semantic, NearMatcher):
+                found, nears = await self.semantic.match_with_near(asked)
+            else:
+                found, nears = await self.semantic.match(asked), [None] * len(asked)
+            for i, hit, miss in zip(eligible, found, nears, strict=True):
+                hits[i], near[i] = hit, miss
+        return hits, near
 
     def entry(self, response: LLMResponse, vector: str | None) -> CacheEntry | None:
         """The cache entry of a model's answer, or None when it is not one to store."""

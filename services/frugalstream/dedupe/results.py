@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.usage import cache_usage
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest, Strategy, UsageRecord
+from frugalstream.schemas.audits import AuditRequest
 
 
 def identity(routed: RoutedRequest) -> str:
@@ -63,7 +64,15 @@ class Store:
     partition: int
 
 
-Decision = Answer | Dispatch | Hold | Release | Store
+@dataclass(frozen=True)
+class Audit:
+    """A sampled saving (or a free label): to `llm.audits.dispatch` when it needs the baseline's answer, else
+    straight to `llm.audits.answered`. Never an answer to anyone."""
+
+    request: AuditRequest
+
+
+Decision = Answer | Dispatch | Hold | Release | Store | Audit
 
 
 def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float) -> Answer:

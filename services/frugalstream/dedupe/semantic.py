@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.llm.embedder import DIM, AsyncEmbedder, decode_vector
+from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.verifier import Verifier
 from frugalstream.schemas import CacheEntry, RoutedRequest
 
@@ -35,12 +36,15 @@ class SemanticPolicy:
     verify_threshold: Mapping[str, float]
     candidates: int = 4  # nearest neighbours searched (some may be expired, evicted or of a lower tier)
     verify_candidates: int = 2  # servable ones sent to the verifier: the model is the expensive step
+    live: ThresholdBook | None = None  # per-tenant thresholds from `llm.thresholds` (audit calibration)
 
     def recall(self, task: str | None) -> float:
         return self.recall_cosine.get(task or "", self.recall_cosine["default"])
 
-    def threshold(self, task: str | None) -> float:
-        return self.verify_threshold.get(task or "", self.verify_threshold["default"])
+    def threshold(self, task: str | None, tenant: str | None = None) -> float:
+        """The tenant's live threshold for the task (moved by audits, see `llm.thresholds`), else the setting."""
+        live = self.live.get(tenant, task, "semantic_verify") if (self.live is not None and tenant) else None
+        return live if live is not None else self.verify_threshold.get(task or "", self.verify_threshold["default"])
 
 
 @dataclass
@@ -98,6 +102,8 @@ class SemanticIndex:
         self._clock = clock
         self._live = live  # evicted from the answer store means no longer servable
         self._shards: dict[str, Shard] = {}
+        #: Per request of the last `match`: its best candidate the verifier rejected (a free audit label).
+        self.near_misses: list[SemanticHit | None] = []
         # One thread: FAISS and the verifier never run on the event loop, and never race each other.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic")
         faiss.omp_set_num_threads(1)
@@ -179,6 +185,18 @@ class SemanticIndex:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.match_vectors, list(requests), vectors)
 
+    async def match_with_near(self, requests: Sequence[RoutedRequest],
+                              ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
+        """`match`, plus each missed request's best rejected candidate (read on the worker thread)."""
+        if not requests:
+            return [], []
+        vectors = await self._vectors([r.keys.lookup_text for r in requests], [r.embedding for r in requests])
+
+        def run() -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
+            return self.match_vectors(list(requests), vectors), list(self.near_misses)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
     def match_vectors(self, requests: list[RoutedRequest], vectors: Vectors) -> list[SemanticHit | None]:
         """Blocking: call from the worker thread (as `match` does) or from a benchmark.
 
@@ -199,16 +217,24 @@ class SemanticIndex:
                 asks += [(row, entry, cos) for entry, cos in
                          self._servable(requests[row], shard, request_scores, request_ids, now)]
         out: list[SemanticHit | None] = [None] * len(requests)
+        self.near_misses = [None] * len(requests)
         if not asks:
             return out
+        limits = [self._policy.threshold(requests[row].route.task_type, requests[row].request.tenant)
+                  for row, _, _ in asks]
         decisions = self._verifier.verify_batch([
-            (requests[row].keys.lookup_text, entry.keys.lookup_text, cos,
-             self._policy.threshold(requests[row].route.task_type))
-            for row, entry, cos in asks
+            (requests[row].keys.lookup_text, entry.keys.lookup_text, cos, limit)
+            for (row, entry, cos), limit in zip(asks, limits, strict=True)
         ])
-        for (row, entry, cos), decision in zip(asks, decisions, strict=True):
+        near: list[SemanticHit | None] = [None] * len(requests)
+        for (row, entry, cos), decision, limit in zip(asks, decisions, limits, strict=True):
             if decision.hit and out[row] is None:
-                out[row] = SemanticHit(entry, cos)
+                out[row] = SemanticHit(entry, cos, decision.score, limit)
+            elif not decision.hit:
+                best = near[row]
+                if best is None or decision.score > (best.score or 0.0):
+                    near[row] = SemanticHit(entry, cos, decision.score, limit)  # the best rejected candidate
+        self.near_misses = [n if out[i] is None else None for i, n in enumerate(near)]
         return out
 
     def _servable(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],

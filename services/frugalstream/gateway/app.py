@@ -10,20 +10,31 @@ A request the provider rate-limits with a long Retry-After is deferred: its part
 paused (a `Deferral` the stage applies), so no handler sleeps and other partitions keep flowing. Answers of
 later records on that partition are held back: they are recorded already and replay, once, on redelivery.
 
+A request that can wait (`latency_class`, `deadline`) goes into a provider batch job instead
+(`frugalstream.gateway.batch_runner`): its dispatch is committed once the job holding it is recorded on
+`llm.gateway.batches`, and the runner publishes its answer when the batch (or, near its deadline, an
+interactive call) answers it.
+
 The logic (`frugalstream.gateway.logic`) decides each request's `Result`; this module only routes it: the answer
 to `llm.responses` keyed by cache scope (and the producer's reply topic), the usage to `llm.usage` keyed by tenant.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from faststream.kafka import KafkaBroker
 
+from frugalstream.gateway.audits import AuditCalls, InProcessCompleted, sample_paid
+from frugalstream.gateway.batch_jobs import GatewayLoader, TopicBatchJobs
+from frugalstream.gateway.batch_runner import BatchRunner
+from frugalstream.gateway.batch_wiring import build_batch_runner
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.logic import Gateway, Result
 from frugalstream.llm.identity import request_key
+from frugalstream.llm.prompt_cache import PromptCachePlanner
 from frugalstream.llm.resilience import RetryPolicy
 from frugalstream.resources import Resources
 from frugalstream.runtime.messaging import Publisher
@@ -33,6 +44,7 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
 from frugalstream.schemas import TIERS, RoutedRequest
 from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import AuditRequest
 
 
 @dataclass
@@ -40,48 +52,92 @@ class GatewayService:
     settings: Settings
     logic: Gateway
     store: TopicCompleted | None = None  # the topic-backed store behind `logic.completed`, when there is one
+    audits: AuditCalls | None = None  # counterfactual calls of audits (`frugalstream.gateway.audits`)
+    runner: BatchRunner | None = None  # deferrable requests through provider batch APIs, when enabled
     name: str = "gateway"
     loader: CompletedLoader | None = field(default=None, init=False)
+    publisher: Publisher | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.store is not None:
-            self.loader = CompletedLoader(self.settings, self.store)
+            jobs = self.runner.store if self.runner is not None else None
+            self.loader = (GatewayLoader(self.settings, self.store, jobs) if isinstance(jobs, TopicBatchJobs)
+                           else CompletedLoader(self.settings, self.store))
 
     async def start(self) -> None:
-        return None
+        if self.runner is not None:
+            await self.runner.start()
+
+    async def stop_background(self) -> None:
+        if self.runner is not None:
+            await self.runner.stop()
 
     async def stop(self) -> None:
+        await self.stop_background()
         for provider in self.logic.providers.values():
             await provider.aclose()
+        for backend in self.runner.backends.values() if self.runner is not None else ():
+            await backend.aclose()
+
+    async def _emit(self, results: Sequence[Result]) -> None:
+        """The runner's answers, published as the handler's are (a usage alone: a batch line paid late)."""
+        if self.publisher is None:
+            raise RuntimeError("the gateway is not registered")
+        await self.publisher.publish_all([out for r in results for out in _outs(r)], service=self.name)
+
+    async def _handle(self, batch: Sequence[Decoded[RoutedRequest]], can_defer: bool) -> list[Result]:
+        """Deferrable requests into batch jobs, the rest called now; one result per distinct request."""
+        now = time.time()
+        due = {i: self.runner.accepts(d.value, now) for i, d in enumerate(batch)} if self.runner else {}
+        later = [(d.value, d.record.partition, when) for i, d in enumerate(batch) if (when := due.get(i)) is not None]
+        at_once = [d for i, d in enumerate(batch) if due.get(i) is None]
+        results = await self.logic.handle([d.value for d in at_once], [d.record.partition for d in at_once],
+                                          can_defer=can_defer)
+        if later and self.runner is not None:
+            results += await self.runner.intake(later)
+        return results
 
     async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]], ctx: BatchContext) -> Handled:
-        results = await self.logic.handle([d.value for d in batch], [d.record.partition for d in batch],
-                                          can_defer=ctx.can_defer)
+        results = await self._handle(batch, ctx.can_defer)
         waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
         if not waits:
-            return Handled([out for r in results for out in _outs(r)])
+            return Handled([out for r in results for out in _outs(r)] + self._audited(results))
         keyed = [(request_key(d.value.request.tenant, d.value.request.id), d.record) for d in batch]
         deferred = [Deferral(record, waits[key]) for key, record in keyed if key in waits]
         rewound = rewind_points(deferred)
         # Records at or after a rewind point come again: their answers are held back and replay, once, then.
         held = {key for key, record in keyed
                 if record.offset >= rewound.get((record.topic, record.partition), (record.offset + 1, 0))[0]}
-        return Handled([out for r in results if r.key not in held for out in _outs(r)], deferred)
+        kept = [r for r in results if r.key not in held]
+        return Handled([out for r in kept for out in _outs(r)] + self._audited(kept), deferred)
+
+    def _audited(self, results: Sequence[Result]) -> list[Out]:
+        """Audit requests of the paid answers published with this batch (none when audits are off)."""
+        return sample_paid(self.settings, results) if self.audits is not None else []
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         options = {}
+        self.publisher = publisher
+        if self.runner is not None:
+            self.runner.emit = self._emit
+            if isinstance(self.runner.store, TopicBatchJobs):
+                self.runner.store.publisher = publisher
         if self.store is not None and self.loader is not None:
             self.store.publisher = publisher
             options["listener"] = self.loader
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=128, **options)
+        if self.audits is not None:
+            subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,
+                      model=AuditRequest, process=self.audits.on_dispatch, max_records=32)
 
 
 def _outs(result: Result) -> list[Out]:
-    """The answer where its request asked for it, and the usage keyed by tenant (a deferral has neither)."""
-    if result.response is None:
-        return []
+    """The answer where its request asked for it, and the usage keyed by tenant (a deferral has neither; a batch
+    line paid after its request was answered another way has only the usage)."""
     request = result.routed.request
+    if result.response is None:
+        return [Out(t.USAGE, result.usage, key=request.tenant)] if result.usage is not None else []
     outs = response_outs(result.response, request, result.routed.keys.scope)
     if result.usage is not None:
         outs.append(Out(t.USAGE, result.usage, key=request.tenant))
@@ -100,5 +156,10 @@ def wire(res: Resources) -> GatewayService:
     completed = TopicCompleted(s)  # paid calls live on `llm.gateway.completed`, not in the state dir
     # The record wraps the answer and its usage: leave a fifth of a message for them.
     gateway = Gateway(providers, completed, policy=policy, model_providers=model_providers,
-                      max_answer_bytes=int(s.max_message_bytes * 0.8))
-    return GatewayService(s, gateway, store=completed)
+                      max_answer_bytes=int(s.max_message_bytes * 0.8),
+                      prompt_cache=PromptCachePlanner(res.counter, min_tokens=s.prompt_cache_min_tokens,
+                                                      ttl_s=s.prompt_cache_ttl_s))
+    runner = build_batch_runner(res, gateway, TopicBatchJobs(s)) if s.batch_deferrable else None
+    audit_gateway = Gateway(providers, InProcessCompleted(), policy=policy, breakers=gateway.breakers,
+                            model_providers=model_providers, max_answer_bytes=int(s.max_message_bytes * 0.4))
+    return GatewayService(s, gateway, store=completed, audits=AuditCalls(s, audit_gateway), runner=runner)

@@ -28,12 +28,13 @@ from typing import Any, Literal
 from frugalstream.gateway import spans
 from frugalstream.gateway.idempotency import CompletedCalls
 from frugalstream.llm.identity import request_key
+from frugalstream.llm.prompt_cache import PromptCachePlanner, canonical_tools
 from frugalstream.llm.providers import Completion, Provider
 from frugalstream.llm.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
-from frugalstream.schemas import CompletedCall, LLMResponse, RoutedRequest, UsageRecord
+from frugalstream.schemas import CompletedCall, LLMRequest, LLMResponse, RoutedRequest, UsageRecord
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
@@ -46,8 +47,9 @@ class RecordFailedError(Exception):
 
 
 # paid: a provider answered (recorded); replayed: a recorded call answered again; failed: an error answer;
-# deferred: rate limited, delivered again later; unrecorded: the record was not acknowledged, delivered again.
-Outcome = Literal["paid", "replayed", "failed", "deferred", "unrecorded"]
+# deferred: rate limited, delivered again later; unrecorded: the record was not acknowledged, delivered again;
+# batched: a member of a durable provider batch job, answered when the batch is (`gateway.batch_runner`).
+Outcome = Literal["paid", "replayed", "failed", "deferred", "unrecorded", "batched"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Gateway:
     # An answer whose record would not fit one message is recorded and published as a `too_large` error, the
     # same bytes both times: a record that could not be written would let a redelivery pay again.
     max_answer_bytes: int | None = None
+    # Cache breakpoints for providers that need them (`explicit_prompt_cache`); see llm/prompt_cache.py.
+    prompt_cache: PromptCachePlanner | None = None
     _deferrals: dict[str, int] = field(default_factory=dict, repr=False)
 
     def _provider_for(self, routed_provider: str, model: str) -> Provider:
@@ -145,8 +149,8 @@ class Gateway:
             with spans.model_call(p.name, model, request) as span:  # GenAI attributes, one span per attempt
                 completion = await p.complete(
                     model=model, messages=request.messages, sampling=request.sampling,
-                    max_tokens=request.max_tokens, tools=request.tools, response_format=request.response_format,
-                    **tool_options,
+                    max_tokens=request.max_tokens, tools=canonical_tools(request.tools),
+                    response_format=request.response_format, **tool_options, **self.cache_options(p, model, request),
                 )
                 spans.record(span, completion)
                 return completion
@@ -169,21 +173,19 @@ class Gateway:
         log.info("provider_call", request_id=request.id, tenant=request.tenant, model=completion.model,
                  latency_ms=round(completion.latency_ms, 1), input_tokens=completion.usage.input_tokens,
                  output_tokens=completion.usage.output_tokens)
-        response = LLMResponse(
-            request_id=request.id, tenant=request.tenant, source="llm", content=completion.content,
-            tool_calls=completion.tool_calls, model=completion.model, tier=routed.route.tier,
-            task_type=routed.route.task_type,
-            finish_reason=completion.finish_reason, usage=completion.usage, keys=routed.keys,
-            cacheable=completion.finish_reason == "stop" and request.cache.policy != "no-store"
-            and not completion.tool_calls,
-            simulated=completion.simulated, created_at=request.created_at, responded_at=time.time(),
-            provider_latency_ms=completion.latency_ms,
-        )
+        response = llm_response(routed, completion)
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
         response = self._fitted(response, routed)
         # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
         await self._record(partition, routed, response, usage)
         return Result(key, routed, "paid", response, usage)
+
+    def cache_options(self, provider: object, model: str, request: LLMRequest) -> dict[str, Any]:
+        """`cache_plan` for a provider whose prompt cache needs breakpoints, when a prefix repeats; else none."""
+        if self.prompt_cache is None or not getattr(provider, "explicit_prompt_cache", False):
+            return {}
+        plan = self.prompt_cache.plan(request.tenant, model, request.messages, request.tools)
+        return {"cache_plan": plan} if plan else {}
 
     def _fitted(self, response: LLMResponse, routed: RoutedRequest) -> LLMResponse:
         """The answer, or a `too_large` error in its place when it could not be recorded in one message (the
@@ -209,6 +211,9 @@ class Gateway:
         self._deferrals[key] = n + 1
         return True
 
+    def fitted(self, response: LLMResponse, routed: RoutedRequest) -> LLMResponse:
+        return self._fitted(response, routed)
+
     async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> Result:
         request = routed.request
         self._deferrals.pop(key, None)
@@ -220,3 +225,18 @@ class Gateway:
         # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
         await self._record(partition, routed, response, None)
         return Result(key, routed, "failed", response)
+
+
+def llm_response(routed: RoutedRequest, completion: Completion) -> LLMResponse:
+    """The answer of a model call, interactive or from a batch."""
+    request = routed.request
+    return LLMResponse(
+        request_id=request.id, tenant=request.tenant, source="llm", content=completion.content,
+        tool_calls=completion.tool_calls, model=completion.model, tier=routed.route.tier,
+        task_type=routed.route.task_type,
+        finish_reason=completion.finish_reason, usage=completion.usage, keys=routed.keys,
+        cacheable=completion.finish_reason == "stop" and request.cache.policy != "no-store"
+        and not completion.tool_calls,
+        simulated=completion.simulated, created_at=request.created_at, responded_at=time.time(),
+        provider_latency_ms=completion.latency_ms,
+    )

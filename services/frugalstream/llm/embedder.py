@@ -50,16 +50,18 @@ class MiniLMEmbedder:
 
     dim = DIM
 
-    def __init__(self, *, precision: Precision = "int8", batch_size: int = 16, cache_size: int = 50_000,
+    def __init__(self, *, precision: Precision = "int8", batch_size: int | None = None, cache_size: int = 50_000,
                  threads: int = 1, max_seq_tokens: int = MAX_SEQ_TOKENS) -> None:
         self.precision = precision
         self._encoder: _TextEncoder
         if precision == "int8":
             from frugalstream.llm.onnx_models import OnnxTextEncoder
 
-            self._encoder = OnnxTextEncoder(max_tokens=max_seq_tokens, batch_size=batch_size, threads=threads)
+            # One text per run unless asked: int8 vectors then never depend on their batch (onnx_models).
+            self._encoder = OnnxTextEncoder(max_tokens=max_seq_tokens, batch_size=batch_size or 1, threads=threads)
         else:
-            self._encoder = _TorchTextEncoder(max_seq_tokens=max_seq_tokens, batch_size=batch_size, threads=threads)
+            self._encoder = _TorchTextEncoder(max_seq_tokens=max_seq_tokens, batch_size=batch_size or 16,
+                                              threads=threads)
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()

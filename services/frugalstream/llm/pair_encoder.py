@@ -32,6 +32,18 @@ DEFAULT_RECALL_COSINE = 0.80
 DEFAULT_VERIFY_THRESHOLD = 0.89
 
 
+def shipped_thresholds(precision: Literal["int8", "fp32"] = "int8") -> tuple[float, float]:
+    """(recall cosine, verify threshold) chosen for the models of this precision: int8's were chosen again on
+    the int8 models by the same rule (scripts/train_pair_encoder.py --int8-stack) and live in the manifest."""
+    if precision == "int8":
+        from frugalstream.llm.onnx_models import manifest
+
+        entry = manifest()["models"]["pair-encoder"]
+        return (float(entry.get("recall_cosine", DEFAULT_RECALL_COSINE)),
+                float(entry.get("verify_threshold", DEFAULT_VERIFY_THRESHOLD)))
+    return DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD
+
+
 class PairEncoder:
     """MiniLM encoder over "[CLS] a [SEP] b [SEP]", mean pooled, one logit."""
 
@@ -191,8 +203,10 @@ class CrossEncoderVerifier:
 
             stack = manifest()["models"]["pair-encoder"]["stack"]
             weights = [float(w) for w in stack["weights"]]
+            recall_cosine, threshold = shipped_thresholds("int8")
             return cls(OnnxPairScorer(max_tokens=MAX_PAIR_TOKENS, threads=threads), TrainedVerifier.load(),
-                       Stack((weights[0], weights[1], weights[2]), float(stack["bias"])))
+                       Stack((weights[0], weights[1], weights[2]), float(stack["bias"])),
+                       recall_cosine=recall_cosine, threshold=threshold)
         state = read_artifact(path)
         return cls(PairEncoder.from_state(state), TrainedVerifier.load(), load_stack(state))
 

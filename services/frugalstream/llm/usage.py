@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from frugalstream.llm.identity import usage_id
+from frugalstream.llm.prompt_cache import uncached, used_cache
 from frugalstream.schemas import (
     CostPoint,
     PricedStep,
@@ -22,15 +23,20 @@ def _with_input(usage: TokenUsage, extra_input: int) -> TokenUsage:
 
 def llm_usage(routed: RoutedRequest, model: str, usage: TokenUsage, *, batch: bool = False,
               simulated: bool = False) -> UsageRecord:
-    """baseline --routed_down--> chosen model, full context --context_trim--> what the provider billed."""
+    """baseline --routed_down--> chosen model, full context --context_trim--> trimmed --prompt_cache--> what the
+    provider billed at its standard rate --batch_api--> at its batch rate. The prompt_cache step appears only when
+    the provider read or wrote its cache (its saving is negative when a cache write did not pay back)."""
     route = routed.route
     trimmed_tokens = max(route.full_input_tokens - route.input_tokens, 0)
-    untrimmed = _with_input(usage, trimmed_tokens)
+    plain = uncached(usage)
+    untrimmed = _with_input(plain, trimmed_tokens)
     steps: list[PricedStep] = []
     if model != route.baseline_model:
         steps.append(PricedStep(strategy="routed_down", model=model, usage=untrimmed))
     if trimmed_tokens:
-        steps.append(PricedStep(strategy="context_trim", model=model, usage=usage))
+        steps.append(PricedStep(strategy="context_trim", model=model, usage=plain))
+    if used_cache(usage):
+        steps.append(PricedStep(strategy="prompt_cache", model=model, usage=usage))
     if batch:
         steps.append(PricedStep(strategy="batch_api", model=model, usage=usage, batch=True))
     return UsageRecord(

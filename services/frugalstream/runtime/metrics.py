@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from frugalstream.schemas import BudgetState, CostData, TokenUsage
+from frugalstream.schemas import BudgetState, CostData, Route, TokenUsage
 
 NO_MODEL = "none"
 
@@ -86,6 +86,9 @@ class Metrics:
             "replayed (a recorded call), failed (an error answer), deferred (rate limited), unrecorded (the record "
             "was not acknowledged, delivered again), duplicate (another copy in the same batch).", ["outcome"],
             registry=r)
+        self.batch_events = Counter(
+            "frugal_gateway_batch_events", "Deferred requests through provider batch jobs, by event.", ["event"],
+            registry=r)
         self.tokens = Counter(
             "frugal_tokens", "Billed tokens by kind (input excludes cached reads and cache writes; output excludes "
             "reasoning), counted once per priced usage record.", ["tenant", "model", "kind"], registry=r)
@@ -101,6 +104,34 @@ class Metrics:
             "as the accountant last published it.", ["tenant", "budget"], registry=r)
         self.budget_limit = Gauge(
             "frugal_budget_limit_usd", "The budget's limit for its period.", ["tenant", "budget"], registry=r)
+        self.audit_acceptance = Gauge(
+            "frugal_audit_acceptance", "Audited acceptance of a kind of decision per tenant and task type: the "
+            "rate and its 95% Wilson interval (bound = rate, low, high).", ["tenant", "task_type", "kind", "bound"],
+            registry=r)
+        self.audit_samples = Gauge(
+            "frugal_audit_samples", "Judged audits behind `frugal_audit_acceptance`.", ["tenant", "task_type", "kind"],
+            registry=r)
+        self.live_threshold = Gauge(
+            "frugal_threshold", "Threshold the audits set per tenant and task type (knob = semantic_verify, "
+            "route_mid).", ["tenant", "task_type", "knob"], registry=r)
+        # Decision counters: why the classifier and dedupe did what they did (audit counters go beside these).
+        self.routing_reasons = Counter(
+            "frugal_routing_reasons", "Routed requests by tier and what set it: floor (the task type's floor), score "
+            "(the escalation score raised it), long_input, pinned (the caller's model), budget (a budget lowered "
+            "it), policy (the tenant's max tier or allowed models lowered it).", ["tier", "reason"], registry=r)
+        self.budget_downgrades = Counter(
+            "frugal_budget_downgrades", "Requests a near or over budget sent to a cheaper tier (a dropped pin "
+            "included), by tenant and the tier they got.", ["tenant", "tier"], registry=r)
+        self.context_trims = Counter(
+            "frugal_context_trims", "Requests whose history was trimmed to the task type's context budget.",
+            ["task_type"], registry=r)
+        self.trimmed_tokens = Counter(
+            "frugal_trimmed_tokens", "Input tokens the trims removed (untrimmed minus sent).", ["task_type"],
+            registry=r)
+        self.verifier_decisions = Counter(
+            "frugal_verifier_decisions", "Semantic verifier decisions per candidate: accept, reject (scored under "
+            "the threshold) or veto (a rule refused it), with the reason (model, exact or the rule's name).",
+            ["outcome", "reason"], registry=r)
 
     def record_cost(self, data: CostData) -> None:
         """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
@@ -155,6 +186,20 @@ class Metrics:
     def record_dedupe(self, outcome: str) -> None:
         self.dedupe_decisions.labels(outcome).inc()
 
+    def record_routing(self, route: Route, tenant: str, reason: str) -> None:
+        """One routed request: what set its tier, whether a budget lowered it, whether its history was trimmed."""
+        self.routing_reasons.labels(route.tier, reason).inc()
+        if route.downgraded_by_budget:
+            self.budget_downgrades.labels(tenant, route.tier).inc()
+        if route.trimmed_messages:
+            self.context_trims.labels(route.task_type).inc()
+            self.trimmed_tokens.labels(route.task_type).inc(max(0, route.full_input_tokens - route.input_tokens))
+
+    def record_verdict(self, hit: bool, reason: str) -> None:
+        """A verifier decision: a miss the model scored is a reject, any other miss a rule's veto."""
+        outcome = "accept" if hit else "reject" if reason == "model" else "veto"
+        self.verifier_decisions.labels(outcome, reason).inc()
+
     def record_best_effort_failure(self, kind: str) -> None:
         self.best_effort_failures.labels(kind).inc()
 
@@ -163,6 +208,10 @@ class Metrics:
 
     def record_publish_backoff(self, service: str) -> None:
         self.publish_backoffs.labels(service).inc()
+
+    def record_batch(self, event: str, n: int = 1) -> None:
+        """Deferred requests through provider batch jobs: joined, submitted, answered, fallback, late_line, done."""
+        self.batch_events.labels(event=event).inc(n)
 
     def record_gateway(self, outcome: str, n: int = 1) -> None:
         self.gateway_outcomes.labels(outcome).inc(n)

@@ -1,10 +1,11 @@
 """Liveness and readiness, and the HTTP server that answers `/metrics`, `/healthz` and `/readyz` (404 otherwise).
 
 The server runs on a thread, so it would answer while the event loop is wedged: liveness therefore means "the
-loop ran `Health.run` recently", not "the thread answered". Readiness means the consumers are started, the
-broker answered a metadata request recently, and every group member got its first assignment and loaded the
-state of the partitions it owns (`OwnedPartitions.unready`). Both are computed on the loop, as a snapshot
-the thread only reads: the thread never touches loop state, and a stalled loop makes both answers go stale.
+loop ran `Health.run` recently", not "the thread answered". Readiness means the services' models are loaded
+(the embedder, the verifier: `loading`), the consumers are started, the broker answered a metadata request
+recently, and every group member got its first assignment and loaded the state of the partitions it owns
+(`OwnedPartitions.unready`). Both are computed on the loop, as a snapshot the thread only reads: the thread
+never touches loop state, and a stalled loop makes both answers go stale.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class Health:
         self._ping: Callable[[], Awaitable[bool]] | None = None
         self.broker_ok: bool | None = None  # None: not checked since attach
         self.snapshot: Snapshot | None = None
+        self._loading: set[str] = set()
+
+    def loading(self, what: str) -> None:
+        """`what` (models, say) is being loaded: not ready until `loaded(what)`."""
+        self._loading.add(what)
+
+    def loaded(self, what: str) -> None:
+        self._loading.discard(what)
 
     def track(self, service: str, member: Member) -> None:
         self._members.append((service, member))
@@ -73,9 +82,9 @@ class Health:
 
     def reasons(self) -> list[str]:
         """Why this process is not ready (empty: ready). Runs on the loop."""
+        why = [f"loading {what}" for what in sorted(self._loading)]
         if self._ping is None:
-            return ["consumers not started"]
-        why = []
+            return [*why, "consumers not started"]
         if self.broker_ok is not True:
             why.append("broker not reachable" if self.broker_ok is False else "broker not checked yet")
         for service, member in self._members:

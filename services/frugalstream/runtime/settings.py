@@ -56,9 +56,25 @@ class TenantPolicy(BaseModel):
                                    "flag at a conservative rate) instead of refusing them.")
     cache_sampled: bool = Field(
         default=False, description="Serve answers sampled above temperature 0 from cache (and store them).")
+    false_hit_target: float | None = Field(
+        default=None, gt=0, lt=1, description="Bound on this tenant's semantic false hits; unset: "
+                                              "`audit_false_hit_target`.")
+    acceptance_target: float | None = Field(
+        default=None, gt=0, lt=1, description="Share of this tenant's routed-down answers that must be accepted; "
+                                              "unset: `audit_acceptance_target`.")
+    quality_target: float | None = Field(
+        default=None, gt=0, lt=1, description="Quality this tenant's routing must retain against always-baseline; "
+                                              "unset: `audit_quality_target`.")
 
     def reply_prefixes(self, tenant: str) -> tuple[str, ...]:
         return self.reply_topic_prefixes if self.reply_topic_prefixes is not None else (f"{tenant}.",)
+
+
+JudgeChoice = Literal["match", "embedding", "llm"]
+
+
+def _default_judges() -> dict[str, JudgeChoice]:
+    return {"classification": "match", "extraction": "match", "default": "embedding"}
 
 
 def _default_context_budgets() -> dict[str, int]:
@@ -172,6 +188,64 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = Field(default=None, description="Anthropic API key (never logged).")
     anthropic_api_key_file: Path | None = Field(
         default=None, description="File holding the Anthropic key (a mounted secret); used when the key is unset.")
+    # Deferrable requests through provider batch APIs (gateway/batch_runner.py), and provider prompt caching.
+    batch_deferrable: bool = Field(
+        default=True, description="Requests that can wait (latency_class / deadline) go through the provider's "
+                                  "batch API at its batch price; off: every request is called at once.")
+    batch_gather_s: float = Field(
+        default=60.0, gt=0, description="How long a batch job gathers deferrable requests before it is submitted.")
+    batch_max_requests: int = Field(
+        default=1000, ge=1, le=50_000, description="Requests per batch job (also bounded by max_message_bytes).")
+    batch_poll_interval_s: float = Field(default=30.0, gt=0, description="How often a submitted batch is polled.")
+    batch_min_lead_s: float = Field(
+        default=900.0, ge=0, description="A deferrable request due sooner than this is called at once instead.")
+    batch_fallback_margin_s: float = Field(
+        default=120.0, gt=0, description="A batched request still unanswered this long before it is due is "
+                                         "answered by an interactive call instead.")
+    simulated_batch_delay_s: float = Field(
+        default=5.0, ge=0, description="Seconds after which a simulated batch job completes.")
+    prompt_cache_min_tokens: int = Field(
+        default=1024, ge=1, description="Shortest prefix given an explicit cache breakpoint (Anthropic caches "
+                                        "nothing shorter: 1024 tokens, 2048 for Haiku models).")
+    prompt_cache_ttl_s: float = Field(
+        default=300.0, gt=0, description="Lifetime of a provider's prompt cache entry: a breakpoint is placed on a "
+                                         "prefix seen again within it (the write premium then pays back).")
+
+    # Audits: a sample of every saving gets its counterfactual and a verdict; thresholds hold the targets.
+    audit_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Share of each kind of saving (semantic hit, coalesced, routed "
+                                              "down) that also gets the baseline's answer and a verdict.")
+    audit_rates: dict[str, float] = Field(
+        default_factory=lambda: {"near_miss": 1.0, "routed_up": 0.02},
+        description="Per decision kind, over `audit_rate`: `near_miss` labels cost no model call; `routed_up` "
+                    "asks the cheapest tier too (could the request have gone cheaper?).")
+    audit_judges: dict[str, JudgeChoice] = Field(
+        default_factory=_default_judges,
+        description="Judge per task type (`default` for the rest): match (normalized text or JSON), embedding "
+                    "(answer similarity), llm (a model with a rubric, an accounted audit call).")
+    audit_embedding_accept: float = Field(
+        default=0.9, ge=0, le=1, description="Answer-embedding cosine at or above which the embedding judge "
+                                             "accepts.")
+    audit_judge_model: str = Field(default="gpt-4o-mini", description="Model of the LLM judge.")
+    audit_judge_rubric: str | None = Field(
+        default=None, description="The LLM judge's instructions; unset: the shipped rubric (ACCEPT or REJECT).")
+    audit_false_hit_target: float = Field(
+        default=0.01, gt=0, lt=1, description="Default bound on the semantic cache's false hits (upper bound); a "
+                                              "tenant's `false_hit_target` overrides it.")
+    audit_acceptance_target: float = Field(
+        default=0.95, gt=0, lt=1, description="Default share of routed-down answers that must be accepted "
+                                              "(lower bound); a tenant's `acceptance_target` overrides it.")
+    audit_quality_target: float | None = Field(
+        default=None, gt=0, lt=1, description="When set, the routing threshold holds quality retained against "
+                                              "always-baseline (answers' grades, routed down and up) instead of "
+                                              "routed-down acceptance; a tenant's `quality_target` overrides it.")
+    audit_min_sample: int = Field(
+        default=200, ge=1, description="Routing labels a quality-retained threshold waits for before it moves.")
+    audit_calibrate: bool = Field(
+        default=True, description="Move the semantic and routing thresholds per tenant and task type on audit "
+                                  "verdicts (changes go on `llm.thresholds`).")
+    audit_min_evidence: int = Field(
+        default=30, ge=1, description="Labelled decisions (effective sample size) a threshold change rests on.")
 
     # State and observability
     state_dir: Path = Field(

@@ -216,9 +216,20 @@ class _CrashAfterPublish:
 FAULT_EXIT_CODE = 86
 
 
+#: How long a consumer off the answer path waits for data. On a broker that answers a waiting fetch only when
+#: it times out (the embedded one) each consumer polls at this period: twelve consumers at 50 ms kept a third
+#: of a core busy in an idle `frugalstream dev`; a budget or a cost event half a second later changes nothing.
+BACKGROUND_WAIT_MS = 500
+
+
+def background_options() -> dict[str, Any]:
+    """For consumers no caller waits on (cost accounting, budgets, state topics, backfills): poll slowly."""
+    return {"fetch_max_wait_ms": BACKGROUND_WAIT_MS, "batch_timeout_ms": BACKGROUND_WAIT_MS}
+
+
 def whole_topic_options() -> dict[str, Any]:
     """For compacted state topics every instance reads in full: no group, so no commits, from the start."""
-    return {"group_id": None, "ack_policy": AckPolicy.ACK_FIRST}
+    return {"group_id": None, "ack_policy": AckPolicy.ACK_FIRST, **background_options()}
 
 
 #: Turns a record that failed to decode into outputs (a terminal error for a request that can be identified).
@@ -278,7 +289,7 @@ def subscribe_many(
             mine = [r for r in records if r.topic == name]
             if not mine:
                 continue
-            good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)
+            good, bad = decode(mine, spec.model, max_bytes=settings.max_message_bytes)  # 0.2 ms per MB: inline
             trace.add(good, bad)
             done.outs.extend(_invalid_outputs(spec, bad))
             if good:

@@ -17,7 +17,7 @@ def topic_config(settings: Settings, name: str, compacted: Collection[str]) -> d
     idempotency retention (`compact,delete`), so the topic stays bounded."""
     if name not in compacted:
         return {}
-    if name == settings.topic(t.GATEWAY_COMPLETED):
+    if name in (settings.topic(t.GATEWAY_COMPLETED), settings.topic(t.GATEWAY_BATCHES)):  # jobs expire alike
         return {"cleanup.policy": "compact,delete", "retention.ms": str(int(settings.idempotency_retention_s * 1000))}
     return {"cleanup.policy": "compact"}
 

@@ -4,6 +4,7 @@ The JSON Schema files in `schemas/json/` are generated from these models (`pytho
 and a test fails when they drift.
 """
 
+from frugalstream.schemas.batches import BatchJob, BatchMember
 from frugalstream.schemas.costs import BudgetState, CostData, CostEvent
 from frugalstream.schemas.infra import CacheEntry, CompletedCall, DeadLetter
 from frugalstream.schemas.requests import (
@@ -12,6 +13,7 @@ from frugalstream.schemas.requests import (
     CacheControl,
     CacheKeys,
     ChatMessage,
+    LatencyClass,
     LLMRequest,
     Route,
     RoutedRequest,
@@ -33,9 +35,37 @@ from frugalstream.schemas.responses import (
 from frugalstream.schemas.summaries import SummarizeItem, SummarizeJob, SummarizeProgress, SummaryResult
 
 __all__ = [
-    "STRATEGIES", "TASK_TYPES", "TIERS", "BudgetState", "CacheControl", "CacheEntry", "CacheKeys",
-    "ChatMessage", "CompletedCall", "CostData", "CostEvent", "CostPoint", "DeadLetter", "LLMRequest", "LLMResponse",
-    "PricedStep", "ResponseError", "Route", "RoutedRequest", "SamplingParams", "Strategy",
-    "SummarizeItem", "SummarizeJob", "SummarizeProgress", "SummaryResult", "TaskType", "Tier",
-    "TokenUsage", "ToolCall", "UsageRecord",
+    "STRATEGIES",
+    "TASK_TYPES",
+    "TIERS",
+    "BatchJob",
+    "BatchMember",
+    "BudgetState",
+    "CacheControl",
+    "CacheEntry",
+    "CacheKeys",
+    "ChatMessage",
+    "CompletedCall",
+    "CostData",
+    "CostEvent",
+    "CostPoint",
+    "DeadLetter",
+    "LLMRequest",
+    "LLMResponse",
+    "LatencyClass",
+    "PricedStep",
+    "ResponseError",
+    "Route",
+    "RoutedRequest",
+    "SamplingParams",
+    "Strategy",
+    "SummarizeItem",
+    "SummarizeJob",
+    "SummarizeProgress",
+    "SummaryResult",
+    "TaskType",
+    "Tier",
+    "TokenUsage",
+    "ToolCall",
+    "UsageRecord",
 ]

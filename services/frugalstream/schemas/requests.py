@@ -19,6 +19,9 @@ TASK_TYPES: tuple[TaskType, ...] = (
 Tier = Literal["small", "mid", "large"]
 TIERS: tuple[Tier, ...] = ("small", "mid", "large")
 CachePolicy = Literal["default", "no-store", "no-cache"]
+#: How long the producer can wait for the answer: anything but `interactive` may go through a provider's batch
+#: API at its batch price (`within_1h`: answered within an hour of `created_at`, `within_24h`: within a day).
+LatencyClass = Literal["interactive", "within_1h", "within_24h"]
 
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -164,6 +167,12 @@ class LLMRequest(Contract):
                     "`<tenant>.`), never a frugalstream topic or a DLQ.",
     )
     created_at: float | None = Field(default=None, description="Producer's unix time, for end-to-end latency.")
+    latency_class: LatencyClass = Field(
+        default="interactive", description="How long the producer can wait: `within_1h` / `within_24h` requests "
+                                           "may be answered through a provider batch API at half price.")
+    deadline: float | None = Field(
+        default=None, description="Unix time by which the answer is needed (tighter than the latency class when "
+                                  "both are set); a request that can wait past now is deferrable.")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,11 +13,11 @@ from frugalstream.schemas.requests import CacheKeys, LLMRequest, RoutedRequest, 
 ResponseSource = Literal["llm", "cache_exact", "cache_semantic", "coalesced", "error"]
 Strategy = Literal[
     "cache_exact", "cache_semantic", "coalesced", "routed_down", "context_trim",
-    "batch_dedupe", "batch_packing", "batch_api",
+    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit",
 ]
 STRATEGIES: tuple[Strategy, ...] = (
     "cache_exact", "cache_semantic", "coalesced", "routed_down", "context_trim",
-    "batch_dedupe", "batch_packing", "batch_api",
+    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit",
 )
 
 
@@ -128,7 +128,7 @@ class UsageRecord(Contract):
     id: str = Field(description="Deterministic: a redelivered record has the same id and is counted once.")
     request_id: str
     tenant: str
-    stage: Literal["dedupe", "gateway", "summarizer", "classifier"]
+    stage: Literal["dedupe", "gateway", "summarizer", "classifier", "audit"]
     task_type: TaskType | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     source: ResponseSource

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from frugalstream.schemas.audits import AuditRecord, AuditRequest, ReviewVerdict, ThresholdChange
+from frugalstream.schemas.batches import BatchJob
 from frugalstream.schemas.costs import BudgetState, CostEvent
 from frugalstream.schemas.infra import CacheEntry, CompletedCall, DeadLetter
 from frugalstream.schemas.requests import LLMRequest, RoutedRequest
@@ -20,9 +22,15 @@ BUDGETS = "llm.budgets"
 CACHE = "llm.cache"
 DEDUPE_WAITING = "llm.dedupe.waiting"
 GATEWAY_COMPLETED = "llm.gateway.completed"
+GATEWAY_BATCHES = "llm.gateway.batches"
 SUMMARIZE_JOBS = "llm.summarize.jobs"
 SUMMARIES = "llm.summaries"
 SUMMARIZE_PROGRESS = "llm.summarize.progress"
+AUDITS_DISPATCH = "llm.audits.dispatch"
+AUDITS_ANSWERED = "llm.audits.answered"
+AUDITS = "llm.audits"
+AUDIT_REVIEWS = "llm.audits.reviews"
+THRESHOLDS = "llm.thresholds"
 
 TOPIC_CONTRACTS: dict[str, type[BaseModel]] = {
     REQUESTS: LLMRequest,
@@ -35,11 +43,17 @@ TOPIC_CONTRACTS: dict[str, type[BaseModel]] = {
     CACHE: CacheEntry,
     DEDUPE_WAITING: RoutedRequest,
     GATEWAY_COMPLETED: CompletedCall,
+    GATEWAY_BATCHES: BatchJob,
     SUMMARIZE_JOBS: SummarizeJob,
     SUMMARIES: SummaryResult,
     SUMMARIZE_PROGRESS: SummarizeProgress,
+    AUDITS_DISPATCH: AuditRequest,
+    AUDITS_ANSWERED: AuditRequest,
+    AUDITS: AuditRecord,
+    AUDIT_REVIEWS: ReviewVerdict,
+    THRESHOLDS: ThresholdChange,
 }
-COMPACTED = frozenset({BUDGETS, CACHE, DEDUPE_WAITING, GATEWAY_COMPLETED})
+COMPACTED = frozenset({BUDGETS, CACHE, DEDUPE_WAITING, GATEWAY_COMPLETED, GATEWAY_BATCHES, THRESHOLDS})
 #: Topics only frugalstream writes: no request may name them (or their DLQs) as a reply topic.
 INTERNAL = frozenset(TOPIC_CONTRACTS)
 

@@ -22,7 +22,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, subscribe
+from frugalstream.runtime.stage import BatchContext, background_options, subscribe
 from frugalstream.schemas import SummarizeJob
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
@@ -85,7 +85,7 @@ class SummarizerService:
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.SUMMARIZE_JOBS, model=SummarizeJob,
-                  process=self._on_jobs, max_records=1)
+                  process=self._on_jobs, max_records=1, **background_options())
 
 
 def build_summarizer(settings: Settings, provider: Provider,

@@ -10,23 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from frugalstream.llm.providers.base import Completion, Provider, ProviderError
+from frugalstream.llm.providers.batch_api import BatchPoll, Results
 from frugalstream.llm.providers.openai_batch import BatchRequest, OpenAIBatchClient
 from frugalstream.schemas import ChatMessage, SamplingParams
 
-Results = dict[str, Completion | ProviderError]
-
-
-@dataclass(frozen=True)
-class BatchPoll:
-    """`done` with `results` by custom id; a done batch may lack ids (failed/expired lines)."""
-
-    done: bool
-    results: Results = field(default_factory=dict)
-    status: str = ""
+__all__ = ["BatchBackend", "BatchPoll", "OpenAIBatch", "Results", "SimulatedBatch", "chat_body"]
 
 
 class BatchBackend(Protocol):

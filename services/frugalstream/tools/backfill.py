@@ -56,13 +56,21 @@ def _deadline(text: str) -> int:
         ) from None
 
 
+def _parquet() -> Any:
+    """pyarrow (170 MB) is the `parquet` extra: most backfills are CSV or JSON lines."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise UsageError("Parquet files need pyarrow: pip install 'frugalstream[parquet]'") from None
+    return pyarrow
+
+
 def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
     """CSV (UTF-8, else cp1252, the usual legacy export), JSON lines, or Parquet, by extension."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+        rows: list[dict[str, Any]] = _parquet().parquet.read_table(path).to_pylist()
         return rows
     raw = path.read_bytes()
     if encoding is None:
@@ -169,10 +177,8 @@ def write_results(path: Path, outcome: JobOutcome, ids: Sequence[str]) -> None:
         rows.append({k: row.get(k) for k in OUT_FIELDS})
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(rows), path)
+        pa = _parquet()
+        pa.parquet.write_table(pa.Table.from_pylist(rows), path)
     elif path.suffix.lower() == ".csv":
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=OUT_FIELDS)

@@ -1,4 +1,5 @@
-"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill, prices, config check."""
+"""`frugalstream` command line: serve, dev, demo, report, topics, bench, calibrate, backfill, prices, audit,
+config check."""
 
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ def print_demo_report(report: dict[str, object]) -> None:
         f"by_source={report['by_source']} p50={report['latency_ms_p50']:.0f} ms "
         f"p99={report['latency_ms_p99']:.0f} ms wall={report['wall_time_s']} s"
     )
+    deferrable = report.get("deferrable")
+    if isinstance(deferrable, dict) and deferrable.get("requests"):
+        Console().print(f"deferrable requests (batch API): {deferrable['answered_before_deadline']} of "
+                        f"{deferrable['requests']} answered before their deadline")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -232,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replication", type=int, default=3)
     p.set_defaults(func=cmd_topics)
 
+    from frugalstream.tools.audit_review.cli import add_audit_parser
     from frugalstream.tools.backfill import add_backfill_parser
     from frugalstream.tools.bench.cli import add_bench_parser
     from frugalstream.tools.calibrate import add_calibrate_parser
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backfill_parser(sub)
     add_bench_parser(sub)
     add_prices_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 

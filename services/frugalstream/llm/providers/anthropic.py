@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from frugalstream.llm.prompt_cache import CachePlan
 from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
@@ -107,8 +108,10 @@ def build_messages_body(
     response_format: Mapping[str, Any] | None,
     tool_choice: ToolChoice | None = None,
     parallel_tool_calls: bool | None = None,
+    cache_plan: CachePlan | None = None,
 ) -> dict[str, Any]:
-    """System messages are lifted into `system`; tool results become user turns; same-role turns merge."""
+    """System messages are lifted into `system`; tool results become user turns; same-role turns merge. A
+    `cache_plan` puts `cache_control` breakpoints after the tools, the system prompt or the leading turns."""
     system = [m.content for m in messages if m.role in INSTRUCTION_ROLES and m.content]
     if (instruction := _format_instruction(response_format)) is not None:
         system.append(instruction)
@@ -140,7 +143,26 @@ def build_messages_body(
         body["tools"] = [_tool_to_anthropic(t) for t in tools]
         if (choice := _tool_choice(tool_choice, parallel_tool_calls)) is not None:
             body["tool_choice"] = choice
+    if cache_plan:
+        place_breakpoints(body, cache_plan)
     return body  # `seed` has no Anthropic equivalent and is dropped
+
+
+EPHEMERAL: dict[str, Any] = {"type": "ephemeral"}
+
+
+def place_breakpoints(body: dict[str, Any], plan: CachePlan) -> None:
+    """`cache_control` on the last tool, the last system block and the last block of the turn before the final
+    one, as the plan asks (at most three of Anthropic's four breakpoints)."""
+    if "tools" in plan.breakpoints and body.get("tools"):
+        body["tools"][-1] = {**body["tools"][-1], "cache_control": EPHEMERAL}
+    if "system" in plan.breakpoints and body.get("system"):
+        body["system"] = [{"type": "text", "text": body["system"], "cache_control": EPHEMERAL}]
+    turns = body["messages"]
+    if "leading" in plan.breakpoints and len(turns) > 1:
+        turn = turns[-2]
+        blocks = [{"type": "text", "text": turn["content"]}] if isinstance(turn["content"], str) else turn["content"]
+        turn["content"] = [*blocks[:-1], {**blocks[-1], "cache_control": EPHEMERAL}]
 
 
 def usage_from_anthropic(raw: Any) -> TokenUsage | None:
@@ -162,7 +184,10 @@ class AnthropicProvider:
     """Messages API over one pooled `httpx.AsyncClient`; no retries here (resilience.py owns them).
 
     `max_tokens` is mandatory for Anthropic, so `default_max_tokens` applies when the request sets none.
+    Prompt caching is explicit here: the gateway passes a `cache_plan` (see `frugalstream.llm.prompt_cache`).
     """
+
+    explicit_prompt_cache = True
 
     def __init__(
         self,
@@ -210,24 +235,34 @@ class AnthropicProvider:
         response_format: Mapping[str, Any] | None = None,
         tool_choice: ToolChoice | None = None,
         parallel_tool_calls: bool | None = None,
+        cache_plan: CachePlan | None = None,
     ) -> Completion:
-        body = build_messages_body(model=model, messages=messages, sampling=sampling,
+        body = self.build_body(model=model, messages=messages, sampling=sampling, max_tokens=max_tokens,
+                               tools=tools, response_format=response_format, tool_choice=tool_choice,
+                               parallel_tool_calls=parallel_tool_calls, cache_plan=cache_plan)
+        response, latency_ms = await post_json(self._client, self.name, "/v1/messages", body)
+        payload = parse_json_body(self.name, response)
+        return self.parse_message(payload, model, messages, latency_ms, status=response.status_code)
+
+    def build_body(self, *, model: str, messages: Sequence[ChatMessage], sampling: SamplingParams,
+                   max_tokens: int | None, tools: Sequence[Mapping[str, Any]],
+                   response_format: Mapping[str, Any] | None, tool_choice: ToolChoice | None = None,
+                   parallel_tool_calls: bool | None = None, cache_plan: CachePlan | None = None) -> dict[str, Any]:
+        """The Messages API body (also one request's `params` in a Message Batch)."""
+        return build_messages_body(model=model, messages=messages, sampling=sampling,
                                    max_tokens=max_tokens or self._default_max_tokens, tools=tools,
                                    response_format=response_format, tool_choice=tool_choice,
-                                   parallel_tool_calls=parallel_tool_calls)
-        response, latency_ms = await post_json(self._client, self.name, "/v1/messages", body)
-        return self._parse(response, model, messages, latency_ms)
+                                   parallel_tool_calls=parallel_tool_calls, cache_plan=cache_plan)
 
-    def _parse(
-        self, response: httpx.Response, model: str, messages: Sequence[ChatMessage], latency_ms: float
-    ) -> Completion:
-        payload = parse_json_body(self.name, response)
+    def parse_message(self, payload: Mapping[str, Any], model: str, messages: Sequence[ChatMessage],
+                      latency_ms: float, *, status: int | None = None) -> Completion:
+        """A Messages API response body (or a succeeded Message Batch result's `message`) as a Completion."""
         if payload.get("type") == "error" and isinstance(payload.get("error"), dict):
             raise ProviderError(f"{self.name} error in body: {str(payload['error'].get('message', ''))[:300]}",
-                                kind="server", status=response.status_code)
+                                kind="server", status=status)
         blocks = payload.get("content")
         if not isinstance(blocks, list):
-            raise ProviderError(f"{self.name} response has no content", kind="malformed", status=response.status_code)
+            raise ProviderError(f"{self.name} response has no content", kind="malformed", status=status)
         texts: list[str] = []
         calls: list[ToolCall] = []
         for block in blocks:

@@ -1,8 +1,8 @@
 """OpenAI Batch API client: upload a JSONL file, create a batch, poll it, download its output and error files.
 
 Batch work is billed at half the standard rate and finishes within a completion window (24 h), so it fits
-backfills that can wait. This module only speaks the protocol; deciding *when* to use it, and resuming a
-batch after a restart (its id is persisted by the caller), belongs to the summarizer.
+backfills and deferrable requests. This module only speaks the protocol; deciding *when* to use it, and resuming a
+batch after a restart (its id is persisted by the caller), belongs to the summarizer and the gateway.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from frugalstream.llm.providers.base import (
     parse_json_body,
     resolve_api_key,
 )
-from frugalstream.llm.providers.openai import _content_text, usage_from_openai
+from frugalstream.llm.providers.openai import _content_text, _tool_calls, usage_from_openai
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -77,9 +77,13 @@ def parse_output_line(line: Mapping[str, Any], model: str) -> Completion | Provi
     message = choices[0].get("message")
     content = _content_text(message.get("content")) if isinstance(message, Mapping) else ""
     reported = body.get("model")
+    try:
+        calls = _tool_calls(message.get("tool_calls")) if isinstance(message, Mapping) else ()
+    except ProviderError as exc:
+        return exc
     return Completion(content=content, model=model, usage=usage,
                       finish_reason=str(choices[0].get("finish_reason") or "unknown"), latency_ms=0.0,
-                      simulated=False, reported_model=reported if isinstance(reported, str) else None)
+                      simulated=False, tool_calls=calls, reported_model=reported if isinstance(reported, str) else None)
 
 
 class OpenAIBatchClient:
@@ -134,6 +138,27 @@ class OpenAIBatchClient:
 
     async def get(self, batch_id: str) -> BatchStatus:
         return _status(parse_json_body(self.name, await self._request("GET", f"/batches/{batch_id}")))
+
+    async def cancel(self, batch_id: str) -> BatchStatus:
+        return _status(parse_json_body(self.name, await self._request("POST", f"/batches/{batch_id}/cancel")))
+
+    async def find(self, key: str, value: str, *, pages: int = 5) -> str | None:
+        """The newest batch whose metadata has `key: value` (the last `pages` x 100 batches are searched): how a
+        batch whose id was lost in a crash between creating it and recording it is found again."""
+        after: str | None = None
+        for _ in range(pages):
+            params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+            payload = parse_json_body(self.name, await self._request("GET", "/batches", params=params))
+            data = payload.get("data")
+            items = [b for b in data if isinstance(b, Mapping)] if isinstance(data, list) else []
+            for item in items:
+                metadata = item.get("metadata")
+                if isinstance(metadata, Mapping) and metadata.get(key) == value and isinstance(item.get("id"), str):
+                    return str(item["id"])
+            if not payload.get("has_more") or not items:
+                return None
+            after = str(items[-1].get("id"))
+        return None
 
     async def download(self, file_id: str) -> list[dict[str, Any]]:
         response = await self._request("GET", f"/files/{file_id}/content")

@@ -25,7 +25,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from frugalstream.llm.prompt_cache import CachePlan
 from frugalstream.llm.providers.base import Completion, ErrorKind, ProviderError
+from frugalstream.llm.providers.simulated_cache import SimulatedPromptCache
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
 from frugalstream.schemas.requests import ToolChoice
@@ -151,6 +153,7 @@ class SimulatedProvider:
         token_counter: TokenCounter | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         name: str = "simulated",
+        prompt_cache: bool = True,
     ) -> None:
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError("fail_rate must be within [0, 1]")
@@ -164,6 +167,8 @@ class SimulatedProvider:
         self._counter = token_counter or TokenCounter()
         self._sleep = sleep
         self._calls: Counter[bytes] = Counter()
+        # Cached-input accounting of repeated prefixes, as providers bill it (see simulated_cache).
+        self.prompt_cache = SimulatedPromptCache(self._counter) if prompt_cache else None
 
     def _maybe_fail(self, model: str, digest: bytes) -> None:
         failing = int.from_bytes(digest[-4:], "big") / 2**32 < self._fail_rate
@@ -221,6 +226,7 @@ class SimulatedProvider:
         response_format: Mapping[str, Any] | None = None,
         tool_choice: ToolChoice | None = None,
         parallel_tool_calls: bool | None = None,
+        cache_plan: CachePlan | None = None,
     ) -> Completion:
         digest = request_digest(model, messages)
         self._maybe_fail(model, digest)
@@ -243,6 +249,10 @@ class SimulatedProvider:
         input_tokens = self._counter.count_messages(messages, model)
         if tools:
             input_tokens += self._counter.count_text(json.dumps(list(tools), separators=(",", ":")), model)
+        cached = written = 0
+        if self.prompt_cache is not None:
+            bill = self.prompt_cache.bill(model, messages, tools, input_tokens, cache_plan)
+            cached, written = bill.cached, bill.written
         base_ms, per_token_ms = _LATENCY[size]
         latency_ms = (base_ms + per_token_ms * output_tokens) * self._latency_scale
         if latency_ms > 0:
@@ -250,7 +260,8 @@ class SimulatedProvider:
         return Completion(
             content=content,
             model=model,
-            usage=TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens,
+            usage=TokenUsage(input_tokens=input_tokens - cached - written, cached_input_tokens=cached,
+                             cache_write_tokens=written, output_tokens=output_tokens,
                              estimated=self._usage_estimated),
             finish_reason=finish,
             latency_ms=latency_ms,

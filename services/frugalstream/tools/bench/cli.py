@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from frugalstream.tools.bench.audit import add_audit_bench
 from frugalstream.tools.bench.dedupe import add_dedupe_bench
 from frugalstream.tools.bench.embed import add_embed_bench
 from frugalstream.tools.bench.http import add_http_bench
@@ -13,7 +14,7 @@ from frugalstream.tools.bench.summarize import add_summarize_bench
 
 
 def add_bench_parser(sub: Any) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: dedupe, route, embed, summarize, pipeline, http")
+    bench = sub.add_parser("bench", help="benchmarks: dedupe, route, embed, summarize, pipeline, http, audit")
     kinds = bench.add_subparsers(dest="bench", required=True)
     add_dedupe_bench(kinds)
     add_route_bench(kinds)
@@ -21,3 +22,4 @@ def add_bench_parser(sub: Any) -> None:
     add_summarize_bench(kinds)
     add_pipeline_bench(kinds)
     add_http_bench(kinds)
+    add_audit_bench(kinds)

@@ -161,7 +161,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         result = await run_pairs(pairs, index, vec)
         result.update(source=args.pairs or args.intents, split=args.split, verifier=args.verifier,
-                      precision=args.precision, max_tokens=args.max_tokens,
+                      model_precision=args.precision, max_tokens=args.max_tokens,
                       embed_s=round(embed_s, 1), decide_s=round(time.perf_counter() - started, 1))
         if args.shard_size:
             result["lookup"] = time_lookups(index, vectors, args.shard_size, 2000, args.seed)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import time
-from functools import partial
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,14 @@ from rich.table import Table
 from frugalstream.runtime.logging import configure_logging
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
+from frugalstream.tools.bench.embed import demo_lookup_texts
 from frugalstream.tools.demo_workload import load_demo_workload
 from frugalstream.tools.local_cluster import local_cluster, run_services
 
 SERVICES = ("classifier", "dedupe", "gateway", "accountant")
 HITS = ("cache_exact", "cache_semantic", "coalesced")
+MAX_DRAIN_S = 5.0  # a step whose last answers come later than this after its last request is not sustained
+DEFAULT_RAMP = "25,50,75,100,125,150,175,200,250,300,400"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -43,15 +47,19 @@ def pct(values: list[float], q: float) -> float | None:
 class Run:
     """Produces at a fixed rate, reads answers, samples lag; all timestamps are wall clock seconds."""
 
-    def __init__(self, bootstrap: str, settings: Any, workload: list[LLMRequest]) -> None:
-        self.bootstrap, self.settings, self.workload = bootstrap, settings, workload
+    def __init__(self, bootstrap: str, settings: Any, workload: list[LLMRequest], partitions: int) -> None:
+        self.bootstrap, self.settings, self.workload, self.partitions = bootstrap, settings, workload, partitions
         self.produced = 0
         self.answers: dict[str, LLMResponse] = {}
         self.lag: list[tuple[float, int, int]] = []  # (t, classifier lag, produced - answered)
+        self.fetch_wait_ms = 50
+
+    def request_id(self, n: int) -> str:
+        return f"b{n}-{self.workload[n % len(self.workload)].id}"
 
     def request(self, n: int) -> LLMRequest:
         base = self.workload[n % len(self.workload)]
-        return base.model_copy(update={"id": f"b{n}-{base.id}", "created_at": time.time()})
+        return base.model_copy(update={"id": self.request_id(n), "created_at": time.time()})
 
     async def produce(self, rate: float, duration_s: float, start_n: int = 0) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False, linger_ms=2)
@@ -70,7 +78,8 @@ class Run:
 
     async def read(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(self.settings.topic(t.RESPONSES), bootstrap_servers=self.bootstrap,
-                                    auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=50)
+                                    auto_offset_reset="earliest", enable_auto_commit=False,
+                                    fetch_max_wait_ms=self.fetch_wait_ms)
         await consumer.start()
         try:
             while not stop.is_set():
@@ -81,7 +90,7 @@ class Run:
         finally:
             await consumer.stop()
 
-    async def sample_lag(self, stop: asyncio.Event, partitions: int) -> None:
+    async def sample_lag(self, stop: asyncio.Event) -> None:
         # OffsetFetch from outside the group (a consumer that never subscribes does not join it).
         probe = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.settings.group("classifier"),
                                  enable_auto_commit=False)
@@ -90,7 +99,7 @@ class Run:
         started = time.monotonic()
         try:
             while not stop.is_set():
-                offsets = [await probe.committed(TopicPartition(topic, p)) for p in range(partitions)]
+                offsets = [await probe.committed(TopicPartition(topic, p)) for p in range(self.partitions)]
                 committed = sum(o for o in offsets if o)
                 self.lag.append((round(time.monotonic() - started, 1), self.produced - committed,
                                  self.produced - len(self.answers)))
@@ -104,38 +113,110 @@ class Run:
             await asyncio.sleep(0.1)
 
 
-async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: float = 0.05,
-                             warmup: int = 30) -> dict[str, Any]:
-    from frugalstream.runtime.metrics import METRICS
+@contextlib.asynccontextmanager
+async def running_pipeline(latency_scale: float, warmup: int, fetch_wait_ms: int | None = None) -> AsyncIterator[Run]:
+    """Broker and services up, the warm-up answered (model load, group joins); yields the load driver.
+
+    `fetch_wait_ms` lowers the consumers' fetch wait: the embedded broker answers a waiting fetch only when it
+    times out, so each hop otherwise adds up to 50 ms that a real Kafka broker does not.
+    """
     from frugalstream.tools.demo import demo_settings
+
+    def settings(bootstrap: str, state_dir: Path) -> Any:
+        base = demo_settings(bootstrap, state_dir, latency_scale=latency_scale)
+        return base if fetch_wait_ms is None else base.model_copy(update={"kafka_fetch_max_wait_ms": fetch_wait_ms})
 
     workload = load_demo_workload()
     async with (
-        local_cluster(partial(demo_settings, latency_scale=latency_scale)) as cluster,
+        local_cluster(settings) as cluster,
         run_services(cluster.settings, SERVICES),
     ):
-        run = Run(cluster.bootstrap, cluster.settings, workload)
+        run = Run(cluster.bootstrap, cluster.settings, workload, cluster.partitions)
+        run.fetch_wait_ms = cluster.settings.kafka_fetch_max_wait_ms
         stop = asyncio.Event()
         reader = asyncio.create_task(run.read(stop))
-        await run.produce(rate=20.0, duration_s=warmup / 20.0)  # model load, group joins, warm cache
-        await run.wait_answered(120)
-        warm_ids = set(run.answers)
-        for stats in METRICS.stages.values():  # the warm-up is not measured
-            stats.reset()
-        sampler = asyncio.create_task(run.sample_lag(stop, cluster.partitions))
-        started = time.monotonic()
-        await run.produce(rate, duration_s, start_n=warmup)
-        produce_s = time.monotonic() - started
-        await run.wait_answered(60)
-        drain_s = time.monotonic() - started - produce_s
-        stop.set()
-        await asyncio.gather(reader, sampler)
-    measured = [r for rid, r in run.answers.items() if rid not in warm_ids]
-    return report(rate, duration_s, produce_s, drain_s, run, measured)
+        try:
+            await run.produce(rate=20.0, duration_s=warmup / 20.0)
+            await run.wait_answered(120)
+            yield run
+        finally:
+            stop.set()
+            await reader
+
+
+async def measure_step(run: Run, rate: float, duration_s: float, drain_timeout_s: float) -> dict[str, Any]:
+    """One fixed-rate step after whatever ran before; only this step's requests and stage timings count."""
+    from frugalstream.runtime.metrics import METRICS
+
+    before = set(run.answers)
+    first = run.produced
+    for stats in METRICS.stages.values():
+        stats.reset()
+    run.lag = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(run.sample_lag(stop))
+    started = time.monotonic()
+    await run.produce(rate, duration_s, start_n=first)
+    produce_s = time.monotonic() - started
+    await run.wait_answered(drain_timeout_s)
+    drain_s = time.monotonic() - started - produce_s
+    stop.set()
+    await sampler
+    ids = {run.request_id(n) for n in range(first, run.produced)}
+    measured = [r for rid, r in run.answers.items() if rid not in before and rid in ids]
+    return report(rate, duration_s, produce_s, drain_s, run, measured, requests=run.produced - first)
+
+
+async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: float = 0.05,
+                             warmup: int = 30, fetch_wait_ms: int | None = None) -> dict[str, Any]:
+    async with running_pipeline(latency_scale, warmup, fetch_wait_ms) as run:
+        rep = await measure_step(run, rate, duration_s, drain_timeout_s=60)
+        rep["fetch_wait_ms"] = run.fetch_wait_ms
+        return rep
+
+
+def sustained(step: dict[str, Any]) -> bool:
+    """Every request answered without error, drained promptly, and the backlog not growing during the step."""
+    backlog = [x[2] for x in step["lag_samples"]]
+    quarter = max(1, len(backlog) // 4)
+    growing = bool(backlog) and statistics.mean(backlog[-quarter:]) > 2 * statistics.mean(backlog[:quarter]) + \
+        step["rate_rps"]
+    return (step["answered"] == step["requests"] and step["errors"] == 0 and step["drain_s"] <= MAX_DRAIN_S
+            and not growing)
+
+
+async def find_max(rates: list[float], step_s: float, *, latency_scale: float, warmup: int,
+                   fetch_wait_ms: int | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Ramps through `rates` on one running pipeline; stops at the first rate it cannot sustain."""
+    steps: list[dict[str, Any]] = []
+    best = 0.0
+    async with running_pipeline(latency_scale, warmup, fetch_wait_ms) as run:
+        for rate in rates:
+            step = await measure_step(run, rate, step_s, drain_timeout_s=30)
+            step["sustained"] = sustained(step)
+            steps.append(step)
+            if console is not None:
+                console.print(f"{rate:>6.0f} req/s: answered {step['answered']}/{step['requests']}, errors "
+                              f"{step['errors']}, drain {step['drain_s']} s, throughput {step['throughput_rps']}, "
+                              f"{'sustained' if step['sustained'] else 'NOT sustained'}")
+            if not step["sustained"]:
+                break
+            best = rate
+    return {"max_sustained_rps": best, "step_s": step_s, "steps": steps}
+
+
+def embedder_rate(texts: list[str], batch: int = 16) -> float:
+    """The production embedder (settings' precision, length, threads) on these texts, the text LRU bypassed."""
+    from frugalstream.resources import build_embedder
+    from frugalstream.runtime.settings import Settings
+    from frugalstream.tools.bench.embed import rate
+
+    embedder = build_embedder(Settings())
+    return rate(embedder, texts, batch)[0]  # type: ignore[arg-type]
 
 
 def report(rate: float, duration_s: float, produce_s: float, drain_s: float, run: Run,
-           measured: list[LLMResponse]) -> dict[str, Any]:
+           measured: list[LLMResponse], *, requests: int) -> dict[str, Any]:
     from frugalstream.runtime.metrics import METRICS
 
     def e2e(r: LLMResponse) -> float:
@@ -151,7 +232,7 @@ def report(rate: float, duration_s: float, produce_s: float, drain_s: float, run
                      "publish_ms_per_batch": round(s.publish_s * 1000 / max(1, s.batches), 2)}
               for name, s in METRICS.stages.items() if s.records}
     return {
-        "rate_rps": rate, "duration_s": duration_s, "requests": int(rate * duration_s), "answered": len(measured),
+        "rate_rps": rate, "duration_s": duration_s, "requests": requests, "answered": len(measured),
         "errors": sum(1 for r in measured if r.source == "error"),
         "throughput_rps": round(len(measured) / (produce_s + drain_s), 2), "drain_s": round(drain_s, 2),
         "hits": len(hits), "misses": len(misses),
@@ -184,11 +265,25 @@ def print_report(rep: dict[str, Any], console: Console) -> None:
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     configure_logging("WARNING", fmt="console")
-    rep = asyncio.run(run_pipeline_bench(args.rate, args.duration, latency_scale=args.latency_scale))
-    print_report(rep, Console())
+    console = Console()
+    if args.find_max:
+        rates = [float(x) for x in args.ramp.split(",")]
+        rep = asyncio.run(find_max(rates, args.step_duration, latency_scale=args.latency_scale, warmup=30,
+                                   fetch_wait_ms=args.fetch_wait_ms, console=console))
+        texts = demo_lookup_texts()
+        rep["embedder_texts_per_s"] = round(embedder_rate(texts), 1)
+        rep["max_over_embedder"] = round(rep["max_sustained_rps"] / rep["embedder_texts_per_s"], 2)
+        console.print(f"max_sustained_rps {rep['max_sustained_rps']}, embedder_texts_per_s "
+                      f"{rep['embedder_texts_per_s']} (ratio {rep['max_over_embedder']})")
+        ok = rep["max_sustained_rps"] > 0
+    else:
+        rep = asyncio.run(run_pipeline_bench(args.rate, args.duration, latency_scale=args.latency_scale,
+                                             fetch_wait_ms=args.fetch_wait_ms))
+        print_report(rep, console)
+        ok = rep["answered"] == rep["requests"] and rep["errors"] == 0
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
-    return 0 if rep["answered"] == rep["requests"] and rep["errors"] == 0 else 1
+    return 0 if ok else 1
 
 
 def add_pipeline_bench(kinds: Any) -> None:
@@ -196,5 +291,11 @@ def add_pipeline_bench(kinds: Any) -> None:
     p.add_argument("--rate", type=float, default=10.0, help="requests per second")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load after the warm-up")
     p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
+    p.add_argument("--find-max", action="store_true",
+                   help="ramp the rate (--ramp) and report max_sustained_rps and embedder_texts_per_s")
+    p.add_argument("--ramp", default=DEFAULT_RAMP, help="comma-separated rates for --find-max")
+    p.add_argument("--step-duration", type=float, default=20.0, help="seconds per rate with --find-max")
+    p.add_argument("--fetch-wait-ms", type=int,
+                   help="consumers' fetch wait on the embedded broker (default: the local cluster's 50 ms)")
     p.add_argument("--json", help="also write the report as JSON to this path")
     p.set_defaults(func=cmd_bench_pipeline)

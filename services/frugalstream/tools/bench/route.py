@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataset=str(path), rows_total=len(rows), rows_scored=len(scored), contaminated_excluded=len(contaminated),
         split=note, cost_reduction_at_95=1 - result["strong_share_at_95"],
         random_cost_reduction_at_95=1 - result["random_strong_share_at_95"], embed_s=round(embed_s, 1),
-        precision=args.precision, max_tokens=args.max_tokens,
+        model_precision=args.precision, max_tokens=args.max_tokens,
         score_ms_p50=latencies[len(latencies) // 2], score_ms_p99=latencies[int(len(latencies) * 0.99)],
     )
     return result

@@ -1,0 +1,1 @@
+"""The audit service: judges sampled decisions, estimates acceptance, moves thresholds to hold targets."""

@@ -1,0 +1,86 @@
+"""Audit service: `llm.audits.answered` + `llm.audits.reviews` -> `llm.audits` (+ `llm.thresholds`).
+
+Judged audits go on `llm.audits` keyed by tenant (analytics and the accountant read them); threshold changes
+go on the compacted `llm.thresholds` keyed `tenant/task_type/knob`, which the classifier and dedupe read whole.
+The service reads `llm.thresholds` whole too, so after a restart it moves thresholds from where they are.
+Its estimates are exported to Prometheus as they change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from faststream.kafka import KafkaBroker
+
+from frugalstream.audit.logic import Auditor
+from frugalstream.llm.judges import EmbeddingJudge, Judge, MatchJudge
+from frugalstream.llm.thresholds import threshold_key
+from frugalstream.resources import Resources
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.metrics import METRICS, Metrics
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
+from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import AuditRecord, AuditRequest, ReviewVerdict, ThresholdChange
+
+
+def audit_outs(records: Sequence[AuditRecord], changes: Sequence[ThresholdChange]) -> list[Out]:
+    return [*(Out(t.AUDITS, r, key=r.tenant) for r in records),
+            *(Out(t.THRESHOLDS, c, key=threshold_key(c.tenant, c.task_type, c.knob)) for c in changes)]
+
+
+@dataclass
+class AuditService:
+    settings: Settings
+    logic: Auditor
+    metrics: Metrics = METRICS
+    name: str = "audit"
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def _export(self, records: Sequence[AuditRecord], changes: Sequence[ThresholdChange]) -> None:
+        for r in records:
+            e = r.estimate
+            labels = (e.tenant, e.task_type, e.kind)
+            for bound, value in (("rate", e.rate), ("low", e.low), ("high", e.high)):
+                self.metrics.audit_acceptance.labels(*labels, bound).set(value)
+            self.metrics.audit_samples.labels(*labels).set(e.n)
+        for c in changes:
+            self.metrics.live_threshold.labels(c.tenant, c.task_type, c.knob).set(c.value)
+
+    async def _on_answered(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
+        records, changes = await self.logic.judge([d.value for d in batch])
+        self._export(records, changes)
+        return audit_outs(records, changes)
+
+    async def _on_reviews(self, batch: Sequence[Decoded[ReviewVerdict]], _ctx: BatchContext) -> list[Out]:
+        records, changes = self.logic.review([d.value for d in batch])
+        self._export(records, changes)
+        return audit_outs(records, changes)
+
+    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
+        for d in batch:
+            self.logic.book.update(d.value)
+        return []
+
+    def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
+        # One consumer group: the controller sees every label of a tenant in one place.
+        subscribe(broker, publisher, self.settings, service=self.name, topic=t.AUDITS_ANSWERED, model=AuditRequest,
+                  process=self._on_answered, max_records=64)
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.reviews", topic=t.AUDIT_REVIEWS,
+                  model=ReviewVerdict, process=self._on_reviews)
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
+
+
+def wire(res: Resources) -> AuditService:
+    s = res.settings
+    judges: dict[str, Judge] = {"match": MatchJudge(),
+                                "embedding": EmbeddingJudge(res.embedder, s.audit_embedding_accept)}
+    return AuditService(s, Auditor(s, judges))

@@ -1,0 +1,164 @@
+"""Thresholds that hold a target: per (tenant, task type, knob), move the threshold on labelled decisions.
+
+A label is (score, accepted, weight): the decision's own score (verifier score for the semantic cache,
+escalation score for routing), the judge's verdict, and 1/rate of the sampling that produced it. Labels do not
+depend on the threshold in force, so every label ever seen (up to `window`) says what *any* threshold would
+have done: `semantic_verify` serves a candidate when score >= t, `route_mid` routes down when score < t. The
+target is a minimum acceptance among the decisions a threshold makes (a false-hit bound F is acceptance 1-F).
+
+- A broken bound tightens at once: when the point estimate at the current threshold is below the target
+  (at least one rejection seen), the threshold moves to the most permissive one whose 95% lower bound holds
+  the target, or, with no such one, just past the worst rejected label.
+- Loosening needs statistical evidence: only to a threshold whose Wilson lower bound (at the effective sample
+  size of at least `min_evidence` labels) is at or above the target, testing from the strictest threshold
+  towards the most permissive and stopping at the first whose observed rate misses the target (a fixed
+  sequence, in the spirit of Learn-then-Test: a looser threshold past a bad region is never picked).
+
+What the cache learned (the near-miss labels: rejected candidates whose fresh answer was the same) is what lets
+the semantic threshold loosen at all: audited hits only ever speak for thresholds at or above the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from frugalstream.audit import quality
+from frugalstream.audit.quality import Graded
+from frugalstream.llm.audit_stats import Proportion, weighted, wilson
+from frugalstream.schemas import TaskType
+from frugalstream.schemas.audits import Knob, ThresholdChange
+
+BOUNDS: dict[Knob, tuple[float, float]] = {"semantic_verify": (0.3, 1.0), "route_mid": (0.0, 1.0)}
+STEP = 1e-4  # "just past" a label's score
+
+
+@dataclass(frozen=True)
+class Label:
+    score: float
+    accepted: bool
+    weight: float = 1.0
+    grades: tuple[bool, bool] | None = None  # (cheap answer right, baseline right), when the judge graded both
+
+    def graded(self) -> Graded:
+        """For a quality-retained target: without grades, the baseline is taken as right and the cheap answer
+        as right when accepted."""
+        cheap, baseline = self.grades if self.grades is not None else (self.accepted, True)
+        return Graded(self.score, float(cheap), float(baseline), self.weight)
+
+
+def decided(knob: Knob, score: float, threshold: float) -> bool:
+    """Does `threshold` take the saving for a decision of this score?"""
+    return score >= threshold if knob == "semantic_verify" else score < threshold
+
+
+def permissive(knob: Knob, a: float, b: float) -> bool:
+    """Is threshold `a` more permissive (takes more savings) than `b`?"""
+    return a < b if knob == "semantic_verify" else a > b
+
+
+def acceptance_at(labels: list[Label], knob: Knob, threshold: float) -> Proportion:
+    return weighted((lb.accepted, lb.weight) for lb in labels if decided(knob, lb.score, threshold))
+
+
+@dataclass
+class Cell:
+    labels: deque[Label]
+
+
+@dataclass
+class ThresholdController:
+    """One per audit service; `observe` labels, `decide` returns a change (or None) for one cell."""
+
+    min_evidence: int = 30
+    window: int = 20_000
+    clock: Callable[[], float] = field(default=time.time, repr=False)
+    cells: dict[tuple[str, str, Knob], Cell] = field(default_factory=dict)
+
+    def observe(self, tenant: str, task_type: str, knob: Knob, label: Label) -> None:
+        cell = self.cells.get((tenant, task_type, knob))
+        if cell is None:
+            cell = self.cells[(tenant, task_type, knob)] = Cell(deque(maxlen=self.window))
+        cell.labels.append(label)
+
+    def labels(self, tenant: str, task_type: str, knob: Knob) -> list[Label]:
+        cell = self.cells.get((tenant, task_type, knob))
+        return list(cell.labels) if cell is not None else []
+
+    def decide(self, tenant: str, task_type: TaskType, knob: Knob, current: float,
+               target: float) -> ThresholdChange | None:
+        """`target`: minimum acceptance among the decisions taken (1 - false-hit bound for the cache)."""
+        labels = self.labels(tenant, task_type, knob)
+        if not labels:
+            return None
+        now = acceptance_at(labels, knob, current)
+        best = self._most_permissive_holding(labels, knob, target)
+        rejected_taken = [lb.score for lb in labels if not lb.accepted and decided(knob, lb.score, current)]
+        if rejected_taken and now.rate < target:
+            if best is not None and not permissive(knob, best, current):
+                value = best
+            else:
+                worst = max(rejected_taken) if knob == "semantic_verify" else min(rejected_taken)
+                value = worst + STEP if knob == "semantic_verify" else worst
+                if best is not None and permissive(knob, value, best):
+                    value = best
+            return self._change(tenant, task_type, knob, current, value, "bound_broken", target, labels)
+        if best is not None and permissive(knob, best, current):
+            return self._change(tenant, task_type, knob, current, best, "evidence", target, labels)
+        return None
+
+    def decide_quality(self, tenant: str, task_type: TaskType, current: float, target: float,
+                       min_sample: int) -> ThresholdChange | None:
+        """`route_mid` holding quality retained >= `target` (see `frugalstream.audit.quality`)."""
+        labels = self.labels(tenant, task_type, "route_mid")
+        found = quality.decide([lb.graded() for lb in labels], current, target, min_sample, BOUNDS["route_mid"])
+        if found is None:
+            return None
+        value, reason, p = found
+        value = round(value, 6)
+        if abs(value - current) < STEP / 2:
+            return None
+        return ThresholdChange(
+            tenant=tenant, task_type=task_type, knob="route_mid", value=value, previous=current,
+            reason="bound_broken" if reason == "bound_broken" else "evidence", target=target, n=p.n,
+            estimate=round(p.rate, 6), low=round(p.low, 6), high=round(p.high, 6), changed_at=float(self.clock()),
+        )
+
+    def _most_permissive_holding(self, labels: list[Label], knob: Knob, target: float) -> float | None:
+        """The most permissive threshold (at a label's score) whose lower bound holds the target, in one pass
+        over the labels sorted by score (running weighted sums: O(n log n))."""
+        lo, hi = BOUNDS[knob]
+        ordered = sorted(labels, key=lambda lb: lb.score, reverse=knob == "semantic_verify")
+        total = square = good = 0.0
+        best: float | None = None
+        i = 0
+        while i < len(ordered):
+            score = ordered[i].score
+            while i < len(ordered) and ordered[i].score == score:  # ties are taken together
+                lb = ordered[i]
+                total, square, good = total + lb.weight, square + lb.weight ** 2, good + lb.weight * lb.accepted
+                i += 1
+            n_eff = total * total / square
+            if n_eff < self.min_evidence:
+                continue
+            if good / total < target:
+                break  # the rate itself misses the target here: nothing more permissive is considered
+            if wilson(good / total * n_eff, n_eff)[0] >= target:
+                best = score if knob == "semantic_verify" else score + STEP
+        return None if best is None else min(max(best, lo), hi)
+
+    def _change(self, tenant: str, task_type: TaskType, knob: Knob, previous: float, value: float,
+                reason: str, target: float, labels: list[Label]) -> ThresholdChange | None:
+        lo, hi = BOUNDS[knob]
+        value = round(min(max(value, lo), hi), 6)
+        if abs(value - previous) < STEP / 2:
+            return None
+        p = acceptance_at(labels, knob, value)
+        return ThresholdChange(
+            tenant=tenant, task_type=task_type, knob=knob, value=value, previous=previous,
+            reason="bound_broken" if reason == "bound_broken" else "evidence", target=target,
+            n=sum(1 for lb in labels if decided(knob, lb.score, value)), estimate=round(p.rate, 6),
+            low=round(p.low, 6), high=round(p.high, 6), changed_at=float(self.clock()),
+        )

@@ -1,0 +1,214 @@
+"""The audit service's work: judge answered audits, keep the estimates, move the thresholds.
+
+Per audit: the judge its task type names (an LLM judge's verdict arrives with the audit; no verdict, no
+record), one verdict per audit id (a redelivery changes nothing; a person's verdict replaces the machine's),
+the cell's estimate after counting it, and a label for the threshold controller:
+- `cache_semantic` and `near_miss` label the tenant's semantic threshold (score = the verifier's score);
+- `routed_down` to the cheapest tier and `routed_up` label its routing threshold (score = escalation score).
+Labels are weighted by 1/sampling rate, so a 5% audit of hits and every free near miss weigh what they stand for.
+
+A review verdict is accepted only for an audit this service judged, of the same tenant, on the same pair of
+answers (`answers_sha256`): a verdict cannot be replayed onto another audit or across a tenant wall.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from frugalstream.audit.controller import Label, ThresholdController
+from frugalstream.llm import pair_encoder
+from frugalstream.llm import verifier as lexical
+from frugalstream.llm.audit_stats import Proportion
+from frugalstream.llm.audits import answers_digest, audit_rate
+from frugalstream.llm.judges import Judge, Judgement
+from frugalstream.llm.thresholds import ThresholdBook
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import TASK_TYPES, TaskType
+from frugalstream.schemas.audits import (
+    AuditEstimate,
+    AuditRecord,
+    AuditRequest,
+    DecisionKind,
+    JudgeName,
+    Knob,
+    ReviewVerdict,
+    ThresholdChange,
+)
+
+log = get_logger(__name__)
+Cell = tuple[str, str, DecisionKind]
+
+
+@dataclass
+class EstimateBook:
+    """Latest verdict per audit id, per (tenant, task type, kind): the estimate is over distinct audits."""
+
+    window: int = 100_000
+    cells: dict[Cell, OrderedDict[str, bool]] = field(default_factory=dict)
+
+    def put(self, cell: Cell, audit_id: str, accepted: bool) -> None:
+        verdicts = self.cells.setdefault(cell, OrderedDict())
+        verdicts[audit_id] = accepted
+        verdicts.move_to_end(audit_id)
+        while len(verdicts) > self.window:
+            verdicts.popitem(last=False)
+
+    def estimate(self, cell: Cell) -> AuditEstimate:
+        verdicts = self.cells.get(cell, OrderedDict())
+        accepted = sum(verdicts.values())
+        p = Proportion.of(accepted, len(verdicts))
+        return AuditEstimate(tenant=cell[0], task_type=cell[1], kind=cell[2], n=len(verdicts), accepted=accepted,
+                             rate=round(p.rate, 6), low=round(p.low, 6), high=round(p.high, 6))
+
+
+def knob_of(audit: AuditRecord | AuditRequest) -> Knob | None:
+    if audit.kind in ("cache_semantic", "near_miss"):
+        return "semantic_verify"
+    if audit.kind == "routed_up" or (audit.kind == "routed_down" and audit.tier == "small"):
+        return "route_mid"
+    return None
+
+
+@dataclass
+class Auditor:
+    settings: Settings
+    judges: Mapping[str, Judge]  # by judge name: match, embedding
+    controller: ThresholdController = field(default_factory=ThresholdController)
+    book: ThresholdBook = field(default_factory=ThresholdBook)
+    estimates: EstimateBook = field(default_factory=EstimateBook)
+    clock: Callable[[], float] = time.time
+    recent_max: int = 100_000
+    recent: OrderedDict[str, tuple[AuditRecord, Knob | None]] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.controller.min_evidence = self.settings.audit_min_evidence
+
+    def judge_name(self, task_type: str | None) -> str:
+        judges = self.settings.audit_judges
+        return judges.get(task_type or "", judges.get("default", "embedding"))
+
+    async def judge(self, batch: Sequence[AuditRequest]) -> tuple[list[AuditRecord], list[ThresholdChange]]:
+        """Judged records and the threshold changes they caused, in batch order."""
+        fresh = [a for a in batch if a.candidate is not None and a.reference is not None and a.audit_id not in
+                 self.recent]
+        judgements: dict[str, tuple[JudgeName, Judgement]] = {}
+        by_judge: dict[str, list[AuditRequest]] = {}
+        for audit in fresh:
+            if audit.judge_verdict is not None:
+                judgements[audit.audit_id] = ("llm", Judgement(audit.judge_verdict))
+            elif self.judge_name(audit.task_type) != "llm":
+                by_judge.setdefault(self.judge_name(audit.task_type), []).append(audit)
+            else:
+                log.warning("audit_without_verdict", audit_id=audit.audit_id, tenant=audit.tenant)
+        for name, audits in by_judge.items():
+            found = await self.judges[name].judge(
+                [(a.question, a.candidate.content if a.candidate else "", a.reference.content if a.reference else "")
+                 for a in audits])
+            for audit, judgement in zip(audits, found, strict=True):
+                judgements[audit.audit_id] = ("match" if name == "match" else "embedding", judgement)
+        records: list[AuditRecord] = []
+        for audit in fresh:
+            if audit.audit_id not in judgements or audit.audit_id in self.recent:
+                continue
+            name, judgement = judgements[audit.audit_id]
+            records.append(self._record(audit, name, judgement))
+        return records, self._decide(records)
+
+    def _record(self, audit: AuditRequest, judge: JudgeName, judgement: Judgement) -> AuditRecord:
+        assert audit.candidate is not None and audit.reference is not None
+        cell: Cell = (audit.tenant, audit.task_type or "", audit.kind)
+        self.estimates.put(cell, audit.audit_id, judgement.verdict == "accept")
+        record = AuditRecord(
+            audit_id=audit.audit_id, tenant=audit.tenant, request_id=audit.request_id, kind=audit.kind,
+            task_type=audit.task_type or "", tier=audit.tier, question=audit.question, candidate=audit.candidate,
+            reference=audit.reference, judge=judge, verdict=judgement.verdict, similarity=judgement.similarity,
+            score=audit.score, threshold=audit.threshold, estimate=self.estimates.estimate(cell),
+            judged_at=self.clock(),
+        )
+        knob = knob_of(audit)
+        self._remember(record, knob if audit.score is not None else None)
+        if knob is not None and audit.score is not None:
+            weight = 1.0 / max(audit_rate(self.settings.audit_rates, audit.kind, self.settings.audit_rate), 1e-6)
+            grades = None if audit.candidate_grade is None or audit.reference_grade is None else (
+                audit.candidate_grade == "accept", audit.reference_grade == "accept")
+            self.controller.observe(audit.tenant, record.task_type, knob,
+                                    Label(audit.score, judgement.verdict == "accept", weight, grades))
+        return record
+
+    def _remember(self, record: AuditRecord, knob: Knob | None) -> None:
+        self.recent[record.audit_id] = (record, knob)
+        while len(self.recent) > self.recent_max:
+            self.recent.popitem(last=False)
+
+    def review(self, verdicts: Sequence[ReviewVerdict]) -> tuple[list[AuditRecord], list[ThresholdChange]]:
+        """People's verdicts replace the machine's, for audits of the same tenant on the same answers only."""
+        records: list[AuditRecord] = []
+        for v in verdicts:
+            known = self.recent.get(v.audit_id)
+            if known is None or known[0].tenant != v.tenant or \
+                    answers_digest(known[0].candidate, known[0].reference) != v.answers_sha256:
+                log.warning("review_refused", audit_id=v.audit_id, tenant=v.tenant)
+                continue
+            old, knob = known
+            if old.judge == "human" and old.verdict == v.verdict:
+                continue
+            cell: Cell = (old.tenant, old.task_type, old.kind)
+            self.estimates.put(cell, old.audit_id, v.verdict == "accept")
+            record = old.model_copy(update={"judge": "human", "verdict": v.verdict,
+                                            "estimate": self.estimates.estimate(cell), "judged_at": self.clock()})
+            self._remember(record, knob)
+            if knob is not None and old.score is not None:
+                weight = 1.0 / max(audit_rate(self.settings.audit_rates, old.kind, self.settings.audit_rate), 1e-6)
+                self.controller.observe(old.tenant, old.task_type, knob, Label(old.score, v.verdict == "accept",
+                                                                                weight))
+            records.append(record)
+        return records, self._decide(records)
+
+    def _decide(self, records: Sequence[AuditRecord]) -> list[ThresholdChange]:
+        if not self.settings.audit_calibrate:
+            return []
+        changes: list[ThresholdChange] = []
+        cells = {(r.tenant, r.task_type, knob) for r in records if (knob := knob_of(r)) is not None and r.task_type}
+        for tenant, task_type, knob in sorted(cells):
+            current = self.current(tenant, task_type, knob)
+            kept = self.quality_target(tenant) if knob == "route_mid" else None
+            if kept is not None:
+                change = self.controller.decide_quality(tenant, _task(task_type), current, kept,
+                                                        self.settings.audit_min_sample)
+            else:
+                change = self.controller.decide(tenant, _task(task_type), knob, current, self.target(tenant, knob))
+            if change is not None:
+                self.book.update(change)
+                changes.append(change)
+        return changes
+
+    def current(self, tenant: str, task_type: str, knob: Knob) -> float:
+        live = self.book.get(tenant, task_type, knob)
+        if live is not None:
+            return live
+        s = self.settings
+        if knob == "route_mid":
+            return s.route_threshold_mid
+        shipped = pair_encoder.shipped_thresholds(s.model_precision)[1] if s.semantic_verifier == "cross_encoder" \
+            else lexical.DEFAULT_VERIFY_THRESHOLD
+        return float(s.semantic_verify_threshold.get(task_type, shipped))
+
+    def target(self, tenant: str, knob: Knob) -> float:
+        """Minimum acceptance among the decisions taken: 1 - false-hit bound for the cache."""
+        policy = self.settings.tenants.get(tenant, TenantPolicy())
+        if knob == "semantic_verify":
+            return 1.0 - (policy.false_hit_target or self.settings.audit_false_hit_target)
+        return policy.acceptance_target or self.settings.audit_acceptance_target
+
+    def quality_target(self, tenant: str) -> float | None:
+        """Quality retained the tenant's routing must hold; None: the routed-down acceptance target applies."""
+        policy = self.settings.tenants.get(tenant, TenantPolicy())
+        return policy.quality_target or self.settings.audit_quality_target
+
+
+def _task(task_type: str) -> TaskType:
+    return task_type if task_type in TASK_TYPES else "chat"

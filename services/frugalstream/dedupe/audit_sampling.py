@@ -1,0 +1,74 @@
+"""Which of dedupe's savings are audited, and the free labels of near misses.
+
+A sampled semantic hit or coalesced answer becomes an `AuditRequest` whose job is the baseline model on the
+request as routed (the gateway runs it; its answer only ever reaches `llm.audits.answered`). A semantic miss
+whose best candidate was rejected by the verifier is remembered (bounded) until its fresh answer comes back:
+comparing the two is a label that costs no model call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from frugalstream.dedupe.lookup import SemanticHit
+from frugalstream.dedupe.results import Audit, identity
+from frugalstream.llm.audits import audit_id, audit_job, audit_rate, sampled
+from frugalstream.llm.identity import request_key
+from frugalstream.runtime.settings import Settings
+from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
+from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
+
+
+@dataclass
+class AuditSampler:
+    settings: Settings
+    max_pending: int = 50_000
+    _near: OrderedDict[str, tuple[RoutedRequest, SemanticHit]] = field(default_factory=OrderedDict)
+
+    def _rate(self, kind: DecisionKind) -> float:
+        return audit_rate(self.settings.audit_rates, kind, self.settings.audit_rate)
+
+    def _request(self, routed: RoutedRequest, kind: DecisionKind, hit: SemanticHit | None,
+                 candidate: AuditAnswer, reference: AuditAnswer | None) -> AuditRequest:
+        request = routed.request
+        job = None if reference is not None else audit_job(routed, kind, routed.route.baseline_model)
+        return AuditRequest(
+            audit_id=audit_id(request.tenant, request.id, kind), tenant=request.tenant, request_id=request.id,
+            kind=kind, task_type=routed.route.task_type, tier=routed.route.tier, question=routed.keys.lookup_text,
+            score=hit.score if hit else None, threshold=hit.threshold if hit else None,
+            candidate=candidate, reference=reference, job=job, sampled_at=time.time(),
+        )
+
+    def on_hit(self, routed: RoutedRequest, hit: SemanticHit) -> Audit | None:
+        request = routed.request
+        if not sampled(request.tenant, request.id, "cache_semantic", self._rate("cache_semantic")):
+            return None
+        answer = AuditAnswer(content=hit.entry.content, model=hit.entry.model)
+        return Audit(self._request(routed, "cache_semantic", hit, answer, None))
+
+    def on_follower(self, routed: RoutedRequest, leader: LLMResponse) -> Audit | None:
+        request = routed.request
+        if leader.content is None or not sampled(request.tenant, request.id, "coalesced", self._rate("coalesced")):
+            return None
+        return Audit(self._request(routed, "coalesced", None, AuditAnswer(content=leader.content,
+                                                                          model=leader.model), None))
+
+    def on_near_miss(self, routed: RoutedRequest, near: SemanticHit) -> None:
+        request = routed.request
+        if not sampled(request.tenant, request.id, "near_miss", self._rate("near_miss")):
+            return
+        self._near[identity(routed)] = (routed, near)
+        while len(self._near) > self.max_pending:
+            self._near.popitem(last=False)
+
+    def on_answer(self, response: LLMResponse) -> Audit | None:
+        """The fresh answer of a near miss: the free label (candidate = what the cache would have served)."""
+        pending = self._near.pop(request_key(response.tenant, response.request_id), None)
+        if pending is None or response.source != "llm" or response.content is None:
+            return None
+        routed, near = pending
+        entry: CacheEntry = near.entry
+        return Audit(self._request(routed, "near_miss", near, AuditAnswer(content=entry.content, model=entry.model),
+                                   AuditAnswer(content=response.content, model=response.model)))

@@ -1,0 +1,161 @@
+"""The gateway's part of audits: sample its own savings, and run the counterfactual calls of every audit.
+
+Sampling (on paid answers): a request routed below its baseline model is `routed_down` (its answer is the
+candidate, the baseline model's the reference); a request routed above the cheapest tier is `routed_up` (the
+cheapest tier's answer is the candidate: could it have gone cheaper?). Pinned requests are neither: the tenant
+chose the model.
+
+Calls (`llm.audits.dispatch` -> `llm.audits.answered` + `llm.usage`): the job runs through the same `Gateway`
+logic (providers, retries, breakers), under the audit id, on a gateway of its own whose paid-call memory is
+in-process: its answers are never published on `llm.responses` nor any reply topic. Each call's usage is an
+audit usage record (the `audit` strategy, nothing saved), including the LLM judge's call when the task type's
+judge is `llm`. An audit whose call fails is dropped with a log line and a metric (no verdict; no spend is
+lost, since a failed call is not billed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from frugalstream.gateway.idempotency import MemoryCompleted
+from frugalstream.gateway.logic import Gateway, Result
+from frugalstream.llm.audits import audit_id, audit_job, audit_rate, audit_usage, sampled
+from frugalstream.llm.judges import DEFAULT_RUBRIC, llm_judge_messages, parse_llm_verdict
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.stage import BatchContext
+from frugalstream.schemas import CompletedCall, RoutedRequest
+from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
+
+log = get_logger(__name__)
+
+
+class InProcessCompleted:
+    """Paid-call memory of audit calls (`CompletedCalls`): a redelivered audit in this process is not paid
+    twice; after a restart it may be (its usage id is the same, so it is counted once)."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryCompleted()
+
+    async def lookup(self, partition: int, key: str) -> CompletedCall | None:
+        return self.memory.get(partition, key)
+
+    async def record(self, partition: int, call: CompletedCall) -> None:
+        self.memory.put(partition, call)
+
+
+def _sample(settings: Settings, routed: RoutedRequest, kind: DecisionKind) -> bool:
+    rate = audit_rate(settings.audit_rates, kind, settings.audit_rate)
+    return sampled(routed.request.tenant, routed.request.id, kind, rate)
+
+
+def sample_paid(settings: Settings, results: Iterable[Result]) -> list[Out]:
+    """The audit requests of this batch's paid answers (keyed by tenant, like every audit topic)."""
+    outs: list[Out] = []
+    cheapest = settings.tiers.for_tier("small")
+    for result in results:
+        response, routed = result.response, result.routed
+        if result.outcome != "paid" or response is None or not response.ok or response.content is None:
+            continue
+        route, request = routed.route, routed.request
+        if route.pinned:
+            continue
+        served = AuditAnswer(content=response.content, model=response.model)
+        audit: AuditRequest | None = None
+        if route.model != route.baseline_model and _sample(settings, routed, "routed_down"):
+            audit = _request(routed, "routed_down", candidate=served,
+                             job=audit_job(routed, "routed_down", route.baseline_model, "large"))
+        elif route.tier != "small" and cheapest and _sample(settings, routed, "routed_up"):
+            audit = _request(routed, "routed_up", reference=served,
+                             job=audit_job(routed, "routed_up", cheapest[0], "small"))
+        if audit is not None:
+            outs.append(Out(t.AUDITS_DISPATCH, audit, key=request.tenant))
+    return outs
+
+
+def _request(routed: RoutedRequest, kind: DecisionKind, *, job: RoutedRequest,
+             candidate: AuditAnswer | None = None, reference: AuditAnswer | None = None) -> AuditRequest:
+    request = routed.request
+    return AuditRequest(
+        audit_id=audit_id(request.tenant, request.id, kind), tenant=request.tenant, request_id=request.id,
+        kind=kind, task_type=routed.route.task_type, tier=routed.route.tier, question=routed.keys.lookup_text,
+        score=routed.route.escalation_score, candidate=candidate, reference=reference, job=job,
+        sampled_at=time.time(),
+    )
+
+
+@dataclass
+class AuditCalls:
+    settings: Settings
+    gateway: Gateway
+
+    async def on_dispatch(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
+        outs: list[Out] = []
+        audits = [d.value for d in batch if d.value.job is not None]
+        if not audits:
+            return outs
+        jobs = [a.job for a in audits if a.job is not None]
+        results = await self.gateway.handle(jobs, [d.record.partition for d in batch if d.value.job is not None],
+                                            can_defer=False)
+        by_id = {r.routed.request.id: r for r in results}
+        judged: list[tuple[AuditRequest, RoutedRequest]] = []
+        for audit in audits:
+            result = by_id.get(audit_id(audit.tenant, audit.request_id, audit.kind))
+            filled = self._filled(audit, result, outs)
+            if filled is None:
+                continue
+            if self._judge_of(filled) == "llm" and audit.job is not None:
+                judged.append((filled, self._judge_job(filled, audit.job)))
+            else:
+                outs.append(Out(t.AUDITS_ANSWERED, filled, key=filled.tenant))
+        if judged:
+            verdicts = await self.gateway.handle([job for _, job in judged], [0] * len(judged), can_defer=False)
+            for (audit, _), result in zip(judged, verdicts, strict=True):
+                outs.extend(self._with_verdict(audit, result))
+        return outs
+
+    def _judge_of(self, audit: AuditRequest) -> str:
+        judges = self.settings.audit_judges
+        return judges.get(audit.task_type or "", judges.get("default", "embedding"))
+
+    def _filled(self, audit: AuditRequest, result: Result | None, outs: list[Out]) -> AuditRequest | None:
+        response = result.response if result is not None else None
+        if result is None or response is None or not response.ok or response.content is None:
+            log.warning("audit_call_failed", audit_id=audit.audit_id, tenant=audit.tenant, kind=audit.kind)
+            return None
+        if result.outcome == "paid" and response.usage is not None and audit.job is not None:
+            outs.append(Out(t.USAGE, audit_usage(audit.job, response.model or audit.job.route.model, response.usage,
+                                                 simulated=response.simulated), key=audit.tenant))
+        answer = AuditAnswer(content=response.content, model=response.model)
+        update = {"candidate": answer} if audit.candidate is None else {"reference": answer}
+        return audit.model_copy(update={**update, "job": None})
+
+    def _judge_job(self, audit: AuditRequest, base: RoutedRequest) -> RoutedRequest:
+        """The judge's call, built from the audited job (its tenant, provider and keys), under its own id."""
+        candidate = audit.candidate.content if audit.candidate else ""
+        reference = audit.reference.content if audit.reference else ""
+        messages = llm_judge_messages(audit.question, candidate, reference,
+                                      self.settings.audit_judge_rubric or DEFAULT_RUBRIC)
+        request = base.request.model_copy(update={"id": f"{audit.audit_id}-judge", "messages": messages,
+                                                  "max_tokens": 8, "tools": (), "response_format": None,
+                                                  "tool_choice": None})
+        route = base.route.model_copy(update={"model": self.settings.audit_judge_model, "fallbacks": (),
+                                              "pinned": True, "reason": "audit judge"})
+        return base.model_copy(update={"request": request, "route": route})
+
+    def _with_verdict(self, audit: AuditRequest, result: Result) -> list[Out]:
+        response = result.response
+        outs: list[Out] = []
+        if response is not None and response.ok and response.usage is not None and result.outcome == "paid":
+            outs.append(Out(t.USAGE, audit_usage(result.routed, response.model or self.settings.audit_judge_model,
+                                                 response.usage, simulated=response.simulated, part="judge"),
+                            key=audit.tenant))
+        verdict = parse_llm_verdict(response.content or "") if response is not None and response.ok else None
+        if verdict is None:
+            log.warning("audit_judge_no_verdict", audit_id=audit.audit_id, tenant=audit.tenant)
+        outs.append(Out(t.AUDITS_ANSWERED, audit.model_copy(update={"judge_verdict": verdict}), key=audit.tenant))
+        return outs

@@ -1,0 +1,166 @@
+"""The gateway's provider batch jobs, kept on the compacted topic `llm.gateway.batches`: durable across crashes,
+restarts and rebalances, like the paid-call records of `llm.gateway.completed` (see `completed.py`).
+
+Layout. One `BatchJob` per job, keyed by its job id and written to the SAME partition number as the dispatch
+records of its members, so `llm.requests.dispatch` and `llm.gateway.batches` must have equal partition counts
+(as `frugalstream topics` creates them). The owner of dispatch partition N loads the jobs of batches partition
+N when it is assigned N, and forgets them when N is revoked: a job moves with its partition.
+
+Ordering. `record` returns once the broker acknowledged the job; the gateway commits a deferred dispatch only
+after its job (with it as a member) is recorded, and waits on a provider batch only after its id is recorded.
+
+`MemoryBatchJobs` is the same surface without a topic, for unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import Publisher
+from frugalstream.runtime.records import Out
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import read_compacted
+from frugalstream.schemas import BatchJob
+from frugalstream.schemas import topics as t
+
+log = get_logger(__name__)
+
+
+class BatchJobStore(Protocol):
+    async def ready(self, partition: int) -> None:
+        """Returns once the partition's jobs are loaded (raises while its load keeps failing)."""
+        ...
+
+    def jobs(self) -> list[BatchJob]:
+        """Every job of the loaded, owned partitions that is not done."""
+        ...
+
+    async def record(self, job: BatchJob) -> None:
+        """Durable when it returns (raises if it could not be made so); a `done` job is then forgotten."""
+        ...
+
+
+class MemoryBatchJobs:
+    def __init__(self) -> None:
+        self.by_partition: dict[int, dict[str, BatchJob]] = {}
+        self.recorded: list[BatchJob] = []  # every write, in order (tests read it)
+
+    async def ready(self, partition: int) -> None:
+        return None
+
+    def jobs(self) -> list[BatchJob]:
+        return [j for jobs in self.by_partition.values() for j in jobs.values()]
+
+    def put(self, job: BatchJob) -> None:
+        jobs = self.by_partition.setdefault(job.partition, {})
+        if job.state == "done":
+            jobs.pop(job.job_id, None)
+        else:
+            jobs[job.job_id] = job
+
+    def load(self, entries: Iterable[tuple[BatchJob, int]]) -> int:
+        kept = 0
+        for job, _partition in entries:
+            if job.state != "done":
+                self.put(job)
+                kept += 1
+        return kept
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self.by_partition.pop(partition, None)
+
+    async def record(self, job: BatchJob) -> None:
+        self.recorded.append(job)
+        self.put(job)
+
+
+class TopicBatchJobs(MemoryBatchJobs):
+    """`BatchJobStore` on `llm.gateway.batches`: memory for the owned partitions, the topic for durability."""
+
+    def __init__(self, settings: Settings, publisher: Publisher | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.publisher = publisher  # set by the service when it registers on the broker
+        self._loads: dict[int, asyncio.Task[int]] = {}
+
+    async def ready(self, partition: int) -> None:
+        task = self._loads.get(partition)
+        if task is None:
+            return
+        if task.done() and (task.cancelled() or task.exception() is not None):
+            task = self.start_load({partition})
+        await asyncio.shield(task)
+
+    def loaded(self, partition: int) -> bool:
+        return partition in self.by_partition and partition not in self._loads
+
+    def jobs(self) -> list[BatchJob]:
+        return [j for p, jobs in self.by_partition.items() if p not in self._loads for j in jobs.values()]
+
+    async def record(self, job: BatchJob) -> None:
+        if self.publisher is None:
+            raise RuntimeError("the batch job store has no publisher (service not registered)")
+        await self.publisher.publish_all([Out(t.GATEWAY_BATCHES, job, key=job.job_id, partition=job.partition)])
+        self.recorded.append(job)
+        self.put(job)
+
+    def loading(self) -> set[int]:
+        return set(self._loads)
+
+    def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
+        """Like `TopicCompleted.start_load`: synchronously, before any record of these partitions is handled."""
+        self.forget(partitions)
+        for partition in partitions:
+            self.by_partition[partition] = {}
+        task = asyncio.create_task(self._load(partitions), name=f"gateway-batches-load-{sorted(partitions)}")
+        for partition in partitions:
+            self._loads[partition] = task
+        return task
+
+    async def _load(self, partitions: set[int]) -> int:
+        started = time.monotonic()
+        entries = await read_compacted(self.settings, t.GATEWAY_BATCHES, BatchJob, partitions)
+        kept = self.load(entries)
+        current = asyncio.current_task()
+        for partition in partitions:
+            if self._loads.get(partition) is current:
+                del self._loads[partition]
+        log.info("batch_jobs_loaded", partitions=sorted(partitions), jobs=kept,
+                 seconds=round(time.monotonic() - started, 2))
+        return kept
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        parts = set(partitions)
+        for partition in parts:
+            self._loads.pop(partition, None)
+        super().forget(parts)
+
+
+class GatewayLoader(CompletedLoader):
+    """The gateway's rebalance listener when it runs batch jobs: paid calls and batch jobs of a partition are
+    loaded together when it is gained, and forgotten together when it is lost."""
+
+    def __init__(self, settings: Settings, completed: TopicCompleted, jobs: TopicBatchJobs) -> None:
+        super().__init__(settings, completed)
+        self._jobs = jobs
+
+    def lost(self, partitions: set[int]) -> None:
+        super().lost(partitions)
+        self._jobs.forget(partitions)
+
+    def unready(self) -> set[int]:
+        return super().unready() | (self._jobs.loading() & self.owned)
+
+    async def gained(self, partitions: set[int]) -> None:
+        task = self._jobs.start_load(partitions)  # synchronously, before the first await
+        await super().gained(partitions)
+        try:
+            await asyncio.shield(task)
+        except Exception:
+            log.exception("batch_jobs_load_failed", partitions=sorted(partitions))  # `ready` retries it

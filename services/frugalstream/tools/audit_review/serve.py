@@ -1,0 +1,64 @@
+"""Runs the review page with uvicorn until interrupted (the command owns SIGINT and SIGTERM, as `serve` does)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+
+from frugalstream.tools.audit_review.app import LOCAL_HOSTS, ReviewSession, build_app
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def review_server(session: ReviewSession, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """The page listening on host:port (0 picks a free port) until the block ends; yields its URL."""
+    hosts = LOCAL_HOSTS if is_loopback(host) else ("*",)  # bound wider on purpose: the token still guards writes
+    config = uvicorn.Config(build_app(session, hosts), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve(), name="frugalstream-audit-review")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the review server stopped before it started")
+            await asyncio.sleep(0.02)
+        bound = server.servers[0].sockets[0].getsockname()
+        shown = "127.0.0.1" if host in ("127.0.0.1", "localhost") else bound[0]
+        yield f"http://{shown}:{bound[1]}/"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError, SystemExit):
+            await task
+
+
+async def serve_until_stopped(session: ReviewSession, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with review_server(session, host, port) as url:
+        print(f"frugalstream audit review: {len(session.items)} audits of {session.tenant} await a verdict at "
+              f"{url} (a accept, r reject, s skip; Ctrl-C to stop)", flush=True)
+        await stop.wait()
+    state = session.state()["progress"]
+    print(f"reviewed {state['reviewed']} of {state['total']} ({state['skipped']} skipped)", flush=True)
