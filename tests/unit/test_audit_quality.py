@@ -123,3 +123,17 @@ def test_the_labelled_provider_grades_one_answer_alone_from_the_labels() -> None
     assert asyncio.run(ask("judge", llm_grade_messages("q1", weak)[1].content)).endswith("REJECT")
     assert asyncio.run(ask("judge", llm_grade_messages("q1", strong)[1].content)).endswith("ACCEPT")
     assert asyncio.run(ask("judge", llm_judge_messages("q1", weak, strong)[1].content)).endswith("REJECT")
+
+
+def test_a_replayed_answer_is_sampled_like_the_paid_one_so_a_failed_publish_loses_no_audit() -> None:
+    from frugalstream.gateway.audits import sample_paid
+    from frugalstream.gateway.logic import Result
+    from tests.unit.test_audits import SETTINGS, response, routed
+
+    down = routed("d")
+    paid = sample_paid(SETTINGS, [Result("k", down, "paid", response(down))])
+    replayed = sample_paid(SETTINGS, [Result("k", down, "replayed", response(down))])
+    assert len(paid) == 1 and len(replayed) == 1
+    first, again = paid[0].value, replayed[0].value
+    assert isinstance(first, AuditRequest) and isinstance(again, AuditRequest)
+    assert again.audit_id == first.audit_id  # the same audit: paid once, counted once

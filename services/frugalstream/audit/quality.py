@@ -105,8 +105,8 @@ def decide(labels: list[Graded], current: float, target: float, min_sample: int,
     now = at(points, current)
     if now.high < target:
         holding = [p for p in points if p.threshold <= current and p.low >= target]
-        chosen = holding[-1] if holding else Retained(bounds[0], 1.0, 1.0, 1.0, now.n, 0)
-        return _clip(chosen, bounds), "bound_broken", chosen
+        safe = holding[-1] if holding else Retained(bounds[0], 1.0, 1.0, 1.0, now.n, 0)
+        return _clip(safe, bounds), "bound_broken", safe
     chosen: Retained | None = None
     for p in points:
         if p.threshold <= current:

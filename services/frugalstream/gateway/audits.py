@@ -59,7 +59,10 @@ def sample_paid(settings: Settings, results: Iterable[Result]) -> list[Out]:
     cheapest = settings.tiers.for_tier("small")
     for result in results:
         response, routed = result.response, result.routed
-        if result.outcome != "paid" or response is None or not response.ok or response.content is None:
+        # a replay is sampled too: a batch whose publish failed comes back replayed, and its audit would be lost
+        # (the audit id is deterministic: the call is paid once, the verdict counted once)
+        if result.outcome not in ("paid", "replayed") or response is None or not response.ok or \
+                response.content is None:
             continue
         route, request = routed.route, routed.request
         if route.pinned:
