@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from types import TracebackType
 
+from faststream.kafka import KafkaBroker
+
 from frugalstream.bootstrap import Resources, build_services
 from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.logging import get_logger
@@ -52,7 +54,7 @@ class RunningServices:
                 await svc.start()
                 started.append(svc)
                 svc.register(self.broker, self.publisher)
-            await self.broker.start()
+            await start_subscribers_together(self.broker)
             self.health.attach(lambda: self.broker.ping(timeout=None))
         except BaseException:
             # A service or the broker failed to start: release what did start, so nothing is left running.
@@ -78,6 +80,20 @@ class RunningServices:
                 await svc.stop()
             except Exception:
                 log.exception("service_stop_failed", service=svc.name)
+
+
+async def start_subscribers_together(broker: KafkaBroker) -> None:
+    """`broker.start()`, with the subscribers started at once instead of one after another.
+
+    A group consumer's start returns once the group has formed, which a broker delays by its initial
+    rebalance delay (Kafka's default, and the embedded broker's, is 3 s): thirteen subscribers in a row
+    took 28 s to come up, together about 3 s.
+    """
+    await broker.connect()
+    await asyncio.gather(*(sub.start() for sub in broker.subscribers))
+    for pub in broker.publishers:
+        await pub.start()
+    broker.running = True
 
 
 async def serve_forever(names: Sequence[str], resources: Resources, stop: asyncio.Event) -> None:
