@@ -123,9 +123,14 @@ class ServiceProcess:
 
 
 def fresh_workload(n: int, tag: str) -> list[LLMRequest]:
-    """The demo's realistic mix (FAQ repeats, routine, hard, long histories), with ids unique to the test."""
+    """The demo's realistic mix (FAQ repeats, routine, hard, long histories), with ids unique to the test.
+
+    All interactive: the demo's deferrable share waits for a batch job (a minute's gathering by default), and
+    these tests are about what a fault does to calls answered now (tests/integration/test_batch_deferred.py
+    holds the batch path to the same promises)."""
     base = load_demo_workload()
-    return [base[i % len(base)].model_copy(update={"id": f"{tag}-{i}"}) for i in range(n)]
+    return [base[i % len(base)].model_copy(update={"id": f"{tag}-{i}", "latency_class": "interactive",
+                                                   "deadline": None}) for i in range(n)]
 
 
 async def read_physical(settings: Settings, physical_topics: Iterable[str], *, done: Callable[[list[Any]], bool],
