@@ -19,8 +19,7 @@ from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
     build_timeout,
-    error_from_exception,
-    error_from_response,
+    checked_request,
     parse_json_body,
     resolve_api_key,
 )
@@ -68,13 +67,7 @@ class AnthropicBatchJobs:
                                          timeout=build_timeout(timeout_s, 5.0), transport=transport)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise error_from_exception(self.name, exc) from exc
-        if response.status_code >= 400:
-            raise error_from_response(self.name, response)
-        return response
+        return await checked_request(self._client, self.name, method, path, **kwargs)
 
     async def submit(self, job_id: str, model: str, calls: Sequence[BatchCall]) -> str:
         requests = [{"custom_id": c.custom_id, "params": self.chat.build_body(

@@ -259,3 +259,15 @@ def estimate_usage(counter: TokenCounter, model: str, messages: Sequence[ChatMes
     output = counter.count_text(content, model)
     output += sum(counter.count_text(c.name + c.arguments, model) for c in calls)
     return TokenUsage(input_tokens=prompt, output_tokens=output, estimated=True)
+
+
+async def checked_request(client: httpx.AsyncClient, provider: str, method: str, path: str,
+                          **kwargs: Any) -> httpx.Response:
+    """One HTTP call to a provider's API; a transport failure or an error status becomes a `ProviderError`."""
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise error_from_exception(provider, exc) from exc
+    if response.status_code >= 400:
+        raise error_from_response(provider, response)
+    return response

@@ -19,8 +19,7 @@ from frugalstream.llm.providers.base import (
     ErrorKind,
     ProviderError,
     build_timeout,
-    error_from_exception,
-    error_from_response,
+    checked_request,
     parse_json_body,
     resolve_api_key,
 )
@@ -110,13 +109,7 @@ class OpenAIBatchClient:
                                          timeout=build_timeout(timeout_s, 5.0), transport=transport)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise error_from_exception(self.name, exc) from exc
-        if response.status_code >= 400:
-            raise error_from_response(self.name, response)
-        return response
+        return await checked_request(self._client, self.name, method, path, **kwargs)
 
     async def upload(self, content: bytes, filename: str = "batch.jsonl") -> str:
         response = await self._request("POST", "/files", data={"purpose": "batch"},
