@@ -1,6 +1,7 @@
 """The review tools on the embedded broker, with the audit service running: audits read from `llm.audits`,
-verdicts from the CSV import and from the review page's API land on `llm.audits.reviews`, and the service
-replaces the machine's verdicts with them; an import row whose answers changed is refused (issue 16)."""
+verdicts from the CSV import and from the review page's API land on `llm.audits.reviews`, and the service -
+restarted since it judged them - replaces the machine's verdicts with them; an import row whose answers changed
+is refused (issue 16)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ async def test_import_and_page_verdicts_reach_the_audit_service_and_a_changed_ro
         machine = await records_until(store, "acme", lambda found: len(found) == 3)
         assert sorted(machine) == ["r1", "r2", "r3"] and all(r.judge == "match" for r in machine.values())
 
+    # A restart: the new audit service knows these audits only from `llm.audits`, and must still take their
+    # reviews and count them in the same estimate.
+    async with pipeline(names=["audit"], settings=settings):
         out = tmp_path / "reviews.csv"
         assert await asyncio.to_thread(main, ["audit", "export", "--tenant", "acme", "--out", str(out)]) == 0
         with out.open(newline="", encoding="utf-8-sig") as f:
@@ -94,6 +98,7 @@ async def test_import_and_page_verdicts_reach_the_audit_service_and_a_changed_ro
         judged = await records_until(store, "acme", lambda f: f["r1"].judge == "human" and f["r3"].judge == "human")
         assert (judged["r1"].judge, judged["r1"].verdict) == ("human", "accept")
         assert (judged["r3"].judge, judged["r3"].verdict) == ("human", "reject")
+        assert judged["r3"].estimate.n == 3  # the three acme audits, two of them judged before the restart
         assert judged["r2"].judge == "match"  # the refused row changed nothing
         _, reviews = await store.load(None)
         assert sorted((v.audit_id, v.tenant) for v in reviews) == sorted(

@@ -33,8 +33,8 @@ def labels(n: int, *, fails_above: float, seed: int = 0) -> list[Label]:
 
 def controller(found: list[Label], tenant: str = "a") -> ThresholdController:
     c = ThresholdController(clock=lambda: 1.0)
-    for lb in found:
-        c.observe(tenant, "chat", "route_mid", lb)
+    for i, lb in enumerate(found):
+        c.observe(tenant, "chat", "route_mid", lb, key=str(i))
     return c
 
 

@@ -122,20 +122,20 @@ def test_match_judge_ignores_case_punctuation_marker_and_json_key_order() -> Non
 
 def test_a_broken_bound_tightens_at_once_and_loosening_needs_evidence() -> None:
     c = ThresholdController(min_evidence=30, clock=lambda: 1.0)
-    c.observe("a", "faq", "semantic_verify", Label(0.95, True))
-    c.observe("a", "faq", "semantic_verify", Label(0.92, False))  # a false hit above the threshold
+    c.observe("a", "faq", "semantic_verify", Label(0.95, True), key="h1")
+    c.observe("a", "faq", "semantic_verify", Label(0.92, False), key="h2")  # a false hit above the threshold
     change = c.decide("a", "faq", "semantic_verify", 0.9, 0.99)
     assert change is not None and change.reason == "bound_broken" and change.value > 0.92
     few = ThresholdController(min_evidence=30)
     for i in range(20):
-        few.observe("a", "faq", "semantic_verify", Label(0.5 + i / 100, True))
+        few.observe("a", "faq", "semantic_verify", Label(0.5 + i / 100, True), key=f"a{i}")
     assert few.decide("a", "faq", "semantic_verify", 0.9, 0.99) is None  # 20 clean labels prove nothing at 1%
     for i in range(80):
-        few.observe("a", "faq", "semantic_verify", Label(0.5 + (i % 40) / 100, True))
+        few.observe("a", "faq", "semantic_verify", Label(0.5 + (i % 40) / 100, True), key=f"b{i}")
     assert few.decide("a", "faq", "semantic_verify", 0.9, 0.99) is None  # 100 clean: a 1% bound is not yet shown
     many = ThresholdController(min_evidence=30)
     for i in range(800):
-        many.observe("a", "faq", "semantic_verify", Label(0.6 + (i % 40) / 100, True))
+        many.observe("a", "faq", "semantic_verify", Label(0.6 + (i % 40) / 100, True), key=str(i))
     loosened = many.decide("a", "faq", "semantic_verify", 0.9, 0.99)
     assert loosened is not None and loosened.reason == "evidence" and loosened.value < 0.9
 
@@ -143,7 +143,7 @@ def test_a_broken_bound_tightens_at_once_and_loosening_needs_evidence() -> None:
 def test_routing_threshold_moves_the_other_way() -> None:
     c = ThresholdController(min_evidence=30)
     for i in range(400):
-        c.observe("a", "chat", "route_mid", Label(i / 1000, i < 300))  # the cheap answers fail above 0.3
+        c.observe("a", "chat", "route_mid", Label(i / 1000, i < 300), key=str(i))  # the cheap answers fail above 0.3
     change = c.decide("a", "chat", "route_mid", 0.12, 0.95)
     assert change is not None and change.reason == "evidence" and 0.12 < change.value <= 0.35
 
@@ -254,6 +254,27 @@ async def test_estimates_count_each_audit_once_and_reviews_are_tied_to_tenant_an
     reviewed, _ = auditor.review([ReviewVerdict(audit_id=bad.audit_id, tenant="acme", verdict="accept",
                                                 answers_sha256=digest, reviewed_at=2.0)])
     assert reviewed[0].judge == "human" and reviewed[0].estimate.accepted == 2 and reviewed[0].estimate.n == 2
+
+
+async def test_a_restarted_auditor_counts_what_llm_audits_holds_once_and_still_takes_reviews() -> None:
+    first = Auditor(SETTINGS, {"match": MatchJudge()})
+    ok, bad = answered("r1", "Paris", "paris"), answered("r2", "Paris", "Lyon")
+    records, _ = await first.judge([ok, bad])
+    restarted = Auditor(SETTINGS, {"match": MatchJudge()})
+    assert restarted.restore([*records, *records]) == 2  # the topic read twice counts each audit once
+    cell = ("acme", "faq", "cache_semantic")
+    assert restarted.estimates.estimate(cell) == first.estimates.estimate(cell)
+    assert restarted.controller.labels("acme", "faq", "semantic_verify") == \
+        first.controller.labels("acme", "faq", "semantic_verify")
+    assert (await restarted.judge([ok]))[0] == []  # judged before the restart: a redelivery changes nothing
+    digest = answers_digest(bad.candidate, bad.reference)  # type: ignore[arg-type]
+    reviewed, _ = restarted.review([ReviewVerdict(audit_id=bad.audit_id, tenant="acme", verdict="accept",
+                                                  answers_sha256=digest, reviewed_at=2.0)])
+    assert reviewed[0].judge == "human" and reviewed[0].estimate.n == 2 and reviewed[0].estimate.accepted == 2
+    labels = restarted.controller.labels("acme", "faq", "semantic_verify")
+    assert len(labels) == 2 and all(lb.accepted for lb in labels)  # the person's label replaced the machine's
+    restarted.restore(records)  # the machine's record read again later never overrides the person
+    assert restarted.recent[bad.audit_id].judge == "human"
 
 
 def test_report_shows_audit_estimates_in_every_format_and_human_verdicts_win() -> None:

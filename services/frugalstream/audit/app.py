@@ -2,14 +2,17 @@
 
 Judged audits go on `llm.audits` keyed by tenant (analytics and the accountant read them); threshold changes
 go on the compacted `llm.thresholds` keyed `tenant/task_type/knob`, which the classifier and dedupe read whole.
-The service reads `llm.thresholds` whole too, so after a restart it moves thresholds from where they are.
-Its estimates are exported to Prometheus as they change.
+The service reads `llm.thresholds` whole too, so after a restart it moves thresholds from where they are, and
+before it subscribes it reads `llm.audits` whole: the estimates, the threshold labels and the audits reviewers
+may judge survive a restart (as far back as the topic's retention). Its estimates are exported to Prometheus
+as they change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from faststream.kafka import KafkaBroker
 
@@ -17,13 +20,18 @@ from frugalstream.audit.logic import Auditor
 from frugalstream.llm.judges import EmbeddingJudge, Judge, MatchJudge
 from frugalstream.llm.thresholds import threshold_key
 from frugalstream.resources import Resources
+from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
+from frugalstream.runtime.state_topics import read_topic
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRecord, AuditRequest, ReviewVerdict, ThresholdChange
+
+log = get_logger(__name__)
+History = Callable[[], Awaitable[Sequence[AuditRecord]]]
 
 
 def audit_outs(records: Sequence[AuditRecord], changes: Sequence[ThresholdChange]) -> list[Out]:
@@ -35,11 +43,17 @@ def audit_outs(records: Sequence[AuditRecord], changes: Sequence[ThresholdChange
 class AuditService:
     settings: Settings
     logic: Auditor
+    history: History | None = None  # the judged audits so far (`llm.audits`); None: start empty (tests)
     metrics: Metrics = METRICS
     name: str = "audit"
 
     async def start(self) -> None:
-        return None
+        if self.history is None:
+            return
+        records = await self.history()
+        counted = self.logic.restore(records)
+        self._export([r for r in self.logic.recent.values()], [])
+        log.info("audits_restored", records=len(records), counted=counted)
 
     async def stop(self) -> None:
         return None
@@ -83,4 +97,4 @@ def wire(res: Resources) -> AuditService:
     s = res.settings
     judges: dict[str, Judge] = {"match": MatchJudge(),
                                 "embedding": EmbeddingJudge(res.embedder, s.audit_embedding_accept)}
-    return AuditService(s, Auditor(s, judges))
+    return AuditService(s, Auditor(s, judges), history=partial(read_topic, s, t.AUDITS, AuditRecord))

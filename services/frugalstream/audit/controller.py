@@ -21,7 +21,7 @@ the semantic threshold loosen at all: audited hits only ever speak for threshold
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,7 +65,16 @@ def acceptance_at(labels: list[Label], knob: Knob, threshold: float) -> Proporti
 
 @dataclass
 class Cell:
-    labels: deque[Label]
+    """Labels by audit id, oldest first: a later verdict on the same audit (a person's) replaces the earlier."""
+
+    window: int
+    labels: OrderedDict[str, Label] = field(default_factory=OrderedDict)
+
+    def put(self, key: str, label: Label) -> None:
+        self.labels[key] = label
+        self.labels.move_to_end(key)
+        while len(self.labels) > self.window:
+            self.labels.popitem(last=False)
 
 
 @dataclass
@@ -77,15 +86,16 @@ class ThresholdController:
     clock: Callable[[], float] = field(default=time.time, repr=False)
     cells: dict[tuple[str, str, Knob], Cell] = field(default_factory=dict)
 
-    def observe(self, tenant: str, task_type: str, knob: Knob, label: Label) -> None:
+    def observe(self, tenant: str, task_type: str, knob: Knob, label: Label, key: str) -> None:
+        """`key`: the audit's id; observing it again replaces its label (counted once)."""
         cell = self.cells.get((tenant, task_type, knob))
         if cell is None:
-            cell = self.cells[(tenant, task_type, knob)] = Cell(deque(maxlen=self.window))
-        cell.labels.append(label)
+            cell = self.cells[(tenant, task_type, knob)] = Cell(self.window)
+        cell.put(key, label)
 
     def labels(self, tenant: str, task_type: str, knob: Knob) -> list[Label]:
         cell = self.cells.get((tenant, task_type, knob))
-        return list(cell.labels) if cell is not None else []
+        return list(cell.labels.values()) if cell is not None else []
 
     def decide(self, tenant: str, task_type: TaskType, knob: Knob, current: float,
                target: float) -> ThresholdChange | None:

@@ -82,7 +82,7 @@ class Auditor:
     estimates: EstimateBook = field(default_factory=EstimateBook)
     clock: Callable[[], float] = time.time
     recent_max: int = 100_000
-    recent: OrderedDict[str, tuple[AuditRecord, Knob | None]] = field(default_factory=OrderedDict)
+    recent: OrderedDict[str, AuditRecord] = field(default_factory=OrderedDict)  # latest verdict per audit
 
     def __post_init__(self) -> None:
         self.controller.min_evidence = self.settings.audit_min_evidence
@@ -120,52 +120,66 @@ class Auditor:
 
     def _record(self, audit: AuditRequest, judge: JudgeName, judgement: Judgement) -> AuditRecord:
         assert audit.candidate is not None and audit.reference is not None
-        cell: Cell = (audit.tenant, audit.task_type or "", audit.kind)
-        self.estimates.put(cell, audit.audit_id, judgement.verdict == "accept")
         record = AuditRecord(
             audit_id=audit.audit_id, tenant=audit.tenant, request_id=audit.request_id, kind=audit.kind,
             task_type=audit.task_type or "", tier=audit.tier, question=audit.question, candidate=audit.candidate,
             reference=audit.reference, judge=judge, verdict=judgement.verdict, similarity=judgement.similarity,
-            score=audit.score, threshold=audit.threshold, estimate=self.estimates.estimate(cell),
+            score=audit.score, threshold=audit.threshold, candidate_grade=audit.candidate_grade,
+            reference_grade=audit.reference_grade,
+            estimate=self.estimates.estimate((audit.tenant, audit.task_type or "", audit.kind)),  # before counting
             judged_at=self.clock(),
         )
-        knob = knob_of(audit)
-        self._remember(record, knob if audit.score is not None else None)
-        if knob is not None and audit.score is not None:
-            weight = 1.0 / max(audit_rate(self.settings.audit_rates, audit.kind, self.settings.audit_rate), 1e-6)
-            grades = None if audit.candidate_grade is None or audit.reference_grade is None else (
-                audit.candidate_grade == "accept", audit.reference_grade == "accept")
-            self.controller.observe(audit.tenant, record.task_type, knob,
-                                    Label(audit.score, judgement.verdict == "accept", weight, grades))
-        return record
+        return self._count(record)
 
-    def _remember(self, record: AuditRecord, knob: Knob | None) -> None:
-        self.recent[record.audit_id] = (record, knob)
+    def _count(self, record: AuditRecord) -> AuditRecord:
+        """Counts a verdict (replacing any earlier one of the same audit) in the estimate of its cell and the
+        labels of its threshold; returns the record with the cell's estimate after counting it."""
+        cell: Cell = (record.tenant, record.task_type, record.kind)
+        accepted = record.verdict == "accept"
+        self.estimates.put(cell, record.audit_id, accepted)
+        record = record.model_copy(update={"estimate": self.estimates.estimate(cell)})
+        knob = knob_of(record)
+        self.recent[record.audit_id] = record
+        self.recent.move_to_end(record.audit_id)
         while len(self.recent) > self.recent_max:
             self.recent.popitem(last=False)
+        if knob is not None and record.score is not None:
+            weight = 1.0 / max(audit_rate(self.settings.audit_rates, record.kind, self.settings.audit_rate), 1e-6)
+            grades = None if record.judge == "human" or record.candidate_grade is None or \
+                record.reference_grade is None else (record.candidate_grade == "accept",
+                                                     record.reference_grade == "accept")
+            self.controller.observe(record.tenant, record.task_type, knob,
+                                    Label(record.score, accepted, weight, grades), key=record.audit_id)
+        return record
+
+    def restore(self, records: Sequence[AuditRecord]) -> int:
+        """Counts judged audits read back from `llm.audits` (a restart): estimates, threshold labels and what
+        reviewers may judge come back; thresholds are not decided again (`llm.thresholds` holds them). A record
+        already counted with the same verdict changes nothing; returns how many were counted."""
+        counted = 0
+        for record in records:
+            known = self.recent.get(record.audit_id)
+            if known is not None and (known.judge, known.verdict) == (record.judge, record.verdict):
+                continue
+            if known is not None and known.judge == "human" and record.judge != "human":
+                continue  # a person's verdict is never replaced by a machine's
+            self._count(record)
+            counted += 1
+        return counted
 
     def review(self, verdicts: Sequence[ReviewVerdict]) -> tuple[list[AuditRecord], list[ThresholdChange]]:
         """People's verdicts replace the machine's, for audits of the same tenant on the same answers only."""
         records: list[AuditRecord] = []
         for v in verdicts:
             known = self.recent.get(v.audit_id)
-            if known is None or known[0].tenant != v.tenant or \
-                    answers_digest(known[0].candidate, known[0].reference) != v.answers_sha256:
+            if known is None or known.tenant != v.tenant or \
+                    answers_digest(known.candidate, known.reference) != v.answers_sha256:
                 log.warning("review_refused", audit_id=v.audit_id, tenant=v.tenant)
                 continue
-            old, knob = known
-            if old.judge == "human" and old.verdict == v.verdict:
+            if known.judge == "human" and known.verdict == v.verdict:
                 continue
-            cell: Cell = (old.tenant, old.task_type, old.kind)
-            self.estimates.put(cell, old.audit_id, v.verdict == "accept")
-            record = old.model_copy(update={"judge": "human", "verdict": v.verdict,
-                                            "estimate": self.estimates.estimate(cell), "judged_at": self.clock()})
-            self._remember(record, knob)
-            if knob is not None and old.score is not None:
-                weight = 1.0 / max(audit_rate(self.settings.audit_rates, old.kind, self.settings.audit_rate), 1e-6)
-                self.controller.observe(old.tenant, old.task_type, knob, Label(old.score, v.verdict == "accept",
-                                                                                weight))
-            records.append(record)
+            records.append(self._count(known.model_copy(update={"judge": "human", "verdict": v.verdict,
+                                                                "judged_at": self.clock()})))
         return records, self._decide(records)
 
     def _decide(self, records: Sequence[AuditRecord]) -> list[ThresholdChange]:

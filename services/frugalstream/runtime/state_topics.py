@@ -19,8 +19,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel, ValidationError
 
 from frugalstream.runtime.broker import aiokafka_security
+from frugalstream.runtime.kafka_options import client_options
 from frugalstream.runtime.logging import get_logger
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import Settings, UsageError
 
 log = get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -80,6 +81,44 @@ async def read_compacted(settings: Settings, name: str, model: type[M], partitio
         except ValidationError:
             log.warning("state_record_invalid", topic=name, partition=partition)
     return [v for v in latest.values() if v is not None]
+
+
+async def topic_partitions(settings: Settings, name: str) -> set[int]:
+    """The partition numbers of a topic (logical name); a clear error when it does not exist."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                **aiokafka_security(settings), **client_options())
+    await consumer.start()
+    try:
+        await consumer.topics()
+        found = consumer.partitions_for_topic(settings.topic(name)) or set()
+    finally:
+        await consumer.stop()
+    if not found:
+        raise UsageError(f"topic {settings.topic(name)} does not exist on {settings.kafka_bootstrap} "
+                         "(run `frugalstream topics` first)")
+    return set(found)
+
+
+def decode_found(found: Iterable[tuple[bytes, bytes | None, int]], model: type[M],
+                 key: bytes | None = None) -> list[M]:
+    """The valid records of a scan (of one key, when given), in scan order; invalid ones are logged and skipped."""
+    out: list[M] = []
+    for k, value, _ in found:
+        if value is None or (key is not None and k != key):
+            continue
+        try:
+            out.append(model.model_validate_json(value))
+        except ValidationError:
+            log.warning("state_record_invalid", model=model.__name__)
+    return out
+
+
+async def read_topic(settings: Settings, name: str, model: type[M], *, key: bytes | None = None,
+                     idle_s: float = 2.0) -> list[M]:
+    """Every valid record of a whole topic (of one key, when given), without a group; decoded on a worker
+    thread, since a topic of many records must not stall the event loop."""
+    found = await scan(settings, name, await topic_partitions(settings, name), idle_s=idle_s)
+    return await asyncio.to_thread(decode_found, found, model, key)
 
 
 Loader = Callable[[set[int]], Awaitable[object]]

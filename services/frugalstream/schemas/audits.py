@@ -80,7 +80,10 @@ class AuditEstimate(BaseModel):
 
 
 class AuditRecord(Contract):
-    """A judged audit on `llm.audits` (key = tenant), with the estimate of its cell after counting it."""
+    """A judged audit on `llm.audits` (key = tenant), with the estimate of its cell after counting it.
+
+    It carries all the audit service needs to count it again: a restarted service rebuilds its estimates, its
+    threshold labels and what reviewers may judge from this topic."""
 
     schema_version: Literal[1] = 1
     audit_id: str
@@ -97,6 +100,8 @@ class AuditRecord(Contract):
     similarity: float | None = Field(default=None, description="Answer-embedding cosine, when that judge ran.")
     score: float | None = None
     threshold: float | None = None
+    candidate_grade: Verdict | None = Field(default=None, description="The judge's grade of the candidate alone.")
+    reference_grade: Verdict | None = Field(default=None, description="The judge's grade of the reference alone.")
     estimate: AuditEstimate
     judged_at: float
 

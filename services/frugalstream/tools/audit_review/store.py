@@ -11,32 +11,19 @@ import asyncio
 from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import BaseModel, ValidationError
+from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel
 
 from frugalstream.runtime.broker import aiokafka_security
-from frugalstream.runtime.kafka_options import client_options, producer_options
+from frugalstream.runtime.kafka_options import producer_options
 from frugalstream.runtime.logging import get_logger
-from frugalstream.runtime.settings import Settings, UsageError
-from frugalstream.runtime.state_topics import scan
+from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import read_topic
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRecord, ReviewVerdict
 
 log = get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
-
-
-def _decode(found: list[tuple[bytes, bytes | None, int]], model: type[M], tenant: str | None) -> list[M]:
-    out: list[M] = []
-    want = None if tenant is None else tenant.encode()
-    for key, value, _ in found:
-        if value is None or (want is not None and key != want):
-            continue
-        try:
-            out.append(model.model_validate_json(value))
-        except ValidationError:
-            log.warning("audit_review_record_invalid", model=model.__name__)
-    return out
 
 
 class KafkaReviewStore:
@@ -45,24 +32,9 @@ class KafkaReviewStore:
         self.idle_s = idle_s
         self._producer: AIOKafkaProducer | None = None
 
-    async def partitions(self, name: str) -> set[int]:
-        s = self.settings
-        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None, enable_auto_commit=False,
-                                    **aiokafka_security(s), **client_options())
-        await consumer.start()
-        try:
-            await consumer.topics()
-            found = consumer.partitions_for_topic(s.topic(name)) or set()
-        finally:
-            await consumer.stop()
-        if not found:
-            raise UsageError(f"topic {s.topic(name)} does not exist on {s.kafka_bootstrap} "
-                             "(run `frugalstream topics` first)")
-        return set(found)
-
     async def _read(self, name: str, model: type[M], tenant: str | None) -> list[M]:
-        found = await scan(self.settings, name, await self.partitions(name), idle_s=self.idle_s)
-        return await asyncio.to_thread(_decode, found, model, tenant)
+        return await read_topic(self.settings, name, model, key=None if tenant is None else tenant.encode(),
+                                idle_s=self.idle_s)
 
     async def load(self, tenant: str | None) -> tuple[list[AuditRecord], list[ReviewVerdict]]:
         records, reviews = await asyncio.gather(self._read(t.AUDITS, AuditRecord, tenant),
