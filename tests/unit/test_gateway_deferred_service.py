@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from frugalstream.gateway.app import GatewayService
+from frugalstream.gateway.audits import AuditCalls
 from frugalstream.gateway.batch_jobs import MemoryBatchJobs
 from frugalstream.gateway.batch_runner import BatchRunner
 from frugalstream.gateway.deferred import DeferPolicy
@@ -18,6 +19,7 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext
 from frugalstream.schemas import BatchJob, LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
+from frugalstream.schemas.audits import AuditRequest
 from tests.unit.test_batch_runner import Clock, routed
 from tests.unit.test_gateway_idempotency import FakePublisher, decoded
 
@@ -76,3 +78,18 @@ async def test_a_job_that_cannot_be_recorded_rewinds_its_request(settings: Setti
     record = decoded(later(3), 2, 7)
     handled = await svc._on_dispatch([record], BatchContext(True))
     assert handled.outs == [] and [d.record for d in handled.deferred] == [record.record]
+
+
+async def test_an_answer_from_a_batch_job_is_sampled_for_audit_like_any_paid_answer(settings: Settings) -> None:
+    clock = Clock()
+    clock.now = time.time()
+    svc, _, publisher = service(settings.model_copy(update={"audit_rate": 1.0}), clock)
+    svc.audits = AuditCalls(svc.settings, svc.logic)
+    await svc._on_dispatch([decoded(later(4), 0, 0)], BatchContext(True))
+    assert svc.runner is not None
+    for _ in range(2):
+        clock.now += 3
+        await svc.runner.tick()
+    [audit] = [o.value for o in publisher.published if o.topic == t.AUDITS_DISPATCH]
+    assert isinstance(audit, AuditRequest) and audit.kind == "routed_down" and audit.request_id == "r4"
+    assert audit.candidate is not None and audit.job is not None and audit.job.route.model == "gpt-4o"

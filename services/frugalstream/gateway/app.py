@@ -80,10 +80,12 @@ class GatewayService:
             await backend.aclose()
 
     async def _emit(self, results: Sequence[Result]) -> None:
-        """The runner's answers, published as the handler's are (a usage alone: a batch line paid late)."""
+        """The runner's answers, published as the handler's are (a usage alone: a batch line paid late), and
+        sampled for audits as the handler's are: a saving made through a batch job is audited like any other."""
         if self.publisher is None:
             raise RuntimeError("the gateway is not registered")
-        await self.publisher.publish_all([out for r in results for out in _outs(r)], service=self.name)
+        await self.publisher.publish_all([out for r in results for out in _outs(r)] + self._audited(results),
+                                         service=self.name)
 
     async def _handle(self, batch: Sequence[Decoded[RoutedRequest]], can_defer: bool) -> list[Result]:
         """Deferrable requests into batch jobs, the rest called now; one result per distinct request."""
