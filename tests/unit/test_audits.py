@@ -15,6 +15,7 @@ from frugalstream.accountant.logic import Accountant
 from frugalstream.accountant.report import FORMATS, build_report, render
 from frugalstream.audit.controller import Label, ThresholdController
 from frugalstream.audit.logic import Auditor
+from frugalstream.classifier.logic import Classifier, Routed
 from frugalstream.dedupe.app import outs_for
 from frugalstream.dedupe.audit_sampling import AuditSampler
 from frugalstream.dedupe.lookup import SemanticHit
@@ -29,6 +30,7 @@ from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import price_usage
 from frugalstream.llm.providers import Completion
 from frugalstream.llm.thresholds import ThresholdBook
+from frugalstream.llm.tokens import TokenCounter
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.records import Decoded, Record
 from frugalstream.runtime.settings import Settings
@@ -211,6 +213,34 @@ def test_paid_routed_down_answers_are_sampled_but_pinned_ones_are_not() -> None:
     audit = outs[0].value
     assert isinstance(audit, AuditRequest) and audit.request_id == "d" and audit.kind == "routed_down"
     assert audit.job is not None and audit.job.route.model == "gpt-4o"
+
+
+def long_chat(rid: str) -> LLMRequest:
+    turns = [ChatMessage(role="system", content="You help with bank fees.")]
+    for k in range(30):
+        turns += [ChatMessage(role="user", content=f"question {k}: " + "tell me about fees " * 20),
+                  ChatMessage(role="assistant", content=f"answer {k}: " + "the fee is small " * 20)]
+    return LLMRequest(id=rid, tenant="acme", model="gpt-4o", task_hint="chat",
+                      messages=(*turns, ChatMessage(role="user", content="So what do I pay for a wire?")))
+
+
+async def test_a_sampled_trim_is_audited_against_the_same_model_on_the_full_history() -> None:
+    settings = SETTINGS.model_copy(update={"context_budgets": {"chat": 1_000}})
+    request = long_chat("t1")
+    [kept] = await Classifier(settings, TokenCounter(), catalog=PriceCatalog.load()).handle([request])
+    assert isinstance(kept, Routed)
+    trimmed = kept.routed
+    assert trimmed.route.trimmed_messages > 0 and len(trimmed.request.messages) < len(request.messages)
+    assert trimmed.audit_messages == request.messages  # sampled (rate 1): the full history travels with it
+    [out] = sample_paid(settings, [Result("k", trimmed, "paid", response(trimmed))])
+    audit = out.value
+    assert isinstance(audit, AuditRequest) and audit.kind == "trimmed" and audit.job is not None
+    assert audit.job.request.messages == request.messages and audit.job.route.model == "gpt-4o"
+    assert audit.job.audit_messages is None and audit.candidate is not None
+
+    unsampled = settings.model_copy(update={"audit_rate": 0.0})
+    [plain] = await Classifier(unsampled, TokenCounter(), catalog=PriceCatalog.load()).handle([long_chat("t2")])
+    assert isinstance(plain, Routed) and plain.routed.audit_messages is None  # not sampled: nothing extra carried
 
 
 async def test_audit_calls_publish_only_to_the_audit_topic_and_bill_audit_usage() -> None:

@@ -29,6 +29,8 @@ from frugalstream.classifier.routing import (
 from frugalstream.classifier.task_rules import classify_task
 from frugalstream.classifier.trimming import trim_to_budget
 from frugalstream.classifier.walls import Denial, admission_denial, unpriced_pin_denial
+from frugalstream.llm.audits import audit_rate, paid_saving
+from frugalstream.llm.audits import sampled as audit_sampled
 from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversation
 from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
 from frugalstream.llm.pricing.catalog import PriceCatalog
@@ -36,7 +38,7 @@ from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import BudgetState, LLMRequest, LLMResponse, Route, RoutedRequest
+from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, LLMResponse, Route, RoutedRequest
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
@@ -210,5 +212,19 @@ class Classifier:
         routed = RoutedRequest(
             request=sent, route=route, keys=keys, routed_at=time.time(),
             embedding=encode_vector(vector) if vector is not None else None,
+            audit_messages=self._kept_for_audit(request, route) if trimmed.dropped else None,
         )
         return Routed(routed)
+
+    def _kept_for_audit(self, request: LLMRequest, route: Route) -> tuple[ChatMessage, ...] | None:
+        """The untrimmed history of a trimmed request whose saving is sampled for audit (the gateway's sampling,
+        by the same hash), when carrying it keeps the routed message well under the size limit."""
+        s = self.settings
+        kind = paid_saving(route)
+        if kind is None or not audit_sampled(request.tenant, request.id, kind,
+                                             audit_rate(s.audit_rates, kind, s.audit_rate)):
+            return None
+        if 2 * len(request.model_dump_json()) > 0.7 * s.max_message_bytes:
+            log.info("trim_audit_skipped_too_large", tenant=request.tenant, request_id=request.id)
+            return None
+        return request.messages

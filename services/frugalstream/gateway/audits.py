@@ -1,9 +1,11 @@
 """The gateway's part of audits: sample its own savings, and run the counterfactual calls of every audit.
 
 Sampling (on paid answers): a request routed below its baseline model is `routed_down` (its answer is the
-candidate, the baseline model's the reference); a request routed above the cheapest tier is `routed_up` (the
-cheapest tier's answer is the candidate: could it have gone cheaper?). Pinned requests are neither: the tenant
-chose the model.
+candidate, the baseline model's the reference); one sent on its baseline (or pinned) model with a trimmed
+history is `trimmed` (the reference: the same model). Either reference runs on the full history when the
+request was trimmed (the classifier keeps it for the sampled ones, `llm.audits.paid_saving`). A request routed
+above the cheapest tier is `routed_up` (the cheapest tier's answer is the candidate: could it have gone
+cheaper?). A pinned request is audited for its trim only: the tenant chose the model.
 
 Calls (`llm.audits.dispatch` -> `llm.audits.answered` + `llm.usage`): the job runs through the same `Gateway`
 logic (providers, retries, breakers), under the audit id, on a gateway of its own whose paid-call memory is
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from frugalstream.gateway.idempotency import MemoryCompleted
 from frugalstream.gateway.logic import Gateway, Result
-from frugalstream.llm.audits import audit_id, audit_job, audit_rate, audit_usage, sampled
+from frugalstream.llm.audits import audit_id, audit_job, audit_rate, audit_usage, paid_saving, sampled
 from frugalstream.llm.judges import DEFAULT_RUBRIC, llm_judge_messages, parse_llm_verdict
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.records import Decoded, Out
@@ -65,14 +67,15 @@ def sample_paid(settings: Settings, results: Iterable[Result]) -> list[Out]:
                 response.content is None:
             continue
         route, request = routed.route, routed.request
-        if route.pinned:
-            continue
         served = AuditAnswer(content=response.content, model=response.model)
         audit: AuditRequest | None = None
-        if route.model != route.baseline_model and _sample(settings, routed, "routed_down"):
-            audit = _request(routed, "routed_down", candidate=served,
-                             job=audit_job(routed, "routed_down", route.baseline_model, "large"))
-        elif route.tier != "small" and cheapest and _sample(settings, routed, "routed_up"):
+        saving = paid_saving(route)
+        if saving is not None and route.trimmed_messages and routed.audit_messages is None:
+            pass  # the full history was too large to carry: no counterfactual on a context the baseline never had
+        elif saving is not None and _sample(settings, routed, saving):
+            model, tier = (route.baseline_model, "large") if saving == "routed_down" else (route.model, route.tier)
+            audit = _request(routed, saving, candidate=served, job=audit_job(routed, saving, model, tier))
+        elif not route.pinned and route.tier != "small" and cheapest and _sample(settings, routed, "routed_up"):
             audit = _request(routed, "routed_up", reference=served,
                              job=audit_job(routed, "routed_up", cheapest[0], "small"))
         if audit is not None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 
 from frugalstream.llm.identity import request_key, usage_id
-from frugalstream.schemas import CostPoint, PricedStep, RoutedRequest, TokenUsage, UsageRecord
+from frugalstream.schemas import CostPoint, PricedStep, Route, RoutedRequest, TokenUsage, UsageRecord
 from frugalstream.schemas.audits import AuditAnswer, DecisionKind
 
 AUDIT_PREFIX = "audit-"
@@ -42,18 +42,29 @@ def sampled(tenant: str, request_id: str, kind: DecisionKind, rate: float) -> bo
     return rate > 0 and sample_point(tenant, request_id, kind) < rate
 
 
+def paid_saving(route: Route) -> DecisionKind | None:
+    """The saving a paid answer took, which a counterfactual on the full history audits: a cheaper model than
+    the baseline (`routed_down`, trimmed or not), else a trimmed history (`trimmed`, also for a pinned model:
+    the tenant chose the model, not the trim)."""
+    if route.model != route.baseline_model and not route.pinned:
+        return "routed_down"
+    return "trimmed" if route.trimmed_messages else None
+
+
 def audit_job(routed: RoutedRequest, kind: DecisionKind, model: str, tier: str | None = None) -> RoutedRequest:
-    """The counterfactual call: the request as routed, run on `model`, with no fallback, no cache and no reply
-    topic, under the audit id (its answer goes nowhere but `llm.audits.answered`)."""
+    """The counterfactual call: the request as routed - on its full history when the classifier kept it for
+    this audit (`audit_messages`) - run on `model`, with no fallback, no cache and no reply topic, under the
+    audit id (its answer goes nowhere but `llm.audits.answered`)."""
+    full = {"messages": routed.audit_messages} if routed.audit_messages is not None and kind != "routed_up" else {}
     request = routed.request.model_copy(update={
         "id": audit_id(routed.request.tenant, routed.request.id, kind), "reply_topic": None,
-        "cache": routed.request.cache.model_copy(update={"policy": "no-store", "shared_scope": None}),
+        "cache": routed.request.cache.model_copy(update={"policy": "no-store", "shared_scope": None}), **full,
     })
     route = routed.route.model_copy(update={
         "model": model, "fallbacks": (), "tier": tier or routed.route.tier, "pinned": True,
         "reason": f"audit {kind}",
     })
-    return routed.model_copy(update={"request": request, "route": route, "coalesced_with": ()})
+    return routed.model_copy(update={"request": request, "route": route, "coalesced_with": (), "audit_messages": None})
 
 
 def audit_usage(job: RoutedRequest, model: str, usage: TokenUsage, *, simulated: bool,

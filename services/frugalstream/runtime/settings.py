@@ -214,7 +214,8 @@ class Settings(BaseSettings):
     # Audits: a sample of every saving gets its counterfactual and a verdict; thresholds hold the targets.
     audit_rate: float = Field(
         default=0.05, ge=0, le=1, description="Share of each kind of saving (semantic hit, coalesced, routed "
-                                              "down) that also gets the baseline's answer and a verdict.")
+                                              "down, trimmed) that also gets the baseline's answer on the full "
+                                              "history and a verdict.")
     audit_rates: dict[str, float] = Field(
         default_factory=lambda: {"near_miss": 1.0, "routed_up": 0.02},
         description="Per decision kind, over `audit_rate`: `near_miss` labels cost no model call; `routed_up` "

@@ -19,8 +19,9 @@ from frugalstream.schemas.requests import RoutedRequest, TaskType, Tier
 #: `near_miss` (a semantic candidate the verifier rejected, compared with the fresh answer paid for anyway).
 #: The playbook's question: `routed_up` (a request sent above the cheapest tier, also asked of the cheapest:
 #: could it have gone cheaper?).
-DecisionKind = Literal["cache_semantic", "coalesced", "routed_down", "near_miss", "routed_up"]
-DECISION_KINDS: tuple[DecisionKind, ...] = ("cache_semantic", "coalesced", "routed_down", "near_miss", "routed_up")
+DecisionKind = Literal["cache_semantic", "coalesced", "routed_down", "near_miss", "routed_up", "trimmed"]
+DECISION_KINDS: tuple[DecisionKind, ...] = ("cache_semantic", "coalesced", "routed_down", "near_miss", "routed_up",
+                                             "trimmed")
 Verdict = Literal["accept", "reject"]
 JudgeName = Literal["match", "embedding", "llm", "human"]
 

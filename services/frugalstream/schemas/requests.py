@@ -279,3 +279,7 @@ class RoutedRequest(Contract):
     coalesced_with: tuple[str, ...] = Field(
         default=(), description="Request ids that wait for this dispatch's answer (in-flight coalescing)."
     )
+    audit_messages: tuple[ChatMessage, ...] | None = Field(
+        default=None, description="The untrimmed messages, carried only when the request was trimmed and its "
+                                  "saving is sampled for audit: the counterfactual call runs on the full context."
+    )
