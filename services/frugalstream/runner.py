@@ -9,7 +9,7 @@ from types import TracebackType
 from faststream.kafka import KafkaBroker
 
 from frugalstream.bootstrap import Resources, build_services
-from frugalstream.runtime.broker import make_broker
+from frugalstream.runtime.broker import GRACEFUL_TIMEOUT_S, make_broker
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.probes import Health, start_probe_server
@@ -74,6 +74,7 @@ class RunningServices:
         for svc in services:
             if isinstance(svc, BackgroundWork):
                 await svc.stop_background()  # nothing may publish once the broker starts closing
+        await self.publisher.drain(GRACEFUL_TIMEOUT_S)
         await self.broker.stop()
         for svc in reversed(services):
             try:

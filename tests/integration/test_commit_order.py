@@ -82,6 +82,46 @@ async def test_offsets_are_committed_only_after_the_outputs_are_published(
     assert committed == 3
 
 
+@pytest.mark.integration
+async def test_batches_in_flight_at_once_never_commit_past_one_still_running(
+    embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """With batches in flight at once, a slow record holds nothing behind it but the committed offset: later
+    records are answered while it runs, and the commit stays below it (a crash now would redeliver it)."""
+    settings = Settings(
+        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
+        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
+        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
+    )
+    source = settings.topic("in")
+    await embedded_broker.create_topics({source: 1, settings.topic("out"): 1})
+    broker = make_broker(settings)
+    publisher = _FlakyPublisher(broker, settings)
+    publisher.failures_left = 0
+    slow_may_finish = asyncio.Event()
+
+    async def process(batch: Sequence[Decoded[_Note]], _ctx: BatchContext) -> list[Out]:
+        if any(d.value.n == 0 for d in batch):
+            await slow_may_finish.wait()  # a 30 s model call, say
+        return [Out("out", d.value, key="k") for d in batch]
+
+    subscribe(broker, publisher, settings, service="inflight", topic="in", model=_Note, process=process,
+              max_records=1, concurrency=4)
+    async with broker:
+        await broker.start()
+        for n in range(3):
+            await broker.publish(_Note(n=n).model_dump_json().encode(), source, key=b"k")
+        deadline = time.monotonic() + 15
+        while set(publisher.published) != {1, 2} and time.monotonic() < deadline:  # noqa: ASYNC110 - a list the publisher fills
+            await asyncio.sleep(0.05)
+        assert sorted(publisher.published) == [1, 2], "the records behind the slow one waited for it"
+        assert await _committed(settings, source, settings.group("inflight"), within_s=1.0) is None, \
+            "an offset past a record still in flight was committed: a crash now would lose it"
+        slow_may_finish.set()
+        committed = await _committed(settings, source, settings.group("inflight"))
+    assert committed == 3 and sorted(publisher.published) == [0, 1, 2]
+
+
 async def _committed(settings: Settings, topic: str, group: str, within_s: float = 15.0) -> int | None:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
                                 enable_auto_commit=False)

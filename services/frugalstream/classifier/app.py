@@ -80,7 +80,8 @@ class ClassifierService:
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
-                  process=self._on_requests, on_invalid=self._on_invalid)
+                  process=self._on_requests, on_invalid=self._on_invalid,
+                  concurrency=self.settings.concurrent_batches)
         # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
         subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
                   model=BudgetState, process=self._on_budgets, **whole_topic_options())

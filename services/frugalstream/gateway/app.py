@@ -128,7 +128,7 @@ class GatewayService:
             self.store.publisher = publisher
             options["listener"] = self.loader
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
-                  process=self._on_dispatch, max_records=128, **options)
+                  process=self._on_dispatch, max_records=32, concurrency=self.settings.concurrent_batches, **options)
         if self.audits is not None:
             subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,
                       model=AuditRequest, process=self.audits.on_dispatch, max_records=32)

@@ -86,7 +86,8 @@ def batch_subscriber_options(settings: Settings, service: str, *, max_records: i
     The commit sequence per batch: validate (bad input to the DLQ), process, publish every output and wait
     for the broker's acknowledgement, then the handler returns and FastStream commits the offsets. An
     exception instead rewinds the partitions to the batch start (NACK), so nothing is lost; the stage pauses
-    them first for a backoff (see `frugalstream.runtime.stage`), so a broker outage is not a busy loop.
+    them first for a backoff (see `frugalstream.runtime.stage`), so a broker outage is not a busy loop. A
+    stage with batches in flight at once commits them itself, in offset order (`frugalstream.runtime.inflight`).
     """
     options: dict[str, Any] = dict(subscriber_options(
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms, session_timeout_ms=settings.kafka_session_timeout_ms,

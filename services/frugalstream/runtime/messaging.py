@@ -14,6 +14,7 @@ from typing import TypeVar
 from faststream.kafka import KafkaBroker
 from pydantic import BaseModel, ValidationError
 
+from frugalstream.runtime.inflight import InFlight
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.probes import Health
@@ -161,7 +162,12 @@ class Publisher:
         self._settings = settings
         self.metrics = metrics
         self.health = health if health is not None else Health()  # the stage registers its consumers here
+        self.inflight: list[InFlight] = []  # consumers with batches in flight (`runtime.inflight`), to drain
         self._best_effort_timeout_s = best_effort_timeout_s
+
+    async def drain(self, timeout_s: float) -> None:
+        """Before the broker stops: the batches in flight publish and commit (or are left to come again)."""
+        await asyncio.gather(*(f.drain(timeout_s) for f in self.inflight))
 
     def topic(self, out: Out) -> str:
         return out.topic if out.prefixed else self._settings.topic(out.topic)

@@ -29,6 +29,7 @@ recorded; every group member is tracked for readiness (`runtime.probes`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,7 @@ from pydantic import BaseModel
 
 from frugalstream.runtime import tracing
 from frugalstream.runtime.broker import batch_subscriber_options
+from frugalstream.runtime.inflight import InFlight
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher, decode
 from frugalstream.runtime.metrics import Metrics
@@ -256,12 +258,14 @@ def subscribe(
 
 def subscribe_many(
     broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str,
-    handlers: Sequence[TopicHandler[Any]], max_records: int = 64, **options: Any,
+    handlers: Sequence[TopicHandler[Any]], max_records: int = 64, concurrency: int = 1, **options: Any,
 ) -> None:
     """One consumer over several topics; each batch is split by topic and handled in the given order.
 
     Co-partitioned topics (same key, same partition count) need one consumer with a range assignor, so the
-    instance that owns partition N of one topic owns partition N of the others.
+    instance that owns partition N of one topic owns partition N of the others. `concurrency` > 1 runs that many
+    batches at once, committed in offset order (`runtime.inflight`), for stages whose records are independent;
+    a deferral then waits inside its batch's task instead of pausing the partition.
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
     fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
@@ -274,14 +278,36 @@ def subscribe_many(
         kwargs.setdefault("listener", OwnedPartitions(settings, handlers[0].topic))
         publisher.health.track(service, kwargs["listener"])
 
-    async def handler(msg: KafkaMessage) -> None:
-        with tracing.batch_trace(service, group) as trace:
-            await handle(msg, trace)
+    inflight = InFlight(service, concurrency) if concurrency > 1 and group is not None else None
+    if inflight is not None:
+        kwargs["ack_policy"] = AckPolicy.MANUAL  # InFlight commits, in offset order
+        publisher.inflight.append(inflight)
 
-    async def handle(msg: KafkaMessage, trace: tracing.BatchTrace) -> None:
-        started = time.perf_counter()
+    async def handler(msg: KafkaMessage) -> None:
         records = records_of(msg)
         consumer = getattr(msg, "consumer", None)
+        if inflight is not None and all(hasattr(consumer, a) for a in ("commit", "assignment", "pause")):
+            # (FastStream's in-memory test broker hands a fake consumer without them: batches run inline there)
+            await inflight.submit(records, consumer, functools.partial(run_in_flight, records, consumer))
+            return
+        with tracing.batch_trace(service, group) as trace:
+            await handle(records, consumer, trace)
+
+    async def run_in_flight(records: list[Record], consumer: Any) -> None:
+        """The batch, then again the records a step deferred (and those after them on their partition, whose
+        outputs the step held back), after the wait it asked for."""
+        while records:
+            with tracing.batch_trace(service, group) as trace:
+                deferred = await handle(records, consumer, trace, defer_inline=True)
+            if not deferred:
+                return
+            points = rewind_points(deferred)
+            records = [r for r in records if r.offset >= points.get((r.topic, r.partition), (r.offset + 1, 0))[0]]
+            await asyncio.sleep(max(wait for _, wait in points.values()))
+
+    async def handle(records: list[Record], consumer: Any, trace: tracing.BatchTrace, *,
+                     defer_inline: bool = False) -> list[Deferral]:
+        started = time.perf_counter()
         ctx = BatchContext(can_defer=hasattr(consumer, "pause"))
         done = Handled()
         bad_all: list[Failure] = []
@@ -312,7 +338,7 @@ def subscribe_many(
                           seconds=delay if paused else 0.0)
             raise  # NACK: the offsets are not committed and the batch is redelivered after the pause
         backoff.reset()
-        if done.deferred:
+        if done.deferred and not defer_inline:
             _apply_deferrals(consumer, done.deferred)
         if fault is not None and records:
             fault.after_publish()
@@ -323,6 +349,7 @@ def subscribe_many(
         log.debug("batch_done", service=service, records=len(records), outputs=len(outs),
                   process_ms=round((processed - started) * 1000, 1),
                   publish_ms=round((published - processed) * 1000, 1))
+        return done.deferred
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
     broker.subscriber(*by_topic, **kwargs)(handler)

@@ -1,0 +1,141 @@
+"""Batches in flight at once on one consumer, committed in offset order: no batch waits behind a slow one.
+
+A stage that handles one batch at a time makes every record wait for the slowest work of the batch before it:
+a gateway batch holding one 30 s model call holds the fast answers of its partition for 30 s, and the
+classifier's embedding thread idles while a batch publishes. For stages whose records are independent (the
+classifier, the gateway), `InFlight` runs up to `limit` batches as tasks and commits, per partition, only the
+offsets below the first batch not yet finished (the watermark), so a crash redelivers every unfinished record
+and loses none. Each batch task runs the stage's steps in order (process, publish and wait for the acks), then:
+
+1. marks its batch finished;
+2. commits, per partition, the end of the finished prefix (in offset order), when it moved.
+
+Back-pressure: when `limit` batches are in flight, the handler waits for a slot, so FastStream stops taking
+batches and the consumer's fetch buffer bounds what it holds. On shutdown, `drain` pauses the partitions, waits
+for the batches in flight to publish and commit, and only then may the broker close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.records import Record
+
+log = get_logger(__name__)
+Span = tuple[int, int]  # first and last offset of a batch's records on one partition
+RETRY_FIRST_S, RETRY_CAP_S = 0.5, 30.0  # a batch whose work raised runs again after these backoffs
+
+
+@dataclass(eq=False)
+class _Batch:
+    spans: dict[tuple[str, int], Span]
+    done: bool = False
+
+
+@dataclass
+class CommitTracker:
+    """Per partition, the batches in offset order; `finish` returns the offsets that may now be committed."""
+
+    _queues: dict[tuple[str, int], deque[_Batch]] = field(default_factory=dict)
+
+    def begin(self, records: Iterable[Record]) -> _Batch:
+        spans: dict[tuple[str, int], Span] = {}
+        for r in records:
+            first, last = spans.get((r.topic, r.partition), (r.offset, r.offset))
+            spans[(r.topic, r.partition)] = (min(first, r.offset), max(last, r.offset))
+        batch = _Batch(spans)
+        for tp, (first, _) in spans.items():
+            queue = self._queues.setdefault(tp, deque())
+            if queue and first != queue[-1].spans[tp][1] + 1:
+                # A rewind (redelivery) or a jump (the partition came back after another member moved it): what
+                # was in flight here is not ours to commit any more.
+                queue.clear()
+            queue.append(batch)
+        return batch
+
+    def finish(self, batch: _Batch) -> dict[tuple[str, int], int]:
+        batch.done = True
+        commits: dict[tuple[str, int], int] = {}
+        for tp in batch.spans:
+            queue = self._queues.get(tp)
+            while queue and queue[0].done:
+                commits[tp] = queue.popleft().spans[tp][1] + 1
+        return commits
+
+    def in_flight(self) -> int:
+        return sum(1 for q in self._queues.values() for b in q if not b.done)
+
+
+class InFlight:
+    """Up to `limit` batches of one consumer as tasks, committed by `CommitTracker` (see the module docstring)."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self._slots = asyncio.Semaphore(limit)
+        self._tracker = CommitTracker()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumer: Any = None
+        self._closing = False
+
+    async def submit(self, records: Sequence[Record], consumer: Any, work: Callable[[], Awaitable[None]]) -> None:
+        """Starts `work` for the batch once a slot is free; returns without waiting for it. While draining, the
+        batch is left uncommitted (it comes again after the restart)."""
+        await self._slots.acquire()
+        if self._closing:
+            self._slots.release()
+            return
+        self._consumer = consumer
+        batch = self._tracker.begin(records)
+        task = asyncio.create_task(self._run(batch, work), name=f"{self.name}-batch")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: _Batch, work: Callable[[], Awaitable[None]]) -> None:
+        """`work` again after a backoff while it raises (as a redelivery would run it), until it succeeds or a
+        drain gives up on it: unfinished, its offsets hold the watermark and it comes again after a restart."""
+        delay = RETRY_FIRST_S
+        try:
+            while True:
+                try:
+                    await work()
+                    break
+                except Exception:
+                    log.exception("inflight_batch_failed_retrying", stage=self.name, seconds=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_CAP_S)
+        finally:
+            self._slots.release()
+        await self._commit(self._tracker.finish(batch))
+
+    async def _commit(self, commits: dict[tuple[str, int], int]) -> None:
+        consumer = self._consumer
+        if not commits or consumer is None:
+            return
+        assigned = consumer.assignment()
+        offsets = {TopicPartition(t, p): o for (t, p), o in commits.items() if TopicPartition(t, p) in assigned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except Exception as exc:  # a rebalance took the partition: its new owner redoes what was not committed
+            log.warning("inflight_commit_failed", stage=self.name, error_type=type(exc).__name__)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Takes no new batch, pauses the partitions, and waits (up to `timeout_s`) for the batches in flight."""
+        self._closing = True
+        if self._consumer is not None and hasattr(self._consumer, "pause"):
+            self._consumer.pause(*self._consumer.assignment())
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+            if pending:
+                log.warning("inflight_batches_abandoned", stage=self.name, batches=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
