@@ -1,0 +1,62 @@
+"""Time a request spends inside the services, from their own trace spans: the embedded broker's waits aside.
+
+The embedded broker answers a waiting fetch only when its wait runs out, so on it every hop adds up to the
+fetch wait (50 ms) that a Kafka broker does not; end-to-end figures there measure the broker as much as the
+product. Each stage's span of a record runs from the start of its batch's handling to the broker's
+acknowledgement of the batch's outputs (`runtime.tracing`), so the sum of a request's spans on the answer path,
+less its model call, is the time frugalstream spent on it: processing, waiting on its batch-mates, publishing.
+Queueing before a batch starts (a busy stage) is not in it; the consumer lag and the end-to-end figures show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from frugalstream.runtime import tracing
+
+#: The answer path of a request that misses the cache: one span per stage on these topics.
+ANSWER_PATH = ("llm.requests", "llm.requests.routed", "llm.requests.dispatch")
+
+
+@contextlib.contextmanager
+def span_recorder() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.install(None)
+        provider.shutdown()
+
+
+def inside_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str]) -> dict[str, float]:
+    """Per request id: milliseconds inside the stages of the answer path, less the model calls made there.
+
+    `topic_of` maps a physical topic name (with the deployment's prefix) to its logical name."""
+    stages: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
+    spans: Any = exporter.get_finished_spans()
+    by_span: dict[int, str] = {}
+    for span in spans:
+        attrs = span.attributes or {}
+        rid = attrs.get("frugalstream.request_id")
+        if rid is None or span.start_time is None or span.end_time is None:
+            continue
+        by_span[span.context.span_id] = str(rid)
+        if topic_of.get(str(attrs.get("messaging.destination.name")), "") in ANSWER_PATH:
+            stages[str(rid)] += (span.end_time - span.start_time) / 1e6
+    for span in spans:
+        if span.name.startswith("chat ") and span.parent is not None and span.start_time and span.end_time:
+            rid = by_span.get(span.parent.span_id)
+            if rid is not None:
+                calls[rid] += (span.end_time - span.start_time) / 1e6
+    return {rid: max(0.0, ms - calls.get(rid, 0.0)) for rid, ms in stages.items()}
