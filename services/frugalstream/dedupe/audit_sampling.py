@@ -1,7 +1,9 @@
 """Which of dedupe's savings are audited, and the free labels of near misses.
 
 A sampled semantic hit or coalesced answer becomes an `AuditRequest` whose job is the baseline model on the
-request as routed (the gateway runs it; its answer only ever reaches `llm.audits.answered`). A semantic miss
+request as routed (the gateway runs it; its answer only ever reaches `llm.audits.answered`). An answer-cluster
+hit is audited like any semantic hit, but carries no score, so it counts in the false-hit estimate and never
+moves the verifier's threshold. A semantic miss
 whose best candidate was rejected by the verifier is remembered (bounded) until its fresh answer comes back:
 comparing the two is a label that costs no model call.
 """
@@ -34,10 +36,12 @@ class AuditSampler:
                  candidate: AuditAnswer, reference: AuditAnswer | None) -> AuditRequest:
         request = routed.request
         job = None if reference is not None else audit_job(routed, kind, routed.route.baseline_model)
+        # Only a verifier score labels the verifier threshold: an answer-cluster hit is audited without one.
+        verified = hit if hit is not None and hit.rule == "verifier" else None
         return AuditRequest(
             audit_id=audit_id(request.tenant, request.id, kind), tenant=request.tenant, request_id=request.id,
             kind=kind, task_type=routed.route.task_type, tier=routed.route.tier, question=routed.keys.lookup_text,
-            score=hit.score if hit else None, threshold=hit.threshold if hit else None,
+            score=verified.score if verified else None, threshold=verified.threshold if verified else None,
             candidate=candidate, reference=reference, job=job, sampled_at=time.time(),
         )
 

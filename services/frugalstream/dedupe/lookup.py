@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from frugalstream.dedupe.store import AnswerStore
 from frugalstream.runtime.logging import get_logger
@@ -25,10 +25,15 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class SemanticHit:
+    """A semantic match. `rule` says which path found it: the verifier on the nearest candidates (score and
+    threshold are the verifier's) or the shard's answer clusters (the cluster model's confidence and threshold,
+    which must never label the verifier's threshold)."""
+
     entry: CacheEntry
-    similarity: float
-    score: float | None = None  # the verifier's score
-    threshold: float | None = None  # the verifier threshold it was held to
+    similarity: float  # cosine between the request and the serving entry's question
+    score: float | None = None
+    threshold: float | None = None
+    rule: Literal["verifier", "answer_cluster"] = "verifier"
 
 
 class SemanticMatcher(Protocol):

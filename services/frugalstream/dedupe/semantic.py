@@ -5,6 +5,8 @@ match a conversation with exactly the same history, and scope is a hard wall by 
 flat (exact) indexes while small and become HNSW past `hnsw_threshold`. All FAISS and verifier work runs on
 one worker thread, batched across the messages of a Kafka batch, never on the event loop. A periodic sweep
 (on that thread too) rebuilds the shards that hold expired or evicted entries, so the index stays bounded.
+
+A request the verifier did not serve may still be served by its shard's answer clusters (`answer_clusters`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from frugalstream.dedupe.answer_clusters import AnswerClusters, ClusterModel
 from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.llm.embedder import DIM, AsyncEmbedder, decode_vector
 from frugalstream.llm.thresholds import ThresholdBook
@@ -37,6 +40,9 @@ class SemanticPolicy:
     candidates: int = 4  # nearest neighbours searched (some may be expired, evicted or of a lower tier)
     verify_candidates: int = 2  # servable ones sent to the verifier: the model is the expensive step
     live: ThresholdBook | None = None  # per-tenant thresholds from `llm.thresholds` (audit calibration)
+    answer_clusters: ClusterModel | None = None  # the answer-cluster path's model; None turns the path off
+    cluster_threshold: float | None = None  # its confidence threshold; None: the model's tuned one
+    cluster_task_types: tuple[str, ...] = ()  # task types the cluster path serves
 
     def recall(self, task: str | None) -> float:
         return self.recall_cosine.get(task or "", self.recall_cosine["default"])
@@ -46,18 +52,26 @@ class SemanticPolicy:
         live = self.live.get(tenant, task, "semantic_verify") if (self.live is not None and tenant) else None
         return live if live is not None else self.verify_threshold.get(task or "", self.verify_threshold["default"])
 
+    def cluster_limit(self, task: str | None) -> float | None:
+        """The answer-cluster confidence a request of this task type needs, or None when the path is off."""
+        if self.answer_clusters is None or (task or "") not in self.cluster_task_types:
+            return None
+        return self.cluster_threshold if self.cluster_threshold is not None else self.answer_clusters.threshold
+
 
 @dataclass
 class Shard:
-    """One FAISS index over the entries of a (scope, prefix); ids are positions in `entries`."""
+    """One FAISS index over the entries of a (scope, prefix), ids = positions in `entries`; its answer clusters."""
 
     hnsw_threshold: int
     entries: list[CacheEntry] = field(default_factory=list)
     vectors: list[Vectors] = field(default_factory=list)
     index: faiss.Index = field(default_factory=lambda: faiss.IndexFlatIP(DIM))
     is_hnsw: bool = False
+    clusters: AnswerClusters = field(default_factory=AnswerClusters)
 
     def add(self, entry: CacheEntry, vector: Vectors) -> None:
+        self.clusters.add(len(self.entries), entry.content, vector)
         self.entries.append(entry)
         self.vectors.append(vector)
         self.index.add(vector.reshape(1, DIM))
@@ -68,6 +82,8 @@ class Shard:
     def of(cls, hnsw_threshold: int, entries: list[CacheEntry], vectors: list[Vectors]) -> Shard:
         """A shard over the given entries, built in one go (flat or HNSW by size)."""
         shard = cls(hnsw_threshold, entries=entries, vectors=vectors)
+        for position, (entry, vector) in enumerate(zip(entries, vectors, strict=True)):
+            shard.clusters.add(position, entry.content, vector)
         if len(entries) > hnsw_threshold:
             shard._to_hnsw()
         elif entries:
@@ -201,7 +217,8 @@ class SemanticIndex:
         """Blocking: call from the worker thread (as `match` does) or from a benchmark.
 
         The nearest servable candidates of every request (up to `verify_candidates`) go to the verifier in
-        one batch; each request takes its most similar accepted candidate, and the grey zone misses.
+        one batch; each request takes its most similar accepted candidate. A request still without a hit may
+        be served by its shard's answer clusters; the rest misses.
         """
         by_shard: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
@@ -217,16 +234,13 @@ class SemanticIndex:
                 asks += [(row, entry, cos) for entry, cos in
                          self._servable(requests[row], shard, request_scores, request_ids, now)]
         out: list[SemanticHit | None] = [None] * len(requests)
-        self.near_misses = [None] * len(requests)
-        if not asks:
-            return out
+        near: list[SemanticHit | None] = [None] * len(requests)
         limits = [self._policy.threshold(requests[row].route.task_type, requests[row].request.tenant)
                   for row, _, _ in asks]
         decisions = self._verifier.verify_batch([
             (requests[row].keys.lookup_text, entry.keys.lookup_text, cos, limit)
             for (row, entry, cos), limit in zip(asks, limits, strict=True)
-        ])
-        near: list[SemanticHit | None] = [None] * len(requests)
+        ]) if asks else []
         for (row, entry, cos), decision, limit in zip(asks, decisions, limits, strict=True):
             if decision.hit and out[row] is None:
                 out[row] = SemanticHit(entry, cos, decision.score, limit)
@@ -234,31 +248,52 @@ class SemanticIndex:
                 best = near[row]
                 if best is None or decision.score > (best.score or 0.0):
                     near[row] = SemanticHit(entry, cos, decision.score, limit)  # the best rejected candidate
-        self.near_misses = [n if out[i] is None else None for i, n in enumerate(near)]
+        self._cluster_hits(requests, vectors, by_shard, out, now)
+        self.near_misses = [n if out[i] is None else None for i, n in enumerate(near)]  # a hit is no near miss
         return out
+
+    def _cluster_hits(self, requests: list[RoutedRequest], vectors: Vectors, by_shard: dict[str, list[int]],
+                      out: list[SemanticHit | None], now: float) -> None:
+        """The second path, for requests without a verifier hit: when the model is confident enough in the winning
+        answer cluster, its most similar servable member serves (no recall cosine: the cluster is the evidence)."""
+        if (model := self._policy.answer_clusters) is None:
+            return
+        for key, rows in by_shard.items():
+            shard = self._shards.get(key)
+            asked = [(row, limit) for row in rows if out[row] is None
+                     and (limit := self._policy.cluster_limit(requests[row].route.task_type)) is not None]
+            if shard is None or not asked or not len(shard.clusters):
+                continue
+            sims = shard.clusters.similarities(vectors[[row for row, _ in asked]])
+            for (row, limit), row_sims in zip(asked, sims, strict=True):
+                vote = shard.clusters.vote(row_sims, model)
+                if vote is None or vote.confidence < limit:
+                    continue
+                served = next(((shard.entries[i], cos) for i, cos in shard.clusters.members(vote)
+                               if self._may_serve(requests[row], shard.entries[i], now)), None)
+                out[row] = SemanticHit(*served, vote.confidence, limit, rule="answer_cluster") if served else None
 
     def _servable(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
                   ids: npt.NDArray[np.int64], now: float) -> list[tuple[CacheEntry, float]]:
         """Candidates above the recall cosine that may serve this request, most similar first."""
         recall = self._policy.recall(request.route.task_type)
-        max_age = request.request.cache.ttl_s
         out: list[tuple[CacheEntry, float]] = []
         for score, idx in zip(scores, ids, strict=True):
             if idx < 0 or float(score) < recall:
                 break  # results are sorted: nothing further is close enough
             entry = shard.entries[int(idx)]
-            if entry.keys.tier_rank < request.keys.tier_rank:
-                continue  # a cheaper tier's answer never serves a request routed higher
-            if not self._live(entry.keys.exact):
-                continue
-            if entry.expires_at is not None and entry.expires_at <= now:
-                continue
-            if max_age is not None and now - entry.stored_at > max_age:
-                continue
-            out.append((entry, float(score)))
+            if self._may_serve(request, entry, now):
+                out.append((entry, float(score)))
             if len(out) == self._policy.verify_candidates:
                 break
         return out
+
+    def _may_serve(self, request: RoutedRequest, entry: CacheEntry, now: float) -> bool:
+        """Never a cheaper tier's answer for a request routed higher; evicted, expired or too old never serve."""
+        max_age = request.request.cache.ttl_s
+        return (entry.keys.tier_rank >= request.keys.tier_rank and self._live(entry.keys.exact)
+                and (entry.expires_at is None or entry.expires_at > now)
+                and (max_age is None or now - entry.stored_at <= max_age))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

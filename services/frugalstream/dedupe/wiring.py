@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from frugalstream.dedupe.answer_clusters import shipped_model
 from frugalstream.dedupe.logic import Deduper
 from frugalstream.dedupe.semantic import SemanticIndex, SemanticPolicy
 from frugalstream.dedupe.store import AnswerStore
@@ -37,7 +38,8 @@ class CountingVerifier:
 
 def semantic_policy(settings: Settings, live: ThresholdBook | None = None) -> SemanticPolicy:
     """Per-task thresholds from settings over the chosen verifier's shipped defaults; `live` holds the
-    per-tenant ones audits moved (`llm.thresholds`), consulted first."""
+    per-tenant ones audits moved (`llm.thresholds`), consulted first. The answer-cluster path serves the
+    semantic task types unless `semantic_answer_clusters` is off."""
     if settings.semantic_verifier == "cross_encoder":
         recall_cosine, threshold = pair_encoder.shipped_thresholds(settings.model_precision)
     else:
@@ -46,6 +48,9 @@ def semantic_policy(settings: Settings, live: ThresholdBook | None = None) -> Se
         recall_cosine={"default": recall_cosine, **settings.semantic_recall_cosine},
         verify_threshold={"default": threshold, **settings.semantic_verify_threshold},
         live=live,
+        answer_clusters=shipped_model() if settings.semantic_answer_clusters else None,
+        cluster_threshold=settings.answer_cluster_threshold,
+        cluster_task_types=tuple(settings.semantic_task_types),
     )
 
 

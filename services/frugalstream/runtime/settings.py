@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
     semantic_verify_threshold: dict[str, float] = Field(
         default_factory=dict, description="Per task type; unset types use the shipped verifier's default.")
+    semantic_answer_clusters: bool = Field(
+        default=True, description="A rewording the verifier rejects may still be answered when the cached questions "
+                                  "that share an answer agree it belongs to theirs (answer clusters per scope).")
+    answer_cluster_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Confidence the answer-cluster model needs to serve; unset: the "
+                                              "threshold shipped with the model (tuned for 1% false hits).")
     cache_ttl_s: dict[str, int] = Field(
         default_factory=lambda: {"faq": 7 * 86400, "default": 86400},
         description="Seconds a cached answer is served, per task type (`default` for the rest).")
