@@ -105,7 +105,7 @@ class Settings(BaseSettings):
                                  "waiting fetch early (the embedded Tansu broker), where it is the latency.")
     kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, description="Kafka rejects less than 6 s.")
     concurrent_batches: int = Field(
-        default=8, ge=1, le=64, description="Batches the classifier and the gateway each run at once, committed in "
+        default=16, ge=1, le=64, description="Batches the classifier and the gateway each run at once, committed in "
                                             "offset order: a slow model call no longer holds the answers behind it.")
     kafka_client_id: str = Field(
         default="frugalstream", description="Client id prefix shown in broker logs and quotas.")
