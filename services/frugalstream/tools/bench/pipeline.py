@@ -35,6 +35,7 @@ from frugalstream.tools.local_cluster import local_cluster, run_services
 SERVICES = ("classifier", "dedupe", "gateway", "accountant")
 HITS = ("cache_exact", "cache_semantic", "coalesced")
 MAX_DRAIN_S = 5.0  # a step whose last answers come later than this after its last request is not sustained
+MIN_OFFERED = 0.9  # a step whose requests went out slower than this share of its rate did not test it
 DEFAULT_RAMP = "25,50,75,100,125,150,175,200,250,300,400"
 
 
@@ -186,13 +187,15 @@ async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: f
 
 
 def sustained(step: dict[str, Any]) -> bool:
-    """Every request answered without error, drained promptly, and the backlog not growing during the step."""
+    """Every request answered without error, drained promptly, the backlog not growing during the step, and
+    the rate really offered: the load generator shares the process, and a step it could not produce at its
+    nominal rate did not test that rate."""
     backlog = [x[2] for x in step["lag_samples"]]
     quarter = max(1, len(backlog) // 4)
     growing = bool(backlog) and statistics.mean(backlog[-quarter:]) > 2 * statistics.mean(backlog[:quarter]) + \
         step["rate_rps"]
     return (step["answered"] == step["requests"] and step["errors"] == 0 and step["drain_s"] <= MAX_DRAIN_S
-            and not growing)
+            and not growing and step["offered_rps"] >= MIN_OFFERED * step["rate_rps"])
 
 
 async def find_max(rates: list[float], step_s: float, *, latency_scale: float, warmup: int,
@@ -207,7 +210,8 @@ async def find_max(rates: list[float], step_s: float, *, latency_scale: float, w
             step["sustained"] = sustained(step)
             steps.append(step)
             if console is not None:
-                console.print(f"{rate:>6.0f} req/s: answered {step['answered']}/{step['requests']}, errors "
+                console.print(f"{rate:>6.0f} req/s (offered {step['offered_rps']}): answered "
+                              f"{step['answered']}/{step['requests']}, errors "
                               f"{step['errors']}, drain {step['drain_s']} s, throughput {step['throughput_rps']}, "
                               f"{'sustained' if step['sustained'] else 'NOT sustained'}")
             if not step["sustained"]:
@@ -245,6 +249,7 @@ def report(rate: float, duration_s: float, produce_s: float, drain_s: float, run
     return {
         "rate_rps": rate, "duration_s": duration_s, "requests": requests, "answered": len(measured),
         "errors": sum(1 for r in measured if r.source == "error"),
+        "offered_rps": round(requests / produce_s, 2) if produce_s > 0 else 0.0,
         "throughput_rps": round(len(measured) / (produce_s + drain_s), 2), "drain_s": round(drain_s, 2),
         "hits": len(hits), "misses": len(misses),
         "hit_e2e_ms_p50": pct(hits, 0.5), "hit_e2e_ms_p99": pct(hits, 0.99),
