@@ -71,7 +71,8 @@ def _routed(i: int, text: str, vector: Vectors, scope: str | None = None) -> Rou
 
 def _entry(i: int, text: str, vector: Vectors, scope: str | None = None) -> CacheEntry:
     keys = CacheKeys(scope=scope or f"pair-{i}", exact=f"a{i}", prefix="", lookup_text=clean_text(text), tier_rank=0)
-    return CacheEntry(keys=keys, request_id=f"a{i}", tenant="bench", content="answer", model="m", output_tokens=1,
+    # Its own answer: pairs say nothing about shared answers, so no answer cluster forms and the verifier is measured.
+    return CacheEntry(keys=keys, request_id=f"a{i}", tenant="bench", content=f"answer {i}", model="m", output_tokens=1,
                       stored_at=time.time(), embedding=encode_vector(vector))
 
 
