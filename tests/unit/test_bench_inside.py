@@ -32,3 +32,16 @@ def test_inside_time_sums_the_answer_path_and_leaves_out_the_model_call_and_othe
                                                          "llm.requests.dispatch", "llm.responses")})
     assert found == {"r1": 10 + 5 + (320 - 295), "r2": 7}
     assert tracing.tracer() is None  # the recorder leaves tracing as it found it: off
+
+
+def test_a_ramp_step_is_sustained_only_when_answered_drained_flat_and_really_offered() -> None:
+    from frugalstream.tools.bench.pipeline import sustained
+
+    step = {"rate_rps": 150.0, "offered_rps": 149.6, "requests": 2250, "answered": 2250, "errors": 0,
+            "drain_s": 3.0, "lag_samples": [(t, 0, 40) for t in range(15)]}
+    assert sustained(step)
+    assert not sustained({**step, "offered_rps": 120.0})  # the generator fell behind: 150 was never tested
+    assert not sustained({**step, "answered": 2249})
+    assert not sustained({**step, "drain_s": 6.0})
+    growing = [(t, 0, 40 + 100 * t) for t in range(15)]
+    assert not sustained({**step, "lag_samples": growing})
