@@ -53,13 +53,8 @@ async def test_offsets_are_committed_only_after_the_outputs_are_published(
     embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path,
 ) -> None:
     """A batch whose outputs fail to publish is consumed again (nothing lost), and only then committed."""
-    settings = Settings(
-        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
-        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
-        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
-    )
+    settings = await _in_and_out(embedded_broker, topic_prefix, tmp_path)
     source = settings.topic("in")
-    await embedded_broker.create_topics({source: 1, settings.topic("out"): 1})
     broker = make_broker(settings)
     publisher = _FlakyPublisher(broker, settings)
     seen: list[int] = []
@@ -88,13 +83,8 @@ async def test_batches_in_flight_at_once_never_commit_past_one_still_running(
 ) -> None:
     """With batches in flight at once, a slow record holds nothing behind it but the committed offset: later
     records are answered while it runs, and the commit stays below it (a crash now would redeliver it)."""
-    settings = Settings(
-        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
-        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
-        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
-    )
+    settings = await _in_and_out(embedded_broker, topic_prefix, tmp_path)
     source = settings.topic("in")
-    await embedded_broker.create_topics({source: 1, settings.topic("out"): 1})
     broker = make_broker(settings)
     publisher = _FlakyPublisher(broker, settings)
     publisher.failures_left = 0
@@ -120,6 +110,17 @@ async def test_batches_in_flight_at_once_never_commit_past_one_still_running(
         slow_may_finish.set()
         committed = await _committed(settings, source, settings.group("inflight"))
     assert committed == 3 and sorted(publisher.published) == [0, 1, 2]
+
+
+async def _in_and_out(embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path) -> Settings:
+    """Settings for a one-partition `in` topic and an `out` topic of this test's own, both created."""
+    settings = Settings(
+        kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
+        kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
+        topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
+    )
+    await embedded_broker.create_topics({settings.topic("in"): 1, settings.topic("out"): 1})
+    return settings
 
 
 async def _committed(settings: Settings, topic: str, group: str, within_s: float = 15.0) -> int | None:

@@ -16,13 +16,11 @@ from pydantic import BaseModel
 
 from frugalstream.runtime.broker import aiokafka_security
 from frugalstream.runtime.kafka_options import producer_options
-from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.state_topics import read_topic
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRecord, ReviewVerdict
 
-log = get_logger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
