@@ -1,5 +1,6 @@
 """Answer clusters, the second semantic path: the experiment's math, served only from a confident cluster of two
-or more same-answer entries, under the verifier path's servability rules, and audited without a verifier score."""
+or more same-answer entries, under the verifier path's servability rules, audited and calibrated on its own
+threshold (`answer_cluster`), never the verifier's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from frugalstream.audit.logic import Auditor, knob_of
 from frugalstream.dedupe.answer_clusters import MODEL_FILE, ClusterModel, features, shipped_model
 from frugalstream.dedupe.audit_sampling import AuditSampler
 from frugalstream.dedupe.lookup import SemanticHit
@@ -18,9 +20,12 @@ from frugalstream.dedupe.semantic import SemanticIndex
 from frugalstream.dedupe.wiring import build_deduper, semantic_policy
 from frugalstream.llm.cache_keys import cache_keys
 from frugalstream.llm.embedder import DIM, AsyncEmbedder, HashingEmbedder, encode_vector
+from frugalstream.llm.judges import MatchJudge
+from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.verifier import VerifierDecision
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import CacheEntry, ChatMessage, LLMRequest, LLMResponse, Route, RoutedRequest, TokenUsage
+from frugalstream.schemas.audits import AuditAnswer, ThresholdChange
 
 SETTINGS = Settings(semantic_verifier="features", semantic_recall_cosine={"faq": 0.5}, audit_rate=1.0,
                     audit_judges={"default": "match"})
@@ -171,7 +176,7 @@ def test_a_rewording_near_a_cluster_is_served_its_answer_when_the_verifier_rejec
     assert hit is not None and hit.rule == "answer_cluster" and hit.entry.content == "Answer A."
     assert hit.entry.request_id == "a0" and hit.similarity == pytest.approx(0.9, abs=1e-4), "the nearest member"
     assert hit.threshold == shipped_model().threshold and hit.score is not None and hit.score >= hit.threshold
-    assert idx.near_misses == [None], "a request the cluster path served is no near miss"
+    assert idx.near_misses == [()], "a request the cluster path served is no near miss"
 
 
 def test_a_query_between_two_close_clusters_is_not_served(index: tuple[SemanticIndex, RejectAll]) -> None:
@@ -182,7 +187,7 @@ def test_a_query_between_two_close_clusters_is_not_served(index: tuple[SemanticI
     fill(idx, [*[(entry(f"a{i}", "Answer A."), s.near(a, 0.9)) for i in range(3)],
                *[(entry(f"b{i}", "Answer B."), s.near(b, 0.9)) for i in range(3)]])
     assert ask(idx, unit(a + b)) is None
-    assert idx.near_misses[0] is not None, "the verifier's rejected candidate stays a near miss"
+    assert "verifier" in [n.rule for n in idx.near_misses[0]], "the verifier's rejected candidate stays a near miss"
 
 
 def test_a_cluster_of_one_never_serves(index: tuple[SemanticIndex, RejectAll]) -> None:
@@ -249,15 +254,16 @@ def test_the_settings_turn_the_path_off_or_move_its_threshold() -> None:
 
 # --- audits and the production path ---------------------------------------------------------------------------------
 
-def test_the_audit_of_a_cluster_hit_carries_no_verifier_score() -> None:
+def test_the_audit_of_a_cluster_hit_names_its_path_so_it_labels_only_the_cluster_threshold() -> None:
     sampler, r = AuditSampler(SETTINGS), routed("r1", "when does my card arrive")
     e = entry("a0", "Answer A.")
     cluster = sampler.on_hit(r, SemanticHit(e, 0.8, 0.99, 0.97, rule="answer_cluster"))
     verified = sampler.on_hit(r, SemanticHit(e, 0.93, 0.95, 0.89))
     assert cluster is not None and verified is not None
     assert cluster.request.kind == "cache_semantic" and cluster.request.job is not None
-    assert (cluster.request.score, cluster.request.threshold) == (None, None), "never labels the verifier's knob"
-    assert (verified.request.score, verified.request.threshold) == (0.95, 0.89)
+    assert (cluster.request.score, cluster.request.threshold, cluster.request.rule) == (0.99, 0.97, "answer_cluster")
+    assert (verified.request.score, verified.request.threshold, verified.request.rule) == (0.95, 0.89, "verifier")
+    assert (knob_of(cluster.request), knob_of(verified.request)) == ("answer_cluster", "semantic_verify")
 
 
 def response(r: RoutedRequest, content: str) -> LLMResponse:
@@ -267,7 +273,7 @@ def response(r: RoutedRequest, content: str) -> LLMResponse:
                        responded_at=time.time())
 
 
-async def test_the_deduper_serves_a_cluster_hit_and_audits_it_without_a_score() -> None:
+async def test_the_deduper_serves_a_cluster_hit_and_audits_it_on_the_cluster_path() -> None:
     s = Space()
     q = s.direction()
     d = build_deduper(SETTINGS, AsyncEmbedder(HashingEmbedder()), RejectAll())
@@ -279,7 +285,8 @@ async def test_the_deduper_serves_a_cluster_hit_and_audits_it_without_a_score() 
     answers = [x for x in decisions if isinstance(x, Answer)]
     audits = [x.request for x in decisions if isinstance(x, Audit)]
     assert [(a.response.source, a.response.content) for a in answers] == [("cache_semantic", "Answer A.")]
-    assert [(a.kind, a.score, a.threshold) for a in audits] == [("cache_semantic", None, None)]
+    assert [(a.kind, a.rule) for a in audits] == [("cache_semantic", "answer_cluster")]
+    assert audits[0].score is not None and audits[0].threshold is not None and audits[0].score >= audits[0].threshold
     assert not d.audits._near, "served: not remembered as a near miss"
 
 
@@ -290,3 +297,57 @@ def test_the_shipped_model_loads_with_its_eleven_weights() -> None:
     assert (model.k, model.temperature, model.min_size) == (10, 0.1, 2) and 0.5 < model.threshold < 1
     assert set(raw["provenance"]["fit_on"]) == {"clinc_train", "banking77"}
     assert "export_answer_cluster_model.py" in raw["provenance"]["command"]
+
+
+def test_the_tenants_live_cluster_threshold_decides_and_a_vote_short_of_it_is_a_near_miss(
+        index: tuple[SemanticIndex, RejectAll]) -> None:
+    book = ThresholdBook()
+    idx = SemanticIndex(AsyncEmbedder(HashingEmbedder()), RejectAll(), semantic_policy(SETTINGS, book),
+                        clock=lambda: 1000.0)
+    s = Space()
+    q = s.direction()
+    fill(idx, two_clusters(s, q))
+    served = ask(idx, q)
+    assert served is not None and served.rule == "answer_cluster"
+    book.update(ThresholdChange(tenant="acme", task_type="faq", knob="answer_cluster", value=1.0,
+                                previous=shipped_model().threshold, reason="bound_broken", target=0.99, n=1,
+                                estimate=0.0, low=0.0, high=0.8, changed_at=1.0))
+    assert ask(idx, q) is None, "the tenant's threshold moved past every vote"
+    [near] = [n for n in idx.near_misses[0] if n.rule == "answer_cluster"]
+    assert near.entry.content == "Answer A." and near.threshold == 1.0 and near.score == pytest.approx(served.score)
+    fill(idx, [(entry("g0", "Answer A.", tenant="globex"), s.near(q, 0.9)),
+               (entry("g1", "Answer A.", tenant="globex"), s.near(q, 0.85))])
+    other = ask(idx, q, tenant="globex")
+    assert other is not None and other.threshold == shipped_model().threshold, "another tenant keeps its own"
+    idx.close()
+
+
+async def test_a_rejected_cluster_hit_tightens_the_cluster_threshold_only_and_dedupe_obeys_it() -> None:
+    s = Space()
+    q = s.direction()
+    d = build_deduper(SETTINGS, AsyncEmbedder(HashingEmbedder()), RejectAll())
+    auditor = Auditor(SETTINGS, {"match": MatchJudge()}, book=d.thresholds)
+    cached = [(routed(f"c{i}", f"cached question {i}", vector=v), e.content)
+              for i, (e, v) in enumerate(two_clusters(s, q))]
+    await d.handle(requests=[(r, 0) for r, _ in cached])
+    await d.handle(answers=[(response(r, content), 0) for r, content in cached])
+    verify_before = auditor.current("acme", "faq", "semantic_verify")
+    [audit] = [x.request for x in await d.handle(requests=[(routed("new", "reworded", vector=q), 0)])
+               if isinstance(x, Audit)]
+    assert audit.rule == "answer_cluster" and audit.score is not None
+    wrong = audit.model_copy(update={"reference": AuditAnswer(content="Answer C."), "job": None})  # the baseline's
+    records, changes = await auditor.judge([wrong])
+    assert [r.verdict for r in records] == ["reject"]
+    assert [(c.knob, c.reason) for c in changes] == [("answer_cluster", "bound_broken")]
+    assert changes[0].value > audit.score, "tightened past the false hit at once"
+    assert auditor.current("acme", "faq", "semantic_verify") == verify_before, "the verifier's threshold stays"
+    again = await d.handle(requests=[(routed("again", "reworded again", vector=q), 0)])
+    assert [type(x) for x in again] == [Dispatch], "the cluster no longer serves this confidence"
+    labels = {a.request.rule: a.request for a in
+              d.audits.on_answer(response(routed("again", "reworded again", vector=q), "Answer C."))}
+    assert set(labels) == {"verifier", "answer_cluster"}, "a free label per path, under two audit ids"
+    assert labels["verifier"].audit_id != labels["answer_cluster"].audit_id
+    label = labels["answer_cluster"]
+    assert (label.kind, label.candidate) == ("near_miss", AuditAnswer(content="Answer A.", model="gpt-4o-mini"))
+    records, _ = await auditor.judge(list(labels.values()))
+    assert {(r.verdict, knob_of(r)) for r in records} == {("reject", "answer_cluster"), ("reject", "semantic_verify")}

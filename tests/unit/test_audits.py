@@ -181,9 +181,9 @@ def test_a_near_miss_label_comes_with_its_fresh_answer_and_only_for_the_same_ten
     r = routed("r2", text="what time do you open")
     sampler.on_near_miss(r, SemanticHit(entry(routed("r1"), "We open at 9."), 0.85, 0.6, 0.89))
     other = routed("r2", tenant="evil")
-    assert sampler.on_answer(response(other, "Hacked")) is None  # same id, another tenant: not this label
-    audit = sampler.on_answer(response(r, "We open at 9 am."))
-    assert audit is not None and audit.request.job is None
+    assert sampler.on_answer(response(other, "Hacked")) == []  # same id, another tenant: not this label
+    [audit] = sampler.on_answer(response(r, "We open at 9 am."))
+    assert audit.request.job is None and audit.request.rule == "verifier"
     assert [o.topic for o in outs_for([audit])] == [t.AUDITS_ANSWERED]
     assert audit.request.reference == AuditAnswer(content="We open at 9 am.", model="gpt-4o-mini")
 

@@ -3,7 +3,8 @@
 A label is (score, accepted, weight): the decision's own score (verifier score for the semantic cache,
 escalation score for routing), the judge's verdict, and 1/rate of the sampling that produced it. Labels do not
 depend on the threshold in force, so every label ever seen (up to `window`) says what *any* threshold would
-have done: `semantic_verify` serves a candidate when score >= t, `route_mid` routes down when score < t. The
+have done: `semantic_verify` serves a candidate when score >= t (and `answer_cluster` when the cluster model's
+confidence is), `route_mid` routes down when score < t. The
 target is a minimum acceptance among the decisions a threshold makes (a false-hit bound F is acceptance 1-F).
 
 - A broken bound tightens at once: when the point estimate at the current threshold is below the target
@@ -14,8 +15,9 @@ target is a minimum acceptance among the decisions a threshold makes (a false-hi
   towards the most permissive and stopping at the first whose observed rate misses the target (a fixed
   sequence, in the spirit of Learn-then-Test: a looser threshold past a bad region is never picked).
 
-What the cache learned (the near-miss labels: rejected candidates whose fresh answer was the same) is what lets
-the semantic threshold loosen at all: audited hits only ever speak for thresholds at or above the current one.
+What the cache learned (the near-miss labels: rejected candidates, or a cluster vote short of its threshold,
+whose fresh answer was the same) is what lets the semantic thresholds loosen at all: audited hits only ever speak
+for thresholds at or above the current one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from frugalstream.llm.audit_stats import Proportion, weighted, wilson
 from frugalstream.schemas import TaskType
 from frugalstream.schemas.audits import Knob, ThresholdChange
 
-BOUNDS: dict[Knob, tuple[float, float]] = {"semantic_verify": (0.3, 1.0), "route_mid": (0.0, 1.0)}
+BOUNDS: dict[Knob, tuple[float, float]] = {"semantic_verify": (0.3, 1.0), "answer_cluster": (0.5, 1.0),
+                                           "route_mid": (0.0, 1.0)}
+SERVES_ABOVE: frozenset[Knob] = frozenset({"semantic_verify", "answer_cluster"})  # the saving is taken at score >= t
 STEP = 1e-4  # "just past" a label's score
 
 
@@ -51,12 +55,12 @@ class Label:
 
 def decided(knob: Knob, score: float, threshold: float) -> bool:
     """Does `threshold` take the saving for a decision of this score?"""
-    return score >= threshold if knob == "semantic_verify" else score < threshold
+    return score >= threshold if knob in SERVES_ABOVE else score < threshold
 
 
 def permissive(knob: Knob, a: float, b: float) -> bool:
     """Is threshold `a` more permissive (takes more savings) than `b`?"""
-    return a < b if knob == "semantic_verify" else a > b
+    return a < b if knob in SERVES_ABOVE else a > b
 
 
 def acceptance_at(labels: list[Label], knob: Knob, threshold: float) -> Proportion:
@@ -110,8 +114,9 @@ class ThresholdController:
             if best is not None and not permissive(knob, best, current):
                 value = best
             else:
-                worst = max(rejected_taken) if knob == "semantic_verify" else min(rejected_taken)
-                value = worst + STEP if knob == "semantic_verify" else worst
+                above = knob in SERVES_ABOVE
+                worst = max(rejected_taken) if above else min(rejected_taken)
+                value = worst + STEP if above else worst
                 if best is not None and permissive(knob, value, best):
                     value = best
             return self._change(tenant, task_type, knob, current, value, "bound_broken", target, labels)
@@ -140,7 +145,7 @@ class ThresholdController:
         """The most permissive threshold (at a label's score) whose lower bound holds the target, in one pass
         over the labels sorted by score (running weighted sums: O(n log n))."""
         lo, hi = BOUNDS[knob]
-        ordered = sorted(labels, key=lambda lb: lb.score, reverse=knob == "semantic_verify")
+        ordered = sorted(labels, key=lambda lb: lb.score, reverse=knob in SERVES_ABOVE)
         total = square = good = 0.0
         best: float | None = None
         i = 0
@@ -156,7 +161,7 @@ class ThresholdController:
             if good / total < target:
                 break  # the rate itself misses the target here: nothing more permissive is considered
             if wilson(good / total * n_eff, n_eff)[0] >= target:
-                best = score if knob == "semantic_verify" else score + STEP
+                best = score if knob in SERVES_ABOVE else score + STEP
         return None if best is None else min(max(best, lo), hi)
 
     def _change(self, tenant: str, task_type: TaskType, knob: Knob, previous: float, value: float,

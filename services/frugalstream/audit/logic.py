@@ -3,7 +3,8 @@
 Per audit: the judge its task type names (an LLM judge's verdict arrives with the audit; no verdict, no
 record), one verdict per audit id (a redelivery changes nothing; a person's verdict replaces the machine's),
 the cell's estimate after counting it, and a label for the threshold controller:
-- `cache_semantic` and `near_miss` label the tenant's semantic threshold (score = the verifier's score);
+- `cache_semantic` and `near_miss` label the tenant's threshold of the lookup path that made them (`rule`):
+  `semantic_verify` (score = the verifier's score) or `answer_cluster` (score = the cluster model's confidence);
 - `routed_down` to the cheapest tier and `routed_up` label its routing threshold (score = escalation score).
 Labels are weighted by 1/sampling rate, so a 5% audit of hits and every free near miss weigh what they stand for.
 
@@ -24,6 +25,7 @@ from frugalstream.llm import verifier as lexical
 from frugalstream.llm.audit_stats import Proportion
 from frugalstream.llm.audits import answers_digest, audit_rate
 from frugalstream.llm.judges import Judge, Judgement
+from frugalstream.llm.onnx_models import shipped_answer_cluster_threshold
 from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
@@ -67,7 +69,7 @@ class EstimateBook:
 
 def knob_of(audit: AuditRecord | AuditRequest) -> Knob | None:
     if audit.kind in ("cache_semantic", "near_miss"):
-        return "semantic_verify"
+        return "answer_cluster" if audit.rule == "answer_cluster" else "semantic_verify"
     if audit.kind == "routed_up" or (audit.kind == "routed_down" and audit.tier == "small"):
         return "route_mid"
     return None
@@ -124,7 +126,7 @@ class Auditor:
             audit_id=audit.audit_id, tenant=audit.tenant, request_id=audit.request_id, kind=audit.kind,
             task_type=audit.task_type or "", tier=audit.tier, question=audit.question, candidate=audit.candidate,
             reference=audit.reference, judge=judge, verdict=judgement.verdict, similarity=judgement.similarity,
-            score=audit.score, threshold=audit.threshold, candidate_grade=audit.candidate_grade,
+            score=audit.score, threshold=audit.threshold, rule=audit.rule, candidate_grade=audit.candidate_grade,
             reference_grade=audit.reference_grade,
             estimate=self.estimates.estimate((audit.tenant, audit.task_type or "", audit.kind)),  # before counting
             judged_at=self.clock(),
@@ -207,6 +209,9 @@ class Auditor:
         s = self.settings
         if knob == "route_mid":
             return s.route_threshold_mid
+        if knob == "answer_cluster":
+            return s.answer_cluster_threshold if s.answer_cluster_threshold is not None \
+                else shipped_answer_cluster_threshold()
         shipped = pair_encoder.shipped_thresholds(s.model_precision)[1] if s.semantic_verifier == "cross_encoder" \
             else lexical.DEFAULT_VERIFY_THRESHOLD
         return float(s.semantic_verify_threshold.get(task_type, shipped))
@@ -214,7 +219,7 @@ class Auditor:
     def target(self, tenant: str, knob: Knob) -> float:
         """Minimum acceptance among the decisions taken: 1 - false-hit bound for the cache."""
         policy = self.settings.tenants.get(tenant, TenantPolicy())
-        if knob == "semantic_verify":
+        if knob in ("semantic_verify", "answer_cluster"):
             return 1.0 - (policy.false_hit_target or self.settings.audit_false_hit_target)
         return policy.acceptance_target or self.settings.audit_acceptance_target
 

@@ -23,13 +23,13 @@ import numpy.typing as npt
 
 from frugalstream.llm.embedder import DIM
 from frugalstream.llm.judges import normalize
-from frugalstream.llm.onnx_models import MODELS_DIR
+from frugalstream.llm.onnx_models import ANSWER_CLUSTER_FILE, MODELS_DIR
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
-MODEL_FILE = MODELS_DIR / "answer_clusters.json"
+MODEL_FILE = MODELS_DIR / ANSWER_CLUSTER_FILE
 #: Raw features, in the experiment's order; the model's design adds three margins (see `ClusterModel.design`).
 FEATURES = ("top", "top_other", "share", "support", "cent", "cent_other", "log_size", "mean_q", "intra")
 

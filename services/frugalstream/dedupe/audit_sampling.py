@@ -1,11 +1,11 @@
 """Which of dedupe's savings are audited, and the free labels of near misses.
 
 A sampled semantic hit or coalesced answer becomes an `AuditRequest` whose job is the baseline model on the
-request as routed (the gateway runs it; its answer only ever reaches `llm.audits.answered`). An answer-cluster
-hit is audited like any semantic hit, but carries no score, so it counts in the false-hit estimate and never
-moves the verifier's threshold. A semantic miss
-whose best candidate was rejected by the verifier is remembered (bounded) until its fresh answer comes back:
-comparing the two is a label that costs no model call.
+request as routed (the gateway runs it; its answer only ever reaches `llm.audits.answered`). Every cache audit
+names the lookup path that decided (`rule`) with that path's score and threshold, so a verdict on an
+answer-cluster hit labels the cluster threshold and never the verifier's. A semantic miss with a near miss (the
+verifier's best rejected candidate, a cluster vote short of its threshold) is remembered (bounded) until its
+fresh answer comes back: comparing the two is a label that costs no model call.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
 class AuditSampler:
     settings: Settings
     max_pending: int = 50_000
-    _near: OrderedDict[str, tuple[RoutedRequest, SemanticHit]] = field(default_factory=OrderedDict)
+    _near: OrderedDict[tuple[str, str], tuple[RoutedRequest, SemanticHit]] = field(default_factory=OrderedDict)
 
     def _rate(self, kind: DecisionKind) -> float:
         return audit_rate(self.settings.audit_rates, kind, self.settings.audit_rate)
@@ -36,13 +36,14 @@ class AuditSampler:
                  candidate: AuditAnswer, reference: AuditAnswer | None) -> AuditRequest:
         request = routed.request
         job = None if reference is not None else audit_job(routed, kind, routed.route.baseline_model)
-        # Only a verifier score labels the verifier threshold: an answer-cluster hit is audited without one.
-        verified = hit if hit is not None and hit.rule == "verifier" else None
+        # Two near misses of one request (one per path) are two audits: the cluster's id names its path.
+        part = "answer_cluster" if kind == "near_miss" and hit is not None and hit.rule == "answer_cluster" else None
         return AuditRequest(
-            audit_id=audit_id(request.tenant, request.id, kind), tenant=request.tenant, request_id=request.id,
+            audit_id=audit_id(request.tenant, request.id, kind, part), tenant=request.tenant, request_id=request.id,
             kind=kind, task_type=routed.route.task_type, tier=routed.route.tier, question=routed.keys.lookup_text,
-            score=verified.score if verified else None, threshold=verified.threshold if verified else None,
-            candidate=candidate, reference=reference, job=job, sampled_at=time.time(),
+            score=hit.score if hit else None, threshold=hit.threshold if hit else None,
+            rule=hit.rule if hit else None, candidate=candidate, reference=reference, job=job,
+            sampled_at=time.time(),
         )
 
     def on_hit(self, routed: RoutedRequest, hit: SemanticHit) -> Audit | None:
@@ -63,16 +64,20 @@ class AuditSampler:
         request = routed.request
         if not sampled(request.tenant, request.id, "near_miss", self._rate("near_miss")):
             return
-        self._near[identity(routed)] = (routed, near)
+        self._near[(identity(routed), near.rule)] = (routed, near)
         while len(self._near) > self.max_pending:
             self._near.popitem(last=False)
 
-    def on_answer(self, response: LLMResponse) -> Audit | None:
-        """The fresh answer of a near miss: the free label (candidate = what the cache would have served)."""
-        pending = self._near.pop(request_key(response.tenant, response.request_id), None)
-        if pending is None or response.source != "llm" or response.content is None:
-            return None
-        routed, near = pending
-        entry: CacheEntry = near.entry
-        return Audit(self._request(routed, "near_miss", near, AuditAnswer(content=entry.content, model=entry.model),
-                                   AuditAnswer(content=response.content, model=response.model)))
+    def on_answer(self, response: LLMResponse) -> list[Audit]:
+        """The fresh answer of a near miss: a free label per path (candidate = what the cache would have served)."""
+        key = request_key(response.tenant, response.request_id)
+        found = [p for rule in ("verifier", "answer_cluster") if (p := self._near.pop((key, rule), None)) is not None]
+        if response.source != "llm" or response.content is None:
+            return []
+        fresh = AuditAnswer(content=response.content, model=response.model)
+        audits: list[Audit] = []
+        for routed, near in found:
+            entry: CacheEntry = near.entry
+            audits.append(Audit(self._request(routed, "near_miss", near,
+                                              AuditAnswer(content=entry.content, model=entry.model), fresh)))
+        return audits

@@ -94,12 +94,12 @@ class Deduper:
         now = time.time()
         for (routed, partition), hit, near in zip(pending, hits, nears, strict=True):
             if hit is not None:
-                decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity)))
+                decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity, hit.rule)))
                 decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
                 answered_now.append(identity(routed))
                 continue
-            if near is not None:
-                self.audits.on_near_miss(routed, near)
+            for candidate in near:
+                self.audits.on_near_miss(routed, candidate)
             if (waiter := self.coalescing.join_or_lead(routed, partition, now)) is not None:
                 self.metrics.record_dedupe("coalesced")
                 decisions.append(Hold(routed, waiter.partition))
@@ -134,7 +134,7 @@ class Deduper:
             key = request_key(response.tenant, response.request_id)
             self.answered.mark(key)
             vector, followers = self.coalescing.answered(key)
-            decisions.extend(a for a in (self.audits.on_answer(response),) if a is not None)
+            decisions.extend(self.audits.on_answer(response))
             entry = self.lookup.entry(response, vector) if self.answered.may_store(key) else None
             if entry is not None and self.lookup.keep(entry, partition):
                 fresh.append(entry)

@@ -45,10 +45,11 @@ class SemanticMatcher(Protocol):
 
 @runtime_checkable
 class NearMatcher(Protocol):
-    """A matcher that also names each missed request's best rejected candidate (free audit labels)."""
+    """A matcher that also names each missed request's near misses, one per lookup path at most (free audit
+    labels): the verifier's best rejected candidate, the answer-cluster vote short of its threshold."""
 
     async def match_with_near(self, requests: Sequence[RoutedRequest],
-                              ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]: ...
+                              ) -> tuple[list[SemanticHit | None], list[tuple[SemanticHit, ...]]]: ...
 
 
 @dataclass
@@ -73,17 +74,17 @@ class Lookup:
         return (await self.similar_with_near(requests))[0]
 
     async def similar_with_near(self, requests: Sequence[RoutedRequest],
-                                ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
-        """`similar`, and per missed request its best candidate the verifier rejected, when the matcher says."""
+                                ) -> tuple[list[SemanticHit | None], list[tuple[SemanticHit, ...]]]:
+        """`similar`, and per missed request its near misses, when the matcher names them."""
         hits: list[SemanticHit | None] = [None] * len(requests)
-        near: list[SemanticHit | None] = [None] * len(requests)
+        near: list[tuple[SemanticHit, ...]] = [()] * len(requests)
         eligible = [i for i, r in enumerate(requests) if r.route.task_type in self.settings.semantic_task_types]
         if self.semantic is not None and eligible:
             asked = [requests[i] for i in eligible]
             if isinstance(self.semantic, NearMatcher):
                 found, nears = await self.semantic.match_with_near(asked)
             else:
-                found, nears = await self.semantic.match(asked), [None] * len(asked)
+                found, nears = await self.semantic.match(asked), [()] * len(asked)
             for i, hit, miss in zip(eligible, found, nears, strict=True):
                 hits[i], near[i] = hit, miss
         return hits, near

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.usage import cache_usage
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest, Strategy, UsageRecord
-from frugalstream.schemas.audits import AuditRequest
+from frugalstream.schemas.audits import AuditRequest, SemanticRule
 
 
 def identity(routed: RoutedRequest) -> str:
@@ -26,6 +26,7 @@ class Answer:
     routed: RoutedRequest
     response: LLMResponse
     usage: UsageRecord
+    rule: SemanticRule | None = None  # a semantic hit's lookup path (for metrics and benches)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ class Audit:
 Decision = Answer | Dispatch | Hold | Release | Store | Audit
 
 
-def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float) -> Answer:
+def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float,
+                 rule: SemanticRule | None = None) -> Answer:
     """A request served from a stored answer (exact or verified semantic)."""
     response = LLMResponse(
         request_id=routed.request.id, tenant=routed.request.tenant, source=strategy, content=entry.content,
@@ -84,7 +86,8 @@ def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, s
         similarity=round(similarity, 4), keys=routed.keys,
         simulated=entry.simulated, created_at=routed.request.created_at, responded_at=time.time(),
     )
-    return Answer(routed, response, cache_usage(routed, entry.output_tokens, strategy, simulated=entry.simulated))
+    return Answer(routed, response, cache_usage(routed, entry.output_tokens, strategy, simulated=entry.simulated),
+                  rule)
 
 
 def follower_answer(routed: RoutedRequest, leader: LLMResponse) -> Answer:

@@ -7,6 +7,8 @@ one worker thread, batched across the messages of a Kafka batch, never on the ev
 (on that thread too) rebuilds the shards that hold expired or evicted entries, so the index stays bounded.
 
 A request the verifier did not serve may still be served by its shard's answer clusters (`answer_clusters`).
+A request that misses keeps its near misses, the free audit labels of each path: the verifier's best rejected
+candidate and the cluster vote that fell short of its threshold.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from frugalstream.llm.verifier import Verifier
 from frugalstream.schemas import CacheEntry, RoutedRequest
 
 Vectors = npt.NDArray[np.float32]
+Nears = tuple[SemanticHit, ...]  # a missed request's near misses: at most one per path
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class SemanticPolicy:
     answer_clusters: ClusterModel | None = None  # the answer-cluster path's model; None turns the path off
     cluster_threshold: float | None = None  # its confidence threshold; None: the model's tuned one
     cluster_task_types: tuple[str, ...] = ()  # task types the cluster path serves
+    cluster_near_floor: float = 0.5  # a vote short of the threshold but at least this confident is a near miss
 
     def recall(self, task: str | None) -> float:
         return self.recall_cosine.get(task or "", self.recall_cosine["default"])
@@ -52,10 +56,14 @@ class SemanticPolicy:
         live = self.live.get(tenant, task, "semantic_verify") if (self.live is not None and tenant) else None
         return live if live is not None else self.verify_threshold.get(task or "", self.verify_threshold["default"])
 
-    def cluster_limit(self, task: str | None) -> float | None:
-        """The answer-cluster confidence a request of this task type needs, or None when the path is off."""
+    def cluster_limit(self, task: str | None, tenant: str | None = None) -> float | None:
+        """The answer-cluster confidence a request of this task type needs (the tenant's live threshold, moved
+        by audits, else the setting, else the model's), or None when the path is off."""
         if self.answer_clusters is None or (task or "") not in self.cluster_task_types:
             return None
+        live = self.live.get(tenant, task, "answer_cluster") if (self.live is not None and tenant) else None
+        if live is not None:
+            return live
         return self.cluster_threshold if self.cluster_threshold is not None else self.answer_clusters.threshold
 
 
@@ -118,8 +126,8 @@ class SemanticIndex:
         self._clock = clock
         self._live = live  # evicted from the answer store means no longer servable
         self._shards: dict[str, Shard] = {}
-        #: Per request of the last `match`: its best candidate the verifier rejected (a free audit label).
-        self.near_misses: list[SemanticHit | None] = []
+        #: Per request of the last `match` that missed: its near misses, one per path at most (free audit labels).
+        self.near_misses: list[Nears] = []
         # One thread: FAISS and the verifier never run on the event loop, and never race each other.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic")
         faiss.omp_set_num_threads(1)
@@ -202,13 +210,13 @@ class SemanticIndex:
         return await loop.run_in_executor(self._pool, self.match_vectors, list(requests), vectors)
 
     async def match_with_near(self, requests: Sequence[RoutedRequest],
-                              ) -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
-        """`match`, plus each missed request's best rejected candidate (read on the worker thread)."""
+                              ) -> tuple[list[SemanticHit | None], list[Nears]]:
+        """`match`, plus each missed request's near misses (read on the worker thread)."""
         if not requests:
             return [], []
         vectors = await self._vectors([r.keys.lookup_text for r in requests], [r.embedding for r in requests])
 
-        def run() -> tuple[list[SemanticHit | None], list[SemanticHit | None]]:
+        def run() -> tuple[list[SemanticHit | None], list[Nears]]:
             return self.match_vectors(list(requests), vectors), list(self.near_misses)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
@@ -234,7 +242,7 @@ class SemanticIndex:
                 asks += [(row, entry, cos) for entry, cos in
                          self._servable(requests[row], shard, request_scores, request_ids, now)]
         out: list[SemanticHit | None] = [None] * len(requests)
-        near: list[SemanticHit | None] = [None] * len(requests)
+        near: list[list[SemanticHit]] = [[] for _ in requests]
         limits = [self._policy.threshold(requests[row].route.task_type, requests[row].request.tenant)
                   for row, _, _ in asks]
         decisions = self._verifier.verify_batch([
@@ -244,34 +252,39 @@ class SemanticIndex:
         for (row, entry, cos), decision, limit in zip(asks, decisions, limits, strict=True):
             if decision.hit and out[row] is None:
                 out[row] = SemanticHit(entry, cos, decision.score, limit)
-            elif not decision.hit:
-                best = near[row]
-                if best is None or decision.score > (best.score or 0.0):
-                    near[row] = SemanticHit(entry, cos, decision.score, limit)  # the best rejected candidate
-        self._cluster_hits(requests, vectors, by_shard, out, now)
-        self.near_misses = [n if out[i] is None else None for i, n in enumerate(near)]  # a hit is no near miss
+            elif not decision.hit and (not near[row] or decision.score > (near[row][0].score or 0.0)):
+                near[row] = [SemanticHit(entry, cos, decision.score, limit)]  # the best rejected candidate
+        self._cluster_hits(requests, vectors, by_shard, out, near, now)
+        self.near_misses = [tuple(n) if out[i] is None else () for i, n in enumerate(near)]  # a hit is no near miss
         return out
 
     def _cluster_hits(self, requests: list[RoutedRequest], vectors: Vectors, by_shard: dict[str, list[int]],
-                      out: list[SemanticHit | None], now: float) -> None:
+                      out: list[SemanticHit | None], near: list[list[SemanticHit]], now: float) -> None:
         """The second path, for requests without a verifier hit: when the model is confident enough in the winning
-        answer cluster, its most similar servable member serves (no recall cosine: the cluster is the evidence)."""
+        answer cluster, its most similar servable member serves (no recall cosine: the cluster is the evidence).
+        A vote short of the threshold but above `cluster_near_floor` is the path's near miss."""
         if (model := self._policy.answer_clusters) is None:
             return
         for key, rows in by_shard.items():
             shard = self._shards.get(key)
-            asked = [(row, limit) for row in rows if out[row] is None
-                     and (limit := self._policy.cluster_limit(requests[row].route.task_type)) is not None]
+            asked = [(row, limit) for row in rows if out[row] is None and (limit := self._policy.cluster_limit(
+                requests[row].route.task_type, requests[row].request.tenant)) is not None]
             if shard is None or not asked or not len(shard.clusters):
                 continue
             sims = shard.clusters.similarities(vectors[[row for row, _ in asked]])
             for (row, limit), row_sims in zip(asked, sims, strict=True):
                 vote = shard.clusters.vote(row_sims, model)
-                if vote is None or vote.confidence < limit:
+                if vote is None or vote.confidence < min(limit, self._policy.cluster_near_floor):
                     continue
                 served = next(((shard.entries[i], cos) for i, cos in shard.clusters.members(vote)
                                if self._may_serve(requests[row], shard.entries[i], now)), None)
-                out[row] = SemanticHit(*served, vote.confidence, limit, rule="answer_cluster") if served else None
+                if served is None:
+                    continue
+                hit = SemanticHit(*served, vote.confidence, limit, rule="answer_cluster")
+                if vote.confidence >= limit:
+                    out[row] = hit
+                else:
+                    near[row].append(hit)
 
     def _servable(self, request: RoutedRequest, shard: Shard, scores: npt.NDArray[np.float32],
                   ids: npt.NDArray[np.int64], now: float) -> list[tuple[CacheEntry, float]]:

@@ -23,8 +23,10 @@ from frugalstream.schemas.audits import AuditAnswer, DecisionKind
 AUDIT_PREFIX = "audit-"
 
 
-def audit_id(tenant: str, request_id: str, kind: DecisionKind) -> str:
-    digest = hashlib.sha256(f"{kind}\0{request_key(tenant, request_id)}".encode()).hexdigest()
+def audit_id(tenant: str, request_id: str, kind: DecisionKind, part: str | None = None) -> str:
+    """`part` tells apart two audits of one kind on one request (a near miss of each lookup path)."""
+    label = kind if part is None else f"{kind}\0{part}"
+    digest = hashlib.sha256(f"{label}\0{request_key(tenant, request_id)}".encode()).hexdigest()
     return f"{AUDIT_PREFIX}{digest[:32]}"
 
 

@@ -66,6 +66,15 @@ def manifest(models_dir: Path = MODELS_DIR) -> dict[str, Any]:
     return data
 
 
+ANSWER_CLUSTER_FILE = "answer_clusters.json"
+
+
+@cache
+def shipped_answer_cluster_threshold(models_dir: Path = MODELS_DIR) -> float:
+    """The answer-cluster model's confidence threshold as shipped (tuned for 1% false hits)."""
+    return float(json.loads((models_dir / ANSWER_CLUSTER_FILE).read_text())["threshold"])
+
+
 def padded(encodings: Sequence[Any], *, types: bool = False) -> dict[str, npt.NDArray[np.int64]]:
     """Right-padded to the longest of these encodings (pad id 0, as the tokenizer's [PAD])."""
     width = max(len(e.ids) for e in encodings)

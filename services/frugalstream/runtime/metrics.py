@@ -113,7 +113,7 @@ class Metrics:
             registry=r)
         self.live_threshold = Gauge(
             "frugal_threshold", "Threshold the audits set per tenant and task type (knob = semantic_verify, "
-            "route_mid).", ["tenant", "task_type", "knob"], registry=r)
+            "answer_cluster, route_mid).", ["tenant", "task_type", "knob"], registry=r)
         # Decision counters: why the classifier and dedupe did what they did (audit counters go beside these).
         self.routing_reasons = Counter(
             "frugal_routing_reasons", "Routed requests by tier and what set it: floor (the task type's floor), score "

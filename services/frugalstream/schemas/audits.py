@@ -23,6 +23,9 @@ DecisionKind = Literal["cache_semantic", "coalesced", "routed_down", "near_miss"
 DECISION_KINDS: tuple[DecisionKind, ...] = ("cache_semantic", "coalesced", "routed_down", "near_miss", "routed_up",
                                              "trimmed")
 Verdict = Literal["accept", "reject"]
+#: Which path of the semantic lookup made a cache decision: the verifier on the nearest cached questions, or the
+#: answer clusters (cached questions that share an answer). Each has its own threshold and labels only its own.
+SemanticRule = Literal["verifier", "answer_cluster"]
 JudgeName = Literal["match", "embedding", "llm", "human"]
 
 
@@ -53,6 +56,8 @@ class AuditRequest(Contract):
         default=None, description="The decision's own score: the verifier's for cache decisions, the escalation "
                                   "score for routing. Thresholds are moved on it.")
     threshold: float | None = Field(default=None, description="The threshold in force when the decision was made.")
+    rule: SemanticRule | None = Field(
+        default=None, description="For a cache decision, the lookup path whose score and threshold these are.")
     candidate: AuditAnswer | None = None
     reference: AuditAnswer | None = None
     job: RoutedRequest | None = None
@@ -101,6 +106,7 @@ class AuditRecord(Contract):
     similarity: float | None = Field(default=None, description="Answer-embedding cosine, when that judge ran.")
     score: float | None = None
     threshold: float | None = None
+    rule: SemanticRule | None = None
     candidate_grade: Verdict | None = Field(default=None, description="The judge's grade of the candidate alone.")
     reference_grade: Verdict | None = Field(default=None, description="The judge's grade of the reference alone.")
     estimate: AuditEstimate
@@ -120,7 +126,7 @@ class ReviewVerdict(Contract):
     reviewed_at: float
 
 
-Knob = Literal["semantic_verify", "route_mid"]
+Knob = Literal["semantic_verify", "answer_cluster", "route_mid"]
 
 
 class ThresholdChange(Contract):

@@ -31,7 +31,7 @@ from frugalstream.llm.usage import llm_usage
 from frugalstream.resources import Resources
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, Route, RoutedRequest, SamplingParams
-from frugalstream.schemas.audits import AuditAnswer, AuditRequest
+from frugalstream.schemas.audits import AuditAnswer, AuditRequest, Knob
 
 TENANT = "bench"
 
@@ -43,6 +43,8 @@ class Tally:
     semantic_hits: int = 0
     wrong_served: int = 0
     wrong_semantic: int = 0
+    cluster_hits: int = 0
+    wrong_cluster: int = 0
     correct_served: int = 0
     recallable: int = 0
     audits: int = 0
@@ -110,6 +112,9 @@ def _served(tally: Tally, d: Answer, provider: LabelledProvider, text: str, cata
     right = normalize(d.response.content or "") == normalize(provider.answer("any", text))
     tally.wrong_served += not right
     tally.wrong_semantic += semantic and not right
+    cluster = semantic and d.rule == "answer_cluster"
+    tally.cluster_hits += cluster
+    tally.wrong_cluster += cluster and not right
     tally.correct_served += right and recallable
     tally.gross_saved += price_usage(d.usage, catalog).saved_usd
 
@@ -143,7 +148,7 @@ async def _judge(auditor: Auditor, audits: list[AuditRequest], tally: Tally, ste
     records, changes = await auditor.judge(audits)
     tally.audits += sum(1 for r in records if r.kind == "cache_semantic")
     for c in changes:
-        tally.thresholds.append({"request": step + 1, "value": c.value, "previous": c.previous,
+        tally.thresholds.append({"request": step + 1, "knob": c.knob, "value": c.value, "previous": c.previous,
                                  "reason": c.reason, "n": c.n, "low": c.low})
 
 
@@ -163,5 +168,14 @@ def _result(tally: Tally, auditor: Auditor) -> dict[str, Any]:
         "audit_spend_usd": tally.audit_spend, "gross_savings_usd": tally.gross_saved,
         "audit_cost_share": tally.audit_spend / tally.gross_saved if tally.gross_saved else None,
         "final_threshold": auditor.current(TENANT, "faq", "semantic_verify"),
+        "final_cluster_threshold": auditor.current(TENANT, "faq", "answer_cluster"),
+        "cluster_hits": tally.cluster_hits, "wrong_cluster_hits": tally.wrong_cluster,
+        "labels": {knob: _label_counts(auditor, knob) for knob in ("semantic_verify", "answer_cluster")},
         "thresholds": tally.thresholds,
     }
+
+
+def _label_counts(auditor: Auditor, knob: Knob) -> dict[str, int]:
+    """The controller's labels of one knob: how many, and how many the judge rejected."""
+    labels = auditor.controller.labels(TENANT, "faq", knob)
+    return {"n": len(labels), "rejected": sum(not lb.accepted for lb in labels)}
