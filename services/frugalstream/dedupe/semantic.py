@@ -46,7 +46,9 @@ class SemanticPolicy:
     answer_clusters: ClusterModel | None = None  # the answer-cluster path's model; None turns the path off
     cluster_threshold: float | None = None  # its confidence threshold; None: the model's tuned one
     cluster_task_types: tuple[str, ...] = ()  # task types the cluster path serves
-    cluster_near_floor: float = 0.5  # a vote short of the threshold but at least this confident is a near miss
+    # A vote short of the threshold but at least this confident is a near miss (a free label). Lower votes are
+    # right too rarely to ever support a 1% false-hit threshold, and each label costs the audit judge's CPU.
+    cluster_near_floor: float = 0.9
 
     def recall(self, task: str | None) -> float:
         return self.recall_cosine.get(task or "", self.recall_cosine["default"])
