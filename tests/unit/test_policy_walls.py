@@ -251,3 +251,17 @@ async def test_counting_trimming_and_key_hashing_run_off_the_event_loop(monkeypa
     assert len(routed_of(outs)) == 4 and any(r.route.trimmed_messages for r in routed_of(outs))
     assert counter.threads and loop_thread not in counter.threads
     assert key_threads and loop_thread not in key_threads
+
+
+async def test_a_small_batch_is_routed_on_the_loop_and_a_long_one_on_a_worker() -> None:
+    """The thread hop costs a small batch more than its work (the loop waits for the GIL the worker holds):
+    short prompts stay on the loop, but the threshold is what keeps long histories off it."""
+    loop_thread = threading.get_ident()
+    short, long = ThreadRecordingCounter(), ThreadRecordingCounter()
+    await run(Settings(), LLMRequest(id="s", tenant="acme", messages=(ChatMessage(role="user", content="Hours?"),)),
+              counter=short)
+    text = "word " * (classifier_logic.INLINE_MAX_CHARS // 5 + 1)
+    await run(Settings(), LLMRequest(id="l", tenant="acme", messages=(ChatMessage(role="user", content=text),)),
+              counter=long)
+    assert short.threads == {loop_thread}
+    assert long.threads and loop_thread not in long.threads
