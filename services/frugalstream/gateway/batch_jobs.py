@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
+from frugalstream.gateway.state_loads import StateLoads
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
@@ -87,21 +88,17 @@ class TopicBatchJobs(MemoryBatchJobs):
         super().__init__()
         self.settings = settings
         self.publisher = publisher  # set by the service when it registers on the broker
-        self._loads: dict[int, asyncio.Task[int]] = {}
+        self.loads = StateLoads("gateway-batches", lambda partitions: self._load(partitions))
 
     async def ready(self, partition: int) -> None:
-        task = self._loads.get(partition)
-        if task is None:
-            return
-        if task.done() and (task.cancelled() or task.exception() is not None):
-            task = self.start_load({partition})
-        await asyncio.shield(task)
+        await self.loads.ready(partition)
 
     def loaded(self, partition: int) -> bool:
-        return partition in self.by_partition and partition not in self._loads
+        return partition in self.by_partition and partition not in self.loads.loading()
 
     def jobs(self) -> list[BatchJob]:
-        return [j for p, jobs in self.by_partition.items() if p not in self._loads for j in jobs.values()]
+        loading = self.loads.loading()
+        return [j for p, jobs in self.by_partition.items() if p not in loading for j in jobs.values()]
 
     async def record(self, job: BatchJob) -> None:
         if self.publisher is None:
@@ -111,34 +108,26 @@ class TopicBatchJobs(MemoryBatchJobs):
         self.put(job)
 
     def loading(self) -> set[int]:
-        return set(self._loads)
+        return self.loads.loading()
 
     def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
         """Like `TopicCompleted.start_load`: synchronously, before any record of these partitions is handled."""
         self.forget(partitions)
         for partition in partitions:
             self.by_partition[partition] = {}
-        task = asyncio.create_task(self._load(partitions), name=f"gateway-batches-load-{sorted(partitions)}")
-        for partition in partitions:
-            self._loads[partition] = task
-        return task
+        return self.loads.start(partitions)
 
     async def _load(self, partitions: set[int]) -> int:
         started = time.monotonic()
         entries = await read_compacted(self.settings, t.GATEWAY_BATCHES, BatchJob, partitions)
         kept = self.load(entries)
-        current = asyncio.current_task()
-        for partition in partitions:
-            if self._loads.get(partition) is current:
-                del self._loads[partition]
         log.info("batch_jobs_loaded", partitions=sorted(partitions), jobs=kept,
                  seconds=round(time.monotonic() - started, 2))
         return kept
 
     def forget(self, partitions: Iterable[int]) -> None:
         parts = set(partitions)
-        for partition in parts:
-            self._loads.pop(partition, None)
+        self.loads.forget(parts)
         super().forget(parts)
 
 

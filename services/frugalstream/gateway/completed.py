@@ -34,6 +34,7 @@ import asyncio
 import time
 
 from frugalstream.gateway.idempotency import Clock, MemoryCompleted, call_key
+from frugalstream.gateway.state_loads import StateLoads
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
@@ -57,24 +58,15 @@ class TopicCompleted:
         self.publisher = publisher  # set by the service when it registers on the broker
         self.memory = MemoryCompleted(settings.idempotency_retention_s, clock)
         self._pending: dict[tuple[int, str], CompletedCall] = {}
-        self._loads: dict[int, asyncio.Task[int]] = {}  # partitions being (or that failed to be) loaded
+        self.loads = StateLoads("gateway-completed", lambda partitions: self._load(partitions))
 
     async def _publish(self, partition: int, call: CompletedCall) -> None:
         if self.publisher is None:
             raise RuntimeError("the completed-call store has no publisher (service not registered)")
         await self.publisher.publish_all([Out(t.GATEWAY_COMPLETED, call, key=call_key(call), partition=partition)])
 
-    async def _ready(self, partition: int) -> None:
-        """Waits for the partition's load; restarts a failed one (raises while it keeps failing)."""
-        task = self._loads.get(partition)
-        if task is None:
-            return
-        if task.done() and (task.cancelled() or task.exception() is not None):
-            task = self.start_load({partition})
-        await asyncio.shield(task)
-
     async def lookup(self, partition: int, key: str) -> CompletedCall | None:
-        await self._ready(partition)
+        await self.loads.ready(partition)
         pending = self._pending.get((partition, key))
         if pending is not None:
             await self._publish(partition, pending)
@@ -92,26 +84,19 @@ class TopicCompleted:
 
     def loading(self) -> set[int]:
         """Partitions being loaded, or whose last load failed (a lookup on them retries it)."""
-        return set(self._loads)
+        return self.loads.loading()
 
     def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
         """Forgets what is known of these partitions and reads them back from the topic, in one task that every
         lookup on them awaits. Must be called synchronously when they are assigned, before any of their records
         can be handled."""
         self.memory.forget(partitions)  # whatever was kept from an earlier ownership may be stale
-        task = asyncio.create_task(self._load(partitions), name=f"gateway-completed-load-{sorted(partitions)}")
-        for partition in partitions:
-            self._loads[partition] = task
-        return task
+        return self.loads.start(partitions)
 
     async def _load(self, partitions: set[int]) -> int:
         started = time.monotonic()
         entries = await read_compacted(self.settings, t.GATEWAY_COMPLETED, CompletedCall, partitions)
         loaded = self.memory.load(entries)
-        current = asyncio.current_task()
-        for partition in partitions:
-            if self._loads.get(partition) is current:
-                del self._loads[partition]
         log.info("completed_calls_loaded", partitions=sorted(partitions), records=loaded,
                  seconds=round(time.monotonic() - started, 2))
         return loaded
@@ -122,8 +107,7 @@ class TopicCompleted:
             log.warning("completed_pending_dropped", partitions=sorted(partitions), calls=len(lost))
         for k in lost:
             del self._pending[k]
-        for partition in partitions:
-            self._loads.pop(partition, None)
+        self.loads.forget(partitions)
         self.memory.forget(partitions)
 
 
