@@ -15,8 +15,10 @@ import pytest
 from aiokafka import TopicPartition
 
 from frugalstream.classifier.logic import Classifier, Routed
+from frugalstream.gateway import batch_jobs as batch_jobs_module
 from frugalstream.gateway import completed as completed_module
 from frugalstream.gateway.app import GatewayService
+from frugalstream.gateway.batch_jobs import TopicBatchJobs
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.idempotency import MemoryCompleted
 from frugalstream.gateway.logic import Gateway, Result
@@ -29,7 +31,15 @@ from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral
-from frugalstream.schemas import ChatMessage, CompletedCall, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
+from frugalstream.schemas import (
+    BatchJob,
+    ChatMessage,
+    CompletedCall,
+    LLMRequest,
+    LLMResponse,
+    RoutedRequest,
+    TokenUsage,
+)
 from frugalstream.schemas import topics as t
 
 
@@ -279,6 +289,29 @@ async def test_a_lookup_waits_for_its_partition_to_load_and_retries_a_failed_loa
     assert not lookup.done(), "the lookup waits for the load"
     release.set()
     assert await lookup == paid
+
+
+async def test_a_partition_gained_again_is_loaded_afresh_not_from_what_an_earlier_ownership_held(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two ownerships another instance owned the partition: what this one still holds may be stale, so
+    only the topic speaks for it (the paid-call records and the batch jobs alike)."""
+    response = LLMResponse(request_id="r", tenant="acme", source="llm", content="x", created_at=0, responded_at=0)
+    stale = CompletedCall(tenant="acme", request_id="r", response=response, completed_at=time.time())
+
+    async def empty_read(*_: Any) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(completed_module, "read_compacted", empty_read)
+    monkeypatch.setattr(batch_jobs_module, "read_compacted", empty_read)
+    store = TopicCompleted(settings, FakePublisher())
+    store.memory.put(0, stale)
+    await store.start_load({0})
+    assert await store.lookup(0, request_key("acme", "r")) is None
+    jobs = TopicBatchJobs(settings)
+    jobs.by_partition[0] = {"job-1": BatchJob.model_construct(job_id="job-1", partition=0, state="submitted")}
+    await jobs.start_load({0})
+    assert jobs.jobs() == [] and jobs.loaded(0)
 
 
 async def test_an_answer_too_large_to_record_is_recorded_and_answered_as_the_same_too_large_error(

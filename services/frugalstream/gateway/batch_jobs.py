@@ -88,7 +88,7 @@ class TopicBatchJobs(MemoryBatchJobs):
         super().__init__()
         self.settings = settings
         self.publisher = publisher  # set by the service when it registers on the broker
-        self.loads = StateLoads("gateway-batches", lambda partitions: self._load(partitions))
+        self.loads = StateLoads("gateway-batches", lambda partitions: self._load(partitions), self._begin)
 
     async def ready(self, partition: int) -> None:
         await self.loads.ready(partition)
@@ -112,10 +112,13 @@ class TopicBatchJobs(MemoryBatchJobs):
 
     def start_load(self, partitions: set[int]) -> asyncio.Task[int]:
         """Like `TopicCompleted.start_load`: synchronously, before any record of these partitions is handled."""
-        self.forget(partitions)
+        return self.loads.start(partitions)
+
+    def _begin(self, partitions: set[int]) -> None:
+        """What a (re)started load drops first: the jobs held of these partitions."""
+        super().forget(partitions)
         for partition in partitions:
             self.by_partition[partition] = {}
-        return self.loads.start(partitions)
 
     async def _load(self, partitions: set[int]) -> int:
         started = time.monotonic()

@@ -58,7 +58,8 @@ class TopicCompleted:
         self.publisher = publisher  # set by the service when it registers on the broker
         self.memory = MemoryCompleted(settings.idempotency_retention_s, clock)
         self._pending: dict[tuple[int, str], CompletedCall] = {}
-        self.loads = StateLoads("gateway-completed", lambda partitions: self._load(partitions))
+        # whatever was kept from an earlier ownership (or a failed load) may be stale: forgotten on every start
+        self.loads = StateLoads("gateway-completed", lambda partitions: self._load(partitions), self.memory.forget)
 
     async def _publish(self, partition: int, call: CompletedCall) -> None:
         if self.publisher is None:
@@ -90,7 +91,6 @@ class TopicCompleted:
         """Forgets what is known of these partitions and reads them back from the topic, in one task that every
         lookup on them awaits. Must be called synchronously when they are assigned, before any of their records
         can be handled."""
-        self.memory.forget(partitions)  # whatever was kept from an earlier ownership may be stale
         return self.loads.start(partitions)
 
     async def _load(self, partitions: set[int]) -> int:

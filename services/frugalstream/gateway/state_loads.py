@@ -4,7 +4,8 @@ Shared by the paid-call records (`completed.py`) and the provider batch jobs (`b
 synchronously when partitions are assigned, before any of their records can be handled; a lookup on a
 partition whose load runs waits for it; a failed load stays known, and the next lookup on one of its
 partitions starts it again (and raises while it keeps failing): nothing of a partition is served from an
-incomplete view of its state.
+incomplete view of its state. Every start, the first and each retry, begins by dropping what the owner holds of
+the partitions (`begin`): it may be stale, or half loaded by a failed attempt.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 
 class StateLoads:
-    def __init__(self, name: str, load: Callable[[set[int]], Awaitable[int]]) -> None:
+    def __init__(self, name: str, load: Callable[[set[int]], Awaitable[int]],
+                 begin: Callable[[set[int]], None]) -> None:
         self.name = name
         self._load = load
+        self._begin = begin
         self._tasks: dict[int, asyncio.Task[int]] = {}  # partitions being (or that failed to be) loaded
 
     def loading(self) -> set[int]:
@@ -24,7 +27,8 @@ class StateLoads:
         return set(self._tasks)
 
     def start(self, partitions: set[int]) -> asyncio.Task[int]:
-        """Loads `partitions` in one task that every lookup on them awaits."""
+        """Drops what is held of `partitions` and loads them in one task that every lookup on them awaits."""
+        self._begin(set(partitions))
         task = asyncio.create_task(self._run(set(partitions)), name=f"{self.name}-load-{sorted(partitions)}")
         for partition in partitions:
             self._tasks[partition] = task
