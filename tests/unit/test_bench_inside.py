@@ -45,3 +45,39 @@ def test_a_ramp_step_is_sustained_only_when_answered_drained_flat_and_really_off
     assert not sustained({**step, "drain_s": 6.0})
     growing = [(t, 0, 40 + 100 * t) for t in range(15)]
     assert not sustained({**step, "lag_samples": growing})
+
+
+def test_requests_that_can_wait_are_reported_apart_from_the_interactive_miss_overhead() -> None:
+    """A job that can wait is held for a provider batch on purpose: its seconds are not overhead on a miss."""
+    from types import SimpleNamespace
+
+    from frugalstream.schemas import LLMResponse
+    from frugalstream.tools.bench.pipeline import report
+
+    def answer(rid: str, source: str, e2e_ms: float, provider_ms: float | None = 30.0) -> LLMResponse:
+        return LLMResponse(request_id=rid, tenant="acme", source=source,  # type: ignore[arg-type]
+                           created_at=100.0, responded_at=100.0 + e2e_ms / 1000, provider_latency_ms=provider_ms)
+
+    measured = [answer(f"m{i}", "llm", 30.0 + 50.0 + i) for i in range(10)]  # overheads 50..59 ms
+    measured += [answer("h1", "cache_exact", 20.0, None), answer("w1", "llm", 4_030.0), answer("w2", "llm", 3_030.0)]
+    run = SimpleNamespace(lag=[(0.0, 1, 2)])
+    rep = report(50.0, 1.0, 1.0, 0.5, run, measured, requests=13, can_wait={"w1", "w2"})  # type: ignore[arg-type]
+    assert (rep["misses"], rep["hits"], rep["deferred"], rep["answered"]) == (10, 1, 2, 13)
+    assert rep["miss_overhead_ms_p99"] == 59.0 and rep["miss_overhead_ms_p50"] == 55.0
+    assert rep["deferred_e2e_ms_p99"] == 4_030.0 and rep["deferred_e2e_ms_p50"] == 4_030.0
+    assert set(rep["miss_overheads"]) == {f"m{i}" for i in range(10)}
+    everything = report(50.0, 1.0, 1.0, 0.5, run, measured, requests=13)  # type: ignore[arg-type]
+    assert everything["miss_overhead_ms_p99"] == 4_000.0 and everything["deferred"] == 0
+
+
+def test_latency_runs_to_the_answer_reaching_the_reader_not_to_the_gateway_stamping_it() -> None:
+    from types import SimpleNamespace
+
+    from frugalstream.schemas import LLMResponse
+    from frugalstream.tools.bench.pipeline import report
+
+    answer = LLMResponse(request_id="m", tenant="acme", source="llm", created_at=100.0, responded_at=100.05,
+                         provider_latency_ms=30.0)
+    run = SimpleNamespace(lag=[], received={"m": 100.09})  # published and fetched 40 ms after the stamp
+    rep = report(1.0, 1.0, 1.0, 0.1, run, [answer], requests=1)  # type: ignore[arg-type]
+    assert rep["miss_e2e_ms_p50"] == 90.0 and rep["miss_overhead_ms_p50"] == 60.0

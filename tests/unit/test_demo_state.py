@@ -41,3 +41,24 @@ def test_the_printed_command_reads_this_runs_ledger(tmp_path: Path) -> None:
     assert argv[:2] == ["frugalstream", "report"]
     args = build_parser().parse_args(argv[1:])
     assert Path(args.db) == state / "ledger.sqlite" and args.format == "html"
+
+
+def test_the_demo_reports_the_latency_of_interactive_requests_apart_from_jobs_that_can_wait() -> None:
+    from frugalstream.schemas import LLMRequest, LLMResponse
+    from frugalstream.tools.demo import build_report
+
+    def request(rid: str, latency_class: str) -> LLMRequest:
+        return LLMRequest.model_validate({"id": rid, "tenant": "acme", "model": "gpt-4o-mini",
+                                          "latency_class": latency_class,
+                                          "messages": [{"role": "user", "content": "hi"}]})
+
+    requests = [request(f"i{n}", "interactive") for n in range(4)] + [request("w", "within_1h")]
+    got = {r.id: [LLMResponse(request_id=r.id, tenant="acme", source="llm", created_at=10.0,
+                              responded_at=10.0 + (4.0 if r.id == "w" else 0.1 * (1 + int(r.id[1:]))))]
+           for r in requests}
+    totals = {"baseline_cost_usd": 1.0, "actual_cost_usd": 0.5, "saved_usd": 0.5, "savings_pct": 50.0,
+              "by_strategy": {}}
+    report = build_report(requests, got, totals, 1.0)
+    assert report["latency_ms_p99"] == pytest.approx(4_000.0)  # every request, the batch job included
+    assert report["interactive_latency_ms_p99"] == pytest.approx(400.0)
+    assert report["interactive_latency_ms_p50"] == pytest.approx(300.0)

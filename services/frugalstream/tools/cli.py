@@ -120,9 +120,12 @@ def print_demo_report(report: dict[str, object]) -> None:
     Console().print(table)
     Console().print(
         f"requests={report['requests']} responses={report['responses']} errors={report['errors']} "
-        f"by_source={report['by_source']} p50={report['latency_ms_p50']:.0f} ms "
-        f"p99={report['latency_ms_p99']:.0f} ms wall={report['wall_time_s']} s"
+        f"by_source={report['by_source']} wall={report['wall_time_s']} s"
     )
+    if report.get("interactive_latency_ms_p50") is not None:
+        Console().print(f"latency of interactive requests: p50={report['interactive_latency_ms_p50']:.0f} ms "
+                        f"p99={report['interactive_latency_ms_p99']:.0f} ms (all requests: "
+                        f"p50={report['latency_ms_p50']:.0f} ms p99={report['latency_ms_p99']:.0f} ms)")
     deferrable = report.get("deferrable")
     if isinstance(deferrable, dict) and deferrable.get("requests"):
         Console().print(f"deferrable requests (batch API): {deferrable['answered_before_deadline']} of "
