@@ -112,26 +112,70 @@ async def test_batches_in_flight_at_once_never_commit_past_one_still_running(
     assert committed == 3 and sorted(publisher.published) == [0, 1, 2]
 
 
-async def _in_and_out(embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path) -> Settings:
-    """Settings for a one-partition `in` topic and an `out` topic of this test's own, both created."""
+@pytest.mark.integration
+async def test_one_partitions_slow_record_does_not_hold_another_partitions_answer_polled_with_it(
+    embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """Records of two partitions fetched in one poll are answered apart: the fast one is published while the
+    slow one still runs, and only the fast partition's offset is committed."""
+    settings = await _in_and_out(embedded_broker, topic_prefix, tmp_path, partitions=2)
+    source = settings.topic("in")
+    broker = make_broker(settings)
+    publisher = _FlakyPublisher(broker, settings)
+    publisher.failures_left = 0
+    slow_may_finish = asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def process(batch: Sequence[Decoded[_Note]], _ctx: BatchContext) -> list[Out]:
+        batches.append([d.value.n for d in batch])
+        if any(d.value.n == 0 for d in batch):
+            await slow_may_finish.wait()  # a strong model's long answer, say
+        return [Out("out", d.value, key="k") for d in batch]
+
+    producer = make_broker(settings)
+    async with producer:
+        await producer.start()
+        for n, partition in ((0, 0), (1, 1), (2, 1)):  # all there before the consumer starts: one poll
+            await producer.publish(_Note(n=n).model_dump_json().encode(), source, partition=partition)
+    subscribe(broker, publisher, settings, service="split", topic="in", model=_Note, process=process,
+              max_records=64, concurrency=4)
+    async with broker:
+        await broker.start()
+        deadline = time.monotonic() + 15
+        while set(publisher.published) != {1, 2} and time.monotonic() < deadline:  # noqa: ASYNC110 - a list the publisher fills
+            await asyncio.sleep(0.05)
+        assert sorted(publisher.published) == [1, 2], f"partition 1 waited for partition 0 (batches {batches})"
+        assert sorted(batches) == [[0], [1, 2]], "one batch per partition, each whole"
+        assert await _committed(settings, source, settings.group("split"), 1.0, partition=0, until=1) is None
+        assert await _committed(settings, source, settings.group("split"), partition=1, until=2) == 2
+        slow_may_finish.set()
+        assert await _committed(settings, source, settings.group("split"), partition=0, until=1) == 1
+    assert sorted(publisher.published) == [0, 1, 2]
+
+
+async def _in_and_out(embedded_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path,
+                      partitions: int = 1) -> Settings:
+    """Settings for an `in` topic of `partitions` and a one-partition `out` topic of this test's own, created."""
     settings = Settings(
         kafka_bootstrap=embedded_broker.bootstrap, kafka_idempotent=False,
         kafka_fetch_max_wait_ms=TANSU_FETCH_MAX_WAIT_MS, kafka_session_timeout_ms=MIN_KAFKA_SESSION_TIMEOUT_MS,
         topic_prefix=f"{topic_prefix}.", group_prefix=topic_prefix, state_dir=tmp_path / "state",
     )
-    await embedded_broker.create_topics({settings.topic("in"): 1, settings.topic("out"): 1})
+    await embedded_broker.create_topics({settings.topic("in"): partitions, settings.topic("out"): 1})
     return settings
 
 
-async def _committed(settings: Settings, topic: str, group: str, within_s: float = 15.0) -> int | None:
+async def _committed(settings: Settings, topic: str, group: str, within_s: float = 15.0, *, partition: int = 0,
+                     until: int = 3) -> int | None:
+    """The group's committed offset on `partition`, once it reaches `until` or `within_s` passes."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:
         deadline = time.monotonic() + within_s
         while True:
-            offset: int | None = await consumer.committed(TopicPartition(topic, 0))
-            if offset == 3 or time.monotonic() > deadline:
+            offset: int | None = await consumer.committed(TopicPartition(topic, partition))
+            if offset == until or time.monotonic() > deadline:
                 return offset
             await asyncio.sleep(0.2)
     finally:

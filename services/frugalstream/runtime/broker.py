@@ -76,7 +76,7 @@ def make_broker(settings: Settings, *, client_suffix: str = "") -> KafkaBroker:
         max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
         logger=BROKER_LOGGER,  # handler exceptions and client errors, with tracebacks (None hid them all)
         graceful_timeout=GRACEFUL_TIMEOUT_S,
-        **producer_options(idempotent=settings.kafka_idempotent, linger_ms=2),
+        **producer_options(idempotent=settings.kafka_idempotent, linger_ms=settings.kafka_linger_ms),
     )
 
 

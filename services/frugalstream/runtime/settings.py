@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         default=500, description="Longest a fetch waits for data; lower it on brokers that never answer a "
                                  "waiting fetch early (the embedded Tansu broker), where it is the latency.")
+    kafka_linger_ms: int = Field(
+        default=0, ge=0, le=1_000, description="How long the services' producer holds a message to batch it with "
+                                               "others. Every stage waits for its outputs' acks before it commits, "
+                                               "so this is added to each hop; messages that queue while a send is "
+                                               "in flight are batched anyway.")
     kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, description="Kafka rejects less than 6 s.")
     concurrent_batches: int = Field(
         default=16, ge=1, le=64, description="Batches the classifier and the gateway each run at once, committed in "

@@ -246,6 +246,18 @@ class TopicHandler(Generic[M]):
     on_invalid: OnInvalid | None = None
 
 
+def partition_runs(records: Sequence[Record]) -> list[list[Record]]:
+    """A polled batch as one batch per partition, each in offset order.
+
+    Run in flight apart, one partition's answers never wait for another's slow work (a strong model's long
+    answer, a long history to embed), while a request and a redelivered copy of it, which share a partition,
+    stay in one batch, where the step handles them once."""
+    runs: dict[tuple[str, int], list[Record]] = {}
+    for record in records:
+        runs.setdefault((record.topic, record.partition), []).append(record)
+    return list(runs.values())
+
+
 def subscribe(
     broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str, topic: str,
     model: type[M], process: Process[M], max_records: int = 64, on_invalid: OnInvalid | None = None,
@@ -265,7 +277,8 @@ def subscribe_many(
     Co-partitioned topics (same key, same partition count) need one consumer with a range assignor, so the
     instance that owns partition N of one topic owns partition N of the others. `concurrency` > 1 runs that many
     batches at once, committed in offset order (`runtime.inflight`), for stages whose records are independent;
-    a deferral then waits inside its batch's task instead of pausing the partition.
+    each polled batch is split by partition first (`partition_runs`), and a deferral waits inside its batch's
+    task instead of pausing the partition.
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
     fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
@@ -288,7 +301,8 @@ def subscribe_many(
         consumer = getattr(msg, "consumer", None)
         if inflight is not None and all(hasattr(consumer, a) for a in ("commit", "assignment", "pause")):
             # (FastStream's in-memory test broker hands a fake consumer without them: batches run inline there)
-            await inflight.submit(records, consumer, functools.partial(run_in_flight, records, consumer))
+            for run in partition_runs(records):
+                await inflight.submit(run, consumer, functools.partial(run_in_flight, run, consumer))
             return
         with tracing.batch_trace(service, group) as trace:
             await handle(records, consumer, trace)
