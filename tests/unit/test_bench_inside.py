@@ -81,3 +81,21 @@ def test_latency_runs_to_the_answer_reaching_the_reader_not_to_the_gateway_stamp
     run = SimpleNamespace(lag=[], received={"m": 100.09})  # published and fetched 40 ms after the stamp
     rep = report(1.0, 1.0, 1.0, 0.1, run, [answer], requests=1)  # type: ignore[arg-type]
     assert rep["miss_e2e_ms_p50"] == 90.0 and rep["miss_overhead_ms_p50"] == 60.0
+
+
+def test_a_misses_steps_are_the_waits_between_its_stages_and_the_stages_less_the_model_call() -> None:
+    from frugalstream.tools.bench.inside import STEPS, steps_ms
+
+    with span_recorder() as spans:
+        tracer = tracing.tracer()
+        assert tracer is not None
+        stage(tracer, "p.llm.requests", "r1", 1_020, 1_035)
+        stage(tracer, "p.llm.requests.routed", "r1", 1_050, 1_058)
+        gateway = stage(tracer, "p.llm.requests.dispatch", "r1", 1_070, 1_400)
+        call = tracer.start_span("chat gpt-4o-mini", context=trace.set_span_in_context(gateway), start_time=1_075 * MS)
+        call.end(end_time=1_375 * MS)
+        stage(tracer, "p.llm.requests", "r2", 1_000, 1_010)  # never reached the gateway: no steps
+        found = steps_ms(spans, {f"p.{n}": n for n in ("llm.requests", "llm.requests.routed",
+                                                        "llm.requests.dispatch")}, {"r1": 1.0, "r2": 1.0})
+    got = {name: [round(v, 3) for v in values] for name, values in found.items()}
+    assert got == dict(zip(STEPS, ([20.0], [15.0], [15.0], [8.0], [12.0], [30.0]), strict=True))

@@ -38,11 +38,19 @@ def span_recorder() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-def inside_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str]) -> dict[str, float]:
-    """Per request id: milliseconds inside the stages of the answer path, less the model calls made there.
+#: The answer path's steps, in order: the wait before each stage (from the previous one's end, or from the
+#: request's `created_at`) and the stage itself (the gateway's less its model call).
+STEPS = ("to classifier", "classifier", "to dedupe", "dedupe", "to gateway", "gateway less call")
+
+
+def answer_path(exporter: InMemorySpanExporter, topic_of: dict[str, str]
+                ) -> tuple[dict[str, dict[str, tuple[int, int, int]]], dict[str, float]]:
+    """Per request id and answer-path topic (logical name): its spans' first start, last end and summed length,
+    in nanoseconds since the epoch (a batch run again has two spans); and per request id, the milliseconds of
+    its model calls.
 
     `topic_of` maps a physical topic name (with the deployment's prefix) to its logical name."""
-    stages: dict[str, float] = defaultdict(float)
+    stages: dict[str, dict[str, tuple[int, int, int]]] = defaultdict(dict)
     calls: dict[str, float] = defaultdict(float)
     spans: Any = exporter.get_finished_spans()
     by_span: dict[int, str] = {}
@@ -52,11 +60,40 @@ def inside_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str]) -> dict[
         if rid is None or span.start_time is None or span.end_time is None:
             continue
         by_span[span.context.span_id] = str(rid)
-        if topic_of.get(str(attrs.get("messaging.destination.name")), "") in ANSWER_PATH:
-            stages[str(rid)] += (span.end_time - span.start_time) / 1e6
+        topic = topic_of.get(str(attrs.get("messaging.destination.name")), "")
+        if topic in ANSWER_PATH:
+            start, end, total = stages[str(rid)].get(topic, (span.start_time, span.end_time, 0))
+            stages[str(rid)][topic] = (min(start, span.start_time), max(end, span.end_time),
+                                       total + span.end_time - span.start_time)
     for span in spans:
         if span.name.startswith("chat ") and span.parent is not None and span.start_time and span.end_time:
             rid = by_span.get(span.parent.span_id)
             if rid is not None:
                 calls[rid] += (span.end_time - span.start_time) / 1e6
-    return {rid: max(0.0, ms - calls.get(rid, 0.0)) for rid, ms in stages.items()}
+    return stages, calls
+
+
+def inside_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str]) -> dict[str, float]:
+    """Per request id: milliseconds inside the stages of the answer path, less the model calls made there."""
+    stages, calls = answer_path(exporter, topic_of)
+    return {rid: max(0.0, sum(total for _, _, total in spans.values()) / 1e6 - calls.get(rid, 0.0))
+            for rid, spans in stages.items()}
+
+
+def steps_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str], created_at: dict[str, float]
+             ) -> dict[str, list[float]]:
+    """Per step of `STEPS`, the milliseconds of each request in `created_at` (seconds since the epoch) that
+    passed every stage of the answer path."""
+    stages, calls = answer_path(exporter, topic_of)
+    steps: dict[str, list[float]] = {name: [] for name in STEPS}
+    for rid, created in created_at.items():
+        spans = stages.get(rid, {})
+        if len(spans) != len(ANSWER_PATH):
+            continue
+        previous_end = created * 1e9
+        for (wait, stage), topic in zip(zip(STEPS[::2], STEPS[1::2], strict=True), ANSWER_PATH, strict=True):
+            start, end, _ = spans[topic]
+            steps[wait].append((start - previous_end) / 1e6)
+            steps[stage].append((end - start) / 1e6 - (calls.get(rid, 0.0) if topic == ANSWER_PATH[-1] else 0.0))
+            previous_end = end
+    return steps

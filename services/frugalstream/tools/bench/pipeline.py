@@ -32,7 +32,7 @@ from frugalstream.runtime.logging import configure_logging
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.tools.bench.embed import demo_lookup_texts
-from frugalstream.tools.bench.inside import ANSWER_PATH, inside_ms, span_recorder
+from frugalstream.tools.bench.inside import ANSWER_PATH, STEPS, inside_ms, span_recorder, steps_ms
 from frugalstream.tools.demo_workload import load_demo_workload
 from frugalstream.tools.local_cluster import local_cluster, run_services
 
@@ -194,6 +194,9 @@ async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: f
             rep["miss_inside_ms_p50"], rep["miss_inside_ms_p99"] = pct(misses, 0.5), pct(misses, 0.99)
             rep["miss_outside_ms_p50"], rep["miss_outside_ms_p99"] = pct(outside, 0.5), pct(outside, 0.99)
             rep["miss_inside_measured"] = len(misses)
+            created = {rid: r.created_at for rid, r in run.answers.items() if rid in overheads and r.created_at}
+            rep["miss_steps_ms"] = {name: {"p50": pct(v, 0.5), "p99": pct(v, 0.99)}
+                                    for name, v in steps_ms(spans, topic_of, created).items()}
             return rep
 
 
@@ -299,6 +302,10 @@ def print_report(rep: dict[str, Any], console: Console) -> None:
                 "classifier_lag_first_quarter_mean",
                 "classifier_lag_last_quarter_mean"):
         table.add_row(key, str(rep[key]))
+    table.add_section()
+    for name in STEPS if "miss_steps_ms" in rep else ():
+        step = rep["miss_steps_ms"][name]
+        table.add_row(f"miss, {name}: p50 / p99 ms", f"{step['p50']} / {step['p99']}")
     table.add_section()
     for name, s in rep["inside_services"].items():
         table.add_row(f"{name}: process ms/record, publish ms/batch",
