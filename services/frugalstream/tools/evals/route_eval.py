@@ -119,7 +119,7 @@ def accuracy_curve(
     return np.asarray((weak.sum() + interp) / n, dtype=np.float64)
 
 
-def _curve_metrics(acc: npt.NDArray[np.float64], acc_weak: float, acc_strong: float) -> dict[str, float]:
+def curve_metrics(acc: npt.NDArray[np.float64], acc_weak: float, acc_strong: float) -> dict[str, float]:
     n = len(acc) - 1
     share = np.arange(n + 1) / n
     gap = acc_strong - acc_weak
@@ -145,20 +145,20 @@ def run_route_bench(rows: list[Row], scores: npt.ArrayLike, seed: int = 0) -> di
     strong = np.array([r[2] for r in rows], dtype=np.float64)
     acc_weak, acc_strong = float(weak.mean()), float(strong.mean())
     out: dict[str, Any] = {"n": n, "acc_weak": acc_weak, "acc_strong": acc_strong}
-    out.update(_curve_metrics(accuracy_curve(weak, strong, sc), acc_weak, acc_strong))
+    out.update(curve_metrics(accuracy_curve(weak, strong, sc), acc_weak, acc_strong))
 
     k = np.arange(n + 1)
     expected = acc_weak + k / n * (acc_strong - acc_weak)
-    out.update({f"random_{m}": v for m, v in _curve_metrics(expected, acc_weak, acc_strong).items()})
+    out.update({f"random_{m}": v for m, v in curve_metrics(expected, acc_weak, acc_strong).items()})
     rng = np.random.default_rng(seed)
     sims = [
-        _curve_metrics(accuracy_curve(weak, strong, rng.permutation(n).astype(np.float64)), acc_weak, acc_strong)
+        curve_metrics(accuracy_curve(weak, strong, rng.permutation(n).astype(np.float64)), acc_weak, acc_strong)
         for _ in range(RANDOM_SEEDS)
     ]
     for m in sims[0]:
         out[f"random_sim_{m}"] = float(np.mean([s[m] for s in sims]))
     oracle = (strong - weak) + 1e-3 * strong  # helpful first, then ties that cost nothing
-    out["oracle_strong_share_at_95"] = _curve_metrics(accuracy_curve(weak, strong, oracle), acc_weak, acc_strong)[
+    out["oracle_strong_share_at_95"] = curve_metrics(accuracy_curve(weak, strong, oracle), acc_weak, acc_strong)[
         "strong_share_at_95"
     ]
     return out
