@@ -17,15 +17,20 @@ def stage(tracer: trace.Tracer, topic: str, rid: str, start_ms: int, end_ms: int
     return span
 
 
+def traced_miss(tracer: trace.Tracer, rid: str, stages: tuple[tuple[int, int], ...], call: tuple[int, int]) -> None:
+    """A request's spans on the answer path (classifier, dedupe, gateway; ms) and its model call in the gateway's."""
+    topics = ("p.llm.requests", "p.llm.requests.routed", "p.llm.requests.dispatch")
+    spans = [stage(tracer, topic, rid, start, end) for topic, (start, end) in zip(topics, stages, strict=True)]
+    model_call = tracer.start_span("chat gpt-4o-mini", context=trace.set_span_in_context(spans[-1]),
+                                   start_time=call[0] * MS)
+    model_call.end(end_time=call[1] * MS)
+
+
 def test_inside_time_sums_the_answer_path_and_leaves_out_the_model_call_and_other_topics() -> None:
     with span_recorder() as spans:
         tracer = tracing.tracer()
         assert tracer is not None
-        stage(tracer, "p.llm.requests", "r1", 0, 10)
-        stage(tracer, "p.llm.requests.routed", "r1", 60, 65)
-        gateway = stage(tracer, "p.llm.requests.dispatch", "r1", 100, 420)
-        call = tracer.start_span("chat gpt-4o-mini", context=trace.set_span_in_context(gateway), start_time=105 * MS)
-        call.end(end_time=400 * MS)
+        traced_miss(tracer, "r1", ((0, 10), (60, 65), (100, 420)), call=(105, 400))
         stage(tracer, "p.llm.responses", "r1", 500, 900)  # filling the cache: not on the answer path
         stage(tracer, "p.llm.requests", "r2", 0, 7)
         found = inside_ms(spans, {f"p.{n}": n for n in ("llm.requests", "llm.requests.routed",
@@ -89,11 +94,7 @@ def test_a_misses_steps_are_the_waits_between_its_stages_and_the_stages_less_the
     with span_recorder() as spans:
         tracer = tracing.tracer()
         assert tracer is not None
-        stage(tracer, "p.llm.requests", "r1", 1_020, 1_035)
-        stage(tracer, "p.llm.requests.routed", "r1", 1_050, 1_058)
-        gateway = stage(tracer, "p.llm.requests.dispatch", "r1", 1_070, 1_400)
-        call = tracer.start_span("chat gpt-4o-mini", context=trace.set_span_in_context(gateway), start_time=1_075 * MS)
-        call.end(end_time=1_375 * MS)
+        traced_miss(tracer, "r1", ((1_020, 1_035), (1_050, 1_058), (1_070, 1_400)), call=(1_075, 1_375))
         stage(tracer, "p.llm.requests", "r2", 1_000, 1_010)  # never reached the gateway: no steps
         found = steps_ms(spans, {f"p.{n}": n for n in ("llm.requests", "llm.requests.routed",
                                                         "llm.requests.dispatch")}, {"r1": 1.0, "r2": 1.0})

@@ -41,6 +41,11 @@ def answer_by(request: LLMRequest, seen_at: float) -> float | None:
     return min(due) if due else None
 
 
+def may_wait(request: LLMRequest) -> bool:
+    """Its producer said it can wait (a latency class or a deadline): it is not an interactive request."""
+    return answer_by(request, 0.0) is not None
+
+
 def deferrable(routed: RoutedRequest, now: float, policy: DeferPolicy, providers: frozenset[str]) -> float | None:
     """The due time of a request that goes into a batch job, or None when it is answered interactively now."""
     if routed.route.provider not in providers:

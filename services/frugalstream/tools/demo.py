@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from frugalstream.accountant.app import AccountantService
-from frugalstream.gateway.deferred import answer_by
+from frugalstream.gateway.deferred import answer_by, may_wait
 from frugalstream.runtime.settings import Settings, UsageError
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
@@ -146,7 +146,7 @@ def build_report(requests: list[LLMRequest], got: dict[str, list[LLMResponse]], 
     first = [rs[0] for rs in got.values()]
     sources = Counter(r.source for r in first)
     latencies = sorted((r.responded_at - r.created_at) * 1000 for r in first if r.created_at)
-    can_wait = {r.id for r in requests if answer_by(r, 0.0) is not None}
+    can_wait = {r.id for r in requests if may_wait(r)}
     interactive = sorted((r.responded_at - r.created_at) * 1000 for r in first
                          if r.created_at and r.request_id not in can_wait)
     return {
@@ -162,20 +162,24 @@ def build_report(requests: list[LLMRequest], got: dict[str, list[LLMResponse]], 
         "savings_pct": totals["savings_pct"],
         "by_strategy": totals["by_strategy"],
         "deferrable": deferrable_report(requests, got),
-        "latency_ms_p50": latencies[len(latencies) // 2] if latencies else None,
-        "latency_ms_p99": latencies[int(len(latencies) * 0.99)] if latencies else None,
+        "latency_ms_p50": _quantile(latencies, 0.5),
+        "latency_ms_p99": _quantile(latencies, 0.99),
         # Requests that can wait are held for a provider batch job on purpose: latency is the interactive ones'.
-        "interactive_latency_ms_p50": interactive[len(interactive) // 2] if interactive else None,
-        "interactive_latency_ms_p99": interactive[int(len(interactive) * 0.99)] if interactive else None,
+        "interactive_latency_ms_p50": _quantile(interactive, 0.5),
+        "interactive_latency_ms_p99": _quantile(interactive, 0.99),
         "wall_time_s": round(wall_s, 2),
         "provider": "simulated",
     }
 
 
+def _quantile(ordered: list[float], q: float) -> float | None:
+    return ordered[int(len(ordered) * q)] if ordered else None
+
+
 def deferrable_report(requests: list[LLMRequest], got: dict[str, list[LLMResponse]]) -> dict[str, int]:
     """Requests that could wait: how many were answered, and how many before they were due (from the time
     the demo stamped on them, echoed on their answer)."""
-    waiting = [r for r in requests if answer_by(r, 0.0) is not None]
+    waiting = [r for r in requests if may_wait(r)]
     answered = [(r, got[r.id][0]) for r in waiting if r.id in got]
     on_time = sum(1 for r, a in answered if a.created_at is not None and a.responded_at <= (
         answer_by(r.model_copy(update={"created_at": a.created_at}), a.created_at) or 0.0))

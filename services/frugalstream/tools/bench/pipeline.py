@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from frugalstream.gateway.deferred import answer_by
+from frugalstream.gateway.deferred import may_wait
 from frugalstream.runtime.logging import configure_logging
 from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
@@ -171,7 +171,7 @@ async def measure_step(run: Run, rate: float, duration_s: float, drain_timeout_s
     stop.set()
     await sampler
     ids = {run.request_id(n) for n in range(first, run.produced)}
-    can_wait = {run.request_id(n) for n in range(first, run.produced) if answer_by(run.request(n), 0.0) is not None}
+    can_wait = {run.request_id(n) for n in range(first, run.produced) if may_wait(run.request(n))}
     measured = [r for rid, r in run.answers.items() if rid not in before and rid in ids]
     return report(rate, duration_s, produce_s, drain_s, run, measured, requests=run.produced - first,
                   can_wait=can_wait)
