@@ -150,7 +150,7 @@ def apply_mutation(mutation: Mutation, root: Path, scratch: Path) -> None:
     (scratch / mutation.file).write_text(mutated_text(mutation, root), encoding="utf-8")
 
 
-_SUMMARY = re.compile(r"^(FAILED|ERROR) (\S+?)(?: - .*)?$")
+_SUMMARY = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$")  # a parametrized node id may hold spaces
 
 
 def first_failure(output: str) -> tuple[str, str] | None:

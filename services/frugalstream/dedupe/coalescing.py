@@ -77,16 +77,18 @@ class Coalescer:
             self.vectors[key] = routed.embedding  # the answer's cache entry reuses it
         return None
 
-    def answered(self, key: str) -> tuple[str | None, list[Waiter]]:
-        """`key` got its answer (or error): it leads no more. Returns its request's embedding and its followers,
-        released here. Leaders are found by identity: an error response carries no keys."""
+    def answered(self, key: str) -> tuple[Leader | None, str | None, list[Waiter]]:
+        """`key` got its answer (or error): it leads no more. Returns its leader record, its request's embedding
+        and its followers, released here. Leaders are found by identity: an error response carries no keys, and
+        an answer under the leader's identity may be to another question (an id reused with other content), so
+        the caller compares the answer's exact key with the leader's before serving or indexing by it."""
         lead = self.leading.pop(key, None)
         if lead is not None and self.inflight.get(lead.exact) == lead:
             del self.inflight[lead.exact]
         followers = self.waiters.pop(key, [])
         for waiter in followers:
             self.held.pop(waiter.key, None)
-        return self.vectors.pop(key, None), followers
+        return lead, self.vectors.pop(key, None), followers
 
     def expire(self, now: float) -> list[Waiter]:
         """Followers that waited past the timeout, released to be dispatched on their own. A leader older than

@@ -133,9 +133,12 @@ class Deduper:
         for response, partition in batch:
             key = request_key(response.tenant, response.request_id)
             self.answered.mark(key)
-            vector, followers = self.coalescing.answered(key)
+            lead, vector, followers = self.coalescing.answered(key)
+            # Under a reused id the answer may be to another question: only the leader's own is its answer.
+            own = lead is not None and response.keys is not None and response.keys.exact == lead.exact
             decisions.extend(self.audits.on_answer(response))
-            entry = self.lookup.entry(response, vector) if self.answered.may_store(key) else None
+            entry = (self.lookup.entry(response, vector if own else None)
+                     if self.answered.may_store(key) else None)
             if entry is not None and self.lookup.keep(entry, partition):
                 fresh.append(entry)
                 decisions.append(Store(entry, partition))
@@ -143,7 +146,7 @@ class Deduper:
                 decisions.append(Release(waiter.key, waiter.partition))
                 if waiter.key in self.answered:
                     continue  # answered another way meanwhile (the timeout dispatched it, say)
-                if serves(response):
+                if own and serves(response):
                     decisions.append(follower_answer(waiter.routed, response))
                     decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),) if a is not None)
                     self.answered.mark(waiter.key)

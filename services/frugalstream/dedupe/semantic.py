@@ -27,7 +27,7 @@ from frugalstream.dedupe.answer_clusters import AnswerClusters, ClusterModel
 from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.llm.embedder import DIM, AsyncEmbedder, decode_vector
 from frugalstream.llm.thresholds import ThresholdBook
-from frugalstream.llm.verifier import Verifier
+from frugalstream.llm.verifier import Verifier, slot_conflict
 from frugalstream.schemas import CacheEntry, RoutedRequest
 
 Vectors = npt.NDArray[np.float32]
@@ -278,8 +278,12 @@ class SemanticIndex:
                 vote = shard.clusters.vote(row_sims, model)
                 if vote is None or vote.confidence < min(limit, self._policy.cluster_near_floor):
                     continue
+                # The cluster vouches for the meaning, not for the slots: a member naming another order, date
+                # or person (or negated) never serves, whatever the vote.
+                query = requests[row].keys.lookup_text
                 served = next(((shard.entries[i], cos) for i, cos in shard.clusters.members(vote)
-                               if self._may_serve(requests[row], shard.entries[i], now)), None)
+                               if self._may_serve(requests[row], shard.entries[i], now)
+                               and not slot_conflict(query, shard.entries[i].keys.lookup_text)), None)
                 if served is None:
                     continue
                 hit = SemanticHit(*served, vote.confidence, limit, rule="answer_cluster")

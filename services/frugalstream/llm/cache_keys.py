@@ -9,8 +9,9 @@ and an unpinned request never by a pinned answer.
 Every turn is in the key, including the assistant tool calls, tool results and assistant turns after the last
 user message: whoever can append a turn must not be able to read (or poison) the answer computed for another
 conversation. Only user text is normalized (case, unicode form, whitespace, trailing punctuation: a user
-retyping a question still asks it); everything else is hashed as written, whitespace-trimmed at most, because
-"Answer ONLY in French." and "answer only in french" are different instructions, and a tool result is data.
+retyping a question still asks it; text laid out in lines or quoted as code keeps its case and layout);
+everything else is hashed as written, whitespace-trimmed at most, because "Answer ONLY in French." and "answer
+only in french" are different instructions, and a tool result is data. A participant's `name` is in the key.
 """
 
 from __future__ import annotations
@@ -24,17 +25,50 @@ from collections.abc import Sequence
 from frugalstream.schemas import TIERS, CacheKeys, ChatMessage, LLMRequest, Tier
 
 _WS = re.compile(r"\s+")
-_TRAILING = re.compile(r"[\s.!?;:,]+$")
+# Trailing punctuation, except a "!" right after a digit: "Compute 10!" asks for a factorial.
+_TRAILING = re.compile(r"(?:(?<=\d)[\s.?;:,]+|(?<!\d)[\s.!?;:,]+)$")
+# Compatibility forms whose NFKC folding changes the meaning: 3² is not 32, H₂O is not H2O, ½ is not 1⁄2.
+_MEANINGFUL_FORMS = ("<super>", "<sub>", "<fraction>")
+
+
+def fold_unicode(text: str) -> str:
+    """NFKC (full-width letters, ligatures, odd spaces fold to their plain forms), except the forms that carry
+    meaning, which NFKC would turn into other text."""
+    text = unicodedata.normalize("NFC", text)
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFC", "".join(
+        ch if unicodedata.decomposition(ch).startswith(_MEANINGFUL_FORMS) else unicodedata.normalize("NFKC", ch)
+        for ch in text))
+
+
+def strip_trailing(text: str) -> str:
+    return _TRAILING.sub("", text).rstrip()
+
+
+def _laid_out(text: str) -> str | None:
+    """Text in lines or quoted as code, with its case and layout (identifiers and indentation change what a
+    program does); None for one line of prose."""
+    if "\n" in text or "`" in text:
+        return "\n".join(line.rstrip() for line in text.splitlines())
+    return None
 
 
 def clean_text(text: str) -> str:
-    """Unicode form and whitespace; case is kept because names and acronyms matter to the verifier."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    """Unicode form and whitespace (a layout that matters is kept); case is kept because names and acronyms
+    matter to the verifier. The models read it as they would the collapsed text: their tokenizers split on
+    whitespace."""
+    folded = fold_unicode(text).strip()
+    laid_out = _laid_out(folded)
+    return _WS.sub(" ", folded) if laid_out is None else laid_out
 
 
 def normalize_text(text: str) -> str:
-    """Case, unicode form, whitespace and trailing punctuation do not change what is being asked."""
-    return _TRAILING.sub("", clean_text(text).casefold())
+    """Case, unicode form, whitespace and trailing punctuation do not change what is being asked, except in text
+    laid out in lines or quoted as code."""
+    folded = fold_unicode(text).strip()
+    laid_out = _laid_out(folded)
+    return strip_trailing(_WS.sub(" ", folded).casefold()) if laid_out is None else laid_out
 
 
 def _digest(payload: object) -> str:
@@ -76,6 +110,9 @@ def split_conversation(messages: Sequence[ChatMessage]) -> tuple[list[ChatMessag
 def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) -> CacheKeys:
     """`pinned` is the model a request is pinned to (route.model when route.pinned), None when unpinned."""
     system, earlier, last_user, after = conversation_parts(request.messages)
+    # A participant's `name` reaches the model ("What is my name?"): in the scope and the shard when set.
+    system_names = [m.name for m in system]
+    last_name = next((m.name for m in reversed(request.messages) if m.role == "user"), None)
     owner = f"shared:{request.cache.shared_scope}" if request.cache.shared_scope else f"tenant:{request.tenant}"
     sampling = request.sampling.model_dump(mode="json")
     scope = _digest({
@@ -87,11 +124,13 @@ def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) ->
         "max_tokens": request.max_tokens,
         "pinned": pinned,
         # Only when set, so the scopes of requests without them (and the cache built from them) stay as they were.
+        **({"system_names": system_names} if any(system_names) else {}),
         **({"tool_choice": request.tool_choice} if request.tool_choice is not None else {}),
         **({"parallel_tool_calls": request.parallel_tool_calls} if request.parallel_tool_calls is not None else {}),
     })
     # The shard a semantic lookup searches: every turn but the last user text, on both sides of it.
-    prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after]})
+    prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after],
+                      **({"name": last_name} if last_name else {})})
     return CacheKeys(
         scope=scope, prefix=prefix, exact=_digest([scope, prefix, normalize_text(last_user)]),
         lookup_text=clean_text(last_user),

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from frugalstream.llm.verifier import TrainedVerifier, VerifierDecision, normalize_text, pair_features
+from frugalstream.llm.verifier import TrainedVerifier, VerifierDecision, pair_features, same_question
 
 ARTIFACT_PATH = Path(__file__).with_name("pair_encoder.safetensors")
 MAX_PAIR_TOKENS = 128
@@ -222,7 +222,7 @@ class CrossEncoderVerifier:
         ask: list[int] = []
         rows: list[list[float]] = []
         for i, (query, candidate, cosine, _) in enumerate(pairs):
-            if normalize_text(query) == normalize_text(candidate):
+            if same_question(query, candidate):
                 out[i] = VerifierDecision(1.0, True, "exact")
                 continue
             feats, reason = pair_features(query, candidate, cosine)

@@ -26,6 +26,9 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from frugalstream.llm.cache_keys import fold_unicode
+from frugalstream.llm.cache_keys import normalize_text as key_text
+
 # Chosen by scripts/train_verifier.py on the QQP "val" bucket (part of the train split; never QQP dev or
 # PAWS): highest recall at precision >= 0.90 there.
 DEFAULT_RECALL_COSINE = 0.85
@@ -63,13 +66,16 @@ _WH = _words("what why how when where who which whom whose is are can do does sh
 
 
 def normalize_text(text: str) -> str:
-    """Canonical form used for exact-match hashing and for the verifier's tokens.
+    """Canonical form for the verifier's tokens.
 
-    NFKC folds compatibility characters (full-width letters, ligatures), case and runs of whitespace
-    never change an answer, and neither does a trailing "?" or ".".
+    Compatibility characters (full-width letters, ligatures; not super- and subscripts), case and runs of
+    whitespace never change an answer, and neither does trailing punctuation (but "10!" is a factorial).
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    return " ".join(text.split()).rstrip(_TRAILING_PUNCT)
+    text = " ".join(fold_unicode(text).lower().split())
+    stripped = text.rstrip(_TRAILING_PUNCT)
+    if text[len(stripped):].startswith("!") and stripped[-1:].isdigit():
+        return stripped + "!"
+    return stripped
 
 
 def _tokens(text: str) -> list[str]:
@@ -187,6 +193,22 @@ def _entities(text: str) -> list[str]:
     return [w.lower() for w in words[1:] if w[:1].isupper()]
 
 
+def same_question(query: str, candidate: str) -> bool:
+    """The same text as the exact cache key reads it: served without asking a model."""
+    return key_text(query) == key_text(candidate)
+
+
+def slot_conflict(query: str, candidate: str) -> str:
+    """Why `candidate`'s answer cannot be `query`'s whatever their meanings' likeness ("" when none): a hard rule
+    of `pair_features` (numbers, negation, order), or a name in the query the candidate does not mention ("Is
+    Mallory an admin?" is not answered by "Is Alice an admin?"). For paths that serve without the pair model."""
+    reason = pair_features(query, candidate, 0.0)[1]
+    if reason:
+        return reason
+    named = set(_entities(query)) - {"i"}
+    return "entity_mismatch" if named - set(_entities(candidate)) else ""
+
+
 def _first_wh(toks: list[str]) -> str:
     return next((t for t in toks[:4] if t in _WH), "")
 
@@ -269,7 +291,9 @@ def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float
     # keeps its content words in order far more often than a different question with the same words;
     # when it does not, it usually moved a whole clause, which is left to the model.
     reason = ""
-    if nums_a and nums_b and set(nums_a) != set(nums_b):
+    if na == nb and key_text(query) != key_text(candidate):
+        reason = "layout"  # only case or layout differ, in code or lines, where they matter and no model sees them
+    elif nums_a and nums_b and set(nums_a) != set(nums_b):
         reason = "number_mismatch"
     elif _negated(ta) != _negated(tb):
         reason = "negation"
@@ -338,7 +362,7 @@ class TrainedVerifier:
             vetoed.append(bool(reason))
         scores = self.predict(np.asarray(rows, dtype=np.float64))
         scores[np.asarray(vetoed)] = 0.0
-        exact = [normalize_text(q) == normalize_text(c) for q, c, _ in pairs]
+        exact = [same_question(q, c) for q, c, _ in pairs]
         scores[np.asarray(exact)] = 1.0
         return scores
 
@@ -352,7 +376,7 @@ class TrainedVerifier:
     def verify(self, query: str, candidate: str, cosine: float, threshold: float | None = None) -> VerifierDecision:
         """Hard rules veto first; otherwise a hit needs ``score >= threshold``. Exact text is a hit."""
         thr = self.threshold if threshold is None else threshold
-        if normalize_text(query) == normalize_text(candidate):
+        if same_question(query, candidate):
             return VerifierDecision(1.0, True, "exact")
         feats, reason = pair_features(query, candidate, cosine)
         if reason:
