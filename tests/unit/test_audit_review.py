@@ -121,7 +121,7 @@ def test_page_and_api_never_carry_answers_as_markup() -> None:
                                    "accepted": 1, "rate": 1.0, "low": 0.2, "high": 1.0}, judged_at=1.0)
     session = ReviewSession("<b>acme</b>", [record], MemoryStore())
     with TestClient(build_app(session), base_url="http://127.0.0.1") as client:
-        page = client.get("/")
+        page = client.get("/", params={"token": session.token})
         assert "<script>window" not in page.text and "<b>acme</b>" not in page.text and "&lt;b&gt;" in page.text
         assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script could run
         api = client.get("/api/state", headers={"x-review-token": session.token})

@@ -24,7 +24,7 @@ from frugalstream.llm.audits import answers_digest
 from frugalstream.llm.judges import MatchJudge
 from frugalstream.tools.audit_review.app import ReviewSession
 from frugalstream.tools.audit_review.queue import Filters, pending
-from frugalstream.tools.audit_review.serve import review_server
+from frugalstream.tools.audit_review.serve import page_url, review_server
 from tests.unit.test_audit_review import HOSTILE, SETTINGS, MemoryStore, answered, judged
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -82,7 +82,7 @@ async def test_keys_and_buttons_publish_verdicts_the_audit_service_counts_and_an
     with tempfile.TemporaryDirectory(prefix="frugal-chromium-") as profile:
         async with review_server(session) as url:
             assert url.startswith("http://127.0.0.1:")
-            seen = await asyncio.to_thread(drive, url, Path(profile))
+            seen = await asyncio.to_thread(drive, page_url(url, session), Path(profile))
     assert seen["first"] == ("question r1", "We open at 9.", "We open at 9 am.")
     assert seen["hostile"] == (HOSTILE, "question r2")  # the markup is shown as the text it is
     assert seen["children"] == 0 and seen["images"] == 0 and seen["pwned"] is None

@@ -11,8 +11,10 @@ Calls (`llm.audits.dispatch` -> `llm.audits.answered` + `llm.usage`): the job ru
 logic (providers, retries, breakers), under the audit id, on a gateway of its own whose paid-call memory is
 in-process: its answers are never published on `llm.responses` nor any reply topic. Each call's usage is an
 audit usage record (the `audit` strategy, nothing saved), including the LLM judge's call when the task type's
-judge is `llm`. An audit whose call fails is dropped with a log line and a metric (no verdict; no spend is
-lost, since a failed call is not billed).
+judge is `llm`. Usage follows the call, not the answer: it is emitted whenever the gateway's result carries
+one, whatever the outcome, so a replay after a failed publish re-emits it (same deterministic usage id: the
+ledger counts it once) and a paid answer turned into a `too_large` error is still billed. An audit whose call
+fails is dropped with a log line and a metric (no verdict; a failed call carries no usage: it was not billed).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext
-from frugalstream.schemas import CompletedCall, RoutedRequest
+from frugalstream.schemas import CompletedCall, RoutedRequest, UsageRecord
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
 
@@ -130,12 +132,11 @@ class AuditCalls:
 
     def _filled(self, audit: AuditRequest, result: Result | None, outs: list[Out]) -> AuditRequest | None:
         response = result.response if result is not None else None
+        if result is not None and audit.job is not None:  # billed before the answer is judged usable
+            outs.extend(_spent(audit.job, result.usage, "call"))
         if result is None or response is None or not response.ok or response.content is None:
             log.warning("audit_call_failed", audit_id=audit.audit_id, tenant=audit.tenant, kind=audit.kind)
             return None
-        if result.outcome == "paid" and response.usage is not None and audit.job is not None:
-            outs.append(Out(t.USAGE, audit_usage(audit.job, response.model or audit.job.route.model, response.usage,
-                                                 simulated=response.simulated), key=audit.tenant))
         answer = AuditAnswer(content=response.content, model=response.model)
         update = {"candidate": answer} if audit.candidate is None else {"reference": answer}
         return audit.model_copy(update={**update, "job": None})
@@ -155,13 +156,19 @@ class AuditCalls:
 
     def _with_verdict(self, audit: AuditRequest, result: Result) -> list[Out]:
         response = result.response
-        outs: list[Out] = []
-        if response is not None and response.ok and response.usage is not None and result.outcome == "paid":
-            outs.append(Out(t.USAGE, audit_usage(result.routed, response.model or self.settings.audit_judge_model,
-                                                 response.usage, simulated=response.simulated, part="judge"),
-                            key=audit.tenant))
+        outs = _spent(result.routed, result.usage, "judge")  # billed even when its answer is unusable
         verdict = parse_llm_verdict(response.content or "") if response is not None and response.ok else None
         if verdict is None:
             log.warning("audit_judge_no_verdict", audit_id=audit.audit_id, tenant=audit.tenant)
         outs.append(Out(t.AUDITS_ANSWERED, audit.model_copy(update={"judge_verdict": verdict}), key=audit.tenant))
         return outs
+
+
+def _spent(job: RoutedRequest, usage: UsageRecord | None, part: str) -> list[Out]:
+    """The audit usage of a priced call, from the gateway's own record of it (kept with the paid call, so a
+    replay has it too): the chain's last point is what the provider billed, on the model that answered."""
+    if usage is None:
+        return []
+    billed = usage.steps[-1] if usage.steps else usage.baseline
+    record = audit_usage(job, usage.actual_model or billed.model, billed.usage, simulated=usage.simulated, part=part)
+    return [Out(t.USAGE, record, key=job.request.tenant)]

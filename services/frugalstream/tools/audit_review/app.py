@@ -3,8 +3,14 @@
 The session holds the queue read at start; each accept or reject is published to `llm.audits.reviews` and
 acknowledged by the broker before the next audit is shown, so a closed tab loses nothing already answered.
 A verdict is accepted only for an audit of this session's queue (so only of its tenant) and only for the
-answers the page showed (their hash). The API wants the per-run token the page carries and a local Host
-header: another site open in the same browser can neither read audits nor write verdicts.
+answers the page showed (their hash).
+
+One rule, whatever `--host` binds: nothing that names the tenant or carries its data is served without the
+per-run token. The page wants it in its URL (`?token=`, printed by the command; never put in the HTML), the
+API in the `X-Review-Token` header the script sends from that URL; only the constant script and style are
+public. So a client on the network that never saw the printed URL reads nothing and writes nothing, and
+another site open in the same browser cannot either (on loopback a local Host header is required too, against
+DNS rebinding).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from frugalstream.schemas.audits import AuditRecord
-from frugalstream.tools.audit_review.page import CSS, JS, page
+from frugalstream.tools.audit_review.page import CSS, FORBIDDEN_PAGE, JS, page
 from frugalstream.tools.audit_review.queue import ReviewStore, digest_of, verdict_for
 
 SECURITY_HEADERS = {
@@ -81,16 +87,23 @@ def item_json(r: AuditRecord) -> dict[str, Any]:
             "baseline": r.reference.content, "baseline_model": r.reference.model, "answers_sha256": digest_of(r)}
 
 
+def same_token(given: str, token: str) -> bool:
+    """Constant time, and as bytes: `compare_digest` raises on a non-ASCII str, which would be a 500."""
+    return secrets.compare_digest(given.encode(), token.encode())
+
+
 def _json(body: object, status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=SECURITY_HEADERS)
 
 
 def build_app(session: ReviewSession, hosts: Sequence[str] = LOCAL_HOSTS) -> Starlette:
     def authorized(request: Request) -> bool:
-        return secrets.compare_digest(request.headers.get("x-review-token", ""), session.token)
+        return same_token(request.headers.get("x-review-token", ""), session.token)
 
-    async def index(_: Request) -> Response:
-        return HTMLResponse(page(session.token, session.tenant), headers=SECURITY_HEADERS)
+    async def index(request: Request) -> Response:
+        if not same_token(request.query_params.get("token", ""), session.token):
+            return HTMLResponse(FORBIDDEN_PAGE, status_code=403, headers=SECURITY_HEADERS)
+        return HTMLResponse(page(session.tenant), headers=SECURITY_HEADERS)
 
     async def script(_: Request) -> Response:
         return Response(JS, media_type="text/javascript", headers=SECURITY_HEADERS)

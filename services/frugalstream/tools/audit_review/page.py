@@ -3,6 +3,9 @@
 Answers are untrusted text: the page never builds HTML from data. The script fetches each audit as JSON and
 sets it with `textContent`; the app's Content-Security-Policy allows only its own script and style, so even a
 mistake here could not run an inline script or load anything from elsewhere.
+
+The per-run token is never in the HTML: the script reads it from the page's own URL (`?token=`, which the app
+checks before serving the page), so the page, like the API, gives nothing to a client without it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ kbd { border: 1px solid #999; border-radius: 3px; padding: 0 .3rem; }
 
 JS = """
 "use strict";
-const token = document.querySelector('meta[name="review-token"]').content;
+const token = new URLSearchParams(window.location.search).get("token") || "";
 const KEYS = {a: "accept", r: "reject", s: "skip"};
 let current = null;
 let busy = false;
@@ -86,7 +89,6 @@ call("GET", "api/state").then(render, (err) => put("status", "could not load: " 
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta name="review-token" content="{token}">
 <title>frugalstream audit review: {tenant}</title>
 <link rel="stylesheet" href="app.css"></head>
 <body>
@@ -111,5 +113,12 @@ _PAGE = """<!doctype html>
 """
 
 
-def page(token: str, tenant: str) -> str:
-    return _PAGE.format(token=html.escape(token), tenant=html.escape(tenant))
+FORBIDDEN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>frugalstream audit review</title></head>
+<body><p>Open the address printed by <code>frugalstream audit review</code>: it carries this run's token.</p>
+</body></html>
+"""
+
+
+def page(tenant: str) -> str:
+    return _PAGE.format(tenant=html.escape(tenant))

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import signal
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlencode
 
 import uvicorn
 
@@ -17,6 +18,11 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def page_url(url: str, session: ReviewSession) -> str:
+    """The address a person opens: the server's URL with this run's token, without which nothing is served."""
+    return f"{url}?{urlencode({'token': session.token})}"
 
 
 def is_loopback(host: str) -> bool:
@@ -30,8 +36,10 @@ def is_loopback(host: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def review_server(session: ReviewSession, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """The page listening on host:port (0 picks a free port) until the block ends; yields its URL."""
-    hosts = LOCAL_HOSTS if is_loopback(host) else ("*",)  # bound wider on purpose: the token still guards writes
+    """The page listening on host:port (0 picks a free port) until the block ends; yields its base URL (the
+    API's; `page_url` adds the token a browser needs)."""
+    # bound wider on purpose: the page and the API still want the token, only the Host check is loopback's
+    hosts = LOCAL_HOSTS if is_loopback(host) else ("*",)
     config = uvicorn.Config(build_app(session, hosts), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     server = _Server(config)
@@ -58,7 +66,7 @@ async def serve_until_stopped(session: ReviewSession, host: str, port: int) -> N
         loop.add_signal_handler(sig, stop.set)
     async with review_server(session, host, port) as url:
         print(f"frugalstream audit review: {len(session.items)} audits of {session.tenant} await a verdict at "
-              f"{url} (a accept, r reject, s skip; Ctrl-C to stop)", flush=True)
+              f"{page_url(url, session)} (a accept, r reject, s skip; Ctrl-C to stop)", flush=True)
         await stop.wait()
     state = session.state()["progress"]
     print(f"reviewed {state['reviewed']} of {state['total']} ({state['skipped']} skipped)", flush=True)
