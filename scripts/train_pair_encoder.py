@@ -179,11 +179,14 @@ def fit_stack(
 
 
 def match_fp32_decisions(stack: Stack, val: list[Pair], synth_val: list[Pair]) -> tuple[float, float]:
-    """The int8 (recall cosine, threshold) whose hits on QQP val agree best with the shipped fp32 verifier's.
+    """The int8 (recall cosine, threshold) whose precision and recall on QQP val are nearest the shipped fp32
+    verifier's there (the larger of the two differences; ties: the hits that agree best with fp32's).
 
     The precision rule alone moved the operating point: on QQP val int8 reached its precision target at a
-    looser setting than fp32 had, which on dev served more at lower precision. Matching fp32's decisions on
-    the tuning split keeps the behaviour users were measured on, within the synthetic false-hit cap.
+    looser setting than fp32 had, which on dev served more at lower precision. Matching fp32's decisions hit
+    for hit (F1 of hits) went the other way: a stricter point, recall 0.013 under fp32 on val already. Matching
+    the operating point on the tuning split keeps the behaviour users were measured on, precision and recall
+    each, within the synthetic false-hit cap.
     """
     from frugalstream.llm.onnx_models import OnnxPairScorer
     from frugalstream.llm.pair_encoder import (
@@ -209,24 +212,32 @@ def match_fp32_decisions(stack: Stack, val: list[Pair], synth_val: list[Pair]) -
     cos8, cos8s = int8_cosines(val), int8_cosines(synth_val)
     veto8, s8 = scores(val, cos8, int8, stack)
     veto8s, s8s = scores(synth_val, cos8s, int8, stack)
-    best = (-1.0, DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD)
+    y = np.array([label for *_, label in val])
+
+    def operating_point(hit: np.ndarray) -> tuple[float, float]:
+        tp = int((hit & (y == 1)).sum())
+        return tp / max(int(hit.sum()), 1), tp / max(int(y.sum()), 1)
+
+    p32, r32 = operating_point(hit32)
+    best = (np.inf, -1.0, DEFAULT_RECALL_COSINE, DEFAULT_VERIFY_THRESHOLD)
     for rc in (0.85, 0.80, 0.75):
         for thr in np.arange(0.80, 0.99, 0.0025):
             hit8 = (cos8 >= rc) & ~veto8 & (s8 >= thr)
             if float(((cos8s >= rc) & ~veto8s & (s8s >= thr)).mean()) > SYNTH_FALSE_HIT_MAX:
                 continue
+            p8, r8 = operating_point(hit8)
+            gap = round(max(abs(p8 - p32), abs(r8 - r32)), 6)
             agree = 2 * int((hit8 & hit32).sum()) / max(int(hit8.sum() + hit32.sum()), 1)
-            if agree > best[0]:
-                best = (agree, rc, round(float(thr), 4))
-    agree, rc, thr = best
-    y = np.array([label for *_, label in val])
+            if (gap, -agree) < (best[0], -best[1]):
+                best = (gap, agree, rc, round(float(thr), 4))
+    _, agree, rc, thr = best
     hit8 = (cos8 >= rc) & ~veto8 & (s8 >= thr)
     for name, hit in (("fp32 shipped", hit32), ("int8 matched", hit8)):
         tp = int((hit & (y == 1)).sum())
         print(f"QQP val {name}: hits {int(hit.sum())}, precision {tp / max(int(hit.sum()), 1):.3f}, "
               f"recall {tp / max(int(y.sum()), 1):.3f}")
-    print(f"int8 matched to fp32 decisions on QQP val: agreement (F1 of hits) {agree:.3f} at recall_cosine={rc} "
-          f"threshold={thr}")
+    print(f"int8 matched to fp32's operating point on QQP val: recall_cosine={rc} threshold={thr} "
+          f"(agreement, F1 of hits, {agree:.3f})")
     return rc, thr
 
 
@@ -270,8 +281,8 @@ def main() -> None:
                     help="refit the stack and thresholds on the shipped int8 models (after scripts/export_onnx.py) "
                          "and write them to the models manifest")
     ap.add_argument("--match-fp32", action="store_true",
-                    help="with --int8-stack: choose the int8 thresholds that best reproduce the fp32 verifier's "
-                         "decisions on QQP val (instead of the precision rule)")
+                    help="with --int8-stack: choose the int8 thresholds whose precision and recall on QQP val are "
+                         "nearest the fp32 verifier's (instead of the precision rule)")
     args = ap.parse_args()
 
     torch.manual_seed(SEED)
