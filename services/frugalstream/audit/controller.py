@@ -15,6 +15,11 @@ target is a minimum acceptance among the decisions a threshold makes (a false-hi
   towards the most permissive and stopping at the first whose observed rate misses the target (a fixed
   sequence, in the spirit of Learn-then-Test: a looser threshold past a bad region is never picked).
 
+A threshold never admits a label it did not count: a candidate serve-above threshold sits at a label's score
+(the next label is below it), a `route_mid` one just past a label's score but never past the next's (`<` excludes
+that one), and a moved threshold is rounded towards the stricter side. A stored label with a non-finite score or
+weight is never read back (a NaN mis-sorts the others and joins no tie: it would wedge the cell).
+
 What the cache learned (the near-miss labels: rejected candidates, or a cluster vote short of its threshold,
 whose fresh answer was the same) is what lets the semantic thresholds loosen at all: audited hits only ever speak
 for thresholds at or above the current one.
@@ -22,6 +27,7 @@ for thresholds at or above the current one.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -63,6 +69,22 @@ def permissive(knob: Knob, a: float, b: float) -> bool:
     return a < b if knob in SERVES_ABOVE else a > b
 
 
+def usable(label: Label) -> bool:
+    """A label the controller can sort and weigh: finite score, finite positive weight."""
+    return math.isfinite(label.score) and math.isfinite(label.weight) and label.weight > 0
+
+
+def stricter(knob: Knob, value: float) -> float:
+    """`value` at 6 decimals, rounded towards the stricter side (up for serve-above knobs, down for `route_mid`),
+    so rounding never moves a threshold onto a label it did not count."""
+    r = round(value, 6)
+    if knob in SERVES_ABOVE and r < value:
+        return round(r + 1e-6, 6)
+    if knob not in SERVES_ABOVE and r > value:
+        return round(r - 1e-6, 6)
+    return r
+
+
 def acceptance_at(labels: list[Label], knob: Knob, threshold: float) -> Proportion:
     return weighted((lb.accepted, lb.weight) for lb in labels if decided(knob, lb.score, threshold))
 
@@ -98,8 +120,9 @@ class ThresholdController:
         cell.put(key, label)
 
     def labels(self, tenant: str, task_type: str, knob: Knob) -> list[Label]:
+        """The cell's `usable` labels: every decision reads them here."""
         cell = self.cells.get((tenant, task_type, knob))
-        return list(cell.labels.values()) if cell is not None else []
+        return [lb for lb in cell.labels.values() if usable(lb)] if cell is not None else []
 
     def decide(self, tenant: str, task_type: TaskType, knob: Knob, current: float,
                target: float) -> ThresholdChange | None:
@@ -132,7 +155,7 @@ class ThresholdController:
         if found is None:
             return None
         value, reason, p = found
-        value = round(value, 6)
+        value = stricter("route_mid", value)
         if abs(value - current) < STEP / 2:
             return None
         return ThresholdChange(
@@ -142,32 +165,34 @@ class ThresholdController:
         )
 
     def _most_permissive_holding(self, labels: list[Label], knob: Knob, target: float) -> float | None:
-        """The most permissive threshold (at a label's score) whose lower bound holds the target, in one pass
-        over the labels sorted by score (running weighted sums: O(n log n))."""
+        """The most permissive threshold whose lower bound holds the target, in one pass over the labels sorted by
+        score (running weighted sums: O(n log n)); each candidate decides exactly the labels counted so far."""
         lo, hi = BOUNDS[knob]
-        ordered = sorted(labels, key=lambda lb: lb.score, reverse=knob in SERVES_ABOVE)
+        above = knob in SERVES_ABOVE
+        ordered = sorted(labels, key=lambda lb: lb.score, reverse=above)
         total = square = good = 0.0
         best: float | None = None
         i = 0
         while i < len(ordered):
-            score = ordered[i].score
-            while i < len(ordered) and ordered[i].score == score:  # ties are taken together
-                lb = ordered[i]
+            score, j = ordered[i].score, i + 1
+            while j < len(ordered) and ordered[j].score == score:  # ties are taken together; j > i: always advances
+                j += 1
+            for lb in ordered[i:j]:
                 total, square, good = total + lb.weight, square + lb.weight ** 2, good + lb.weight * lb.accepted
-                i += 1
+            i = j
             n_eff = total * total / square
             if n_eff < self.min_evidence:
                 continue
             if good / total < target:
                 break  # the rate itself misses the target here: nothing more permissive is considered
             if wilson(good / total * n_eff, n_eff)[0] >= target:
-                best = score if knob in SERVES_ABOVE else score + STEP
+                best = score if above else quality.past(score, ordered[i].score if i < len(ordered) else None)
         return None if best is None else min(max(best, lo), hi)
 
     def _change(self, tenant: str, task_type: TaskType, knob: Knob, previous: float, value: float,
                 reason: str, target: float, labels: list[Label]) -> ThresholdChange | None:
         lo, hi = BOUNDS[knob]
-        value = round(min(max(value, lo), hi), 6)
+        value = stricter(knob, min(max(value, lo), hi))
         if abs(value - previous) < STEP / 2:
             return None
         p = acceptance_at(labels, knob, value)

@@ -10,13 +10,17 @@ Labels are weighted by 1/sampling rate, so a 5% audit of hits and every free nea
 
 A review verdict is accepted only for an audit this service judged, of the same tenant, on the same pair of
 answers (`answers_sha256`): a verdict cannot be replayed onto another audit or across a tenant wall.
+
+Tenants never interfere: the audits remembered for dedupe and review are bounded per tenant (one tenant's volume
+never evicts another's), and an audit already counted in its estimate cell is never judged again, so a
+redelivery forgotten by that memory still cannot replace a person's verdict with a machine's.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from frugalstream.audit.controller import Label, ThresholdController
@@ -47,24 +51,65 @@ Cell = tuple[str, str, DecisionKind]
 
 @dataclass
 class EstimateBook:
-    """Latest verdict per audit id, per (tenant, task type, kind): the estimate is over distinct audits."""
+    """Latest verdict per audit id, per (tenant, task type, kind): the estimate is over distinct audits.
+    A verdict is (accepted, by a person)."""
 
     window: int = 100_000
-    cells: dict[Cell, OrderedDict[str, bool]] = field(default_factory=dict)
+    cells: dict[Cell, OrderedDict[str, tuple[bool, bool]]] = field(default_factory=dict)
 
-    def put(self, cell: Cell, audit_id: str, accepted: bool) -> None:
+    def put(self, cell: Cell, audit_id: str, accepted: bool, human: bool = False) -> None:
         verdicts = self.cells.setdefault(cell, OrderedDict())
-        verdicts[audit_id] = accepted
+        verdicts[audit_id] = (accepted, human)
         verdicts.move_to_end(audit_id)
         while len(verdicts) > self.window:
             verdicts.popitem(last=False)
 
+    def verdict(self, cell: Cell, audit_id: str) -> tuple[bool, bool] | None:
+        """The counted (accepted, by a person) of this audit, None when it is not counted in the cell."""
+        verdicts = self.cells.get(cell)
+        return None if verdicts is None else verdicts.get(audit_id)
+
+    def by_a_person(self, cell: Cell, audit_id: str) -> bool:
+        verdict = self.verdict(cell, audit_id)
+        return verdict is not None and verdict[1]
+
     def estimate(self, cell: Cell) -> AuditEstimate:
         verdicts = self.cells.get(cell, OrderedDict())
-        accepted = sum(verdicts.values())
+        accepted = sum(a for a, _ in verdicts.values())
         p = Proportion.of(accepted, len(verdicts))
         return AuditEstimate(tenant=cell[0], task_type=cell[1], kind=cell[2], n=len(verdicts), accepted=accepted,
                              rate=round(p.rate, 6), low=round(p.low, 6), high=round(p.high, 6))
+
+
+class Recent(Mapping[str, AuditRecord]):
+    """The latest judged record per audit id (what a redelivery is checked against and what reviewers may
+    judge), at most `per_tenant` of each tenant, least recent evicted first: another tenant's volume never
+    evicts a tenant's audits."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._records: dict[str, AuditRecord] = {}
+        self._order: dict[str, OrderedDict[str, None]] = {}  # per tenant: its audit ids, least recent first
+
+    def put(self, record: AuditRecord) -> None:
+        old = self._records.get(record.audit_id)
+        if old is not None and old.tenant != record.tenant:
+            self._order[old.tenant].pop(record.audit_id, None)
+        self._records[record.audit_id] = record
+        ids = self._order.setdefault(record.tenant, OrderedDict())
+        ids[record.audit_id] = None
+        ids.move_to_end(record.audit_id)
+        while len(ids) > self.per_tenant:
+            self._records.pop(ids.popitem(last=False)[0], None)
+
+    def __getitem__(self, audit_id: str) -> AuditRecord:
+        return self._records[audit_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
 
 
 def knob_of(audit: AuditRecord | AuditRequest) -> Knob | None:
@@ -83,11 +128,12 @@ class Auditor:
     book: ThresholdBook = field(default_factory=ThresholdBook)
     estimates: EstimateBook = field(default_factory=EstimateBook)
     clock: Callable[[], float] = time.time
-    recent_max: int = 100_000
-    recent: OrderedDict[str, AuditRecord] = field(default_factory=OrderedDict)  # latest verdict per audit
+    recent_max: int = 100_000  # audits remembered per tenant
+    recent: Recent = field(init=False)
 
     def __post_init__(self) -> None:
         self.controller.min_evidence = self.settings.audit_min_evidence
+        self.recent = Recent(self.recent_max)
 
     def judge_name(self, task_type: str | None) -> str:
         judges = self.settings.audit_judges
@@ -95,8 +141,7 @@ class Auditor:
 
     async def judge(self, batch: Sequence[AuditRequest]) -> tuple[list[AuditRecord], list[ThresholdChange]]:
         """Judged records and the threshold changes they caused, in batch order."""
-        fresh = [a for a in batch if a.candidate is not None and a.reference is not None and a.audit_id not in
-                 self.recent]
+        fresh = [a for a in batch if a.candidate is not None and a.reference is not None and not self._seen(a)]
         judgements: dict[str, tuple[JudgeName, Judgement]] = {}
         by_judge: dict[str, list[AuditRequest]] = {}
         for audit in fresh:
@@ -114,11 +159,16 @@ class Auditor:
                 judgements[audit.audit_id] = ("match" if name == "match" else "embedding", judgement)
         records: list[AuditRecord] = []
         for audit in fresh:
-            if audit.audit_id not in judgements or audit.audit_id in self.recent:
+            if audit.audit_id not in judgements or self._seen(audit):
                 continue
             name, judgement = judgements[audit.audit_id]
             records.append(self._record(audit, name, judgement))
         return records, self._decide(records)
+
+    def _seen(self, audit: AuditRequest) -> bool:
+        """Judged already: remembered, or counted in its estimate cell (remembered or not)."""
+        return audit.audit_id in self.recent or \
+            self.estimates.verdict((audit.tenant, audit.task_type or "", audit.kind), audit.audit_id) is not None
 
     def _record(self, audit: AuditRequest, judge: JudgeName, judgement: Judgement) -> AuditRecord:
         assert audit.candidate is not None and audit.reference is not None
@@ -138,13 +188,10 @@ class Auditor:
         labels of its threshold; returns the record with the cell's estimate after counting it."""
         cell: Cell = (record.tenant, record.task_type, record.kind)
         accepted = record.verdict == "accept"
-        self.estimates.put(cell, record.audit_id, accepted)
+        self.estimates.put(cell, record.audit_id, accepted, record.judge == "human")
         record = record.model_copy(update={"estimate": self.estimates.estimate(cell)})
         knob = knob_of(record)
-        self.recent[record.audit_id] = record
-        self.recent.move_to_end(record.audit_id)
-        while len(self.recent) > self.recent_max:
-            self.recent.popitem(last=False)
+        self.recent.put(record)
         if knob is not None and record.score is not None:
             weight = 1.0 / max(audit_rate(self.settings.audit_rates, record.kind, self.settings.audit_rate), 1e-6)
             grades = None if record.judge == "human" or record.candidate_grade is None or \
@@ -165,6 +212,9 @@ class Auditor:
                 continue
             if known is not None and known.judge == "human" and record.judge != "human":
                 continue  # a person's verdict is never replaced by a machine's
+            if record.judge != "human" and \
+                    self.estimates.by_a_person((record.tenant, record.task_type, record.kind), record.audit_id):
+                continue  # nor once forgotten by the bounded memory: its estimate cell knows a person judged it
             self._count(record)
             counted += 1
         return counted

@@ -15,6 +15,9 @@ Moves need evidence, and never happen before `min_sample` labels:
   fixed sequence);
 - otherwise (the target inside the interval, nothing looser proven): stay. So a threshold already near the
   target stays put, and one far too strict loosens only as far as the labels can prove.
+
+A point of the curve routes down exactly the labels it counted: its threshold is just past a label's score but
+never past the next label's (`<` excludes that one), so a loosened threshold never admits a label it did not count.
 """
 
 from __future__ import annotations
@@ -49,10 +52,22 @@ class Retained:
     down: int
 
 
+def past(score: float, following: float | None) -> float:
+    """The threshold just past `score` (routed down: score < t) that stays at or under the next distinct score,
+    so it takes exactly the labels scored up to `score`."""
+    return score + STEP if following is None else min(score + STEP, (score + following) / 2)
+
+
+def finite(labels: list[Graded]) -> list[Graded]:
+    """Labels with a finite score and weight: a NaN compares false with everything, so it would mis-sort the
+    others and never join a tie."""
+    return [g for g in labels if math.isfinite(g.score) and math.isfinite(g.weight)]
+
+
 def curve(labels: list[Graded]) -> list[Retained]:
-    """Quality retained at every distinct threshold (just past each label's score, plus 0.0), least permissive
-    first, in one pass over the labels sorted by score: running weighted sums, O(n log n)."""
-    ordered = sorted(labels, key=lambda g: g.score)
+    """Quality retained at every distinct threshold (just past each label's score, see `past`, plus 0.0), least
+    permissive first, in one pass over the labels sorted by score: running weighted sums, O(n log n)."""
+    ordered = sorted(finite(labels), key=lambda g: g.score)
     if not ordered:
         return []
     w = [g.weight for g in ordered]
@@ -64,14 +79,16 @@ def curve(labels: list[Graded]) -> list[Retained]:
     out = [_at(0.0, sum_a, sum_aa, sum_ab, sum_b, sum_bb, len(ordered), 0, 0.0)]
     i = 0
     while i < len(ordered):
-        score = ordered[i].score
-        while i < len(ordered) and ordered[i].score == score:  # ties move together
-            g, wi = ordered[i], w[i]
+        score, j = ordered[i].score, i + 1
+        while j < len(ordered) and ordered[j].score == score:  # ties move together; j > i, so this always advances
+            j += 1
+        for g, wi in zip(ordered[i:j], w[i:j], strict=True):
             sum_a += wi * (g.cheap - g.baseline)
             sum_aa += wi * wi * (g.cheap ** 2 - g.baseline ** 2)
             sum_ab += wi * wi * (g.cheap - g.baseline) * g.baseline
-            i += 1
-        out.append(_at(score + STEP, sum_a, sum_aa, sum_ab, sum_b, sum_bb, len(ordered), i, pseudo))
+        i = j
+        following = ordered[i].score if i < len(ordered) else None
+        out.append(_at(past(score, following), sum_a, sum_aa, sum_ab, sum_b, sum_bb, len(ordered), i, pseudo))
     return out
 
 

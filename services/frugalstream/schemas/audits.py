@@ -52,10 +52,13 @@ class AuditRequest(Contract):
     task_type: TaskType | None = None
     tier: Tier | None = None
     question: str = Field(default="", description="The request's last user turn, for judges and reviewers.")
+    # Finite only (score and threshold): the stage dead-letters a NaN or an infinity instead of judging it.
     score: float | None = Field(
-        default=None, description="The decision's own score: the verifier's for cache decisions, the escalation "
-                                  "score for routing. Thresholds are moved on it.")
-    threshold: float | None = Field(default=None, description="The threshold in force when the decision was made.")
+        default=None, allow_inf_nan=False,
+        description="The decision's own score: the verifier's for cache decisions, the escalation "
+                    "score for routing. Thresholds are moved on it.")
+    threshold: float | None = Field(default=None, allow_inf_nan=False,
+                                    description="The threshold in force when the decision was made.")
     rule: SemanticRule | None = Field(
         default=None, description="For a cache decision, the lookup path whose score and threshold these are.")
     candidate: AuditAnswer | None = None
@@ -104,8 +107,8 @@ class AuditRecord(Contract):
     judge: JudgeName
     verdict: Verdict
     similarity: float | None = Field(default=None, description="Answer-embedding cosine, when that judge ran.")
-    score: float | None = None
-    threshold: float | None = None
+    score: float | None = Field(default=None, allow_inf_nan=False)  # finite: a restart counts it again
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
     rule: SemanticRule | None = None
     candidate_grade: Verdict | None = Field(default=None, description="The judge's grade of the candidate alone.")
     reference_grade: Verdict | None = Field(default=None, description="The judge's grade of the reference alone.")
