@@ -1,10 +1,14 @@
 """The Starlette app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /healthz`.
 
 Per call: the API key names the tenant (401 otherwise), the body becomes an `LLMRequest` (400 naming the
-parameter it cannot honour), the `Idempotency-Key` header becomes its id, and the call waits for the terminal
-answer on `llm.responses`, which it returns in OpenAI's shape (as server-sent events with `stream: true`) with
-`x-frugal-*` headers: source, model, tier, cost and saving. When this entry already waits on
-`http_max_pending` answers the pipeline is behind: 429 with Retry-After, instead of a queue without end.
+parameter it cannot honour; 413 over `max_message_bytes`, checked before the body is read whole), the
+`Idempotency-Key` header becomes its id, and the call waits for the terminal answer on `llm.responses`, which
+it returns in OpenAI's shape (as server-sent events with `stream: true`) with `x-frugal-*` headers: source,
+model, tier, cost and saving. A key another call (another API key, another body) already holds is a 409 and
+nothing is sent (see `idempotency`). When this entry already waits on `http_max_pending` answers the pipeline
+is behind: 429 with Retry-After, instead of a queue without end; one tenant holding its share of them gets the
+429 alone, so it cannot starve the others. Every error, unknown paths and methods included, is a JSON body in
+OpenAI's error shape: the SDKs parse it, a plain-text page they cannot.
 """
 
 from __future__ import annotations
@@ -15,15 +19,19 @@ import math
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from aiokafka.errors import MessageSizeTooLargeError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from frugalstream.client import FrugalClient
+from frugalstream.http_entry.idempotency import BOARD_REMEMBER, BOARD_REMEMBER_S, KeyBindings, fingerprint
 from frugalstream.http_entry.keys import ApiKeys
 from frugalstream.http_entry.openai_shape import (
     AUTO_MODEL,
@@ -31,6 +39,7 @@ from frugalstream.http_entry.openai_shape import (
     completion_body,
     stream_chunks,
     to_request,
+    too_large,
 )
 from frugalstream.http_entry.pricing import Pricer
 from frugalstream.runtime.logging import get_logger
@@ -53,7 +62,10 @@ STATUS: dict[str, tuple[int, str]] = {
 
 @dataclass
 class Entry:
-    """What the routes share: the Kafka client, keys, pricing, the models to list, the bounds."""
+    """What the routes share: the Kafka client, keys, pricing, the models to list, the bounds.
+
+    `max_body_bytes` is the settings' `max_message_bytes` (its default here): a body over it cannot become a
+    message the pipeline reads. `tenant_max_pending` caps one tenant's waiting calls (None: no cap)."""
 
     client: FrugalClient
     keys: ApiKeys
@@ -61,11 +73,25 @@ class Entry:
     models: Callable[[str], list[str]]  # tenant -> what it may name in `model`
     max_pending: int = 1000
     timeout_s: float = 120.0
+    max_body_bytes: int = 1_000_000
+    tenant_max_pending: int | None = None
+    waiting: Counter[str] = field(default_factory=Counter, init=False)  # tenant -> calls waiting on this entry
+    bindings: KeyBindings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bindings = KeyBindings(remember=BOARD_REMEMBER + self.max_pending,
+                                    remember_s=BOARD_REMEMBER_S + self.timeout_s)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text a body put in an error (a parameter's name) may hold a lone surrogate, which UTF-8 cannot encode:
+    escaped, so the error itself can be sent."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error(status: int, message: str, kind: str, *, param: str | None = None, code: str | None = None,
           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+    return JSONResponse({"error": {"message": _utf8(message), "type": kind, "param": _utf8(param), "code": code}},
                         status_code=status, headers=headers)
 
 
@@ -74,8 +100,30 @@ def retry_after(pending: int, rate: float) -> int:
     return 30 if rate <= 0 else max(1, min(30, math.ceil(pending / rate)))
 
 
-async def _json(request: Request) -> object:
-    raw = await request.body()
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) by its Content-Length before any of it is read, and while it is read when the
+    length is absent or understated: an oversized body is never held whole in memory."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared) if declared.isascii() and declared.isdigit() else -1
+        except ValueError:  # more digits than int() reads: no body that long is accepted anyway
+            length = limit + 1
+        if length < 0:
+            raise BadRequest("Content-Length must be a number of bytes", None)
+        if length > limit:
+            raise too_large(length, limit, "the body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size, limit, "the body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json(request: Request, limit: int) -> object:
+    raw = await _body(request, limit)
     try:
         return json.loads(raw) if len(raw) <= INLINE_JSON_BYTES else await asyncio.to_thread(json.loads, raw)
     except ValueError:
@@ -117,34 +165,74 @@ async def _sse(response: LLMResponse, created: int, include_usage: bool) -> Asyn
     yield b"data: [DONE]\n\n"
 
 
-async def chat_completions(request: Request) -> Response:
-    started = time.perf_counter()
-    entry: Entry = request.app.state.entry
-    tenant = entry.keys.tenant(request.headers.get("authorization"))
-    if tenant is None:
-        return error(401, "invalid or missing API key (Authorization: Bearer <key>)", "invalid_request_error",
-                     code="invalid_api_key")
-    request_id = request.headers.get("idempotency-key") or uuid.uuid4().hex
-    if not _IDEMPOTENCY.match(request_id):
-        return error(400, "Idempotency-Key must be 1-128 printable ASCII characters without spaces",
-                     "invalid_request_error", param="Idempotency-Key")
-    try:
-        llm_request, stream, include_usage = to_request(await _json(request), tenant=tenant, request_id=request_id)
-    except BadRequest as exc:
-        return error(400, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
+def _behind(entry: Entry, tenant: str, request_id: str) -> Response | None:
+    """429 when this entry already waits on `max_pending` answers, or this tenant on its share of them; None
+    when the call may wait (an answer already given is replayed: it waits on nothing)."""
     board = entry.client.board
-    if board.pending >= entry.max_pending and board.recent(tenant, request_id) is None:
+    if board.recent(tenant, request_id) is not None:
+        return None
+    if board.pending >= entry.max_pending:
         wait = retry_after(board.pending, board.answer_rate())
         log.warning("http_behind", pending=board.pending, retry_after_s=wait)
         return error(429, f"frugalstream is behind ({board.pending} requests waiting); retry in {wait} s",
                      "rate_limit_error", code="pipeline_behind", headers={"retry-after": str(wait)})
+    held = entry.waiting[tenant]
+    if entry.tenant_max_pending is not None and held >= entry.tenant_max_pending:
+        wait = retry_after(held, board.answer_rate())
+        log.warning("http_tenant_behind", tenant=tenant, waiting=held, retry_after_s=wait)
+        return error(429, f"this tenant already waits on {held} answers, its share of this entry; retry in {wait} s",
+                     "rate_limit_error", code="tenant_pending_limit", headers={"retry-after": str(wait)})
+    return None
+
+
+async def chat_completions(request: Request) -> Response:
+    started = time.perf_counter()
+    entry: Entry = request.app.state.entry
+    caller = entry.keys.caller(request.headers.get("authorization"))
+    if caller is None:
+        return error(401, "invalid or missing API key (Authorization: Bearer <key>)", "invalid_request_error",
+                     code="invalid_api_key")
+    tenant, api_key = caller
+    chosen = request.headers.get("idempotency-key")
+    request_id = chosen or uuid.uuid4().hex
+    if not _IDEMPOTENCY.match(request_id):
+        return error(400, "Idempotency-Key must be 1-128 printable ASCII characters without spaces",
+                     "invalid_request_error", param="Idempotency-Key")
+    try:
+        body = await _json(request, entry.max_body_bytes)
+        llm_request, stream, include_usage = to_request(body, tenant=tenant, request_id=request_id,
+                                                        max_bytes=entry.max_body_bytes)
+    except BadRequest as exc:
+        return error(exc.status, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
+    except RecursionError:  # the parser, the checks and the contract recurse per level: 5000 brackets are 10 kB
+        return error(400, "the body is nested too deeply", "invalid_request_error", code="invalid_request")
+    if (refused := _behind(entry, tenant, request_id)) is not None:
+        return refused
+    # Only a key the caller chose can collide: a replay or a shared wait is for a retry of the same call.
+    print_ = fingerprint(api_key, llm_request) if chosen else b""
+    claim = entry.bindings.claim(tenant, request_id, print_) if chosen else "new"
+    if claim == "reused":
+        log.info("http_idempotency_key_reused", tenant=tenant)
+        return error(409, f"Idempotency-Key {request_id} was already used for another request (another API key "
+                          "or another body); use a new key for a new request", "invalid_request_error",
+                     param="Idempotency-Key", code="idempotency_key_reused", headers={"x-should-retry": "false"})
     asked = time.perf_counter()
+    entry.waiting[tenant] += 1
     try:
         answer = await entry.client.ask(llm_request, timeout_s=entry.timeout_s)
     except TimeoutError:
         return error(504, f"no answer within {entry.timeout_s:g} s; retry with the same Idempotency-Key "
                           f"({request_id}) to get it when it comes", "timeout", code="timeout",
                      headers={"x-frugal-request-id": request_id})
+    except MessageSizeTooLargeError:  # the producer's or the broker's limit, below what was checked here
+        if claim == "new":
+            entry.bindings.release(tenant, request_id, print_)  # nothing was sent under the key
+        return error(413, "the request is larger than the broker accepts as one message; send less",
+                     "invalid_request_error", code="request_too_large")
+    finally:
+        entry.waiting[tenant] -= 1
+        if entry.waiting[tenant] <= 0:
+            del entry.waiting[tenant]
     headers = _headers(answer, request_id)
     if not answer.ok:
         return _error_answer(answer, headers)
@@ -174,12 +262,32 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (an unknown path, a wrong method) in OpenAI's shape: the SDKs parse JSON only."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    message: str = str(exc.detail)
+    code: str | None = None
+    if exc.status_code == 404:
+        message, code = f"Invalid URL ({where})", "unknown_url"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("allow", "")
+        message, code = f"Method not allowed ({where}); allowed: {allowed}", "method_not_allowed"
+    return error(exc.status_code, message, "invalid_request_error", code=code,
+                 headers=dict(exc.headers) if exc.headers else None)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """An unforeseen failure still answers in OpenAI's shape (Starlette logs and re-raises it after)."""
+    return error(500, "internal error in frugalstream's HTTP entry", "server_error", code="internal_error")
+
+
 def build_app(entry: Entry) -> Starlette:
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
-    ])
+    ], exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.entry = entry
     return app
 

@@ -30,14 +30,24 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._tenants)
 
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(self._tenants.values())
+
     def tenant(self, authorization: str | None) -> str | None:
+        found = self.caller(authorization)
+        return None if found is None else found[0]
+
+    def caller(self, authorization: str | None) -> tuple[str, bytes] | None:
+        """(tenant, the key's digest): the digest tells two keys of one tenant apart (idempotency binds a
+        key to the API key that used it) without keeping the key itself."""
         if not authorization or not authorization.startswith("Bearer "):
             return None
         presented = _digest(authorization.removeprefix("Bearer ").strip())
         found = None
         for digest, tenant in self._tenants.items():  # every digest compared: no early exit to time
             if hmac.compare_digest(digest, presented):
-                found = tenant
+                found = (tenant, digest)
         return found
 
     @classmethod

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from frugalstream.schemas import LLMRequest, LLMResponse
 
@@ -39,12 +40,19 @@ AUTO_MODEL = "auto"
 
 
 class BadRequest(ValueError):
-    """A body frugalstream cannot honour; `param` names the field, as OpenAI's errors do."""
+    """A body frugalstream cannot honour; `param` names the field, as OpenAI's errors do. `status` is 400, or
+    413 for a request over the message limit (which no retry of the same body fixes)."""
 
-    def __init__(self, message: str, param: str | None, code: str = "invalid_request") -> None:
+    def __init__(self, message: str, param: str | None, code: str = "invalid_request", status: int = 400) -> None:
         super().__init__(message)
         self.param = param
         self.code = code
+        self.status = status
+
+
+def too_large(size: int, limit: int, what: str = "the request") -> BadRequest:
+    return BadRequest(f"{what} is {size} bytes, over the {limit}-byte limit (max_message_bytes)", None,
+                      "request_too_large", 413)
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -54,8 +62,14 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def to_request(body: Any, *, tenant: str, request_id: str) -> tuple[LLMRequest, bool, bool]:
-    """(request, stream, include_usage_in_stream) for an OpenAI Chat Completions body."""
+def to_request(body: Any, *, tenant: str, request_id: str,
+               max_bytes: int | None = None) -> tuple[LLMRequest, bool, bool]:
+    """(request, stream, include_usage_in_stream) for an OpenAI Chat Completions body.
+
+    The request is serialized once here, as the transport will serialize it: text JSON reads but UTF-8
+    cannot encode (a lone surrogate escape such as \\ud800) is a 400 now rather than a failure at send, and a
+    request over `max_bytes` as a message (defaults fill every message, so it may outgrow its body) is a 413
+    instead of a send the broker refuses or an answer `too_large` later."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", None)
     for name, value in body.items():
@@ -74,21 +88,29 @@ def to_request(body: Any, *, tenant: str, request_id: str) -> tuple[LLMRequest, 
     if not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", "stream_options")
     fields = {k: v for k, v in body.items() if k in CONTRACT | EXTENSIONS and not (k == "model" and v == AUTO_MODEL)}
-    tags = dict(fields.pop("tags", None) or {})
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict) or not isinstance(tags, dict):
-        raise BadRequest("metadata and tags must be objects of strings", "metadata")
-    tags.update(metadata)
+    # Checked before dict(): dict(["ab"]) reads as {"a": "b"} and dict("vip") raises, neither a clear 400.
+    tags, metadata = fields.pop("tags", None), body.get("metadata")
+    for name, value in (("tags", tags), ("metadata", metadata)):
+        if value is not None and not isinstance(value, dict):
+            raise BadRequest(f"{name} must be an object of strings", name)
+    tags = {**(tags or {}), **(metadata or {})}
     if isinstance(body.get("user"), str):
         tags["user"] = body["user"][:256]
     try:
         request = LLMRequest.model_validate({**fields, "tags": tags, "id": request_id, "tenant": tenant,
                                              "created_at": time.time()})
+        size = len(request.model_dump_json().encode())
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = _param(first["loc"]) or None
         message = first["msg"].removeprefix("Value error, ")
         raise BadRequest(f"{param}: {message}" if param else message, param) from None
+    except PydanticSerializationError as exc:
+        problem = ("text that is not valid Unicode (a lone surrogate escape such as \\ud800): send each character "
+                   "whole" if "surrogate" in str(exc) else "values nested too deeply to send")
+        raise BadRequest(f"the body holds {problem}", None) from None
+    if max_bytes is not None and size > max_bytes:
+        raise too_large(size, max_bytes, "the request as a message")
     return request, stream, bool(options.get("include_usage"))
 
 

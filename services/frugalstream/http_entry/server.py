@@ -48,8 +48,12 @@ def _entry(settings: Settings, client: FrugalClient, keys: ApiKeys, pricer: Pric
         policy = settings.tenants.get(tenant, TenantPolicy())
         return listed_models(tiers, policy.allowed_models, catalog)
 
+    # One tenant behind the entry has no one to starve: it keeps the whole queue.
+    shared = len(keys.tenants) > 1
     return Entry(client, keys, pricer, models, max_pending=settings.http_max_pending,
-                 timeout_s=settings.http_timeout_s)
+                 timeout_s=settings.http_timeout_s, max_body_bytes=settings.max_message_bytes,
+                 tenant_max_pending=max(1, int(settings.http_max_pending * settings.http_tenant_pending_share))
+                 if shared else None)
 
 
 @contextlib.asynccontextmanager

@@ -297,6 +297,10 @@ class Settings(BaseSettings):
     http_max_pending: int = Field(
         default=1000, gt=0, description="Requests one HTTP entry may wait on; beyond it the pipeline is behind "
                                         "and callers get 429 with Retry-After.")
+    http_tenant_pending_share: float = Field(
+        default=0.5, gt=0, le=1, description="Share of http_max_pending one tenant may hold when the entry's keys "
+                                             "name more than one tenant; beyond it that tenant alone gets 429, so "
+                                             "one busy tenant cannot starve the others (1: no per-tenant cap).")
     http_timeout_s: float = Field(default=120.0, gt=0, description="How long a call waits for its answer (504).")
 
     # Fault injection, for the crash tests only: the named service exits hard (no flush, no commit) right after
