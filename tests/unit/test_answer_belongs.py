@@ -75,6 +75,8 @@ def test_slot_conflict_names_its_reason() -> None:
     assert slot_conflict("Has order 2044 shipped?", "Has order 1001 shipped?") == "number_mismatch"
     assert slot_conflict("Is Mallory an admin?", "Is Alice an admin?") == "entity_mismatch"
     assert slot_conflict("Can I return it?", "Could I return it?") == ""  # "I" is no name
+    assert slot_conflict("I lost my card. What now?", "I lost my card, what now") == "", "a sentence opens: no name"
+    assert slot_conflict("Can I pay in GBP?", "Can I pay in USD?") == "entity_mismatch"
 
 
 # --- what the exact key must tell apart ------------------------------------------------------------------------

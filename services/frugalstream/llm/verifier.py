@@ -205,8 +205,15 @@ def slot_conflict(query: str, candidate: str) -> str:
     reason = pair_features(query, candidate, 0.0)[1]
     if reason:
         return reason
-    named = set(_entities(query)) - {"i"}
-    return "entity_mismatch" if named - set(_entities(candidate)) else ""
+    return "entity_mismatch" if _names(query) - _names(candidate) else ""
+
+
+def _names(text: str) -> set[str]:
+    """Capitalised words that open no sentence and are no function word ("I", "Can", "What" are not names)."""
+    out: set[str] = set()
+    for sentence in re.split(r"[.!?]+\s+", unicodedata.normalize("NFKC", text)):
+        out.update(w.lower() for w in re.findall(r"\w+", sentence)[1:] if w[:1].isupper())
+    return {w for w in out if w not in _STOPWORDS and w not in _WH}
 
 
 def _first_wh(toks: list[str]) -> str:
