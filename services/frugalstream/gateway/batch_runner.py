@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 from frugalstream.gateway.batch_jobs import BatchJobStore
 from frugalstream.gateway.deferred import DeferPolicy, deferrable
 from frugalstream.gateway.logic import RECORD_RETRY_S, Gateway, Result, llm_response
@@ -55,6 +57,11 @@ def batch_priced(usage: UsageRecord | None) -> bool:
     return (usage.steps[-1] if usage.steps else usage.baseline).batch
 
 
+def wire_bytes(value: BaseModel) -> int:
+    """Its size as the publisher measures it: UTF-8 bytes, not characters (a CJK character is three)."""
+    return len(value.model_dump_json().encode())
+
+
 @dataclass
 class BatchRunner:
     gateway: Gateway
@@ -76,7 +83,7 @@ class BatchRunner:
         """The due time if `routed` goes into a batch job, else None (also for a request too large to share a
         job record with others: it could never be recorded, so it is called at once)."""
         due = deferrable(routed, now, self.policy, frozenset(self.backends))
-        if due is not None and len(routed.model_dump_json()) > self.policy.max_job_bytes // 2:
+        if due is not None and wire_bytes(routed) > self.policy.max_job_bytes // 2:
             return None
         return due
 
@@ -140,9 +147,9 @@ class BatchRunner:
         """Adds the request to the open job of its (partition, provider, model), or to a new one when none has
         room; returns the job id. The stored copy drops the embedding (only dedupe reads it)."""
         member = BatchMember(routed=routed.model_copy(update={"embedding": None}), answer_by=due)
-        size = len(member.model_dump_json()) + 2
+        size = wire_bytes(member) + 2
         route, now = routed.route, self.clock()
-        open_jobs = {j.job_id: (j, len(j.model_dump_json())) for j in self.store.jobs() if j.state == "open"}
+        open_jobs = {j.job_id: (j, wire_bytes(j)) for j in self.store.jobs() if j.state == "open"}
         for job, job_size in {**open_jobs, **touched}.values():
             if (job.partition, job.provider, job.model) != (partition, route.provider, route.model):
                 continue
@@ -152,7 +159,7 @@ class BatchRunner:
                 return job.job_id
         job = BatchJob(job_id=f"fsb-{partition}-{uuid.uuid4().hex}", partition=partition, provider=route.provider,
                        model=route.model, state="open", members=(member,), created_at=now, updated_at=now)
-        touched[job.job_id] = (job, len(job.model_dump_json()))
+        touched[job.job_id] = (job, wire_bytes(job))
         return job.job_id
 
     # --- background ---------------------------------------------------------------------------------------
