@@ -236,7 +236,7 @@ class Classifier:
         if kind is None or not audit_sampled(request.tenant, request.id, kind,
                                              audit_rate(s.audit_rates, kind, s.audit_rate)):
             return None
-        if 2 * len(request.model_dump_json()) > 0.7 * s.max_message_bytes:
+        if 2 * len(request.model_dump_json().encode()) > 0.7 * s.max_message_bytes:
             log.info("trim_audit_skipped_too_large", tenant=request.tenant, request_id=request.id)
             return None
         return request.messages

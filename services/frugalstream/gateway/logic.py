@@ -192,7 +192,7 @@ class Gateway:
         usage is billed either way: the call was paid)."""
         if self.max_answer_bytes is None:
             return response
-        size = len(response.model_dump_json())
+        size = len(response.model_dump_json().encode())  # bytes, as the publisher counts them
         if size <= self.max_answer_bytes:
             return response
         log.warning("answer_too_large", request_id=routed.request.id, tenant=routed.request.tenant, size=size,

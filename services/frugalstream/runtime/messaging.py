@@ -107,7 +107,7 @@ def capped_letter(*, topic: str, partition: int | None, offset: int | None, key:
         headers=_capped_headers(headers), error_type=error_type[:200], error=error[:error_room] + note,
         service=service, failed_at=time.time(),
     )
-    room = int(max_bytes * DEAD_LETTER_FILL) - len(letter.model_dump_json())
+    room = int(max_bytes * DEAD_LETTER_FILL) - len(letter.model_dump_json().encode())
     keep = max(room, 0) // 4 * 3  # base64 turns 3 bytes into 4 characters
     if len(raw) <= keep:
         return letter.model_copy(update={"value_b64": base64.b64encode(raw).decode(), "truncated": False})

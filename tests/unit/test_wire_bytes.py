@@ -1,6 +1,7 @@
-"""A batch job record is sized as the publisher sizes it, in UTF-8 bytes: a job joined by characters could pass
-for 800 kB while being 1.9 MB on the wire, and the record the job's members were promised would never reach
-`llm.gateway.batches` (after a restart they would be lost)."""
+"""Records are sized as the publisher sizes them, in UTF-8 bytes. A batch job joined by characters could pass for
+800 kB while being 1.9 MB on the wire, and the record its members were promised would never reach
+`llm.gateway.batches` (after a restart they would be lost); an answer measured in characters could pass the
+gateway's limit and then be refused by the publisher, paid-once record included."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ async def test_every_job_record_fits_one_message_whatever_its_members_text() -> 
 def test_a_request_over_half_a_job_in_bytes_is_not_held_for_one() -> None:
     clock = Clock()
     assert runner(MemoryBatchJobs(), clock).accepts(wide(1, "evil", 150_000), clock.now) is None  # 450 kB, 150k chars
+
+
+async def test_an_answer_over_the_limit_in_bytes_but_not_in_characters_is_too_large() -> None:
+    from tests.unit.test_gateway_idempotency import CountingProvider, answer
+    from tests.unit.test_gateway_idempotency import routed as dispatched
+
+    r = await dispatched(SETTINGS, "acme", "cjk-1", "\u6c49" * 300)
+    free = answer((await Gateway({"simulated": CountingProvider()}, MemoryCompleted()).handle([r]))[0])
+    chars, data = len(free.model_dump_json()), len(free.model_dump_json().encode())
+    assert free.ok and data > chars + 500
+    capped = Gateway({"simulated": CountingProvider()}, MemoryCompleted(), max_answer_bytes=(chars + data) // 2)
+    got = answer((await capped.handle([r]))[0])
+    assert got.error is not None and got.error.code == "too_large"
