@@ -1,5 +1,6 @@
 """Keeps what a call answered: each distinct item's summary (or terminal error), fanned out to its near-duplicate
-members, with the call's usage record, in one store transaction; the pack and batch runners share it.
+members, with the call's usage record, in one store transaction; the pack and batch runners share it. Only the
+summary made for an item's own text is stored for reuse by later jobs; a member's borrowed one is not.
 
 A result is handed to the store in the same step in which it arrives (no await before the write is submitted),
 and the write is shielded, so a cancelled summarizer never has paid for an answer it did not keep.
@@ -45,16 +46,22 @@ class Answers:
                                                                                       for m in members))
 
     async def record_reuse(self, view: JobView, plan: Plan) -> None:
-        """The summaries the plan reuses from the store, as one unpaid call `reuse`."""
+        """The summaries the plan reuses from the store, as one unpaid call `reuse`. A summary gone from the store
+        since the plan was made (a part planned before an upgrade changed `PROMPT_VERSION`, and redelivered) is an
+        error result naming why, never a silently missing one: the plan has no call that would answer it."""
         stored = await self.db.lookup(view.scope, list(plan.reuse))
         covered = [self.covered(view, d, s.summary, ()) for d, s in stored.items()]
         record = usage_record(view.job, view.key, "reuse", model=view.model, baseline_model=view.baseline,
                               covered=covered, actual=None, packed=False, batch=False,
                               simulated=any(s.simulated for s in stored.values()))
         results = [NewResult(d, s.summary, None, s.item_id) for d, s in stored.items()]
+        gone = [d for d in plan.reuse if d not in stored]
+        results += [NewResult(d, None, "stored summary no longer reusable (summarizer upgraded): submit it again",
+                              view.first_id(d)) for d in gone]
         await self.db.record_call(job_key=view.key, job_id=view.job.job_id, tenant=view.job.tenant, call_id="reuse",
                                   scope=view.scope, model=view.model, simulated=record.simulated, results=results,
-                                  items=record.items, paid=False, usage=record.model_dump_json(), actual=None)
+                                  items=record.items + sum(len(view.groups[d]) for d in gone), paid=False,
+                                  usage=record.model_dump_json(), actual=None)
 
     async def accept(self, view: JobView, plan: Plan, call_id: str, digests: Sequence[str], result: CallResult, *,
                      batch: bool) -> list[str]:
@@ -85,7 +92,9 @@ class Answers:
         for d, summary in good.items():
             single = result.usage if result is not None and not packed else None
             covered.append(self.covered(view, d, summary, members.get(d, ()), single))
-            results += [NewResult(x, summary, None, view.first_id(d)) for x in (d, *members.get(d, ()))]
+            results.append(NewResult(d, summary, None, view.first_id(d)))
+            # A member borrows the representative's summary for this job only (see `NewResult.reusable`).
+            results += [NewResult(m, summary, None, view.first_id(d), reusable=False) for m in members.get(d, ())]
         for d, error in errors.items():
             results += [NewResult(x, None, error, view.first_id(d)) for x in (d, *members.get(d, ()))]
         items = sum(len(view.groups[r.digest]) for r in results)

@@ -4,6 +4,13 @@ Packed format: the reply repeats each item's header line `### <id>` followed by 
 about four tokens per item, where JSON lines would cost about ten, and output tokens are the dear ones.
 The parser checks every item on its own (known id, not repeated, not empty, not over its budget); an item
 that fails is retried alone, so one bad section never costs the rest of the pack.
+
+An item's text is data, never format: in a packed prompt every line of it that starts with `#` gets a
+backslash first (`\\### 2`), so no line of one item reads as another item's header, to the parser or to a
+model answering one section per header it sees. Otherwise a text holding the line `### 2` would open a fake
+section 2, and a model answering each id once could give the real item 2 that text's summary. In the reply,
+a header naming no item of the pack spoils the section it cuts short: that item is retried alone (single
+prompt, never parsed) instead of kept truncated.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ PACKED_SYSTEM = (
     "Write nothing else."
 )
 _HEADER = re.compile(r"^###[ \t]+(\S+)[ \t]*$", re.MULTILINE)
+# A line whose first visible character is `#` or a form of it that NFKC folds to `#` (full-width, small).
+_HASH_LINE = re.compile(r"^([^\S\n]*)(?=[#\uff03\ufe5f])", re.MULTILINE)
 # Pack framing beyond the items themselves: the system prompt, the instruction, chat framing.
 PACK_OUTPUT_SLACK = 16
 HEADER_TOKENS = 6  # "### 12\n" plus the blank line between items
@@ -32,9 +41,20 @@ def single_messages(instruction: str, text: str) -> tuple[ChatMessage, ...]:
             ChatMessage(role="user", content=f"{instruction}\n\n{text}"))
 
 
+def _lines(text: str) -> str:
+    """Every line break a reader may see (\\r, \\v, U+2028, ...) as `\\n`, so `^` in the patterns finds every line."""
+    return "\n".join(text.splitlines())
+
+
+def inert(text: str) -> str:
+    """An item's text as it goes into a packed prompt: no line of it can be taken for a header."""
+    return _HASH_LINE.sub(r"\1\\", _lines(text.strip()))
+
+
 def packed_messages(instruction: str, items: Sequence[tuple[str, str]], limit: int) -> tuple[ChatMessage, ...]:
-    """`items` are (local id, text); local ids are short ("1".."20") so headers stay cheap."""
-    body = "\n\n".join(f"### {local}\n{text.strip()}" for local, text in items)
+    """`items` are (local id, text); local ids are short ("1".."20") so headers stay cheap. Only the headers
+    written here start a line with `#` (see the module docstring)."""
+    body = "\n\n".join(f"### {local}\n{inert(text)}" for local, text in items)
     return (ChatMessage(role="system", content=PACKED_SYSTEM.format(limit=limit)),
             ChatMessage(role="user", content=f"{instruction}\n\n{body}"))
 
@@ -56,15 +76,21 @@ class Parsed:
 
 
 def parse_packed(content: str, expected: Sequence[str], *, max_chars: int, truncated: bool) -> Parsed:
-    """Sections by header; an item is good only if it appears once, non-empty and within `max_chars`.
+    """Sections by header; an item is good only if it appears once, non-empty, within `max_chars`, and not cut
+    short by a header naming no item of the pack (`stray_header`: the rest of its summary went elsewhere).
 
     When the reply was cut by max_tokens (`truncated`), the last section may be incomplete: rejected.
     """
+    content = _lines(content)
+    known = set(expected)
     marks = list(_HEADER.finditer(content))
     sections: dict[str, list[str]] = {}
+    stray: set[str] = set()
     for n, mark in enumerate(marks):
         end = marks[n + 1].start() if n + 1 < len(marks) else len(content)
         sections.setdefault(mark.group(1), []).append(content[mark.end():end].strip())
+        if n + 1 < len(marks) and marks[n + 1].group(1) not in known:
+            stray.add(mark.group(1))
     last = marks[-1].group(1) if marks else None
     good: dict[str, str] = {}
     bad: dict[str, str] = {}
@@ -74,6 +100,8 @@ def parse_packed(content: str, expected: Sequence[str], *, max_chars: int, trunc
             bad[local] = "missing"
         elif len(found) > 1:
             bad[local] = "repeated"
+        elif local in stray:
+            bad[local] = "stray_header"
         elif not found[0]:
             bad[local] = "empty"
         elif len(found[0]) > max_chars:

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from frugalstream.llm.cache_keys import normalize_text
 from frugalstream.llm.tokens import TokenCounter
+from frugalstream.runtime.logging import get_logger
 from frugalstream.schemas import SummarizeJob
 from frugalstream.summarizer.config import SummarizerConfig
 from frugalstream.summarizer.near import NearDuplicates
 from frugalstream.summarizer.packing import HEADER_TOKENS, pack
 from frugalstream.summarizer.store import SummaryStore
 
-PROMPT_VERSION = "pack-v1"
+# pack-v2: item text is escaped in packed prompts, and only a summary made for a text is stored as its summary.
+# Rows kept under pack-v1 may hold a summary another item's text wrote (a fake `### <id>` line) or one borrowed
+# from a near-duplicate; neither can be told from a real one, so none of them is reused.
+PROMPT_VERSION = "pack-v2"
+log = get_logger(__name__)
 
 
 def content_hash(text: str) -> str:
@@ -105,6 +111,10 @@ class Planner:
 
     async def _make(self, view: JobView) -> Plan:
         job = view.job
+        ids = Counter(item.id for item in job.items)
+        if len(ids) < len(job.items):  # results are keyed by item id: a repeated id's results collide downstream
+            log.warning("summarize_job_repeats_item_ids", job_id=job.job_id, tenant=job.tenant, part=job.part,
+                        repeated=sorted(i for i, n in ids.items() if n > 1)[:10])
         digests = list(view.groups)
         stored = await self.db.lookup(view.scope, digests)
         reuse = {d: (stored[d].item_id, stored[d].job_id) for d in digests if d in stored}

@@ -74,10 +74,15 @@ class CallRow:
 
 @dataclass(frozen=True)
 class NewResult:
+    """What one call resolved for a content hash. `reusable` is False for a near-duplicate member: its summary
+    was made for another text, so it answers this job part (`results`) but never becomes the summary of the
+    member's own text in `summaries`, where any later job would take it as an exact match."""
+
     digest: str
     summary: str | None
     error: str | None
     item_id: str
+    reusable: bool = True
 
 
 class _Tables:
@@ -128,7 +133,7 @@ class _Tables:
     def record_call(self, *, job_key: str, job_id: str, tenant: str, call_id: str, scope: str, model: str | None,
                     simulated: bool, results: list[NewResult], items: int, paid: bool, usage: str | None,
                     actual: str | None) -> None:
-        """One transaction: the call, what it resolved, and the reusable summaries."""
+        """One transaction: the call, what it resolved, and the summaries made for their own text (reusable)."""
         now = time.time()
         with self._db:
             self._db.execute("BEGIN")
@@ -140,7 +145,7 @@ class _Tables:
                 "INSERT OR IGNORE INTO summaries (scope, digest, summary, item_id, job_id, simulated, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(scope, r.digest, r.summary, r.item_id, job_id, int(simulated), now)
-                 for r in results if r.summary is not None])
+                 for r in results if r.summary is not None and r.reusable])
             self._db.execute(
                 "INSERT OR REPLACE INTO calls (job_key, call_id, job_id, tenant, digests, items, paid, usage, actual) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

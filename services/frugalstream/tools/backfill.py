@@ -4,7 +4,8 @@ Reads CSV, JSON lines or Parquet; publishes the job to `llm.summarize.jobs` in p
 message; shows a progress bar fed by `llm.summarize.progress`; writes one row per original item (in the
 file's order) when done; prints the job report. Parts list each distinct text's first occurrence first, so
 the early parts carry every distinct item and fill whole packs, and later parts are answered from the
-store without a model call.
+store without a model call. A row that cannot be an item (not valid JSON, over a limit, no id, an id used
+before) is reported with its line and reason and not sent; the rest run, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -66,43 +71,181 @@ def _parquet() -> Any:
     return pyarrow
 
 
-def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
-    """CSV (UTF-8, else cp1252, the usual legacy export), JSON lines, or Parquet, by extension."""
+@dataclass(frozen=True)
+class Skipped:
+    """A row of the input file that is not sent, and why. `line` counts from 1: the line where a CSV record or a
+    JSON line starts, or the Parquet row."""
+
+    line: int
+    reason: str
+    empty: bool = False  # no text: nothing to summarize, so reported (as a count) but not an error
+
+
+class Loaded(list[SummarizeItem]):
+    """The items to send in file order (the list itself), every row not sent with its reason, how many records
+    were read, and what `Skipped.line` counts ("line", or "row" for Parquet)."""
+
+    def __init__(self, items: Sequence[SummarizeItem], skipped: Sequence[Skipped] = (), rows: int = 0,
+                 unit: str = "line") -> None:
+        super().__init__(items)
+        self.skipped, self.rows, self.unit = tuple(skipped), rows, unit
+
+    @property
+    def bad(self) -> list[Skipped]:
+        """The rows skipped for a defect (not for an empty text): the command fails on any of them."""
+        return [s for s in self.skipped if not s.empty]
+
+
+Record = tuple[int, dict[str, Any] | str]  # (line, the row's fields, or why it is not a row)
+
+
+def _decode(path: Path, encoding: str | None) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding or "utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if encoding is None:
+            return raw.decode("cp1252", errors="replace")
+        raise UsageError(f"{path} is not {encoding} text (byte {exc.start}): give the file's --encoding") from None
+
+
+def _json_lines(text: str) -> tuple[list[Record], list[str]]:
+    """Split on `\\n` only: U+2028 and friends are valid inside a JSON string, so they never end a line."""
+    records: list[Record] = []
+    columns: dict[str, None] = {}
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            where = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else "nested too deep"
+            records.append((n, f"not valid JSON: {where}"))
+            continue
+        if not isinstance(value, dict):
+            records.append((n, f"not a JSON object but {type(value).__name__}"))
+            continue
+        columns.update(dict.fromkeys(map(str, value)))
+        records.append((n, value))
+    return records, list(columns)
+
+
+def _csv_records(text: str) -> tuple[list[Record], list[str]]:
+    """Records with the line each starts on (a quoted field may span lines, and keeps its line breaks). The
+    field size limit is lifted for the read: a long text is then judged by the item's own limit and reported
+    on its line, instead of a csv error ending the whole file."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next((row for row in reader if row), [])
+        records: list[Record] = []
+        end = reader.line_num
+        for row in reader:
+            if row:
+                records.append((end + 1, {k: row[i] if i < len(row) else None for i, k in enumerate(header)}))
+            end = reader.line_num
+        return records, header
+    finally:
+        csv.field_size_limit(limit)
+
+
+def read_records(path: Path, encoding: str | None = None) -> tuple[list[Record], list[str], str]:
+    """Every record of a CSV (UTF-8, else cp1252, the usual legacy export), JSON lines or Parquet file, with its
+    line, the file's columns, and what the line numbers count. A record that cannot be read is kept as the
+    reason why, so one bad line never costs the rest of the file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        rows: list[dict[str, Any]] = _parquet().parquet.read_table(path).to_pylist()
-        return rows
-    raw = path.read_bytes()
-    if encoding is None:
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252", errors="replace")
-    else:
-        text = raw.decode(encoding)
+        table = _parquet().parquet.read_table(path)
+        return list(enumerate(table.to_pylist(), start=1)), list(table.column_names), "row"
+    text = _decode(path, encoding)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return list(csv.DictReader(text.splitlines()))
+        return (*_json_lines(text), "line")
+    return (*_csv_records(text), "line")
 
 
-def load_items(path: Path, text_col: str, id_col: str | None, encoding: str | None = None) -> list[SummarizeItem]:
-    """Rows with an empty text are skipped; ids default to the row number and must be unique."""
-    rows = read_rows(path, encoding)
+def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
+    """Every row, or a UsageError naming the first line that is not one (`load_items` skips and reports it)."""
+    records = read_records(path, encoding)[0]
+    if bad := next(((line, row) for line, row in records if isinstance(row, str)), None):
+        raise UsageError(f"{path}:{bad[0]}: {bad[1]}")
+    return [row for _, row in records if not isinstance(row, str)]
+
+
+def item_bytes(item: SummarizeItem) -> int:
+    """What an item adds to a job part on the wire (its JSON and a separator)."""
+    return len(item.model_dump_json().encode()) + 2
+
+
+def _invalid(exc: ValidationError, fields: dict[str, str]) -> str:
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else "item"
+    size = f" (it has {len(fields[name]):,})" if name in fields else ""
+    return f"{name}: {err['msg']}{size}"
+
+
+def load_items(path: Path, text_col: str, id_col: str | None, encoding: str | None = None, *,
+               max_item_bytes: int | None = None) -> Loaded:
+    """Each row with a text is an item; ids default to the row number (counting every record, so no id depends
+    on another line being readable). A row that cannot be one is skipped with its line and why (not valid JSON,
+    no id, over an item limit or `max_item_bytes`, an id an earlier row has), one with an empty text as empty:
+    nothing is dropped unreported, and a bad row never costs the others."""
+    records, columns, unit = read_records(path, encoding)
     for flag, col in (("--text-col", text_col), ("--id-col", id_col)):
-        if rows and col is not None and col not in rows[0]:
-            raise UsageError(f"{flag} {col!r} is not a column of {path} (columns: {', '.join(map(str, rows[0]))})")
-    items = [SummarizeItem(id=str(row[id_col]) if id_col else str(n), text=str(row[text_col]))
-             for n, row in enumerate(rows) if row.get(text_col) not in (None, "") and str(row[text_col]).strip()]
-    if len({i.id for i in items}) != len(items):
-        raise UsageError(f"--id-col {id_col!r}: ids in {path} are not unique (each row needs its own id)")
-    return items
+        if columns and col is not None and col not in columns:
+            raise UsageError(f"{flag} {col!r} is not a column of {path} (columns: {', '.join(map(str, columns))})")
+    items: list[SummarizeItem] = []
+    skipped: list[Skipped] = []
+    first: dict[str, int] = {}
+    for n, (line, row) in enumerate(records):
+        if isinstance(row, str):
+            skipped.append(Skipped(line, row))
+            continue
+        text = row.get(text_col)
+        if text is None or not str(text).strip():
+            skipped.append(Skipped(line, f"empty {text_col!r}", empty=True))
+            continue
+        raw_id = row.get(id_col) if id_col else n
+        if raw_id is None or str(raw_id) == "":
+            skipped.append(Skipped(line, f"no {id_col!r} value"))
+            continue
+        fields = {"id": str(raw_id), "text": str(text)}
+        try:
+            item = SummarizeItem(**fields)
+        except ValidationError as exc:
+            skipped.append(Skipped(line, _invalid(exc, fields)))
+            continue
+        if max_item_bytes is not None and (size := item_bytes(item)) > max_item_bytes:
+            skipped.append(Skipped(line, f"{size:,} bytes as JSON, over the {max_item_bytes:,} a job part may carry "
+                                         "(max_message_bytes)"))
+        elif item.id in first:
+            skipped.append(Skipped(line, f"id {item.id!r} already used on {unit} {first[item.id]}"))
+        else:
+            first[item.id] = line
+            items.append(item)
+    return Loaded(items, skipped, len(records), unit)
+
+
+def report_skipped(loaded: Loaded, path: Path, text_col: str, console: Console) -> None:
+    """Each bad row on a line of its own (`FILE:LINE: skipped: reason`); rows with an empty text as one count."""
+    for s in loaded.bad:
+        console.print(f"{path}:{s.line}: skipped: {s.reason}", markup=False, highlight=False, soft_wrap=True)
+    empty = [s.line for s in loaded.skipped if s.empty]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        console.print(f"{path}: {len(empty)} {loaded.unit}(s) with an empty {text_col!r} not sent "
+                      f"({loaded.unit}s {shown})", markup=False, highlight=False, soft_wrap=True)
 
 
 def split_job(job_id: str, tenant: str, instruction: str, items: Sequence[SummarizeItem], *,
               model: str | None = None, deadline_s: int | None = None, near_duplicates: bool = False,
               max_output_tokens: int = 120, part_items: int = PART_ITEMS, max_bytes: int = 900_000,
               tags: dict[str, str] | None = None) -> list[SummarizeJob]:
-    """Distinct-first order, then parts bounded by item count and message size."""
+    """Distinct-first order, then parts bounded by item count and message size. ValueError if an item id repeats
+    (results are keyed by item id) or an item cannot fit a part."""
+    repeated = [i for i, n in Counter(item.id for item in items).items() if n > 1]
+    if repeated:
+        raise ValueError(f"item ids must be unique within a job: {len(repeated)} repeated, e.g. {repeated[:3]}")
     seen: set[str] = set()
     first: list[SummarizeItem] = []
     repeats: list[SummarizeItem] = []
@@ -113,7 +256,8 @@ def split_job(job_id: str, tenant: str, instruction: str, items: Sequence[Summar
     parts: list[list[SummarizeItem]] = [[]]
     size = 0
     for item in (*first, *repeats):
-        cost = len(item.model_dump_json().encode()) + 2
+        if (cost := item_bytes(item)) > max_bytes:
+            raise ValueError(f"item {item.id!r} is {cost:,} bytes, over the {max_bytes:,} of a part")
         if parts[-1] and (len(parts[-1]) >= part_items or size + cost > max_bytes):
             parts.append([])
             size = 0
@@ -212,17 +356,20 @@ def cmd_backfill(args: argparse.Namespace) -> int:
                          "Parquet file)")
     settings = Settings()
     console = Console(stderr=True)
-    items = load_items(path, args.text_col, args.id_col, args.encoding)
+    part_bytes = int(settings.max_message_bytes * 0.9)
+    loaded = load_items(path, args.text_col, args.id_col, args.encoding, max_item_bytes=part_bytes)
+    report_skipped(loaded, path, args.text_col, console)
     check_bootstrap(settings, command="backfill")
     catalog = configured_catalog(settings)[1]
+    items = list(loaded)
     if not items:
-        console.print(f"[red]no non-empty {args.text_col!r} values in {path}[/]")
+        console.print(f"[red]no non-empty {args.text_col!r} values to send in {path}[/]")
         return 2
     job_id = args.job_id or f"backfill-{uuid.uuid4().hex[:12]}"
     parts = split_job(job_id, args.tenant, args.instruction, items, model=args.model,
                       deadline_s=args.deadline,
                       near_duplicates=args.near_duplicates, max_output_tokens=args.max_output_tokens,
-                      max_bytes=int(settings.max_message_bytes * 0.9))
+                      max_bytes=part_bytes)
     console.print(f"job {job_id}: {len(items)} items in {len(parts)} part(s) -> {settings.topic(t.SUMMARIZE_JOBS)}")
     outcome = asyncio.run(run_backfill(settings, parts, timeout_s=args.timeout))
     report = {"job_id": job_id, **job_report(outcome, catalog)}
@@ -233,7 +380,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     complete = len(outcome.results) == len(items)
     if not complete:
         console.print(f"[red]{len(items) - len(outcome.results)} items without a result before the timeout[/]")
-    return 0 if complete and report["errors"] == 0 else 1
+    if loaded.bad:
+        console.print(f"{len(loaded.bad)} of {loaded.rows} {loaded.unit}s of {path} skipped, not sent (each listed "
+                      "above with its reason)", style="red", markup=False, highlight=False, soft_wrap=True)
+    return 0 if complete and report["errors"] == 0 and not loaded.bad else 1
 
 
 def add_backfill_parser(sub: Any) -> None:
