@@ -200,20 +200,31 @@ def same_question(query: str, candidate: str) -> bool:
 
 def slot_conflict(query: str, candidate: str) -> str:
     """Why `candidate`'s answer cannot be `query`'s whatever their meanings' likeness ("" when none): a hard rule
-    of `pair_features` (numbers, negation, order), or a name in the query the candidate does not mention ("Is
+    of `pair_features` (numbers, negation, order), or a name in the query the candidate never mentions ("Is
     Mallory an admin?" is not answered by "Is Alice an admin?"). For paths that serve without the pair model."""
     reason = pair_features(query, candidate, 0.0)[1]
     if reason:
         return reason
-    return "entity_mismatch" if _names(query) - _names(candidate) else ""
+    return "entity_mismatch" if names(query) - mentioned(candidate) else ""
 
 
-def _names(text: str) -> set[str]:
-    """Capitalised words that open no sentence and are no function word ("I", "Can", "What" are not names)."""
-    out: set[str] = set()
-    for sentence in re.split(r"[.!?]+\s+", unicodedata.normalize("NFKC", text)):
-        out.update(w.lower() for w in re.findall(r"\w+", sentence)[1:] if w[:1].isupper())
-    return {w for w in out if w not in _STOPWORDS and w not in _WH}
+_SENTENCE = re.compile(r"[.!?]+\s+|\n")
+# Words titles and sentences capitalise without naming anything ("Can", "What", "Chair With Arms For The Office").
+_FUNCTION_WORDS = _STOPWORDS | _WH | _words("over under nor yet all each every both only")
+
+
+def names(text: str) -> frozenset[str]:
+    """Capitalised words that open no sentence or line and are no function word, casefolded: a cheap proxy for
+    the slot values (places, currencies, brands, people) that change an answer."""
+    found: set[str] = set()
+    for sentence in _SENTENCE.split(fold_unicode(text)):
+        found.update(w.casefold() for w in re.findall(r"\w+", sentence)[1:] if w[:1].isupper())
+    return frozenset(found - _FUNCTION_WORDS)
+
+
+def mentioned(text: str) -> frozenset[str]:
+    """Every word of `text`, casefolded: whether a name occurs at all, in any case."""
+    return frozenset(w.casefold() for w in re.findall(r"\w+", fold_unicode(text)))
 
 
 def _first_wh(toks: list[str]) -> str:

@@ -26,20 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from frugalstream.llm.cache_keys import fold_unicode, normalize_text
+from frugalstream.llm.cache_keys import normalize_text
 from frugalstream.llm.embedder import AsyncEmbedder
-from frugalstream.llm.verifier import Verifier
+from frugalstream.llm.verifier import Verifier, mentioned, names
 
 _WORD = re.compile(r"\w+")
 _NEGATIONS = frozenset({"no", "not", "non", "without", "never", "none", "nor", "excluding", "except", "lacks"})
-_SENTENCE = re.compile(r"[.!?]+\s+|\n")
-# Function words, which titles and headings capitalise ("Chair With Arms For The Office"): never a name.
-_FUNCTION_WORDS = frozenset({
-    "a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "with", "from", "into", "onto", "over", "under",
-    "about", "as", "and", "or", "but", "nor", "so", "yet", "if", "than", "then", "is", "are", "was", "were", "be",
-    "been", "it", "its", "this", "that", "these", "those", "there", "here", "i", "me", "my", "we", "our", "you",
-    "your", "he", "his", "she", "her", "they", "them", "their", "all", "any", "each", "every", "both", "some",
-    "such", "only", "also", "very"})
 MAX_BUCKET = 2_000
 
 
@@ -53,14 +45,6 @@ def load_verifier() -> Verifier | None:
         return None
 
 
-def names(text: str) -> frozenset[str]:
-    """Rule 2's names of `text`, casefolded."""
-    found: set[str] = set()
-    for sentence in _SENTENCE.split(fold_unicode(text)):
-        found.update(w.casefold() for w in _WORD.findall(sentence)[1:] if w[:1].isupper())
-    return frozenset(found - _FUNCTION_WORDS)
-
-
 @dataclass(frozen=True)
 class _Doc:
     key: str
@@ -71,8 +55,7 @@ class _Doc:
 
     @classmethod
     def of(cls, key: str, text: str) -> _Doc:
-        folded = frozenset(w.casefold() for w in _WORD.findall(fold_unicode(text)))
-        return cls(key, text, frozenset(_WORD.findall(normalize_text(text))), folded, names(text))
+        return cls(key, text, frozenset(_WORD.findall(normalize_text(text))), mentioned(text), names(text))
 
     def names_differ(self, other: _Doc) -> bool:
         return bool(self.names - other.folded or other.names - self.folded)
