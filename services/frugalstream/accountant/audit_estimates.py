@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
+from frugalstream.accountant.cells import csv_safe, plain
 from frugalstream.accountant.ledger import Ledger, to_usd
 from frugalstream.llm.audit_stats import Proportion
 from frugalstream.schemas.audits import AuditRecord
@@ -73,11 +74,9 @@ def estimates(ledger: Ledger, since: float | None = None) -> list[dict[str, Any]
 
 def summary(ledger: Ledger, rows: list[dict[str, Any]], since: float | None = None) -> dict[str, Any]:
     """Audit spend, gross savings (before audits) and their ratio; the share that could have gone cheaper."""
-    where, params = ("AND e.time >= ?", [since]) if since is not None else ("", [])
-    spend_u, gross_u = ledger._query(
-        "SELECT COALESCE(SUM(CASE WHEN e.stage = 'audit' THEN e.actual_u ELSE 0 END), 0), "
-        f"COALESCE(SUM(CASE WHEN e.stage != 'audit' THEN e.saved_u ELSE 0 END), 0) FROM cost_events e "
-        f"WHERE 1 = 1 {where}", params)[0]
+    where, params = ("WHERE e.time >= ?", [since]) if since is not None else ("", [])
+    spend_u, gross_u = ledger.exact_sums(("CASE WHEN e.stage = 'audit' THEN e.actual_u ELSE 0 END",
+                                          "CASE WHEN e.stage != 'audit' THEN e.saved_u ELSE 0 END"), where, params)
     up = [r for r in rows if r["kind"] == "routed_up"]
     cheaper = Proportion.of(sum(r["accepted"] for r in up), sum(r["n"] for r in up))
     return {"audits": sum(r["n"] for r in rows), "audit_spend_usd": to_usd(int(spend_u)),
@@ -97,21 +96,23 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def rich_table(rows: list[dict[str, Any]], s: dict[str, Any]) -> Table:
-    table = Table(title="audited acceptance (95% Wilson interval)", caption=summary_line(s))
+    """Cells are `plain` text: a tenant's name is not Rich markup."""
+    table = Table(title=plain("audited acceptance (95% Wilson interval)"), caption=plain(summary_line(s)))
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("tenant", "task_type", "kind") else "right")
+        table.add_column(plain(col), justify="left" if col in ("tenant", "task_type", "kind") else "right")
     for r in rows:
-        table.add_row(*(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS))
+        table.add_row(*(plain(f"{r[c]:.3f}" if isinstance(r[c], float) else r[c]) for c in COLUMNS))
     return table
 
 
 def csv_block(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
-    """A second CSV table after a blank line (only when there are audits), then the summary as key,value."""
+    """A second CSV table after a blank line (only when there are audits), then the summary as key,value. Name
+    cells a spreadsheet would run as formulas are quoted (`cells.csv_safe`)."""
     import csv
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(COLUMNS)
-    writer.writerows([[r[c] for c in COLUMNS] for r in rows])
+    writer.writerows([[csv_safe(r[c]) for c in COLUMNS] for r in rows])
     for key in ("audits", "audit_spend_usd", "gross_savings_usd", "audit_cost_share", "could_go_cheaper"):
         writer.writerow([key, json.dumps(s[key])])
     return "\n" + buf.getvalue()

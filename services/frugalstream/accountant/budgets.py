@@ -16,7 +16,10 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from frugalstream.runtime.logging import get_logger
 from frugalstream.schemas import BudgetState
+
+log = get_logger(__name__)
 
 Period = Literal["day", "month"]
 Status = Literal["ok", "near", "over"]
@@ -113,6 +116,14 @@ class BudgetTracker:
             spent_usd=spent, status=status, action=action_of(budget, status), updated_at=now,
         )
 
+    def _evaluate(self, budget: Budget, ledger: SpendSource, now: float) -> BudgetState | None:
+        try:
+            return self.state(budget, ledger, now)
+        except Exception as exc:
+            log.error("budget_evaluation_failed", budget_id=budget.budget_id, tenant=budget.tenant,
+                      error_type=type(exc).__name__, error=str(exc)[:500])
+            return None
+
     @staticmethod
     def _decision(state: BudgetState) -> tuple[str, Status, Action]:
         return state.period_start, state.status, state.action
@@ -125,8 +136,12 @@ class BudgetTracker:
         accountant republishes all of them) and every budget whose period rolled over. Spend growing within a
         status is not a change: the compacted topic carries decisions, the ledger carries amounts.
         `only_changed=False` returns every state.
+
+        Each budget is evaluated on its own: one that fails (its ledger query raised) is logged and left out,
+        so it stays pending until an evaluation succeeds, and never keeps the other budgets, of any tenant, from
+        being published.
         """
-        states = [self.state(budget, ledger, now) for budget in self._budgets]
+        states = [st for budget in self._budgets if (st := self._evaluate(budget, ledger, now)) is not None]
         if not only_changed:
             return states
         return [st for st in states if self._published.get(st.budget_id) != self._decision(st)]

@@ -1,9 +1,12 @@
 """SQLite ledger of cost events: idempotent, exact, and cheap to query for reports and budgets.
 
 Amounts are stored as integers of 1e-10 USD (the precision of the contract), so sums are exact and
-`baseline - actual == sum(savings by strategy)` holds to the unit in every total; SQLite raises on integer
-overflow (about $920M in one sum) rather than wrapping. Events are keyed by their CloudEvents id and
-inserted with INSERT OR IGNORE, so a redelivered event changes nothing.
+`baseline - actual == sum(savings by strategy)` holds to the unit in every total. One row fits SQLite's int64
+(about $920M) because `TokenUsage` bounds every token count (10^12: at most ~$1.9e8 per point at the shipped
+catalog's highest rates). A *sum* of rows need not fit, and SQLite raises on integer overflow, which would stop
+every report and every budget (one tenant's spend stalling all the others'): each amount is summed as two
+exact integer sums that cannot overflow (see `_usum`), recombined in Python's unbounded integers. Events are
+keyed by their CloudEvents id and inserted with INSERT OR IGNORE, so a redelivered event changes nothing.
 
 One connection, guarded by a lock: the service calls the ledger through `asyncio.to_thread`, whose pool may
 use a different thread each call, so the connection is opened with `check_same_thread=False`.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -88,6 +91,21 @@ _ADDED_COLUMNS = (
 )
 
 
+# Each amount is summed as SUM(x / _SPLIT) and SUM(x % _SPLIT) (SQLite truncates both like C, so
+# x == (x / _SPLIT) * _SPLIT + x % _SPLIT for negative x too): every term is below 2**32 in magnitude, so neither
+# sum can overflow int64 before two billion rows, and the recombination is exact.
+_SPLIT = 2**32
+
+
+def _usum(expr: str) -> str:
+    """Two SQL aggregates (two result columns) that `_units` recombines into the exact SUM(expr)."""
+    return f"COALESCE(SUM(({expr}) / {_SPLIT}), 0), COALESCE(SUM(({expr}) % {_SPLIT}), 0)"
+
+
+def _units(high: Any, low: Any) -> int:
+    return int(high) * _SPLIT + int(low)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     have = {str(row[1]) for row in conn.execute("PRAGMA table_info(cost_events)")}
     for name, decl in _ADDED_COLUMNS:
@@ -114,7 +132,11 @@ def _pct(part: int, whole: int) -> float:
 
 
 def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
-    """Columns, per-strategy units reconciled to `baseline - actual` exactly, and `key=value` tags."""
+    """Columns, per-strategy units reconciled to `baseline - actual` exactly, and `key=value` tags.
+
+    A tag whose key holds '=' is kept in the event's payload and `tags` column but not indexed: flattened, it
+    would read as another tag (`{"env=prod": "eu"}` as env = "prod=eu") and be charged to that tag's budget.
+    `LLMRequest` refuses such keys; this guards the producers that do not go through it (summarize jobs)."""
     d = event.data
     baseline_u, actual_u = to_units(d.baseline_cost_usd), to_units(d.actual_cost_usd)
     savings = {str(s): to_units(v) for s, v in d.savings_by_strategy.items()}
@@ -132,7 +154,7 @@ def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
         "catalog_version": d.catalog_version, "payload": event.model_dump_json(),
         "price_unknown": int(d.price_unknown), "unpriced_models": json.dumps(list(d.unpriced_models)),
     }
-    return row, savings, [f"{k}={v}" for k, v in sorted(d.tags.items())]
+    return row, savings, [f"{k}={v}" for k, v in sorted(d.tags.items()) if "=" not in k]
 
 
 class Ledger:
@@ -169,13 +191,18 @@ class Ledger:
 
     def add_many(self, events: Iterable[CostEvent]) -> int:
         """Stores a batch in one transaction (one fsync); returns how many were new."""
+        return len(self.insert(events))
+
+    def insert(self, events: Iterable[CostEvent]) -> list[str]:
+        """Stores a batch in one transaction (one fsync); returns the ids of the events it stored, so a caller
+        counts a redelivered event nowhere else either (the accountant's spend metrics count only these)."""
         rows = [_row(e) for e in events]
-        added = 0
+        added: list[str] = []
         with self._lock, self._conn:
             for row, savings, tags in rows:
                 if self._conn.execute(_INSERT, row).rowcount != 1:
                     continue
-                added += 1
+                added.append(row["id"])
                 self._conn.executemany("INSERT INTO cost_savings VALUES (?, ?, ?)",
                                        [(row["id"], s, u) for s, u in savings.items()])
                 self._conn.executemany("INSERT INTO cost_tags VALUES (?, ?)", [(row["id"], t) for t in tags])
@@ -190,19 +217,26 @@ class Ledger:
         return ("WHERE e.time >= ?", [since]) if since is not None else ("", [])
 
     def _by_strategy_units(self, since: float | None) -> list[tuple[str, int, int, int]]:
+        """(strategy, events, items, saved units), largest saving first (sorted here: an ORDER BY SUM could
+        overflow)."""
         where, params = self._where(since)
-        return [(str(s), int(n), int(i), int(u)) for s, n, i, u in self._query(
-            f"SELECT s.strategy, COUNT(*), SUM(e.items), SUM(s.saved_u) FROM cost_savings s "
-            f"JOIN cost_events e ON e.id = s.event_id {where} GROUP BY s.strategy "
-            f"ORDER BY SUM(s.saved_u) DESC, s.strategy", params)]
+        rows = [(str(s), int(n), _units(ih, il), _units(uh, ul)) for s, n, ih, il, uh, ul in self._query(
+            f"SELECT s.strategy, COUNT(*), {_usum('e.items')}, {_usum('s.saved_u')} FROM cost_savings s "
+            f"JOIN cost_events e ON e.id = s.event_id {where} GROUP BY s.strategy", params)]
+        return sorted(rows, key=lambda r: (-r[3], r[0]))
+
+    def exact_sums(self, exprs: Sequence[str], where: str = "", params: Sequence[Any] = ()) -> list[int]:
+        """The exact, overflow-free sum of each integer SQL expression over `cost_events e` (see `_usum`)."""
+        row = self._query(f"SELECT {', '.join(_usum(x) for x in exprs)} FROM cost_events e {where}", params)[0]
+        return [_units(row[2 * i], row[2 * i + 1]) for i in range(len(exprs))]
 
     def totals(self, since: float | None = None) -> dict[str, Any]:
         where, params = self._where(since)
-        n, items, base_u, act_u, unpriced = self._query(
-            "SELECT COUNT(*), COALESCE(SUM(e.items), 0), COALESCE(SUM(e.baseline_u), 0), "
-            f"COALESCE(SUM(e.actual_u), 0), COALESCE(SUM(e.price_unknown), 0) FROM cost_events e {where}", params)[0]
+        n, unpriced = self._query(
+            f"SELECT COUNT(*), COALESCE(SUM(e.price_unknown), 0) FROM cost_events e {where}", params)[0]
+        items, base_u, act_u = self.exact_sums(("e.items", "e.baseline_u", "e.actual_u"), where, params)
         return {
-            "requests": int(n), "items": int(items),
+            "requests": int(n), "items": items,
             "baseline_cost_usd": to_usd(base_u), "actual_cost_usd": to_usd(act_u),
             "saved_usd": to_usd(base_u - act_u), "savings_pct": _pct(base_u - act_u, base_u),
             "unpriced_requests": int(unpriced),
@@ -213,7 +247,7 @@ class Ledger:
         """Rows sorted by spend (strategy rows: by saving). Tag rows overlap: an event counts under each tag."""
         where, params = self._where(since)
         if by == "strategy":
-            base_u = self._query(f"SELECT COALESCE(SUM(e.baseline_u), 0) FROM cost_events e {where}", params)[0][0]
+            [base_u] = self.exact_sums(("e.baseline_u",), where, params)
             return [{"strategy": s, "requests": n, "items": i, "saved_usd": to_usd(u), "savings_pct": _pct(u, base_u)}
                     for s, n, i, u in self._by_strategy_units(since)]
         if by == "tag":
@@ -222,9 +256,10 @@ class Ledger:
             key, source = f"COALESCE({_COLUMNS[by]}, '{NONE_LABEL}')", "cost_events e"
         else:
             raise ValueError(f"cannot break down by {by!r}")
-        rows = self._query(
-            f"SELECT {key} AS k, COUNT(*), SUM(e.items), SUM(e.baseline_u), SUM(e.actual_u) FROM {source} {where} "
-            "GROUP BY k ORDER BY SUM(e.actual_u) DESC, k", params)
+        rows = sorted(((str(k), int(n), _units(ih, il), _units(bh, bl), _units(ah, al)) for k, n, ih, il, bh, bl, ah, al
+                       in self._query(f"SELECT {key} AS k, COUNT(*), {_usum('e.items')}, {_usum('e.baseline_u')}, "
+                                      f"{_usum('e.actual_u')} FROM {source} {where} GROUP BY k", params)),
+                      key=lambda r: (-r[4], r[0]))
         return [{by: k, "requests": n, "items": i, "baseline_cost_usd": to_usd(b), "actual_cost_usd": to_usd(a),
                  "saved_usd": to_usd(b - a), "savings_pct": _pct(b - a, b)} for k, n, i, b, a in rows]
 
@@ -234,9 +269,10 @@ class Ledger:
             raise ValueError("bucket_s must be positive")
         where, params = self._where(since)
         rows = self._query(
-            "SELECT CAST(e.time / ? AS INTEGER) AS b, COUNT(*), SUM(e.items), SUM(e.baseline_u), SUM(e.actual_u) "
-            f"FROM cost_events e {where} GROUP BY b ORDER BY b", [bucket_s, *params])
-        found = {int(b): (int(n), int(i), int(base), int(act)) for b, n, i, base, act in rows}
+            f"SELECT CAST(e.time / ? AS INTEGER) AS b, COUNT(*), {_usum('e.items')}, {_usum('e.baseline_u')}, "
+            f"{_usum('e.actual_u')} FROM cost_events e {where} GROUP BY b ORDER BY b", [bucket_s, *params])
+        found = {int(b): (int(n), _units(ih, il), _units(bh, bl), _units(ah, al))
+                 for b, n, ih, il, bh, bl, ah, al in rows}
         keys = sorted(found)
         if keys and keys[-1] - keys[0] < MAX_FILLED_BUCKETS:
             keys = list(range(keys[0], keys[-1] + 1))
@@ -266,18 +302,18 @@ class Ledger:
         """Events billed at the conservative rate because the catalog lacked a model, by that model: what a
         report must show so nobody mistakes an estimate for a price."""
         where = "WHERE e.price_unknown = 1" + (" AND e.time >= ?" if since is not None else "")
-        rows = self._query(
-            "SELECT m.value, COUNT(*), SUM(e.actual_u) FROM cost_events e, json_each(e.unpriced_models) m "
-            f"{where} GROUP BY m.value ORDER BY SUM(e.actual_u) DESC, m.value", [] if since is None else [since])
-        return [{"model": str(m), "requests": int(n), "actual_cost_usd": to_usd(int(a))} for m, n, a in rows]
+        rows = sorted(((str(m), int(n), _units(ah, al)) for m, n, ah, al in self._query(
+            f"SELECT m.value, COUNT(*), {_usum('e.actual_u')} FROM cost_events e, json_each(e.unpriced_models) m "
+            f"{where} GROUP BY m.value", [] if since is None else [since])), key=lambda r: (-r[2], r[0]))
+        return [{"model": m, "requests": n, "actual_cost_usd": to_usd(a)} for m, n, a in rows]
 
     def spent(self, tenant: str, tag: str | None, since: float) -> float:
         """Actual spend of a tenant (optionally one `key=value` tag) since a unix time, for budgets."""
         if tag is None:
-            sql = "SELECT COALESCE(SUM(e.actual_u), 0) FROM cost_events e WHERE e.tenant = ? AND e.time >= ?"
+            sql = f"SELECT {_usum('e.actual_u')} FROM cost_events e WHERE e.tenant = ? AND e.time >= ?"
             params: list[Any] = [tenant, since]
         else:
-            sql = ("SELECT COALESCE(SUM(e.actual_u), 0) FROM cost_events e JOIN cost_tags t ON t.event_id = e.id "
+            sql = (f"SELECT {_usum('e.actual_u')} FROM cost_events e JOIN cost_tags t ON t.event_id = e.id "
                    "AND t.tag = ? WHERE e.tenant = ? AND e.time >= ?")
             params = [tag, tenant, since]
-        return to_usd(int(self._query(sql, params)[0][0]))
+        return to_usd(_units(*self._query(sql, params)[0]))

@@ -2,7 +2,9 @@
 
 Per batch: every record is priced (a model the catalog lacks at its highest rates, flagged, never dropped),
 and the new ones are written to the SQLite ledger (idempotent by CloudEvents id). Every event is returned,
-redeliveries too: the ids are deterministic, so downstream deduplicates.
+redeliveries too: the ids are deterministic, so downstream deduplicates. The spend, savings and unpriced
+metrics count only the events the ledger stored: counted on publish, a redelivered record (a crash before the
+offset commit) was counted twice in Prometheus while the ledger kept it once.
 
 Budgets are evaluated in two steps, so a failed publish is not forgotten: `budget_changes` returns the states
 that differ from the last published ones (it records nothing), and `budgets_published` records them once the
@@ -39,11 +41,16 @@ class Accountant:
     priced: int = 0
 
     async def handle(self, records: Sequence[UsageRecord]) -> list[CostEvent]:
-        """The cost event of every record, written to the ledger (in a worker thread: SQLite blocks)."""
+        """The cost event of every record, written to the ledger (in a worker thread: SQLite blocks); the
+        metrics count the new ones only."""
         events = [cost_event(r, self.catalog) for r in records]
-        await asyncio.to_thread(self.ledger.add_many, events)
+        stored = set(await asyncio.to_thread(self.ledger.insert, events))
         self.priced += len(events)
         for e in events:
+            if e.id not in stored:
+                continue
+            stored.discard(e.id)  # a record twice in one batch is stored, and counted, once
+            self.metrics.record_cost(e.data)
             if e.data.price_unknown:
                 self.metrics.record_unpriced(e.data.unpriced_models)
                 log.warning("unpriced_usage", models=list(e.data.unpriced_models), tenant=e.data.tenant,

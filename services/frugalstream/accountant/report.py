@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from frugalstream.accountant import audit_estimates
+from frugalstream.accountant.cells import csv_safe, plain
 from frugalstream.accountant.ledger import Dimension, Ledger
 from frugalstream.llm.pricing.catalog import age_days
 from frugalstream.llm.pricing.costing import rfc3339
@@ -112,27 +113,28 @@ def _total_row(report: Report) -> dict[str, Any]:
 
 
 def tables(report: Report) -> list[Table]:
-    """Rich tables (totals, then the breakdown), for a CLI that prints with colours."""
-    totals = Table(title=report.title, show_header=False)
+    """Rich tables (totals, then the breakdown), for a CLI that prints with colours. Every cell and title is
+    `plain` text: names come from producers, and Rich would read them as markup (see `cells`)."""
+    totals = Table(title=plain(report.title), show_header=False)
     for key, value in report.totals.items():
         if key != "by_strategy":
-            totals.add_row(key, _cell(key, value))
-    totals.add_row("prices", prices_line(report).removeprefix("prices as of "))
+            totals.add_row(plain(key), plain(_cell(key, value)))
+    totals.add_row(plain("prices"), plain(prices_line(report).removeprefix("prices as of ")))
     out = [totals]
     if report.breakdown:
         columns = list(report.breakdown[0])
-        table = Table(title=f"by {report.by}")
+        table = Table(title=plain(f"by {report.by}"))
         for col in columns:
-            table.add_column(col, justify="left" if col == report.by else "right")
+            table.add_column(plain(col), justify="left" if col == report.by else "right")
         for row in report.breakdown:
-            table.add_row(*(_cell(c, row.get(c, "")) for c in columns))
+            table.add_row(*(plain(_cell(c, row.get(c, ""))) for c in columns))
         out.append(table)
     if report.unpriced:
-        warn = Table(title="models without a catalog price (billed at the catalog's highest rates)")
+        warn = Table(title=plain("models without a catalog price (billed at the catalog's highest rates)"))
         for col in ("model", "requests", "actual_cost_usd"):
-            warn.add_column(col, justify="left" if col == "model" else "right")
+            warn.add_column(plain(col), justify="left" if col == "model" else "right")
         for row in report.unpriced:
-            warn.add_row(*(_cell(c, row[c]) for c in ("model", "requests", "actual_cost_usd")))
+            warn.add_row(*(plain(_cell(c, row[c])) for c in ("model", "requests", "actual_cost_usd")))
         out.append(warn)
     if report.audits:
         out.append(audit_estimates.rich_table(report.audits, report.audit_summary))
@@ -149,7 +151,8 @@ def render_table(report: Report, width: int = 120) -> str:
 
 def render_csv(report: Report) -> str:
     """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked. The total row
-    also says how old the prices are (`prices_as_of`, `prices_age_days`: the oldest catalog used)."""
+    also says how old the prices are (`prices_as_of`, `prices_age_days`: the oldest catalog used). Name cells
+    that a spreadsheet would run as formulas are quoted (`cells.csv_safe`)."""
     oldest = _oldest(report)
     total = {**_total_row(report), "prices_as_of": oldest["as_of"], "prices_age_days": oldest["age_days"]}
     rows = [*report.breakdown, total] if report.breakdown else [total]
@@ -157,7 +160,7 @@ def render_csv(report: Report) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     if report.audits:
         buf.write(audit_estimates.csv_block(report.audits, report.audit_summary))
     return buf.getvalue()

@@ -177,7 +177,12 @@ class Classifier:
         """The tenant's configured baseline, unless the catalog cannot price it: then the default baseline, with
         a warning (once per tenant and model). A baseline is a counterfactual for savings, not what is served,
         so an operator's typo should not refuse the tenant's traffic; priced at the conservative rate it would
-        overstate every saving instead."""
+        overstate every saving instead.
+
+        The pinned model is the baseline only when the catalog prices it. A pin the catalog lacks is either
+        refused, or served at the conservative rate (`allow_unpriced_models`), or dropped by a budget: as the
+        baseline it would be priced at the catalog's highest rates, and a dropped pin would then credit
+        `routed_down` with a saving measured against a guess (about 7x gpt-4o's, at the producer's will)."""
         configured = policy.baseline_model
         if configured is not None and not self.catalog.has(configured):
             if (request.tenant, configured) not in self._warned_baselines:
@@ -185,7 +190,8 @@ class Classifier:
                 log.warning("unpriced_baseline_model", tenant=request.tenant, model=configured,
                             fallback=self.settings.default_baseline_model)
             configured = None
-        return configured or request.model or self.settings.default_baseline_model
+        pinned = request.model if request.model is not None and self.catalog.has(request.model) else None
+        return configured or pinned or self.settings.default_baseline_model
 
     def _route_one(self, request: LLMRequest, vector: npt.NDArray[np.float32] | None,
                    score: float | None, verdict: BudgetState | None) -> Classified:
@@ -201,6 +207,8 @@ class Classifier:
         # Checked after budgets: a pin that a budget dropped is not run, so its price does not matter.
         if choice.pinned and (denial := unpriced_pin_denial(choice.model, policy, self.catalog)) is not None:
             return self._deny(request, denial)
+        if choice.pinned and policy.baseline_model is None:
+            baseline = choice.model  # a pin served as asked saves nothing and costs nothing more, priced or not
         budget = self.settings.context_budgets.get(task.task_type, 8_000)
         trimmed = trim_to_budget(request.messages, budget, self.counter, choice.model)
         sent = request.model_copy(update={"messages": trimmed.messages}) if trimmed.dropped else request

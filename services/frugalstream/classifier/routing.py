@@ -85,19 +85,29 @@ class BudgetBook:
             self.states[state.budget_id] = state
 
     def verdict(self, tenant: str, tags: Mapping[str, str]) -> BudgetState | None:
-        """The most severe applicable state: `over` beats `near`; tag budgets apply only to tagged requests."""
+        """The applicable state whose effect on `choose_model` is the strictest (see `severity`): ranking by
+        status alone let a tenant-wide "downgrade when over" hide a tag's "refuse when over", and a near refuse
+        budget (action none) hide a near downgrade. Ties go to the smallest budget id, so the answer does not
+        depend on the order the states arrived in. Tag budgets apply only to tagged requests."""
         worst: BudgetState | None = None
-        order = {"ok": 0, "near": 1, "over": 2}
-        for state in self.states.values():
+        for state in sorted(self.states.values(), key=lambda s: s.budget_id):
             if state.tenant != tenant or state.status == "ok":
                 continue
             if state.tag is not None:
                 key, _, value = state.tag.partition("=")
                 if tags.get(key) != value:
                     continue
-            if worst is None or order[state.status] > order[worst.status]:
+            if worst is None or severity(state) > severity(worst):
                 worst = state
         return worst
+
+
+def severity(state: BudgetState) -> int:
+    """How hard `choose_model` acts on a state: 3 refuses (over + refuse), 2 caps at small (any other over),
+    1 caps at mid (near + downgrade), 0 changes nothing (near without downgrade, ok)."""
+    if state.status == "over":
+        return 3 if state.action == "refuse" else 2
+    return 1 if state.action == "downgrade" and state.status == "near" else 0
 
 
 class PolicyDenied(Exception):

@@ -21,7 +21,7 @@ from frugalstream.runtime.probes import Health
 from frugalstream.runtime.records import Decoded, Failure, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import BudgetState, CostEvent, DeadLetter, LLMResponse, ResponseError, RoutedRequest
+from frugalstream.schemas import BudgetState, DeadLetter, LLMResponse, ResponseError, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
 from frugalstream.schemas.topics import dlq_topic
@@ -144,8 +144,9 @@ def _best_effort(out: Out) -> bool:
 class Publisher:
     """Publishes outputs and waits for the broker's acks, so the caller may commit afterwards.
 
-    Every terminal response, routing decision and cost event passes through here, which makes it the one
-    place that feeds the Prometheus series, and the one place that keeps an output from wedging a partition:
+    Every terminal response, routing decision and budget state passes through here, which makes it the place
+    that feeds their Prometheus series (spend and savings are counted by the accountant when the ledger stores
+    an event, so a redelivery counts once), and the one place that keeps an output from wedging a partition:
 
     * each output is serialized once and its size checked against `max_message_bytes` before sending. A
       response, or a routed or dispatched request, that is too large becomes a terminal `too_large` error
@@ -250,8 +251,6 @@ class Publisher:
                 self.metrics.record_error(service, value.error.code)
         elif out.topic == t.ROUTED and isinstance(value, RoutedRequest):
             self.metrics.record_route(value.route.tier, value.route.task_type)
-        elif out.topic == t.COST_EVENTS and isinstance(value, CostEvent):
-            self.metrics.record_cost(value.data)
         elif out.topic == t.BUDGETS and isinstance(value, BudgetState):
             self.metrics.record_budget(value)
 

@@ -160,7 +160,9 @@ class LLMRequest(Contract):
         default=None, description="OpenAI's tool_choice: none, auto, required, or {type: function, function: {name}}.")
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Attribution labels (budgets and reports by `key=value`): at most 32, "
+                                          "keys <= 64 characters without '=', values <= 256 characters.")
     reply_topic: str | None = Field(
         default=None, max_length=249, pattern=r"^[A-Za-z0-9._-]+$",
         description="Also publish the answer here. Granted by the tenant's policy (by default only topics under "
@@ -228,8 +230,12 @@ class LLMRequest(Contract):
     @field_validator("tags")
     @classmethod
     def _bounded_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        """Budgets and the ledger name a tag `key=value`, split at the first '=': a key holding '=' would be
+        charged under another tag (`{"env=prod": "eu"}` read as env = "prod=eu")."""
         if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 for k, v in tags.items()):
             raise ValueError("at most 32 tags, keys <= 64 and values <= 256 characters")
+        if bad := sorted(k for k in tags if "=" in k):
+            raise ValueError(f"tag keys may not contain '=' (a tag is named key=value): {bad}")
         return tags
 
 

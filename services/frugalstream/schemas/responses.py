@@ -21,6 +21,14 @@ STRATEGIES: tuple[Strategy, ...] = (
 )
 
 
+#: Upper bound of every token count: far above any real call or job (a summarize part holds at most 100k items
+#: of 200k characters, 2e10), and low enough that one priced point fits the ledger's int64 of 1e-10 USD with
+#: room for pricier catalogs (10^11 of each kind at the shipped catalog's top rates: ~$1.9e7, under ~$9.2e8).
+#: Unbounded, a careless producer's 10^14 tokens overflowed the ledger, and the record (its real spend too) was
+#: dead-lettered by the accountant.
+MAX_TOKENS = 10**11
+
+
 class TokenUsage(BaseModel):
     """Token counts in billing terms.
 
@@ -31,11 +39,12 @@ class TokenUsage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_tokens: int = Field(default=0, ge=0)
-    cached_input_tokens: int = Field(default=0, ge=0)
-    cache_write_tokens: int = Field(default=0, ge=0)
-    output_tokens: int = Field(default=0, ge=0)
-    reasoning_tokens: int = Field(default=0, ge=0, description="Billed at the output rate unless priced apart.")
+    input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    output_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS,
+                                  description="Billed at the output rate unless priced apart.")
     estimated: bool = Field(default=False, description="True when counted with tiktoken, not reported by the provider.")
 
     def __add__(self, other: TokenUsage) -> TokenUsage:
