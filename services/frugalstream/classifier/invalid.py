@@ -10,6 +10,7 @@ policy must grant first.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -41,9 +42,18 @@ def _identity(raw: bytes, max_bytes: int) -> tuple[str, str, float | None] | Non
         return None
     if not (0 < len(rid) <= MAX_IDENTITY_CHARS and 0 < len(tenant) <= MAX_IDENTITY_CHARS):
         return None
-    if isinstance(created, bool) or not isinstance(created, int | float):
-        created = None
-    return rid, tenant, float(created) if created is not None else None
+    return rid, tenant, _timestamp(created)
+
+
+def _timestamp(value: Any) -> float | None:
+    """A finite number of seconds, or None: a 400-digit integer or an infinity is no time to answer with."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def describe(exc: Exception) -> str:

@@ -87,6 +87,12 @@ def sampled(request: LLMRequest) -> bool:
 INLINE_MAX_CHARS = 8_000
 
 
+def text_chars(request: LLMRequest) -> int:
+    """All the text the counter and the keys read: contents, names and tool-call arguments alike."""
+    return sum(len(m.content) + len(m.name or "") + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+               for m in request.messages)
+
+
 @dataclass
 class Classifier:
     settings: Settings
@@ -110,7 +116,7 @@ class Classifier:
 
     async def handle(self, requests: Sequence[LLMRequest]) -> list[Classified]:
         """One result per request: those refused at the walls first, then the others in request order."""
-        light = sum(len(m.content) for r in requests for m in r.messages) <= INLINE_MAX_CHARS
+        light = sum(text_chars(r) for r in requests) <= INLINE_MAX_CHARS
         admitted, lookups, denied = self._admit(requests) if light else await asyncio.to_thread(self._admit, requests)
         vectors = await self._embed(admitted, lookups)
         verdicts = [self.budgets.verdict(r.tenant, r.tags) for r in admitted]  # on the loop: the book changes here

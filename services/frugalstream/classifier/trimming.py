@@ -1,6 +1,7 @@
 """Context budget: trim long histories to a per-task token budget.
 
-System and developer turns are always kept, the newest turns are kept first, and an assistant turn that called tools is
+System and developer turns are always kept, so are the last user turn and whatever follows it (a tool exchange, a
+prefill), the newest earlier turns are kept first, and an assistant turn that called tools is
 kept or dropped together with the tool results that answer it: a provider rejects a tool result whose
 call is missing, and a call without its result confuses the model.
 """
@@ -45,10 +46,14 @@ def trim_to_budget(messages: Sequence[ChatMessage], budget: int, counter: TokenC
     system = [m for m in messages if m.role in INSTRUCTION_ROLES]
     units = _units([m for m in messages if m.role not in INSTRUCTION_ROLES])
     used = 3 + sum(cost[id(m)] for m in system)
+    # The question and everything after it (a tool exchange, a prefill) are kept whatever they cost: a request
+    # trimmed of its last user turn asks nothing.
+    last_user = max((i for i, unit in enumerate(units) if any(m.role == "user" for m in unit)), default=len(units) - 1)
+    must = len(units) - last_user
     kept: list[list[ChatMessage]] = []
     for i, unit in enumerate(reversed(units)):
         unit_cost = sum(cost[id(m)] for m in unit)
-        if i > 0 and used + unit_cost > budget:
+        if i >= must and used + unit_cost > budget:
             break  # keep a contiguous newest window; never skip a turn and keep an older one
         kept.append(unit)
         used += unit_cost

@@ -30,8 +30,8 @@ def _collision_form(topic: str) -> str:
 
 def internal_topic(topic: str, settings: Settings) -> bool:
     """A frugalstream topic, its DLQ, or any DLQ, with or without the deployment's topic prefix."""
-    if topic.endswith(DLQ_SUFFIX):
-        return True
+    if any(_collision_form(name).endswith(_collision_form(DLQ_SUFFIX)) for name in (topic, settings.topic(topic))):
+        return True  # `llm.requests_dlq` is Kafka's same name as `llm.requests.dlq`
     names = {_collision_form(n) for name in t.INTERNAL for n in (name, settings.topic(name))}
     # The publisher prefixes the reply topic too, so the name that would actually be written is checked as well.
     return _collision_form(topic) in names or _collision_form(settings.topic(topic)) in names
@@ -49,6 +49,16 @@ def reply_topic_denial(request: LLMRequest, policy: TenantPolicy, settings: Sett
         allowed = ", ".join(repr(p) for p in prefixes) or "none"
         return Denial("reply_topic_denied", f"reply_topic {topic!r} is not granted to tenant {request.tenant!r} "
                                             f"(allowed prefixes: {allowed})")
+    # A grant never reaches into a narrower namespace granted to another tenant: `acme.` covers `acme.eu.`, the
+    # default grant of tenant `acme.eu`, whose callers wait there for their answers. The longest granted prefix
+    # that matches owns the topic (a prefix the operator granted to both tenants is shared, as configured).
+    owners: dict[int, set[str]] = {}
+    for tenant, granted in ((request.tenant, policy), *settings.tenants.items()):
+        for prefix in granted.reply_prefixes(tenant):
+            if _collision_form(topic).startswith(_collision_form(prefix)):
+                owners.setdefault(len(prefix), set()).add(tenant)
+    if request.tenant not in owners[max(owners)]:
+        return Denial("reply_topic_denied", f"reply_topic {topic!r} is in a namespace granted to another tenant")
     return None
 
 
