@@ -306,6 +306,17 @@ async def test_unknown_paths_and_methods_answer_in_openai_error_shape() -> None:
         assert wrong.headers["allow"] == "POST"
 
 
+async def test_a_dead_answer_reader_is_a_503_to_retry_not_a_500() -> None:
+    from frugalstream.client import AnswerReaderFailed
+
+    pipeline = FakePipeline()
+    pipeline.fail = AnswerReaderFailed("answer reader failed: TopicAuthorizationFailedError()")
+    async for api in http(pipeline):
+        r = await api.post(URL, json=ASK, headers=auth("key-a1", "job-9"))
+    body = openai_error(r, 503, "answers_unavailable")
+    assert r.headers["retry-after"] and "job-9" in body["message"]
+
+
 async def test_an_unforeseen_failure_is_a_500_in_openai_error_shape() -> None:
     pipeline = FakePipeline()
     pipeline.fail = RuntimeError("the broker went away")

@@ -2,5 +2,6 @@
 
 from frugalstream.client.answers import AnswerBoard
 from frugalstream.client.client import FrugalClient, SyncFrugalClient, build_request
+from frugalstream.client.kafka import AnswerReaderFailed
 
-__all__ = ["AnswerBoard", "FrugalClient", "SyncFrugalClient", "build_request"]
+__all__ = ["AnswerBoard", "AnswerReaderFailed", "FrugalClient", "SyncFrugalClient", "build_request"]

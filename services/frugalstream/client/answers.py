@@ -77,14 +77,20 @@ class AnswerBoard:
                 future.set_result(response)
         if futures:
             self._delivered.append(now)
+        self._trim_delivered(now)
         return len(futures)
 
     def answer_rate(self) -> float:
         """Answers per second to waiting callers over the last window (0 when none)."""
-        cutoff = time.monotonic() - self._rate_window_s
+        self._trim_delivered(time.monotonic())
+        return len(self._delivered) / self._rate_window_s
+
+    def _trim_delivered(self, now: float) -> None:
+        """Drops delivery times older than the rate window. Run on every delivery too, not only when the rate is
+        read: a client that never asks for it (only the HTTP entry does) would keep one per answer for ever."""
+        cutoff = now - self._rate_window_s
         while self._delivered and self._delivered[0] < cutoff:
             self._delivered.popleft()
-        return len(self._delivered) / self._rate_window_s
 
     def _remember_answer(self, key: Identity, response: LLMResponse, size: int, now: float) -> None:
         if size > self._remember_bytes:

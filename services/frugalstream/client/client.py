@@ -5,7 +5,8 @@
         answer = await client.complete("What are your business hours?")   # the terminal LLMResponse
 
 A failed request is an `LLMResponse` with `error` set (check `answer.ok`), as on `llm.responses`; only a
-missing answer raises (`TimeoutError`).
+missing answer raises: `TimeoutError`, or `AnswerReaderFailed` (naming its cause) at once when the answer
+reader died, since no answer can arrive then (the next call starts a new reader).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
 from frugalstream.client.answers import AnswerBoard
-from frugalstream.client.kafka import KafkaTransport, OnAnswer
+from frugalstream.client.kafka import AnswerReaderFailed, KafkaTransport, OnAnswer
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse
 
@@ -28,6 +29,10 @@ Prompt = str | Sequence[ChatMessage | dict[str, Any]] | LLMRequest
 
 
 class Transport(Protocol):
+    """What the client needs. A transport whose answer reader can die also has `on_reader_failure` (set by the
+    client, called with the error) and `reader_failure()` (the error, until a new reader runs), as
+    `KafkaTransport` does; one without them is taken never to lose its reader."""
+
     async def start(self, on_answer: OnAnswer | None) -> None: ...
     async def start_reader(self, on_answer: OnAnswer) -> None: ...
     async def send(self, request: LLMRequest) -> None: ...
@@ -62,6 +67,8 @@ class FrugalClient:
         self._transport: Transport = transport or KafkaTransport(settings, client_id=client_id)
         self._started = False
         self._reading: asyncio.Lock | None = None
+        if hasattr(self._transport, "on_reader_failure"):
+            self._transport.on_reader_failure = self._reader_failed
 
     async def start(self, *, answers: bool = True) -> None:
         """`answers=False` for a submit-only client: no answer reader is started until `complete` needs one."""
@@ -83,6 +90,18 @@ class FrugalClient:
 
     def _on_answer(self, response: LLMResponse, size: int) -> None:
         self.board.deliver(response, size)
+
+    def _reader_failed(self, cause: BaseException) -> None:
+        """The answer reader died: every waiting caller fails now, naming the cause, not at its timeout."""
+        self.board.fail_all(AnswerReaderFailed.of(cause))
+
+    def _check_reader(self) -> None:
+        """Raises when no reader runs to see an answer (one that died and could not be replaced): a request
+        sent now would only wait out its timeout."""
+        reader_failure = getattr(self._transport, "reader_failure", None)
+        cause = reader_failure() if reader_failure is not None else None
+        if cause is not None:
+            raise AnswerReaderFailed.of(cause)
 
     async def submit(self, prompt: Prompt, *, request_id: str | None = None, **fields: Any) -> str:
         """Produces the request (acknowledged by the broker) and returns its id; the answer goes to
@@ -113,6 +132,7 @@ class FrugalClient:
         future = self.board.expect(request.tenant, request.id)
         try:
             if not future.done():
+                self._check_reader()
                 await self._transport.send(request)
             async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
                 return await future

@@ -4,6 +4,11 @@ The answer reader joins no consumer group: it is assigned every partition of the
 its end, so any number of clients and HTTP entries read side by side without rebalancing each other, and
 none commits offsets another depends on. `start` returns only once every partition's position is fixed,
 so a request produced after it can never have its answer land before the reader's starting point.
+
+The reader can die (a fetch error: the topic's authorization revoked, a corrupt batch). Then no answer can
+arrive, so it says so at once: `on_reader_failure` is called with the error (the client fails every waiting
+caller with it, instead of letting each wait its whole timeout), `reader_failure()` keeps it, and the next
+`start_reader` starts a new reader.
 """
 
 from __future__ import annotations
@@ -28,6 +33,17 @@ log = get_logger(__name__)
 INLINE_DECODE_BYTES = 256 * 1024
 
 OnAnswer = Callable[[LLMResponse, int], object]
+OnFailure = Callable[[BaseException], object]
+
+
+class AnswerReaderFailed(ConnectionError):
+    """The answer reader stopped on an error (its `__cause__`): no answer can arrive until a new one runs."""
+
+    @classmethod
+    def of(cls, cause: BaseException) -> AnswerReaderFailed:
+        error = cls(f"the answer reader stopped: {type(cause).__name__}: {cause}"[:1000])
+        error.__cause__ = cause
+        return error
 
 
 def _decode(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[tuple[LLMResponse, int]]:
@@ -51,6 +67,9 @@ class KafkaTransport:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        #: Called (on the event loop) with the error that killed the answer reader; the client sets it.
+        self.on_reader_failure: OnFailure | None = None
 
     async def start(self, on_answer: OnAnswer | None) -> None:
         """Starts the producer, and the answer reader when `on_answer` is given (fire-and-forget needs none)."""
@@ -65,8 +84,12 @@ class KafkaTransport:
             await self.start_reader(on_answer)
 
     async def start_reader(self, on_answer: OnAnswer) -> None:
+        """Starts the answer reader unless one runs; a reader that died is replaced (its error raises from
+        here if the new one cannot start either)."""
         if self._reader is not None:
-            return
+            if not self._reader.done():
+                return
+            await self._stop_reader()
         s = self.settings
         topic = s.topic(t.RESPONSES)
         consumer = AIOKafkaConsumer(
@@ -95,24 +118,31 @@ class KafkaTransport:
         log.info("answer_reader_started", topic=topic, partitions=len(tps))
 
     async def _read(self, consumer: AIOKafkaConsumer, on_answer: OnAnswer) -> None:
-        while True:
-            batch = await consumer.getmany(timeout_ms=1000, max_records=500)
-            records = [rec for recs in batch.values() for rec in recs]
-            if not records:
-                continue
-            size = sum(len(rec.value or b"") for rec in records)
-            answers = await asyncio.to_thread(_decode, records) if size > INLINE_DECODE_BYTES else _decode(records)
-            for response, nbytes in answers:
-                on_answer(response, nbytes)
+        """Hands every answer to `on_answer` until cancelled; an error ends it and is reported, not kept silent
+        in the task: callers waiting for answers must learn at once that none can come."""
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000, max_records=500)
+                records = [rec for recs in batch.values() for rec in recs]
+                if not records:
+                    continue
+                size = sum(len(rec.value or b"") for rec in records)
+                decoded = await asyncio.to_thread(_decode, records) if size > INLINE_DECODE_BYTES else _decode(records)
+                for response, nbytes in decoded:
+                    on_answer(response, nbytes)
+        except Exception as exc:
+            self._failure = exc
+            log.error("answer_reader_failed", error_type=type(exc).__name__, error=str(exc)[:500])
+            if self.on_reader_failure is not None:
+                self.on_reader_failure(exc)
 
     @property
     def reading(self) -> bool:
         return self._reader is not None and not self._reader.done()
 
     def reader_failure(self) -> BaseException | None:
-        if self._reader is None or not self._reader.done() or self._reader.cancelled():
-            return None
-        return self._reader.exception()
+        """The error that stopped the answer reader, until a new reader starts (None while it runs)."""
+        return self._failure
 
     async def send(self, request: LLMRequest) -> None:
         """Produces the request keyed by its id and waits for the broker's acknowledgement."""
@@ -122,14 +152,21 @@ class KafkaTransport:
         await self._producer.send_and_wait(self.settings.topic(t.REQUESTS), data, key=request.id.encode())
 
     async def stop(self) -> None:
+        await self._stop_reader()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def _stop_reader(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
             self._reader = None
+        self._failure = None
         if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            consumer, self._consumer = self._consumer, None
+            try:
+                await consumer.stop()
+            except Exception as exc:  # a reader that died may not close cleanly; a new one is started regardless
+                log.warning("answer_reader_stop_failed", error_type=type(exc).__name__)

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from frugalstream.client import FrugalClient
+from frugalstream.client import AnswerReaderFailed, FrugalClient
 from frugalstream.http_entry.idempotency import BOARD_REMEMBER, BOARD_REMEMBER_S, KeyBindings, fingerprint
 from frugalstream.http_entry.keys import ApiKeys
 from frugalstream.http_entry.openai_shape import (
@@ -224,6 +224,10 @@ async def chat_completions(request: Request) -> Response:
         return error(504, f"no answer within {entry.timeout_s:g} s; retry with the same Idempotency-Key "
                           f"({request_id}) to get it when it comes", "timeout", code="timeout",
                      headers={"x-frugal-request-id": request_id})
+    except AnswerReaderFailed:  # the client tells its callers at once rather than at the timeout
+        return error(503, "frugalstream cannot read answers right now; retry with the same Idempotency-Key "
+                          f"({request_id})", "server_error", code="answers_unavailable",
+                     headers={"x-frugal-request-id": request_id, "retry-after": "5"})
     except MessageSizeTooLargeError:  # the producer's or the broker's limit, below what was checked here
         if claim == "new":
             entry.bindings.release(tenant, request_id, print_)  # nothing was sent under the key

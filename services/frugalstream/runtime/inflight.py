@@ -41,7 +41,15 @@ class _Batch:
 
 @dataclass
 class CommitTracker:
-    """Per partition, the batches in offset order; `finish` returns the offsets that may now be committed."""
+    """Per partition, the batches in offset order; `finish` returns the offsets that may now be committed.
+
+    A batch that starts past the end of the last one queued is queued behind it, whatever the gap: offsets
+    cannot tell a gap (a transaction marker, compaction) from a partition that came back after another member
+    moved it on. For the second, the batch still running here then commits its own end, below the other
+    member's commit, until the later batch's commit passes it: a crash in between redelivers records already
+    handled (at least once, as any redelivery), never loses one. Only a batch starting at or before the end of
+    the last one queued is a rewind, which forgets what was queued.
+    """
 
     _queues: dict[tuple[str, int], deque[_Batch]] = field(default_factory=dict)
 
@@ -53,11 +61,13 @@ class CommitTracker:
         batch = _Batch(spans)
         for tp, (first, _) in spans.items():
             queue = self._queues.setdefault(tp, deque())
-            if queue and first != queue[-1].spans[tp][1] + 1:
-                # A rewind (redelivery) or a jump (the partition came back after another member moved it): what
-                # was in flight here is not ours to commit any more.
+            if queue and first <= queue[-1].spans[tp][1]:
+                # A rewind (redelivery from the committed offset): what was in flight here is not ours to commit
+                # any more. Only offsets going back say so: they also skip forward over a mere gap (a transaction
+                # marker, an aborted transaction, compaction), where forgetting the batches still running would
+                # let this one commit past them.
                 queue.clear()
-            queue.append(batch)
+            queue.append(batch)  # a forward jump waits behind the batches in flight (see the class docstring)
         return batch
 
     def finish(self, batch: _Batch) -> dict[tuple[str, int], int]:

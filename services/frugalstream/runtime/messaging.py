@@ -31,7 +31,13 @@ log = get_logger(__name__)
 
 
 def decode(records: Sequence[Record], model: type[M], *, max_bytes: int) -> tuple[list[Decoded[M]], list[Failure]]:
-    """Splits a batch into valid contracts and failures; nothing raises, so one bad message never stalls a batch."""
+    """Splits a batch into valid contracts and failures; nothing raises, so one bad message never stalls a batch.
+
+    Any exception while decoding a record makes it a failure, not only pydantic's `ValidationError`: a
+    validator that trips over an input of the wrong JSON type (a `TypeError`, say) must dead-letter its record,
+    not raise out of the handler, where the batch would be redelivered (or retried in flight) forever and the
+    good records around it never answered.
+    """
     good: list[Decoded[M]] = []
     bad: list[tuple[Record, Exception]] = []
     for rec in records:
@@ -41,7 +47,7 @@ def decode(records: Sequence[Record], model: type[M], *, max_bytes: int) -> tupl
             if len(rec.value) > max_bytes:
                 raise ValueError(f"message of {len(rec.value)} bytes exceeds the {max_bytes}-byte limit")
             good.append(Decoded(rec, model.model_validate_json(rec.value)))
-        except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        except Exception as exc:  # any failure is this record's, never the batch's (see above)
             bad.append((rec, exc))
     return good, bad
 

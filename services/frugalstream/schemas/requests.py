@@ -179,14 +179,25 @@ class LLMRequest(Contract):
     @model_validator(mode="before")
     @classmethod
     def _openai_top_level(cls, data: Any) -> Any:
-        """OpenAI's spelling: top-level sampling fields, `max_completion_tokens`, `n`; a clash names the field."""
+        """OpenAI's spelling: top-level sampling fields, `max_completion_tokens`, `n`; a clash names the field.
+
+        Runs before any type check, so it must not assume `sampling` is an object: `dict(5)` raises a bare
+        `TypeError` (not a validation error: it escapes the stage's decoding) and `dict([["seed", 1]])` or a
+        falsy `0` merged with top-level fields would pass as sampling. Anything but an object (or null, or a
+        `SamplingParams` given in Python) is refused with a `ValueError`, which pydantic reports as invalid.
+        """
         if not isinstance(data, dict):
             return data
         data = dict(data)
         n = data.pop("n", None)
         if n is not None and n != 1:
             raise ValueError(f"n={n!r} is not supported: one answer per request (send n=1 or leave it out)")
-        sampling = dict(data.get("sampling") or {})
+        given = data.get("sampling")
+        if given is not None and not isinstance(given, dict | SamplingParams):
+            # The type's name, never the value: it may be anything the producer sent (prompt text, say).
+            raise ValueError(f"sampling must be an object (temperature, top_p, seed, stop), "
+                             f"not {type(given).__name__}")
+        sampling = dict(given or {})
         for name in _SAMPLING_FIELDS:
             if name not in data:
                 continue
