@@ -393,3 +393,13 @@ async def test_the_answer_board_keeps_delivery_times_for_its_rate_window_only(
         assert future.done()
     assert len(board._delivered) <= 21, f"{len(board._delivered)} delivery times kept for a 10 s window"
     assert 1.9 <= board.answer_rate() <= 2.1, "still the rate over the window (both ends counted)"
+
+
+@pytest.mark.parametrize("field", ["created_at", "deadline"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_request_time_that_is_no_number_is_refused(field: str, value: str) -> None:
+    """A NaN deadline read as no deadline, and a NaN created_at as no latency: refused at the contract instead."""
+    body = '{"id": "r1", "tenant": "acme", "messages": [{"role": "user", "content": "hi"}], '
+    raw = body + f'"{field}": {value}' + "}"
+    with pytest.raises(ValidationError):
+        LLMRequest.model_validate_json(raw)

@@ -168,13 +168,15 @@ class LLMRequest(Contract):
         description="Also publish the answer here. Granted by the tenant's policy (by default only topics under "
                     "`<tenant>.`), never a frugalstream topic or a DLQ.",
     )
-    created_at: float | None = Field(default=None, description="Producer's unix time, for end-to-end latency.")
+    created_at: float | None = Field(default=None, allow_inf_nan=False,
+                                     description="Producer's unix time, for end-to-end latency.")
     latency_class: LatencyClass = Field(
         default="interactive", description="How long the producer can wait: `within_1h` / `within_24h` requests "
                                            "may be answered through a provider batch API at half price.")
     deadline: float | None = Field(
-        default=None, description="Unix time by which the answer is needed (tighter than the latency class when "
-                                  "both are set); a request that can wait past now is deferrable.")
+        default=None, allow_inf_nan=False,
+        description="Unix time by which the answer is needed (tighter than the latency class when both are set); a "
+                    "request that can wait past now is deferrable.")
 
     @model_validator(mode="before")
     @classmethod
