@@ -37,7 +37,7 @@ from frugalstream.runtime.stage import subscribe
 from frugalstream.schemas import DeadLetter, LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.topics import dlq_topic
-from tests.unit.test_inflight import Consumer
+from tests.unit.test_inflight import Consumer, records
 from tests.unit.test_pipeline_inmemory import InMemoryCluster
 from tests.unit.test_stage import (
     CapturingBroker,
@@ -149,16 +149,12 @@ async def test_on_the_pipeline_a_non_object_sampling_is_dead_lettered_answered_a
 # --------------------------------------------------------------------------- commits across a gap in offsets
 
 
-def at(partition: int, offsets: range) -> list[Record]:
-    return [Record("t", partition, o, None, b"{}", ()) for o in offsets]
-
-
 def test_a_gap_in_offsets_is_not_a_rewind_a_later_batch_waits_for_the_one_running() -> None:
     """Offset 5 is a transaction marker: the batch after it starts at 6, and must not commit past 0..4."""
     tracker = CommitTracker()
-    first = tracker.begin(at(0, range(0, 5)))
-    second = tracker.begin(at(0, range(6, 10)))
-    third = tracker.begin(at(0, range(20, 22)))  # compaction removed 10..19
+    first = tracker.begin(records(0, 0, 4))
+    second = tracker.begin(records(0, 6, 9))
+    third = tracker.begin(records(0, 20, 21))  # compaction removed 10..19
     assert tracker.finish(second) == {}
     assert tracker.finish(third) == {}
     assert tracker.finish(first) == {("t", 0): 22}
@@ -175,8 +171,8 @@ async def test_in_flight_nothing_past_a_running_batch_is_committed_across_a_gap(
     async def fast() -> None:
         return None
 
-    await inflight.submit(at(0, range(0, 5)), consumer, slow)
-    await inflight.submit(at(0, range(6, 10)), consumer, fast)
+    await inflight.submit(records(0, 0, 4), consumer, slow)
+    await inflight.submit(records(0, 6, 9), consumer, fast)
     for _ in range(5):
         await asyncio.sleep(0)
     committed_early = list(consumer.commits)

@@ -5,39 +5,24 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
 
 import pytest
 
-from frugalstream.classifier.app import ClassifierService, result_outs
+from frugalstream.classifier.app import ClassifierService
 from frugalstream.classifier.logic import Classifier
 from frugalstream.classifier.trimming import trim_to_budget
-from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.records import Out, Record
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import ChatMessage, LLMRequest, LLMResponse, RoutedRequest, ToolCall
+from frugalstream.schemas import ChatMessage, LLMRequest, ToolCall
 from frugalstream.schemas import topics as t
+from tests.unit.test_policy_walls import CATALOG, ask, errors_of, routed_of, run
 
-CATALOG = PriceCatalog.load()
 COUNTER = TokenCounter()
 
 
-def ask(rid: str = "r1", tenant: str = "acme", text: str = "What are your opening hours?", **kw: Any) -> LLMRequest:
-    return LLMRequest(id=rid, tenant=tenant, messages=(ChatMessage(role="user", content=text),), task_hint="faq",
-                      **kw)
-
-
-async def run(settings: Settings, *requests: LLMRequest, counter: TokenCounter | None = None) -> list[Out]:
-    return result_outs(await Classifier(settings, counter or TokenCounter(), catalog=CATALOG).handle(list(requests)))
-
-
-def routed_of(outs: list[Out]) -> list[RoutedRequest]:
-    return [o.value for o in outs if isinstance(o.value, RoutedRequest)]
-
-
 def codes(outs: list[Out]) -> list[str]:
-    return [o.value.error.code for o in outs if isinstance(o.value, LLMResponse) and o.value.error is not None]
+    return [code for _, code, _ in errors_of(outs)]
 
 
 # --- trimming: the last user turn ---------------------------------------------------------------------------
