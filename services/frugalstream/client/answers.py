@@ -16,12 +16,15 @@ from frugalstream.schemas import LLMResponse
 
 Identity = tuple[str, str]  # (tenant, request id)
 
+#: How many answers, and for how long, a board remembers by default (the HTTP entry's key bindings outlive them).
+REMEMBER, REMEMBER_S = 4096, 600.0
+
 
 class AnswerBoard:
     """Futures of waiting callers, and a bounded memory of recent answers (by count, bytes and age)."""
 
-    def __init__(self, *, remember: int = 4096, remember_bytes: int = 64 * 1024 * 1024,
-                 remember_s: float = 600.0, rate_window_s: float = 10.0) -> None:
+    def __init__(self, *, remember: int = REMEMBER, remember_bytes: int = 64 * 1024 * 1024,
+                 remember_s: float = REMEMBER_S, rate_window_s: float = 10.0) -> None:
         self._waiting: dict[Identity, list[asyncio.Future[LLMResponse]]] = {}
         self._since: dict[Identity, float] = {}
         self._recent: OrderedDict[Identity, tuple[LLMResponse, int, float]] = OrderedDict()

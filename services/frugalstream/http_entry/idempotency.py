@@ -23,10 +23,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
+from frugalstream.client.answers import REMEMBER as BOARD_REMEMBER
+from frugalstream.client.answers import REMEMBER_S as BOARD_REMEMBER_S
 from frugalstream.schemas import LLMRequest
 
-#: `AnswerBoard`'s defaults (client/answers.py): how many answers, and for how long, it may replay.
-BOARD_REMEMBER, BOARD_REMEMBER_S = 4096, 600.0
+__all__ = ["BOARD_REMEMBER", "BOARD_REMEMBER_S", "Claim", "KeyBindings", "fingerprint"]
 
 Claim = Literal["new", "retry", "reused"]
 
