@@ -39,7 +39,7 @@ from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, LLMResponse, Route, RoutedRequest
+from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, LLMResponse, Route, RoutedRequest, wire_bytes
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
@@ -250,7 +250,7 @@ class Classifier:
         if kind is None or not audit_sampled(request.tenant, request.id, kind,
                                              audit_rate(s.audit_rates, kind, s.audit_rate)):
             return None
-        if 2 * len(request.model_dump_json().encode()) > 0.7 * s.max_message_bytes:
+        if 2 * wire_bytes(request) > 0.7 * s.max_message_bytes:
             log.info("trim_audit_skipped_too_large", tenant=request.tenant, request_id=request.id)
             return None
         return request.messages

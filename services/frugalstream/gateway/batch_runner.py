@@ -29,8 +29,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel
-
 from frugalstream.gateway.batch_jobs import BatchJobStore
 from frugalstream.gateway.deferred import DeferPolicy, deferrable
 from frugalstream.gateway.logic import RECORD_RETRY_S, Gateway, Result, llm_response
@@ -41,7 +39,7 @@ from frugalstream.llm.providers.batch_api import BatchCall, BatchJobs, BatchPoll
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
-from frugalstream.schemas import BatchJob, BatchMember, CompletedCall, RoutedRequest, UsageRecord
+from frugalstream.schemas import BatchJob, BatchMember, CompletedCall, RoutedRequest, UsageRecord, wire_bytes
 
 log = get_logger(__name__)
 Emit = Callable[[Sequence[Result]], Awaitable[None]]
@@ -55,11 +53,6 @@ def batch_priced(usage: UsageRecord | None) -> bool:
     if usage is None:
         return False
     return (usage.steps[-1] if usage.steps else usage.baseline).batch
-
-
-def wire_bytes(value: BaseModel) -> int:
-    """Its size as the publisher measures it: UTF-8 bytes, not characters (a CJK character is three)."""
-    return len(value.model_dump_json().encode())
 
 
 @dataclass

@@ -34,7 +34,7 @@ from frugalstream.llm.resilience import BreakerRegistry, FinalProviderError, Ret
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
-from frugalstream.schemas import CompletedCall, LLMRequest, LLMResponse, RoutedRequest, UsageRecord
+from frugalstream.schemas import CompletedCall, LLMRequest, LLMResponse, RoutedRequest, UsageRecord, wire_bytes
 from frugalstream.schemas.responses import error_response
 
 log = get_logger(__name__)
@@ -192,7 +192,7 @@ class Gateway:
         usage is billed either way: the call was paid)."""
         if self.max_answer_bytes is None:
             return response
-        size = len(response.model_dump_json().encode())  # bytes, as the publisher counts them
+        size = wire_bytes(response)  # bytes, as the publisher counts them
         if size <= self.max_answer_bytes:
             return response
         log.warning("answer_too_large", request_id=routed.request.id, tenant=routed.request.tenant, size=size,

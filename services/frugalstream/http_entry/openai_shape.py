@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
-from frugalstream.schemas import LLMRequest, LLMResponse
+from frugalstream.schemas import LLMRequest, LLMResponse, wire_bytes
 
 #: Frugalstream's own fields an HTTP caller may send (`extra_body` in the openai SDK).
 EXTENSIONS = frozenset({"cache", "task_hint", "tags"})
@@ -99,7 +99,7 @@ def to_request(body: Any, *, tenant: str, request_id: str,
     try:
         request = LLMRequest.model_validate({**fields, "tags": tags, "id": request_id, "tenant": tenant,
                                              "created_at": time.time()})
-        size = len(request.model_dump_json().encode())
+        size = wire_bytes(request)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = _param(first["loc"]) or None

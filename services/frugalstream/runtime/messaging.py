@@ -21,7 +21,7 @@ from frugalstream.runtime.probes import Health
 from frugalstream.runtime.records import Decoded, Failure, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import BudgetState, DeadLetter, LLMResponse, ResponseError, RoutedRequest
+from frugalstream.schemas import BudgetState, DeadLetter, LLMResponse, ResponseError, RoutedRequest, wire_bytes
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
 from frugalstream.schemas.topics import dlq_topic
@@ -113,7 +113,7 @@ def capped_letter(*, topic: str, partition: int | None, offset: int | None, key:
         headers=_capped_headers(headers), error_type=error_type[:200], error=error[:error_room] + note,
         service=service, failed_at=time.time(),
     )
-    room = int(max_bytes * DEAD_LETTER_FILL) - len(letter.model_dump_json().encode())
+    room = int(max_bytes * DEAD_LETTER_FILL) - wire_bytes(letter)
     keep = max(room, 0) // 4 * 3  # base64 turns 3 bytes into 4 characters
     if len(raw) <= keep:
         return letter.model_copy(update={"value_b64": base64.b64encode(raw).decode(), "truncated": False})

@@ -4,6 +4,7 @@ The JSON Schema files in `schemas/json/` are generated from these models (`pytho
 and a test fails when they drift.
 """
 
+from frugalstream.schemas._base import wire_bytes
 from frugalstream.schemas.batches import BatchJob, BatchMember
 from frugalstream.schemas.costs import BudgetState, CostData, CostEvent
 from frugalstream.schemas.infra import CacheEntry, CompletedCall, DeadLetter
@@ -68,4 +69,5 @@ __all__ = [
     "TokenUsage",
     "ToolCall",
     "UsageRecord",
+    "wire_bytes",
 ]

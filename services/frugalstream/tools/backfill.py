@@ -32,7 +32,7 @@ from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings, UsageError
-from frugalstream.schemas import SummarizeItem, SummarizeJob, SummarizeProgress
+from frugalstream.schemas import SummarizeItem, SummarizeJob, SummarizeProgress, wire_bytes
 from frugalstream.schemas import topics as t
 from frugalstream.tools.job_report import JobFollower, JobOutcome, job_report
 from frugalstream.tools.preflight import check_bootstrap
@@ -174,7 +174,7 @@ def read_rows(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
 
 def item_bytes(item: SummarizeItem) -> int:
     """What an item adds to a job part on the wire (its JSON and a separator)."""
-    return len(item.model_dump_json().encode()) + 2
+    return wire_bytes(item) + 2
 
 
 def _invalid(exc: ValidationError, fields: dict[str, str]) -> str:
