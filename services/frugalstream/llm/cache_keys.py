@@ -35,8 +35,8 @@ def fold_unicode(text: str) -> str:
     """NFKC (full-width letters, ligatures, odd spaces fold to their plain forms), except the forms that carry
     meaning, which NFKC would turn into other text."""
     text = unicodedata.normalize("NFC", text)
-    if text.isascii():
-        return text
+    if text.isascii() or unicodedata.is_normalized("NFKC", text):
+        return text  # nothing to fold (a meaningful form is never NFKC-normal): no pass per character
     return unicodedata.normalize("NFC", "".join(
         ch if unicodedata.decomposition(ch).startswith(_MEANINGFUL_FORMS) else unicodedata.normalize("NFKC", ch)
         for ch in text))
