@@ -2,7 +2,7 @@
 
 Amounts are stored as integers of 1e-10 USD (the precision of the contract), so sums are exact and
 `baseline - actual == sum(savings by strategy)` holds to the unit in every total. One row fits SQLite's int64
-(about $920M) because `TokenUsage` bounds every token count (10^12: at most ~$1.9e8 per point at the shipped
+(about $920M) because `TokenUsage` bounds every token count (10^11: at most ~$1.9e7 per point at the shipped
 catalog's highest rates). A *sum* of rows need not fit, and SQLite raises on integer overflow, which would stop
 every report and every budget (one tenant's spend stalling all the others'): each amount is summed as two
 exact integer sums that cannot overflow (see `_usum`), recombined in Python's unbounded integers. Events are
