@@ -54,6 +54,11 @@ class Cluster(Protocol):
 Scenario = Callable[[Cluster], Awaitable[None]]
 
 
+def today() -> str:
+    """The current UTC day, as a budget state's `period_start` (a state of an ended period says nothing)."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 def ask(i: int, text: str, tenant: str = "acme", **kw: Any) -> LLMRequest:
     return LLMRequest(id=f"q{i}", tenant=tenant, messages=(ChatMessage(role="user", content=text),), **kw)
 

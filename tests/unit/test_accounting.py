@@ -28,6 +28,7 @@ from frugalstream.schemas import STRATEGIES, BudgetState, CostPoint, PricedStep,
 
 CATALOG = PriceCatalog.load()
 T0 = 1_760_000_400.0  # a multiple of 3600: 2025-10-09T09:00:00Z
+FAR = T0 + 86_400.0  # an upper bound past every event of these tests
 M = 1_000_000
 
 tokens = st.integers(min_value=0, max_value=3 * M)
@@ -166,10 +167,10 @@ def test_timeseries_fills_gaps(ledger: Ledger) -> None:
 
 
 def test_spent_for_budgets(ledger: Ledger) -> None:
-    assert ledger.spent("acme", None, T0) == 3.15
-    assert ledger.spent("acme", "team=search", T0) == 0.15
-    assert ledger.spent("acme", None, T0 + 1) == 3.0
-    assert ledger.spent("globex", None, T0) == 0.0
+    assert ledger.spent("acme", None, T0, FAR) == 3.15
+    assert ledger.spent("acme", "team=search", T0, FAR) == 0.15
+    assert ledger.spent("acme", None, T0 + 1, FAR) == 3.0
+    assert ledger.spent("globex", None, T0, FAR) == 0.0
 
 
 def test_file_ledger_is_wal_and_idempotent_across_restarts(tmp_path: Path) -> None:
@@ -190,7 +191,7 @@ class FakeSpend:
         self.amount = 0.0
         self.calls: list[tuple[str, str | None, float]] = []
 
-    def spent(self, tenant: str, tag: str | None, since: float) -> float:
+    def spent(self, tenant: str, tag: str | None, since: float, until: float) -> float:
         self.calls.append((tenant, tag, since))
         return self.amount
 
@@ -299,10 +300,10 @@ def test_unpriced_model_is_priced_conservatively_and_flagged() -> None:
 
 
 def test_unpriced_spend_reaches_ledger_report_and_budgets(ledger: Ledger) -> None:
-    before = ledger.spent("acme", None, T0)
+    before = ledger.spent("acme", None, T0, FAR)
     event = cost_event(rec(20, "acme", point("o3-pro", output_tokens=M), at=T0 + 60), CATALOG)
     assert ledger.add(event)
-    assert ledger.spent("acme", None, T0) == pytest.approx(before + float(_highest("output")))
+    assert ledger.spent("acme", None, T0, FAR) == pytest.approx(before + float(_highest("output")))
     assert ledger.totals()["unpriced_requests"] == 1
     assert ledger.unpriced() == [{"model": "o3-pro", "requests": 1, "actual_cost_usd": float(_highest("output"))}]
     tracker = BudgetTracker([Budget(tenant="acme", period="day", limit_usd=before + 1, action="refuse")])

@@ -49,6 +49,7 @@ from frugalstream.schemas.responses import MAX_TOKENS
 
 CATALOG = PriceCatalog.load()
 T0 = 1_760_000_400.0  # 2025-10-09T09:00:00Z
+FAR = T0 + 86_400.0  # an upper bound past every event of these tests
 M = 1_000_000
 INT64_MAX = 2**63 - 1
 
@@ -74,7 +75,7 @@ def state(budget_id: str, status: str, action: str, tag: str | None = None) -> B
 @pytest.mark.parametrize("reverse", [False, True])
 def test_over_refuse_tag_budget_is_not_masked_by_an_over_downgrade_tenant_budget(reverse: bool) -> None:
     states = [state("acme/*/day", "over", "downgrade"), state("acme/team=ads/day", "over", "refuse", "team=ads")]
-    book = BudgetBook()
+    book = BudgetBook(clock=lambda: T0)
     for st in reversed(states) if reverse else states:
         book.update(st)
     verdict = book.verdict("acme", {"team": "ads"})
@@ -94,7 +95,7 @@ def test_near_downgrade_budget_is_not_masked_by_a_near_refuse_budget(reverse: bo
         states = [state("acme/team=ads/month", "near", "none", "team=ads"), state("acme/*/day", "near", "downgrade")]
     else:
         states = [state("acme/*/month", "near", "none"), state("acme/team=ads/day", "near", "downgrade", "team=ads")]
-    book = BudgetBook()
+    book = BudgetBook(clock=lambda: T0)
     for st in reversed(states) if reverse else states:
         book.update(st)
     choice = choose_model("large", None, TenantPolicy(), book.verdict("acme", {"team": "ads"}), Settings())
@@ -104,7 +105,7 @@ def test_near_downgrade_budget_is_not_masked_by_a_near_refuse_budget(reverse: bo
 # --- 2. A pin the budget dropped, and the catalog cannot price, is not the savings baseline ----------------------
 
 async def _routed_under_over_budget(model: str) -> Routed:
-    classifier = Classifier(Settings(), TokenCounter(), catalog=CATALOG)
+    classifier = Classifier(Settings(), TokenCounter(), budgets=BudgetBook(clock=lambda: T0), catalog=CATALOG)
     classifier.budgets.update(state("acme/*/day", "over", "downgrade"))
     ask = LLMRequest(id="q1", tenant="acme", model=model,
                      messages=(ChatMessage(role="user", content="What are your opening hours?"),))
@@ -256,7 +257,7 @@ def test_a_record_at_the_bound_fits_the_ledger_and_is_counted_exactly() -> None:
     assert to_units(event.data.actual_cost_usd) < INT64_MAX  # a pricier catalog that breaks this must say so
     with Ledger() as led:
         assert led.add(event)
-        assert led.spent("acme", None, T0 - 1) == event.data.actual_cost_usd
+        assert led.spent("acme", None, T0 - 1, FAR) == event.data.actual_cost_usd
 
 
 def test_sums_past_int64_are_exact_and_every_query_survives() -> None:
@@ -269,7 +270,7 @@ def test_sums_past_int64_are_exact_and_every_query_survives() -> None:
         led.add_many(events)
         led.add(cost_event(rec(101, "globex"), CATALOG))
         _audit(led, "a1", "acme")
-        assert led.spent("acme", None, T0 - 1) == to_usd(units["actual"])
+        assert led.spent("acme", None, T0 - 1, FAR) == to_usd(units["actual"])
         totals = led.totals()
         assert totals["actual_cost_usd"] == to_usd(units["actual"] + to_units(0.0025))
         assert totals["saved_usd"] == to_usd(saved) and totals["items"] == 102
@@ -298,7 +299,7 @@ class _FailingFor:
     def __init__(self, tenant: str) -> None:
         self.tenant, self.failing = tenant, True
 
-    def spent(self, tenant: str, tag: str | None, since: float) -> float:
+    def spent(self, tenant: str, tag: str | None, since: float, until: float) -> float:
         if tenant == self.tenant and self.failing:
             raise sqlite3.OperationalError("database is locked")
         return 5.0
@@ -330,5 +331,5 @@ def test_a_usage_tag_key_with_equals_is_not_charged_under_another_tag() -> None:
     with Ledger() as led:
         led.add(cost_event(rec(1, "acme", tags={"env=prod": "eu", "team": "ads"}), CATALOG))
         led.add(cost_event(rec(2, "acme", tags={"env": "prod=eu"}), CATALOG))
-        assert led.spent("acme", "env=prod=eu", T0 - 1) == 0.0025  # request 2 only
-        assert led.spent("acme", "team=ads", T0 - 1) == 0.0025
+        assert led.spent("acme", "env=prod=eu", T0 - 1, FAR) == 0.0025  # request 2 only
+        assert led.spent("acme", "team=ads", T0 - 1, FAR) == 0.0025

@@ -11,6 +11,7 @@ from frugalstream.accountant.budgets import Budget, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
 from frugalstream.accountant.logic import Accountant
 from frugalstream.classifier.logic import Classifier, Refused, Routed
+from frugalstream.classifier.routing import BudgetBook
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.metrics import Metrics, exposition
@@ -101,7 +102,7 @@ async def test_period_rolls_over_without_traffic_and_the_tenant_is_served_again(
     publisher, clock = FlakyPublisher(), Clock(BEFORE_MIDNIGHT)
     svc = accountant(publisher, clock, REFUSE_ACME)
     await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT)], BatchContext())
-    classifier = Classifier(Settings(), TokenCounter(), catalog=CATALOG)
+    classifier = Classifier(Settings(), TokenCounter(), budgets=BudgetBook(clock=clock), catalog=CATALOG)
     for state in (o.value for o in publisher.published if isinstance(o.value, BudgetState)):
         classifier.budgets.update(state)
     ask = LLMRequest(id="q1", tenant="acme", messages=(ChatMessage(role="user", content="hours?"),))
@@ -150,7 +151,7 @@ async def test_budgets_are_per_tenant_and_act_on_pins() -> None:
     await svc._on_usage([usage(1, "acme", BEFORE_MIDNIGHT), usage(2, "globex", BEFORE_MIDNIGHT),
                          usage(3, "initech", BEFORE_MIDNIGHT)], BatchContext())
     assert sorted(s[:2] for s in publisher.states()) == [("acme", "over"), ("globex", "ok"), ("initech", "over")]
-    classifier = Classifier(Settings(), TokenCounter(), catalog=CATALOG)
+    classifier = Classifier(Settings(), TokenCounter(), budgets=BudgetBook(clock=clock), catalog=CATALOG)
     for out in publisher.published:
         classifier.budgets.update(out.value)  # type: ignore[arg-type]
 

@@ -18,6 +18,7 @@ from frugalstream.classifier.trimming import trim_to_budget
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, ToolCall
+from tests.scenarios import today
 
 COUNTER = TokenCounter()
 
@@ -90,7 +91,7 @@ def test_tier_floor_and_score() -> None:
 
 def budget(status: str, action: str, tag: str | None = None) -> BudgetState:
     return BudgetState(budget_id=f"b-{status}-{action}-{tag}", tenant="t", tag=tag, period="day",
-                       period_start="2026-11-21", limit_usd=1, spent_usd=2, status=status,  # type: ignore[arg-type]
+                       period_start=today(), limit_usd=1, spent_usd=2, status=status,  # type: ignore[arg-type]
                        action=action, updated_at=1.0)  # type: ignore[arg-type]
 
 

@@ -22,6 +22,7 @@ from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.runtime.stage import BatchContext
 from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, LLMResponse, RoutedRequest, TokenUsage
 from frugalstream.schemas import topics as t
+from tests.scenarios import today
 
 
 class KeywordScorer:
@@ -55,7 +56,7 @@ async def test_routing_reasons_budget_downgrades_and_trims_are_counted_per_decis
     settings = Settings(tenants={"capped": TenantPolicy(max_tier="small")})
     embedder = AsyncEmbedder(HashingEmbedder())
     logic = Classifier(settings, TokenCounter(), embedder=embedder, scorer=KeywordScorer())
-    logic.budgets.update(BudgetState(budget_id="thrifty-day", tenant="thrifty", period="day", period_start="2026-11-21",
+    logic.budgets.update(BudgetState(budget_id="thrifty-day", tenant="thrifty", period="day", period_start=today(),
                                      limit_usd=10, spent_usd=9, status="near", action="downgrade", updated_at=1.0))
     metrics = Metrics(CollectorRegistry())
     service = ClassifierService(settings, logic, metrics=metrics)

@@ -24,6 +24,7 @@ from frugalstream.llm.tokens import TokenCounter
 from frugalstream.llm.usage import llm_usage
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, Route, RoutedRequest, TokenUsage
+from tests.scenarios import today
 
 COUNTER = TokenCounter()
 MODEL = "gpt-4o"
@@ -68,7 +69,7 @@ def test_under_budget_context_is_left_unchanged() -> None:
 
 def _budget(tenant: str, status: str, action: str, tag: str | None = None) -> BudgetState:
     return BudgetState(budget_id=f"{tenant}-{status}-{action}-{tag}", tenant=tenant, tag=tag, period="day",
-                       period_start="2026-11-21", limit_usd=1, spent_usd=2, status=status,
+                       period_start=today(), limit_usd=1, spent_usd=2, status=status,
                        action=action, updated_at=1.0)
 
 

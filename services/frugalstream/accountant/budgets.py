@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -29,7 +29,7 @@ Action = Literal["none", "downgrade", "refuse"]
 class SpendSource(Protocol):
     """What a tracker needs from the ledger (a fake in tests)."""
 
-    def spent(self, tenant: str, tag: str | None, since: float) -> float: ...
+    def spent(self, tenant: str, tag: str | None, since: float, until: float) -> float: ...
 
 
 class Budget(BaseModel):
@@ -74,6 +74,15 @@ def period_start(period: Period, now: float) -> datetime:
     return start.replace(day=1) if period == "month" else start
 
 
+def period_end(period: Period, now: float) -> datetime:
+    """The next period's start: spend stamped at or after it (a producer's clock ahead, or a typo'd year) is not
+    this period's, or it would count against every period until then."""
+    start = period_start(period, now)
+    if period == "day":
+        return start + timedelta(days=1)
+    return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+
+
 def status_of(spent: float, limit: float, near_pct: float) -> Status:
     """A zero limit is `over` at once: it freezes the scope, which is what a zero budget means."""
     if spent >= limit:
@@ -108,7 +117,8 @@ class BudgetTracker:
 
     def state(self, budget: Budget, ledger: SpendSource, now: float) -> BudgetState:
         start = period_start(budget.period, now)
-        spent = max(0.0, ledger.spent(budget.tenant, budget.tag, start.timestamp()))
+        until = period_end(budget.period, now)
+        spent = max(0.0, ledger.spent(budget.tenant, budget.tag, start.timestamp(), until.timestamp()))
         status = status_of(spent, budget.limit_usd, budget.near_pct)
         return BudgetState(
             budget_id=budget.budget_id, tenant=budget.tenant, tag=budget.tag, period=budget.period,

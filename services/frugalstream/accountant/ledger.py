@@ -307,13 +307,14 @@ class Ledger:
             f"{where} GROUP BY m.value", [] if since is None else [since])), key=lambda r: (-r[2], r[0]))
         return [{"model": m, "requests": n, "actual_cost_usd": to_usd(a)} for m, n, a in rows]
 
-    def spent(self, tenant: str, tag: str | None, since: float) -> float:
-        """Actual spend of a tenant (optionally one `key=value` tag) since a unix time, for budgets."""
+    def spent(self, tenant: str, tag: str | None, since: float, until: float) -> float:
+        """Actual spend of a tenant (optionally one `key=value` tag) in [since, until) unix time, for budgets."""
         if tag is None:
-            sql = f"SELECT {_usum('e.actual_u')} FROM cost_events e WHERE e.tenant = ? AND e.time >= ?"
-            params: list[Any] = [tenant, since]
+            sql = (f"SELECT {_usum('e.actual_u')} FROM cost_events e WHERE e.tenant = ? AND e.time >= ? "
+                   "AND e.time < ?")
+            params: list[Any] = [tenant, since, until]
         else:
             sql = (f"SELECT {_usum('e.actual_u')} FROM cost_events e JOIN cost_tags t ON t.event_id = e.id "
-                   "AND t.tag = ? WHERE e.tenant = ? AND e.time >= ?")
-            params = [tag, tenant, since]
+                   "AND t.tag = ? WHERE e.tenant = ? AND e.time >= ? AND e.time < ?")
+            params = [tag, tenant, since, until]
         return to_usd(_units(*self._query(sql, params)[0]))

@@ -6,6 +6,9 @@ The service reads `llm.thresholds` whole too, so after a restart it moves thresh
 before it subscribes it reads `llm.audits` whole: the estimates, the threshold labels and the audits reviewers
 may judge survive a restart (as far back as the topic's retention). Its estimates are exported to Prometheus
 as they change.
+
+A batch whose outputs were not acknowledged comes again and finds its audits already counted: it publishes
+again what the first delivery made (`Auditor.judged_before` / `reviewed_before`), counting nothing twice.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from functools import partial
 
 from faststream.kafka import KafkaBroker
 
-from frugalstream.audit.logic import Auditor
+from frugalstream.audit.logic import Auditor, Outputs
 from frugalstream.llm.judges import EmbeddingJudge, Judge, MatchJudge
 from frugalstream.llm.thresholds import threshold_key
 from frugalstream.resources import Resources
@@ -34,9 +37,11 @@ log = get_logger(__name__)
 History = Callable[[], Awaitable[Sequence[AuditRecord]]]
 
 
-def audit_outs(records: Sequence[AuditRecord], changes: Sequence[ThresholdChange]) -> list[Out]:
-    return [*(Out(t.AUDITS, r, key=r.tenant) for r in records),
-            *(Out(t.THRESHOLDS, c, key=threshold_key(c.tenant, c.task_type, c.knob)) for c in changes)]
+def audit_outs(records: Sequence[AuditRecord], changes: Sequence[ThresholdChange],
+               again: Outputs = ([], [])) -> list[Out]:
+    """`again`: what an earlier delivery of the batch made, published again (see `Auditor.judged_before`)."""
+    return [*(Out(t.AUDITS, r, key=r.tenant) for r in [*again[0], *records]),
+            *(Out(t.THRESHOLDS, c, key=threshold_key(c.tenant, c.task_type, c.knob)) for c in [*again[1], *changes])]
 
 
 @dataclass
@@ -69,14 +74,16 @@ class AuditService:
             self.metrics.live_threshold.labels(c.tenant, c.task_type, c.knob).set(c.value)
 
     async def _on_answered(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
-        records, changes = await self.logic.judge([d.value for d in batch])
+        audits = [d.value for d in batch]
+        records, changes = await self.logic.judge(audits)
         self._export(records, changes)
-        return audit_outs(records, changes)
+        return audit_outs(records, changes, self.logic.judged_before(audits, records))
 
     async def _on_reviews(self, batch: Sequence[Decoded[ReviewVerdict]], _ctx: BatchContext) -> list[Out]:
-        records, changes = self.logic.review([d.value for d in batch])
+        verdicts = [d.value for d in batch]
+        records, changes = self.logic.review(verdicts)
         self._export(records, changes)
-        return audit_outs(records, changes)
+        return audit_outs(records, changes, self.logic.reviewed_before(verdicts, records))
 
     async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
         for d in batch:

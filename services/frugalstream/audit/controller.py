@@ -37,10 +37,9 @@ from frugalstream.audit import quality
 from frugalstream.audit.quality import Graded
 from frugalstream.llm.audit_stats import Proportion, weighted, wilson
 from frugalstream.schemas import TaskType
+from frugalstream.schemas.audits import KNOB_BOUNDS as BOUNDS
 from frugalstream.schemas.audits import Knob, ThresholdChange
 
-BOUNDS: dict[Knob, tuple[float, float]] = {"semantic_verify": (0.3, 1.0), "answer_cluster": (0.5, 1.0),
-                                           "route_mid": (0.0, 1.0)}
 SERVES_ABOVE: frozenset[Knob] = frozenset({"semantic_verify", "answer_cluster"})  # the saving is taken at score >= t
 STEP = 1e-4  # "just past" a label's score
 

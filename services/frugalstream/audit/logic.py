@@ -1,7 +1,7 @@
 """The audit service's work: judge answered audits, keep the estimates, move the thresholds.
 
 Per audit: the judge its task type names (an LLM judge's verdict arrives with the audit; no verdict, no
-record), one verdict per audit id (a redelivery changes nothing; a person's verdict replaces the machine's),
+record), one verdict per audit id (a redelivery counts nothing again; a person's verdict replaces the machine's),
 the cell's estimate after counting it, and a label for the threshold controller:
 - `cache_semantic` and `near_miss` label the tenant's threshold of the lookup path that made them (`rule`):
   `semantic_verify` (score = the verifier's score) or `answer_cluster` (score = the cluster model's confidence);
@@ -14,13 +14,20 @@ answers (`answers_sha256`): a verdict cannot be replayed onto another audit or a
 Tenants never interfere: the audits remembered for dedupe and review are bounded per tenant (one tenant's volume
 never evicts another's), and an audit already counted in its estimate cell is never judged again, so a
 redelivery forgotten by that memory still cannot replace a person's verdict with a machine's.
+
+An audit or review is counted when its batch is processed, before the stage publishes the record; when that
+publish is not acknowledged the batch comes again and finds it counted. `llm.audits` is all a restart reads and
+`llm.thresholds` all the classifier and dedupe read, so a redelivery publishes again what its first delivery
+made (`judged_before`, `reviewed_before`): the remembered record and the threshold change its batch caused,
+while that change is still in force (one superseded since is never published again: it would move the
+threshold back).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from frugalstream.audit.controller import Label, ThresholdController
@@ -47,6 +54,8 @@ from frugalstream.schemas.audits import (
 
 log = get_logger(__name__)
 Cell = tuple[str, str, DecisionKind]
+KnobCell = tuple[str, str, Knob]
+Outputs = tuple[list[AuditRecord], list[ThresholdChange]]
 
 
 @dataclass
@@ -130,6 +139,8 @@ class Auditor:
     clock: Callable[[], float] = time.time
     recent_max: int = 100_000  # audits remembered per tenant
     recent: Recent = field(init=False)
+    # Per threshold cell: the last change this service decided and the audits of the batch that caused it.
+    caused: dict[KnobCell, tuple[ThresholdChange, frozenset[str]]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.controller.min_evidence = self.settings.audit_min_evidence
@@ -164,6 +175,34 @@ class Auditor:
             name, judgement = judgements[audit.audit_id]
             records.append(self._record(audit, name, judgement))
         return records, self._decide(records)
+
+    def judged_before(self, batch: Sequence[AuditRequest], judged: Sequence[AuditRecord]) -> Outputs:
+        """What a redelivered batch publishes again (`judged`: what `judge` made of it): the records of its audits
+        judged before it, and the threshold changes they caused still in force. Nothing is counted again."""
+        new = {r.audit_id for r in judged}
+        return self._again(a.audit_id for a in batch if a.audit_id not in new and
+                           (known := self.recent.get(a.audit_id)) is not None and known.tenant == a.tenant)
+
+    def reviewed_before(self, verdicts: Sequence[ReviewVerdict], counted: Sequence[AuditRecord]) -> Outputs:
+        """`judged_before` for reviews (`counted`: what `review` made of them): a person's verdict its audit
+        already carries is published again."""
+        new = {r.audit_id for r in counted}
+        return self._again(v.audit_id for v in verdicts if v.audit_id not in new and
+                           (known := self._reviewable(v)) is not None and (known.judge, known.verdict) == (
+                               "human", v.verdict))
+
+    def _again(self, audit_ids: Iterable[str]) -> Outputs:
+        records = [self.recent[i] for i in dict.fromkeys(audit_ids)]
+        changes: list[ThresholdChange] = []
+        for r in records:
+            knob = knob_of(r)
+            caused = None if knob is None else self.caused.get((r.tenant, r.task_type, knob))
+            if caused is None or r.audit_id not in caused[1] or caused[0] in changes:
+                continue
+            change = caused[0]
+            if self.book.get(change.tenant, change.task_type, change.knob) == change.value:  # still in force
+                changes.append(change)
+        return records, changes
 
     def _seen(self, audit: AuditRequest) -> bool:
         """Judged already: remembered, or counted in its estimate cell (remembered or not)."""
@@ -223,9 +262,8 @@ class Auditor:
         """People's verdicts replace the machine's, for audits of the same tenant on the same answers only."""
         records: list[AuditRecord] = []
         for v in verdicts:
-            known = self.recent.get(v.audit_id)
-            if known is None or known.tenant != v.tenant or \
-                    answers_digest(known.candidate, known.reference) != v.answers_sha256:
+            known = self._reviewable(v)
+            if known is None:
                 log.warning("review_refused", audit_id=v.audit_id, tenant=v.tenant)
                 continue
             if known.judge == "human" and known.verdict == v.verdict:
@@ -233,6 +271,14 @@ class Auditor:
             records.append(self._count(known.model_copy(update={"judge": "human", "verdict": v.verdict,
                                                                 "judged_at": self.clock()})))
         return records, self._decide(records)
+
+    def _reviewable(self, v: ReviewVerdict) -> AuditRecord | None:
+        """The audit `v` may judge: one this service judged, of the same tenant, on the same answers."""
+        known = self.recent.get(v.audit_id)
+        if known is None or known.tenant != v.tenant or \
+                answers_digest(known.candidate, known.reference) != v.answers_sha256:
+            return None
+        return known
 
     def _decide(self, records: Sequence[AuditRecord]) -> list[ThresholdChange]:
         if not self.settings.audit_calibrate:
@@ -248,8 +294,11 @@ class Auditor:
             else:
                 change = self.controller.decide(tenant, _task(task_type), knob, current, self.target(tenant, knob))
             if change is not None:
+                change = self.book.stamped(change)  # past the change it replaces, whatever this clock says
                 self.book.update(change)
                 changes.append(change)
+                self.caused[(tenant, task_type, knob)] = (change, frozenset(
+                    r.audit_id for r in records if (r.tenant, r.task_type, knob_of(r)) == (tenant, task_type, knob)))
         return changes
 
     def current(self, tenant: str, task_type: str, knob: Knob) -> float:

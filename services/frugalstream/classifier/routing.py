@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
@@ -75,14 +76,18 @@ def reason_kind(route: Route) -> str:
 
 @dataclass
 class BudgetBook:
-    """Latest `llm.budgets` state per budget id, as the classifier last saw it."""
+    """Latest `llm.budgets` state per budget id, as the classifier last read it.
+
+    The last state read wins, whatever its `updated_at`: the accountant is the topic's only writer, a key's
+    states are read in the order written, and that order is what compaction keeps (a stamp from a clock that
+    stepped back, or one in milliseconds, cannot hide a later state). A state whose period has ended says
+    nothing (see `BudgetState.ends_at`)."""
 
     states: dict[str, BudgetState] = field(default_factory=dict)
+    clock: Callable[[], float] = field(default=time.time, repr=False)
 
     def update(self, state: BudgetState) -> None:
-        current = self.states.get(state.budget_id)
-        if current is None or state.updated_at >= current.updated_at:
-            self.states[state.budget_id] = state
+        self.states[state.budget_id] = state
 
     def verdict(self, tenant: str, tags: Mapping[str, str]) -> BudgetState | None:
         """The applicable state whose effect on `choose_model` is the strictest (see `severity`): ranking by
@@ -90,8 +95,9 @@ class BudgetBook:
         budget (action none) hide a near downgrade. Ties go to the smallest budget id, so the answer does not
         depend on the order the states arrived in. Tag budgets apply only to tagged requests."""
         worst: BudgetState | None = None
+        now = self.clock()
         for state in sorted(self.states.values(), key=lambda s: s.budget_id):
-            if state.tenant != tenant or state.status == "ok":
+            if state.tenant != tenant or state.status == "ok" or state.ends_at() <= now:
                 continue
             if state.tag is not None:
                 key, _, value = state.tag.partition("=")

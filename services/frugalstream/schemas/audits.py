@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from frugalstream.schemas._base import Contract
 from frugalstream.schemas.requests import RoutedRequest, TaskType, Tier
@@ -130,11 +130,17 @@ class ReviewVerdict(Contract):
 
 
 Knob = Literal["semantic_verify", "answer_cluster", "route_mid"]
+#: The range each knob may take: a semantic threshold at or below its floor would serve any neighbour as a hit.
+KNOB_BOUNDS: dict[Knob, tuple[float, float]] = {"semantic_verify": (0.3, 1.0), "answer_cluster": (0.5, 1.0),
+                                                "route_mid": (0.0, 1.0)}
 
 
 class ThresholdChange(Contract):
     """The latest threshold of one (tenant, task type, knob) on the compacted `llm.thresholds` topic
-    (key = `tenant/task_type/knob`), with the evidence that moved it."""
+    (key = `tenant/task_type/knob`), with the evidence that moved it. Numbers are finite and `value` lies in its
+    knob's `KNOB_BOUNDS`: the services apply it as is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = 1
     tenant: str
@@ -148,4 +154,11 @@ class ThresholdChange(Contract):
     estimate: float
     low: float
     high: float
-    changed_at: float
+    changed_at: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _in_bounds(self) -> ThresholdChange:
+        lo, hi = KNOB_BOUNDS[self.knob]
+        if not lo <= self.value <= hi:
+            raise ValueError(f"{self.knob} must lie in [{lo}, {hi}], got {self.value}")
+        return self

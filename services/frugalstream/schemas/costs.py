@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from frugalstream.schemas._base import Contract
 from frugalstream.schemas.requests import TaskType
@@ -61,16 +62,38 @@ class CostEvent(Contract):
 
 
 class BudgetState(Contract):
-    """Latest state of one budget on the compacted `llm.budgets` topic (key = budget id)."""
+    """Latest state of one budget on the compacted `llm.budgets` topic (key = budget id).
+
+    A state speaks for its period only: once the period has ended it says nothing (`ends_at`), so a state the
+    accountant no longer publishes (its budget was removed or changed period) cannot refuse a tenant for ever.
+    Non-finite numbers are refused: a NaN `updated_at` would compare false against every later state.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Literal[1] = 1
     budget_id: str
     tenant: str
     tag: str | None = Field(default=None, description="`key=value` when the budget covers one tag only.")
     period: Literal["day", "month"]
-    period_start: str
+    period_start: str = Field(description="RFC 3339 start of the period (UTC midnight).")
     limit_usd: float = Field(ge=0)
     spent_usd: float = Field(ge=0)
     status: Literal["ok", "near", "over"]
     action: Literal["none", "downgrade", "refuse"]
-    updated_at: float
+    updated_at: float = Field(ge=0, description="Unix seconds (the accountant's clock) when it was evaluated.")
+
+    @field_validator("period_start")
+    @classmethod
+    def _a_time(cls, value: str) -> str:
+        start = datetime.fromisoformat(value)
+        if start.tzinfo is not None and start.utcoffset() != timedelta(0):
+            raise ValueError("period_start must be UTC")
+        return value
+
+    def ends_at(self) -> float:
+        """Unix time the period ends (the next UTC day or month)."""
+        start = datetime.fromisoformat(self.period_start).replace(tzinfo=UTC)
+        if self.period == "day":
+            return (start + timedelta(days=1)).timestamp()
+        return (start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)).timestamp()
