@@ -34,6 +34,7 @@ from frugalstream.llm.audits import audit_rate, paid_saving
 from frugalstream.llm.audits import sampled as audit_sampled
 from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversation
 from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
+from frugalstream.llm.pricing.baseline import savings_baseline
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.tokens import TokenCounter
@@ -179,25 +180,21 @@ class Classifier:
             results.append(self._route_one(request, vector, score, verdicts[i]))
         return results
 
-    def _baseline(self, request: LLMRequest, policy: TenantPolicy) -> str:
-        """The tenant's configured baseline, unless the catalog cannot price it: then the default baseline, with
-        a warning (once per tenant and model). A baseline is a counterfactual for savings, not what is served,
-        so an operator's typo should not refuse the tenant's traffic; priced at the conservative rate it would
-        overstate every saving instead.
-
-        The pinned model is the baseline only when the catalog prices it. A pin the catalog lacks is either
-        refused, or served at the conservative rate (`allow_unpriced_models`), or dropped by a budget: as the
-        baseline it would be priced at the catalog's highest rates, and a dropped pin would then credit
-        `routed_down` with a saving measured against a guess (about 7x gpt-4o's, at the producer's will)."""
+    def _baseline(self, request: LLMRequest, policy: TenantPolicy, *, pin_served: bool = False) -> str:
+        """The savings baseline by the rule the HTTP entry's cost headers share (`savings_baseline`): the
+        tenant's configured baseline unless the catalog cannot price it (then a warning, once per tenant and
+        model: a baseline is a counterfactual, so an operator's typo should not refuse the tenant's traffic),
+        a pin only when priced or served as asked (a pin the catalog lacks is refused, served at the
+        conservative rate under `allow_unpriced_models`, or dropped by a budget: as the baseline of a dropped
+        pin it would credit `routed_down` with a saving measured against the catalog's highest rates)."""
         configured = policy.baseline_model
-        if configured is not None and not self.catalog.has(configured):
-            if (request.tenant, configured) not in self._warned_baselines:
-                self._warned_baselines.add((request.tenant, configured))
-                log.warning("unpriced_baseline_model", tenant=request.tenant, model=configured,
-                            fallback=self.settings.default_baseline_model)
-            configured = None
-        pinned = request.model if request.model is not None and self.catalog.has(request.model) else None
-        return configured or pinned or self.settings.default_baseline_model
+        if (configured is not None and not self.catalog.has(configured)
+                and (request.tenant, configured) not in self._warned_baselines):
+            self._warned_baselines.add((request.tenant, configured))
+            log.warning("unpriced_baseline_model", tenant=request.tenant, model=configured,
+                        fallback=self.settings.default_baseline_model)
+        return savings_baseline(self.catalog, self.settings.default_baseline_model, configured=configured,
+                                pinned=request.model, pin_served=pin_served)
 
     def _route_one(self, request: LLMRequest, vector: npt.NDArray[np.float32] | None,
                    score: float | None, verdict: BudgetState | None) -> Classified:
@@ -213,8 +210,8 @@ class Classifier:
         # Checked after budgets: a pin that a budget dropped is not run, so its price does not matter.
         if choice.pinned and (denial := unpriced_pin_denial(choice.model, policy, self.catalog)) is not None:
             return self._deny(request, denial)
-        if choice.pinned and policy.baseline_model is None:
-            baseline = choice.model  # a pin served as asked saves nothing and costs nothing more, priced or not
+        if choice.pinned:
+            baseline = self._baseline(request, policy, pin_served=True)
         budget = self.settings.context_budgets.get(task.task_type, 8_000)
         trimmed = trim_to_budget(request.messages, budget, self.counter, choice.model)
         sent = request.model_copy(update={"messages": trimmed.messages}) if trimmed.dropped else request

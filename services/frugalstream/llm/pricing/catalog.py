@@ -21,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from frugalstream.llm.pricing.litellm import LiteLLMMap, bare_aliases
 from frugalstream.schemas import CostPoint
@@ -30,7 +30,11 @@ DEFAULT_PATH = Path(__file__).with_name("data") / "prices.json"
 PER_MILLION = Decimal(1_000_000)
 SELFHOSTED_QUANTUM = Decimal("1e-10")
 _EXACT = Context(prec=80, traps=[Inexact, InvalidOperation, DivisionByZero, Overflow])
-_SNAPSHOT = re.compile(r"^(?P<stem>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest)$")
+# A dated snapshot (`gpt-4o-2024-08-06`, `claude-sonnet-4-20250514`, `gpt-3.5-turbo-0613`, `mistral-large-2411`)
+# and a moving name (`claude-3-5-haiku-latest`), each with the family name in front.
+_DATED = re.compile(r"^(?P<stem>.+?)-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4})$")
+_LATEST = re.compile(r"^(?P<stem>.+?)-latest$")
+UNIT = "USD per 1M tokens"
 _SELFHOSTED_KEYS = frozenset({"gpu_hour_usd", "tokens_per_s"})
 _DATE = re.compile(r"^(\d{4}-\d{2}-\d{2})")
 
@@ -88,14 +92,24 @@ class Source(BaseModel):
     as_of: str | None = None
 
 
+def check_unit(unit: Any) -> str:
+    """A file's `unit` must be the one every rate is read in: a file written per 1K tokens (OpenAI's old price
+    page, most spreadsheets) and saying so would otherwise bill 1000x too little, and budgets trip 1000x late."""
+    if unit != UNIT:
+        raise ValueError(f"unit {unit!r} is not supported: rates are read as {UNIT!r} (a rate per 1K tokens is "
+                         f"1000 times smaller than the same price per 1M: convert the file, or drop `unit`)")
+    return UNIT
+
+
 class _Doc(BaseModel):
-    """A catalog file; top-level keys beyond these (notes, unit) are documentation. `sources` and
-    `provenance` (model -> source key, or field -> source key with `*` as the default) say where each rate
-    came from; a file without them is one source of its own."""
+    """A catalog file; top-level keys beyond these (notes) are documentation. `unit`, when given, must be
+    `UNIT`. `sources` and `provenance` (model -> source key, or field -> source key with `*` as the default)
+    say where each rate came from; a file without them is one source of its own."""
 
     version: str = Field(min_length=1)
     as_of: str | None = None
     currency: str = Field(default="USD", pattern="^USD$")
+    unit: Annotated[str, BeforeValidator(check_unit)] = UNIT
     aliases: dict[str, str] = Field(default_factory=dict)
     models: dict[str, dict[str, Any]]
     sources: dict[str, Source] = Field(default_factory=dict)
@@ -185,7 +199,11 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read(path: Path) -> tuple[_Doc, bytes]:
-    return _Doc.model_validate(json.loads(data := path.read_bytes(), parse_float=Decimal)), data
+    data = path.read_bytes()
+    try:
+        return _Doc.model_validate(json.loads(data, parse_float=Decimal)), data
+    except ValidationError as exc:
+        raise ValueError(f"price catalog {path} is invalid: {exc}") from exc
 
 
 def _file_date(path: Path) -> str:
@@ -281,16 +299,36 @@ class PriceCatalog:
         key = prov.get(rate, prov.get("*", ""))
         return self._sources.get(key, Source(label=key or "unknown"))
 
+    @cached_property
+    def _dated_families(self) -> frozenset[str]:
+        """Families whose dated snapshots the catalog lists by name (as a model or an alias): `gpt-4o`
+        (`gpt-4o-2024-05-13`), `mistral-large` (`mistral-large-2411`)."""
+        return frozenset(m.group("stem") for name in (*self._prices, *self._aliases)
+                         if (m := _DATED.match(name.rsplit("/", 1)[-1])))
+
     def _resolve(self, model: str) -> str | None:
-        queue, seen = [model.strip().lower()], set[str]()
-        while queue:  # breadth first: exact, then alias, then without provider prefix, then without date
-            name = queue.pop(0)
+        """Breadth first: exact, then alias, then without provider prefix, then without `-latest` or a date.
+
+        A date is dropped only when the family lists none of its own snapshots (`claude-sonnet-4-20250514` is
+        `claude-sonnet-4`): where it lists some, their prices differ by date and an unlisted one is unknown,
+        not the undated model's price. Nor does a dropped date ever lead to a `-latest` model (through an
+        alias or directly): `-latest` follows the provider's newest model, priced unlike the older snapshot
+        (`mistral-large-2407` is $2 / $6, `mistral-large-latest` Large 3 at $0.50 / $1.50)."""
+        queue, seen = [(model.strip().lower(), False)], set[tuple[str, bool]]()
+        while queue:
+            name, undated = queue.pop(0)
+            seen.add((name, undated))
+            if undated and _LATEST.match(name.rsplit("/", 1)[-1]):
+                continue
             if name in self._prices:
                 return name
-            seen.add(name)
-            nexts = [self._aliases.get(name), name.rsplit("/", 1)[1] if "/" in name else None,
-                     m.group("stem") if (m := _SNAPSHOT.match(name)) else None]
-            queue.extend(n for n in nexts if n is not None and n not in seen)
+            bare = name.rsplit("/", 1)[-1]
+            nexts = [(self._aliases.get(name), undated), (bare if bare != name else None, undated)]
+            if m := _LATEST.match(name):
+                nexts.append((m.group("stem"), undated))
+            elif (m := _DATED.match(name)) and m.group("stem").rsplit("/", 1)[-1] not in self._dated_families:
+                nexts.append((m.group("stem"), True))
+            queue.extend((n, u) for n, u in nexts if n is not None and (n, u) not in seen)
         return None
 
     def resolve(self, model: str) -> str:

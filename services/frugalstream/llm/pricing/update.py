@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from frugalstream.llm.pricing.catalog import DEFAULT_PATH, PriceCatalog
+from frugalstream.llm.pricing.catalog import DEFAULT_PATH, PriceCatalog, check_unit
 from frugalstream.llm.pricing.litellm import LiteLLMMap, bare_aliases, match
 
 PROJECT_OVERRIDES = Path(__file__).with_name("data") / "overrides.json"
@@ -35,7 +35,13 @@ def catalog_file(configured: Path | None, state_dir: Path) -> Path:
 
 
 def _load_json(path: Path) -> dict[str, Any]:
+    """A catalog or overrides file as JSON; its `unit`, when given, is checked like `PriceCatalog.load` does."""
     doc: dict[str, Any] = json.loads(path.read_text())
+    if "unit" in doc:
+        try:
+            check_unit(doc["unit"])
+        except ValueError as exc:
+            raise ValueError(f"price catalog {path} is invalid: {exc}") from exc
     return doc
 
 
