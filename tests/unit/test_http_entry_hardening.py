@@ -118,19 +118,46 @@ async def until_sent(pipeline: FakePipeline, count: int) -> None:
 # --- An Idempotency-Key answers only a retry of the call that chose it ---------------------------------------
 
 
-async def test_a_key_reused_by_another_api_key_of_the_tenant_is_409_and_nothing_is_sent() -> None:
+def chosen(request_id: str) -> str:
+    """The Idempotency-Key inside an HTTP request id (`<caller namespace>.<key>`)."""
+    namespace, _, key = request_id.partition(".")
+    assert len(namespace) == 16, request_id
+    return key
+
+
+async def test_a_key_another_api_key_of_the_tenant_chose_is_its_own_request() -> None:
+    """A key names a request in its caller's namespace: another API key of the tenant sending the same key
+    asks its own question; it is never answered with the first caller's answer."""
     pipeline = FakePipeline()
     async for api in http(pipeline):
         alice = await api.post(URL, json=ALICE, headers=auth("key-a1", "job-1"))
-        bob = await api.post(URL, json=ALICE, headers=auth("key-a2", "job-1"))  # even the same body
-        error = openai_error(bob, 409, "idempotency_key_reused")
-        assert error["param"] == "Idempotency-Key" and bob.headers["x-should-retry"] == "false"
-        assert "salary" not in bob.text
+        bob = await api.post(URL, json=BOB, headers=auth("key-a2", "job-1"))
+        same_body = await api.post(URL, json=ALICE, headers=auth("key-a2", "job-2"))
         again = await api.post(URL, json=ALICE, headers=auth("key-a1", "job-1"))
         other_tenant = await api.post(URL, json=BOB, headers=auth("key-b", "job-1"))
     assert "salary" in content(alice) and content(again) == content(alice), "a true retry is still replayed"
+    assert "good morning" in content(bob) and "salary" not in content(bob)
+    assert "salary" in content(same_body)
     assert "good morning" in content(other_tenant), "another tenant's same key is its own identity"
-    assert [(s.tenant, s.id) for s in pipeline.sent] == [("tenant-a", "job-1"), ("tenant-b", "job-1")]
+    assert [(s.tenant, chosen(s.id)) for s in pipeline.sent] == [
+        ("tenant-a", "job-1"), ("tenant-a", "job-1"), ("tenant-a", "job-2"), ("tenant-b", "job-1")]
+    assert len({s.id for s in pipeline.sent}) == 4
+
+
+async def test_a_key_naming_a_kafka_producers_request_never_returns_its_answer() -> None:
+    """The tenant's Kafka producer asked under id `order-123-faq`; its answer passes on llm.responses, which the
+    entry reads whole. An HTTP caller sending that id as its key asks its own question."""
+    pipeline = FakePipeline()
+    async for api in http(pipeline):
+        assert pipeline.on_answer is not None
+        pipeline.on_answer(LLMResponse(
+            request_id="order-123-faq", tenant="tenant-a", responded_at=time.time(), source="llm",
+            content="Alice's salary is 91k.", model="gpt-4o-mini", tier="small", finish_reason="stop",
+            usage=TokenUsage(input_tokens=12, output_tokens=5)), 100)
+        r = await api.post(URL, json=BOB, headers=auth("key-a2", "order-123-faq"))
+    assert "good morning" in content(r) and "salary" not in r.text
+    assert [chosen(s.id) for s in pipeline.sent] == ["order-123-faq"]
+    assert r.headers["x-frugal-request-id"] == pipeline.sent[0].id != "order-123-faq"
 
 
 async def test_a_key_reused_with_another_body_is_409() -> None:
@@ -153,12 +180,13 @@ async def test_a_reused_key_never_shares_a_wait_in_flight_but_a_retry_does() -> 
         alice = asyncio.create_task(api.post(URL, json=ALICE, headers=auth("key-a1", "job-2")))
         await until_sent(pipeline, 1)
         retry = asyncio.create_task(api.post(URL, json=ALICE, headers=auth("key-a1", "job-2")))
-        bob = await api.post(URL, json=BOB, headers=auth("key-a2", "job-2"))
-        openai_error(bob, 409, "idempotency_key_reused")
+        pipeline.hold = False  # Bob's call is answered at once; Alice's stays in flight
+        bobs = await api.post(URL, json=BOB, headers=auth("key-a2", "job-2"))
         pipeline.answer(pipeline.sent[0])
         first, second = await asyncio.gather(alice, retry)
     assert "salary" in content(first) and content(second) == content(first)
-    assert len(pipeline.sent) == 1, "the retry waited on the call in flight; Bob's question was never sent"
+    assert "good morning" in content(bobs), "Bob's question was asked, not joined to Alice's wait"
+    assert len({s.id for s in pipeline.sent}) == 2, "the retry is Alice's identity again (answered once)"
 
 
 def test_the_fingerprint_is_who_asked_what_without_the_volatile_fields() -> None:
@@ -341,7 +369,7 @@ async def test_a_tenant_holding_its_share_of_the_waits_gets_429_alone() -> None:
         assert 1 <= int(r.headers["retry-after"]) <= 30
         other = asyncio.create_task(api.post(URL, json=ASK, headers=auth("key-b", "w9")))
         await until_sent(pipeline, 3)
-        assert [(s.tenant, s.id) for s in pipeline.sent][-1] == ("tenant-b", "w9"), "the other tenant is served"
+        assert [(s.tenant, chosen(s.id)) for s in pipeline.sent][-1] == ("tenant-b", "w9"), "the other tenant is served"
         for request in list(pipeline.sent):
             pipeline.answer(request)
         assert [w.status_code for w in await asyncio.gather(*held, other)] == [200, 200, 200]

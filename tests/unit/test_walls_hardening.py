@@ -65,10 +65,23 @@ async def test_classifier_never_routes_a_request_without_its_last_user_turn() ->
 # --- reply topics -------------------------------------------------------------------------------------------
 
 async def test_reply_topic_under_another_tenants_default_prefix_is_refused() -> None:
-    # Tenant "acme.eu" exists; its default reply prefix is "acme.eu.". Tenant "acme"'s default "acme." covers it.
-    settings = Settings(tenants={"acme": TenantPolicy(), "acme.eu": TenantPolicy()})
+    # Tenant "acme.eu" exists; its default reply prefix is "acme.eu.". Tenant "acme"'s explicit "acme." covers it.
+    settings = Settings(tenants={"acme": TenantPolicy(reply_topic_prefixes=("acme.",)), "acme.eu": TenantPolicy()})
     outs = await run(settings, ask(tenant="acme", reply_topic="acme.eu.replies"))
     assert routed_of(outs) == [] and codes(outs) == ["reply_topic_denied"], [o.topic for o in outs]
+
+
+@pytest.mark.parametrize("settings", [Settings(), Settings(tenants={"acme": TenantPolicy()})],
+                         ids=["no-policies", "parent-only"])
+async def test_a_default_grant_never_reaches_an_unconfigured_dotted_tenants_namespace(settings: Settings) -> None:
+    """Tenant `acme.eu` needs no policy to exist: its callers wait on `acme.eu.*` by default, so `acme`'s
+    default grant may not reach there even when the settings never name `acme.eu`."""
+    outs = await run(settings, ask(tenant="acme", reply_topic="acme.eu.replies"))
+    assert routed_of(outs) == [] and codes(outs) == ["reply_topic_denied"], [o.topic for o in outs]
+    assert routed_of(await run(settings, ask(tenant="acme.eu", reply_topic="acme.eu.replies")))
+    assert routed_of(await run(settings, ask(tenant="acme", reply_topic="acme.replies")))
+    granted = Settings(tenants={"acme": TenantPolicy(reply_topic_prefixes=("acme.replies.",))})
+    assert routed_of(await run(granted, ask(tenant="acme", reply_topic="acme.replies.v2")))
 
 
 async def test_a_tenants_own_and_shared_reply_namespaces_stay_open() -> None:

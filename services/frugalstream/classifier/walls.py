@@ -49,6 +49,13 @@ def reply_topic_denial(request: LLMRequest, policy: TenantPolicy, settings: Sett
         allowed = ", ".join(repr(p) for p in prefixes) or "none"
         return Denial("reply_topic_denied", f"reply_topic {topic!r} is not granted to tenant {request.tenant!r} "
                                             f"(allowed prefixes: {allowed})")
+    if policy.reply_topic_prefixes is None and "." in topic.removeprefix(f"{request.tenant}."):
+        # The default grant is one level deep: `acme.eu.replies` is the default namespace of a tenant `acme.eu`
+        # whether or not the settings name it (on Kafka a tenant is a field of the request, so the walls cannot
+        # list the tenants they were never told of). A deeper namespace needs an explicit grant.
+        return Denial("reply_topic_denied", f"reply_topic {topic!r} is below tenant {request.tenant!r}'s default "
+                                            f"namespace, which is one level deep ({request.tenant}.<name>); "
+                                            "grant deeper topics in the tenant's reply_topic_prefixes")
     # A grant never reaches into a narrower namespace granted to another tenant: `acme.` covers `acme.eu.`, the
     # default grant of tenant `acme.eu`, whose callers wait there for their answers. The longest granted prefix
     # that matches owns the topic (a prefix the operator granted to both tenants is shared, as configured).

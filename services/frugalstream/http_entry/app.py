@@ -31,7 +31,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from frugalstream.client import AnswerReaderFailed, FrugalClient
-from frugalstream.http_entry.idempotency import BOARD_REMEMBER, BOARD_REMEMBER_S, KeyBindings, fingerprint
+from frugalstream.http_entry.idempotency import (
+    BOARD_REMEMBER,
+    BOARD_REMEMBER_S,
+    KEY_MAX,
+    KeyBindings,
+    caller_request_id,
+    fingerprint,
+)
 from frugalstream.http_entry.keys import ApiKeys
 from frugalstream.http_entry.openai_shape import (
     AUTO_MODEL,
@@ -47,7 +54,7 @@ from frugalstream.schemas import LLMRequest, LLMResponse
 
 log = get_logger(__name__)
 
-_IDEMPOTENCY = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: the contract's id limit
+_IDEMPOTENCY = re.compile(rf"^[\x21-\x7e]{{1,{KEY_MAX}}}$")  # printable ASCII, no spaces; see caller_request_id
 INLINE_JSON_BYTES = 256 * 1024
 #: HTTP status per terminal error code, and whether the openai SDK should retry it (`x-should-retry`).
 STATUS: dict[str, tuple[int, str]] = {
@@ -194,10 +201,10 @@ async def chat_completions(request: Request) -> Response:
                      code="invalid_api_key")
     tenant, api_key = caller
     chosen = request.headers.get("idempotency-key")
-    request_id = chosen or uuid.uuid4().hex
-    if not _IDEMPOTENCY.match(request_id):
-        return error(400, "Idempotency-Key must be 1-128 printable ASCII characters without spaces",
+    if chosen is not None and not _IDEMPOTENCY.match(chosen):
+        return error(400, f"Idempotency-Key must be 1-{KEY_MAX} printable ASCII characters without spaces",
                      "invalid_request_error", param="Idempotency-Key")
+    request_id = caller_request_id(api_key, chosen or uuid.uuid4().hex)
     try:
         body = await _json(request, entry.max_body_bytes)
         llm_request, stream, include_usage = to_request(body, tenant=tenant, request_id=request_id,
@@ -213,8 +220,8 @@ async def chat_completions(request: Request) -> Response:
     claim = entry.bindings.claim(tenant, request_id, print_) if chosen else "new"
     if claim == "reused":
         log.info("http_idempotency_key_reused", tenant=tenant)
-        return error(409, f"Idempotency-Key {request_id} was already used for another request (another API key "
-                          "or another body); use a new key for a new request", "invalid_request_error",
+        return error(409, f"Idempotency-Key {chosen} was already used by this API key for another request "
+                          "(another body); use a new key for a new request", "invalid_request_error",
                      param="Idempotency-Key", code="idempotency_key_reused", headers={"x-should-retry": "false"})
     asked = time.perf_counter()
     entry.waiting[tenant] += 1
@@ -222,11 +229,11 @@ async def chat_completions(request: Request) -> Response:
         answer = await entry.client.ask(llm_request, timeout_s=entry.timeout_s)
     except TimeoutError:
         return error(504, f"no answer within {entry.timeout_s:g} s; retry with the same Idempotency-Key "
-                          f"({request_id}) to get it when it comes", "timeout", code="timeout",
+                          f"({chosen or 'send one'}) to get it when it comes", "timeout", code="timeout",
                      headers={"x-frugal-request-id": request_id})
     except AnswerReaderFailed:  # the client tells its callers at once rather than at the timeout
         return error(503, "frugalstream cannot read answers right now; retry with the same Idempotency-Key "
-                          f"({request_id})", "server_error", code="answers_unavailable",
+                          f"({chosen or 'send one'})", "server_error", code="answers_unavailable",
                      headers={"x-frugal-request-id": request_id, "retry-after": "5"})
     except MessageSizeTooLargeError:  # the producer's or the broker's limit, below what was checked here
         if claim == "new":

@@ -1,12 +1,12 @@
 """Which call a caller-chosen `Idempotency-Key` belongs to, so a replay only ever answers a retry of that call.
 
-Why: the key becomes the request id and the pipeline answers an identity (tenant, id) once. Two callers of one
-tenant (two API keys, two end users) that pick the same key for different questions would otherwise share one
-answer: the second gets the first's (replayed from the board's recent answers, or shared while it is in
-flight) and its own question is never asked. So the first call binds the key to a fingerprint of who asked
-what (the API key's digest and the request as the pipeline would get it, without its `created_at`); a call
-with the same key and the same fingerprint is a retry and is answered as before, any other is refused (409)
-and nothing is sent.
+Why: the pipeline answers an identity (tenant, request id) once, and replays that answer to whoever names the
+identity again. So an HTTP call's request id is the caller's namespace (a digest of its API key) and its key,
+`caller_request_id`: another API key of the tenant, or the tenant's Kafka producers, can never name it, on
+this entry or any other behind the same load balancer, and a retry from the same API key finds its answer on
+any of them. Within one caller, the first call binds the key to a fingerprint of what was asked (the request
+as the pipeline would get it, without its `created_at`); the same key with another body is refused (409) and
+nothing is sent.
 
 The bindings live at least as long as the answers they guard: the board remembers an answer for
 `BOARD_REMEMBER_S` after it arrives (and an answer may arrive up to the call's timeout after the call), and
@@ -27,9 +27,20 @@ from frugalstream.client.answers import REMEMBER as BOARD_REMEMBER
 from frugalstream.client.answers import REMEMBER_S as BOARD_REMEMBER_S
 from frugalstream.schemas import LLMRequest
 
-__all__ = ["BOARD_REMEMBER", "BOARD_REMEMBER_S", "Claim", "KeyBindings", "fingerprint"]
+__all__ = ["BOARD_REMEMBER", "BOARD_REMEMBER_S", "KEY_MAX", "Claim", "KeyBindings", "caller_request_id",
+           "fingerprint"]
 
 Claim = Literal["new", "retry", "reused"]
+_NAMESPACE_HEX = 16
+_NAMESPACE_SALT = b"frugalstream.http.caller\x00"
+#: The longest Idempotency-Key: the namespace and its dot take the rest of the contract's 128-character id.
+KEY_MAX = 128 - _NAMESPACE_HEX - 1
+
+
+def caller_request_id(api_key: bytes, key: str) -> str:
+    """`<namespace>.<key>`: the namespace is 64 bits of a digest of the API key (never the key itself)."""
+    namespace = hashlib.sha256(_NAMESPACE_SALT + api_key).hexdigest()[:_NAMESPACE_HEX]
+    return f"{namespace}.{key}"
 
 
 def fingerprint(caller: bytes, request: LLMRequest) -> bytes:

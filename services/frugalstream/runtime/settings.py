@@ -49,8 +49,9 @@ class TenantPolicy(BaseModel):
         default=(), description="Shared cache scopes this tenant may name: it is answered from them and its "
                                 "answers are stored in them. A scope no policy grants is refused.")
     reply_topic_prefixes: tuple[str, ...] | None = Field(
-        default=None, description="Prefixes a request's reply_topic must start with; unset means `<tenant>.`. "
-                                  "frugalstream's own topics and every DLQ are refused whatever this says.")
+        default=None, description="Prefixes a request's reply_topic must start with; unset means `<tenant>.<name>`, "
+                                  "one level deep (`acme.eu.x` may be tenant `acme.eu`'s). frugalstream's own "
+                                  "topics and every DLQ are refused whatever this says.")
     allow_unpriced_models: bool = Field(
         default=False, description="Serve pins to models the price catalog lacks (billed with a price_unknown "
                                    "flag at a conservative rate) instead of refusing them.")
