@@ -53,12 +53,25 @@ def parse_duration(text: str) -> int:
 
 
 def _deadline(text: str) -> int:
+    """OverflowError too: `1e400h` is an infinite number of seconds, which no whole number holds."""
     try:
         return parse_duration(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration: give seconds (3600) or a number with s, m, h or d (90s, 30m, 24h, 7d)"
         ) from None
+
+
+def text_encoding(name: str) -> str:
+    """An `--encoding` Python can decode text with, checked when the arguments are parsed: a misspelt name
+    (`utf-9`) or a codec that is not a text encoding (`base64`) would otherwise raise a LookupError only once
+    the file is read."""
+    try:
+        b"a".decode(name, errors="replace")  # one byte: an empty input skips the codec lookup
+    except LookupError:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a text encoding Python knows (e.g. utf-8, cp1252, latin-1, utf-16)") from None
+    return name
 
 
 def _parquet() -> Any:
@@ -156,7 +169,11 @@ def read_records(path: Path, encoding: str | None = None) -> tuple[list[Record],
     reason why, so one bad line never costs the rest of the file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        table = _parquet().parquet.read_table(path)
+        pa = _parquet()
+        try:
+            table = pa.parquet.read_table(path)
+        except pa.ArrowException as exc:  # not Parquet at all (a CSV renamed), truncated, or unsupported
+            raise UsageError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
         return list(enumerate(table.to_pylist(), start=1)), list(table.column_names), "row"
     text = _decode(path, encoding)
     if suffix in (".jsonl", ".ndjson", ".json"):
@@ -349,8 +366,33 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+_JOB_FLAGS = {"job_id": "--job-id", "tenant": "--tenant", "instruction": "--instruction", "model": "--model",
+              "deadline_s": "--deadline", "max_output_tokens": "--max-output-tokens"}
+
+
+def check_job_args(args: argparse.Namespace, job_id: str) -> None:
+    """The job's own fields, checked against the `SummarizeJob` contract before the file is read or Kafka is
+    asked anything: a value the contract refuses (an empty tenant, a job id over its length, 0 output tokens)
+    is a UsageError naming the flag, not a ValidationError once the parts are built. A one-item probe job
+    carries the values, so the bounds stay the contract's own."""
+    try:
+        SummarizeJob(job_id=job_id, tenant=args.tenant, instruction=args.instruction, model=args.model,
+                     deadline_s=args.deadline, max_output_tokens=args.max_output_tokens,
+                     items=(SummarizeItem(id="probe", text="probe"),))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            flag = _JOB_FLAGS.get(str(err["loc"][0]) if err["loc"] else "", "job")
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+            problems.append(f"{flag} {shown}: {err['msg']}")
+        raise UsageError(f"backfill {'; '.join(problems)}") from None
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     path = Path(args.file)
+    job_id = args.job_id or f"backfill-{uuid.uuid4().hex[:12]}"
+    check_job_args(args, job_id)
     if not path.is_file():
         raise UsageError(f"backfill FILE: {path} does not exist or is not a file (give a CSV, JSON lines or "
                          "Parquet file)")
@@ -365,7 +407,6 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if not items:
         console.print(f"[red]no non-empty {args.text_col!r} values to send in {path}[/]")
         return 2
-    job_id = args.job_id or f"backfill-{uuid.uuid4().hex[:12]}"
     parts = split_job(job_id, args.tenant, args.instruction, items, model=args.model,
                       deadline_s=args.deadline,
                       near_duplicates=args.near_duplicates, max_output_tokens=args.max_output_tokens,
@@ -400,6 +441,7 @@ def add_backfill_parser(sub: Any) -> None:
     p.add_argument("--max-output-tokens", type=int, default=120)
     p.add_argument("--tenant", default="default")
     p.add_argument("--job-id")
-    p.add_argument("--encoding", help="CSV / JSON lines encoding (default: UTF-8, falling back to cp1252)")
+    p.add_argument("--encoding", type=text_encoding,
+                   help="CSV / JSON lines encoding (default: UTF-8, falling back to cp1252)")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the results")
     p.set_defaults(func=cmd_backfill)

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -167,10 +168,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not db.exists():
         console.print(f"[red]no ledger at {db}[/]: run the accountant first or pass --db")
         return 2
-    with Ledger(db) as ledger:
-        text = render(build_report(ledger, by=args.by, since=args.since), args.format)
+    try:
+        with Ledger(db) as ledger:
+            text = render(build_report(ledger, by=args.by, since=args.since), args.format)
+    except sqlite3.DatabaseError as exc:  # --db named a file that is not SQLite: a CSV, a truncated copy
+        raise UsageError(f"report: {db} is not a readable ledger ({exc}): pass --db with the accountant's "
+                         "ledger.sqlite") from None
     if args.out:
-        Path(args.out).write_text(text)
+        try:
+            Path(args.out).write_text(text)
+        except OSError as exc:  # a missing directory, a read-only place: one line naming --out, no traceback
+            raise UsageError(f"report --out {args.out}: cannot write it ({exc.strerror or exc})") from None
         console.print(f"wrote {args.out}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

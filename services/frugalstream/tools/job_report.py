@@ -54,6 +54,16 @@ def consumer_security(settings: Settings) -> dict[str, Any]:
     return kw
 
 
+def usage_job_id(request_id: str) -> str | None:
+    """The job of a summarizer usage record, whose request id is `<job_id>:<part>:<call>` (see
+    `summarizer.accounting.usage_record`; call ids are `p3`, `p3.<digest>` or `reuse`, never with ':').
+    Parsed from the right because a job id may itself contain ':': a prefix test would give job `nightly` the
+    spend of job `nightly:eu`. None for an id not of that form."""
+    head, _, call = request_id.rpartition(":")
+    job_id, _, part = head.rpartition(":")
+    return job_id if job_id and part.isdigit() and call else None
+
+
 class JobFollower:
     """Reads results, progress and usage of one job. Started before the job is published, it reads each
     topic from its beginning (Tansu's end offsets cannot be trusted) and filters by job id."""
@@ -66,7 +76,6 @@ class JobFollower:
             *self._topics, bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024, **consumer_security(settings))
-        self._prefix = f"{job_id}:"
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -92,8 +101,8 @@ class JobFollower:
                 out.progress = progress
         else:
             record = UsageRecord.model_validate_json(value)
-            if record.stage == "summarizer" and record.tenant == self.tenant and record.request_id.startswith(
-                    self._prefix):
+            if record.stage == "summarizer" and record.tenant == self.tenant and usage_job_id(
+                    record.request_id) == self.job_id:
                 out.usage[record.id] = record
 
     async def poll(self, timeout_ms: int = 200) -> int:

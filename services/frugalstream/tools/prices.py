@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -120,8 +121,15 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
         src = LiteLLMMap.read(Path(args.source)) if args.source else LiteLLMMap.installed()
     except (LookupError, OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"prices update: {exc}") from None
+    if not isinstance(src.doc, Mapping):  # LiteLLM's map is one object of model name -> entry
+        raise UsageError(f"prices update: {src.path} is not a price map (a JSON object of model entries) but a "
+                         f"JSON {type(src.doc).__name__}")
     out = Path(args.out) if args.out else settings.price_catalog or settings.state_dir / UPDATED_NAME
-    before = PriceCatalog.load(out) if out.is_file() else None
+    try:  # the catalog it replaces: read before writing, so a corrupt one is named and left as it is
+        before = PriceCatalog.load(out) if out.is_file() else None
+    except (ValueError, OSError) as exc:  # ValueError covers bad JSON and a document that is not a catalog
+        raise UsageError(f"prices update --out {out}: the catalog there cannot be read ({str(exc)[:200]}); move "
+                         "it away or give another --out") from None
     today = args.date or datetime.now(UTC).date().isoformat()
     new = write_catalog(build_catalog(src, today), out)
     print(f"wrote {out}: {len(new.models)} models, version {new.version}, from {src.label}")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from frugalstream.llm.embedder import MAX_SEQ_TOKENS, MiniLMEmbedder, Precision, Vectors
+from frugalstream.runtime.settings import UsageError
 
 
 def demo_lookup_texts() -> list[str]:
@@ -28,11 +29,21 @@ def demo_lookup_texts() -> list[str]:
 
 
 def read_texts(path: Path) -> list[str]:
-    """One text per line, or JSON lines with a `text` field."""
+    """One text per line, or JSON lines with a `text` field. A missing file, or a JSON line that is not an
+    object with `text`, is a UsageError naming the file (and line): the command prints one line, exit 2."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"bench embed --texts {path}: {exc.strerror or exc}") from None
     texts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            texts.append(str(json.loads(line)["text"]) if line.lstrip().startswith("{") else line.strip())
+    for n, line in enumerate(lines, start=1):
+        if line.lstrip().startswith("{"):
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError):
+                raise UsageError(f"bench embed --texts {path}:{n}: not a JSON object with a `text` field") from None
+        elif line.strip():
+            texts.append(line.strip())
     return texts
 
 

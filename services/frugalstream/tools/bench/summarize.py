@@ -26,7 +26,7 @@ from frugalstream.runtime.logging import configure_logging
 from frugalstream.schemas import SummarizeItem
 from frugalstream.summarizer.app import SummarizerService
 from frugalstream.summarizer.logic import SummarizerConfig
-from frugalstream.tools.backfill import load_items, run_backfill, split_job
+from frugalstream.tools.backfill import load_items, run_backfill, split_job, text_encoding
 from frugalstream.tools.demo import demo_settings
 from frugalstream.tools.job_report import job_report
 from frugalstream.tools.local_cluster import local_cluster, run_services
@@ -129,6 +129,6 @@ def add_summarize_bench(kinds: Any) -> None:
     p.add_argument("--model", help="pin the model, which is then also the baseline (no routing saving)")
     p.add_argument("--latency-scale", type=float, default=0.05, help="scale of simulated provider latency")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--encoding", help="file encoding (default: UTF-8, falling back to cp1252)")
+    p.add_argument("--encoding", type=text_encoding, help="file encoding (default: UTF-8, falling back to cp1252)")
     p.add_argument("--json", help="also write the report as JSON to this path")
     p.set_defaults(func=cmd_bench_summarize)
