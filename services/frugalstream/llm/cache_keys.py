@@ -9,7 +9,8 @@ and an unpinned request never by a pinned answer.
 Every turn is in the key, including the assistant tool calls, tool results and assistant turns after the last
 user message: whoever can append a turn must not be able to read (or poison) the answer computed for another
 conversation. Only user text is normalized (case, unicode form, whitespace, trailing punctuation: a user
-retyping a question still asks it; text laid out in lines or quoted as code keeps its case and layout);
+retyping a question still asks it; text laid out in lines, quoted as code or reading as code on one line keeps
+its case and layout);
 everything else is hashed as written, whitespace-trimmed at most, because "Answer ONLY in French." and "answer
 only in french" are different instructions, and a tool result is data. A participant's `name` is in the key.
 """
@@ -25,8 +26,13 @@ from collections.abc import Sequence
 from frugalstream.schemas import TIERS, CacheKeys, ChatMessage, LLMRequest, Tier
 
 _WS = re.compile(r"\s+")
-# Trailing punctuation, except a "!" right after a digit: "Compute 10!" asks for a factorial.
-_TRAILING = re.compile(r"(?:(?<=\d)[\s.?;:,]+|(?<!\d)[\s.!?;:,]+)$")
+_TRAILING = re.compile(r"[\s.!?;:,]+$")
+# A word of two or more letters ("fine!"): the only thing a "!" right after merely exclaims. After a digit, a
+# ")" or a lone letter it is an operator: "Compute 10!", "Simplify (n+1)!", "What is n!".
+_PLAIN_WORD = re.compile(r"(?<!\w)[^\W\d_]{2,}$")
+# One line that reads as code: a string literal ('abc', "ABC"; an apostrophe inside a word opens none), a call
+# (print(, .isupper(, f(x)) or an assignment/comparison. Its case and spacing are what it computes.
+_CODE_LIKE = re.compile(r"""(?<!\w)(['"]).*?\1|\w\(|=""")
 # Compatibility forms whose NFKC folding changes the meaning: 3² is not 32, H₂O is not H2O, ½ is not 1⁄2.
 _MEANINGFUL_FORMS = ("<super>", "<sub>", "<fraction>")
 
@@ -43,14 +49,21 @@ def fold_unicode(text: str) -> str:
 
 
 def strip_trailing(text: str) -> str:
-    return _TRAILING.sub("", text).rstrip()
+    """Trailing punctuation and space; a "!" right after anything but a plain word is kept (a factorial)."""
+    tail = _TRAILING.search(text)
+    if tail is None:
+        return text
+    head = text[:tail.start()]
+    return head + "!" if tail.group().startswith("!") and not _PLAIN_WORD.search(head) else head
 
 
 def _laid_out(text: str) -> str | None:
-    """Text in lines or quoted as code, with its case and layout (identifiers and indentation change what a
-    program does); None for one line of prose."""
+    """Text in lines, quoted as code or reading as code, with its case and layout (identifiers, string literals
+    and indentation change what a program does); None for one line of prose."""
     if "\n" in text or "`" in text:
         return "\n".join(line.rstrip() for line in text.splitlines())
+    if "\n" not in text and _CODE_LIKE.search(text):  # one line of code: print('ABC'.isupper())
+        return text
     return None
 
 
@@ -65,10 +78,11 @@ def clean_text(text: str) -> str:
 
 def normalize_text(text: str) -> str:
     """Case, unicode form, whitespace and trailing punctuation do not change what is being asked, except in text
-    laid out in lines or quoted as code."""
+    laid out in lines or read as code. Case is lowered, never casefolded: casefolding turns a word into another
+    ("Buße", penance, into "busse", buses)."""
     folded = fold_unicode(text).strip()
     laid_out = _laid_out(folded)
-    return strip_trailing(_WS.sub(" ", folded).casefold()) if laid_out is None else laid_out
+    return strip_trailing(_WS.sub(" ", folded).lower()) if laid_out is None else laid_out
 
 
 def _digest(payload: object) -> str:

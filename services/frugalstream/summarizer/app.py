@@ -31,6 +31,7 @@ from frugalstream.summarizer.near import NearDuplicates, load_verifier
 from frugalstream.summarizer.results import Continues, Emission
 
 CONTINUATION_HEADER = "x-frugal-continuation"
+_MAX_ROUND_DIGITS = 9  # far beyond any real count; more is garbage (and int() refuses 4,300+ digits)
 log = get_logger(__name__)
 
 
@@ -41,11 +42,25 @@ def outs_of(emission: Emission) -> list[Out]:
     return [*outs, Out(t.SUMMARIZE_PROGRESS, emission.progress, key=emission.progress.job_id)]
 
 
-def continuation(decoded: Decoded[SummarizeJob]) -> Out:
-    """The same part again on the jobs topic, behind nothing but its own job's later parts (same key)."""
+def rounds_of(decoded: Decoded[SummarizeJob]) -> int:
+    """How many times the part was continued already. The header is the stage's own bookkeeping, never the job:
+    a value a producer garbled (copied headers, a retry tool) counts as 0, logged, and never drops the part."""
+    raw = dict(decoded.record.headers).get(CONTINUATION_HEADER) or b""
+    if not raw:
+        return 0
+    if raw.isdigit() and len(raw) <= _MAX_ROUND_DIGITS:
+        return int(raw)
+    log.warning("summarize_continuation_header_invalid", job_id=decoded.value.job_id, part=decoded.value.part,
+                value=raw[:40].decode("ascii", "backslashreplace"))
+    return 0
+
+
+def continuation(decoded: Decoded[SummarizeJob], rounds: int | None = None) -> Out:
+    """The same part again on the jobs topic, behind nothing but its own job's later parts (same key).
+    `rounds`: as read (by `rounds_of`) before the part ran; read from the header when not given."""
     job = decoded.value
-    rounds = int(dict(decoded.record.headers).get(CONTINUATION_HEADER, b"0") or 0) + 1
-    return Out(t.SUMMARIZE_JOBS, job, key=job.job_id, headers={CONTINUATION_HEADER: str(rounds)})
+    done = rounds_of(decoded) if rounds is None else rounds
+    return Out(t.SUMMARIZE_JOBS, job, key=job.job_id, headers={CONTINUATION_HEADER: str(done + 1)})
 
 
 @dataclass
@@ -72,11 +87,13 @@ class SummarizerService:
         started = time.perf_counter()
         try:
             for decoded in batch:
+                # Read before the part runs: nothing about the header may fail it after its outputs are out.
+                rounds = rounds_of(decoded)
                 outcome = await self.logic.handle(decoded.value, self._emit)
                 if isinstance(outcome, Continues):
-                    out = continuation(decoded)
+                    out = continuation(decoded, rounds)
                     log.info("summarize_job_continues", job_id=outcome.job.job_id, part=outcome.job.part,
-                             round=int(out.headers[CONTINUATION_HEADER]), why=outcome.why)
+                             round=rounds + 1, why=outcome.why)
                     continuations.append(out)
         finally:
             self.busy_s += time.perf_counter() - started
