@@ -59,5 +59,10 @@ class AnsweredMemory:
         self.unstored.add(key)
 
     def may_store(self, key: str) -> bool:
-        """Whether the answer of `key` may be stored; asked once per answer (the refusal is used up)."""
-        return not self.unstored.discard(key)
+        """Whether the answer of `key` may be stored. Asking changes nothing: a redelivered answer gets the same
+        reply; the refusal is used up (`stored`) once the answer's outputs are acknowledged."""
+        return key not in self.unstored
+
+    def stored(self, key: str) -> None:
+        """The answer of `key` was handled: its refusal, if any, is used up."""
+        self.unstored.discard(key)

@@ -21,8 +21,8 @@ from typing import TypeVar, assert_never
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from faststream.kafka import KafkaBroker
 
-from frugalstream.dedupe.logic import Deduper
-from frugalstream.dedupe.rebuild import CacheRebuilder
+from frugalstream.dedupe.logic import Deduper, Pending
+from frugalstream.dedupe.rebuild import CacheRebuilder, releases_last
 from frugalstream.dedupe.results import Answer, Audit, Decision, Dispatch, Hold, Release, Store
 from frugalstream.dedupe.wiring import build_deduper
 from frugalstream.llm.thresholds import ThresholdBook
@@ -128,10 +128,16 @@ class DedupeService:
             if not self.unpublished or self._publisher is None:
                 return
             outs, self.unpublished = self.unpublished, []
+            first, releases = releases_last(outs)  # a follower is released only once its dispatch is on the broker
             try:
-                await self._publisher.publish_all(outs, service=self.name)
+                await self._publisher.publish_all(first, service=self.name)
             except Exception:
                 self.unpublished = outs + self.unpublished
+                raise
+            try:
+                await self._publisher.publish_all(releases, service=self.name)
+            except Exception:
+                self.unpublished = releases + self.unpublished
                 raise
         except Exception:
             log.exception("coalesce_sweep_failed", pending=len(self.unpublished))
@@ -172,8 +178,8 @@ class DedupeService:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
             return Handled([], deferred)
-        decisions = await self.logic.handle(requests=[(d.value, d.record.partition) for d in ready])
-        return Handled(outs_for(decisions), deferred)
+        decided = await self.logic.decide(requests=[(d.value, d.record.partition) for d in ready])
+        return self._handled(*decided, deferred)
 
     async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
         for d in batch:
@@ -184,8 +190,21 @@ class DedupeService:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
             return Handled([], deferred)
-        decisions = await self.logic.handle(answers=[(d.value, d.record.partition) for d in ready])
-        return Handled(outs_for(decisions), deferred)
+        decided = await self.logic.decide(answers=[(d.value, d.record.partition) for d in ready])
+        return self._handled(*decided, deferred)
+
+    def _handled(self, decisions: Sequence[Decision], pending: Pending, deferred: list[Deferral]) -> Handled:
+        """The stage publishes the outputs; once they are acknowledged (and before the commit), the releases
+        follow and the logic remembers what was answered and released. A failed publish remembers nothing:
+        the redelivered batch answers again."""
+        outs, releases = releases_last(outs_for(decisions))
+
+        async def after_publish() -> None:
+            if releases and self._publisher is not None:
+                await self._publisher.publish_all(releases, service=self.name)
+            self.logic.settle(pending)
+
+        return Handled(outs, deferred, [after_publish])
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self._publisher = publisher

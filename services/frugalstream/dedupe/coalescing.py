@@ -35,6 +35,10 @@ class Leader:
     partition: int
 
 
+#: What an answer releases: its leader record, its request's embedding and its followers.
+Released = tuple[Leader | None, str | None, list[Waiter]]
+
+
 def serves(leader: LLMResponse) -> bool:
     """A model answer (text or tool calls) a follower can take as its own; an error or nothing cannot."""
     return (leader.ok and leader.source == "llm" and bool(leader.model)
@@ -49,6 +53,8 @@ class Coalescer:
     waiters: dict[str, list[Waiter]] = field(default_factory=dict)  # leader identity -> followers
     held: dict[str, str] = field(default_factory=dict)              # follower identity -> leader identity
     vectors: dict[str, str] = field(default_factory=dict)           # leader identity -> embedding of its request
+    #: leader identity -> what its answer released, kept until that answer's outputs are acknowledged
+    releasing: dict[str, Released] = field(default_factory=dict)
 
     def busy(self, key: str) -> bool:
         """True while `key` leads or waits: seen again, it is neither looked up nor coalesced."""
@@ -77,18 +83,31 @@ class Coalescer:
             self.vectors[key] = routed.embedding  # the answer's cache entry reuses it
         return None
 
-    def answered(self, key: str) -> tuple[Leader | None, str | None, list[Waiter]]:
+    def answered(self, key: str) -> Released:
         """`key` got its answer (or error): it leads no more. Returns its leader record, its request's embedding
         and its followers, released here. Leaders are found by identity: an error response carries no keys, and
         an answer under the leader's identity may be to another question (an id reused with other content), so
-        the caller compares the answer's exact key with the leader's before serving or indexing by it."""
+        the caller compares the answer's exact key with the leader's before serving or indexing by it.
+
+        What is released stays in `releasing` until `released(key)`: if the answer's outputs are not
+        acknowledged, the answer is redelivered and must find its followers again (they are neither waiting
+        for the timeout meanwhile, nor forgotten)."""
+        if key in self.releasing:
+            return self.releasing[key]
         lead = self.leading.pop(key, None)
         if lead is not None and self.inflight.get(lead.exact) == lead:
             del self.inflight[lead.exact]
         followers = self.waiters.pop(key, [])
         for waiter in followers:
             self.held.pop(waiter.key, None)
-        return lead, self.vectors.pop(key, None), followers
+        found = lead, self.vectors.pop(key, None), followers
+        if lead is not None or followers:
+            self.releasing[key] = found
+        return found
+
+    def released(self, key: str) -> None:
+        """The outputs of `key`'s answer are acknowledged: what it released is forgotten."""
+        self.releasing.pop(key, None)
 
     def expire(self, now: float) -> list[Waiter]:
         """Followers that waited past the timeout, released to be dispatched on their own. A leader older than
@@ -122,6 +141,12 @@ class Coalescer:
                 self.waiters[leader] = kept
             else:
                 del self.waiters[leader]
+        for key, (lead, vector, followers) in list(self.releasing.items()):
+            kept = [w for w in followers if w.partition not in partitions]
+            if lead.partition in partitions if lead is not None else not kept:
+                del self.releasing[key]  # its answer is redelivered to the partition's new owner
+            else:
+                self.releasing[key] = (lead, vector, kept)
         for lead in [lead for lead in self.leading.values() if lead.partition in partitions]:
             self.leading.pop(lead.key, None)
             self.vectors.pop(lead.key, None)

@@ -7,12 +7,17 @@ a terminal answer, and sampled ones whose answer must not be stored). It returns
 
 Per request: the answered-id memory first (one terminal answer per identity), then the cache lookup, then
 in-flight coalescing; misses are dispatched. Answers fill the cache and release the followers that waited.
+
+What says "answered" or "released" is remembered only once the decisions' outputs are acknowledged: `decide`
+returns the decisions with their `Pending` memory changes, which the caller hands to `settle` after the
+publish. A publish that fails changes nothing, so the redelivered batch is decided, and answered, again.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from frugalstream.dedupe.answered import AnsweredMemory
 from frugalstream.dedupe.audit_sampling import AuditSampler
@@ -40,6 +45,20 @@ Routed = tuple[RoutedRequest, int]  # a routed request and the partition it came
 Answered = tuple[LLMResponse, int]  # a response and the partition it came from
 
 
+@dataclass
+class Pending:
+    """Memory changes of some decisions, applied by `Deduper.settle` once their outputs are acknowledged."""
+
+    answered: list[str] = field(default_factory=list)  # identities given their terminal answer here
+    released: list[str] = field(default_factory=list)  # leaders whose answer released their followers
+    stored: list[str] = field(default_factory=list)  # identities whose answer was handled (refusals used up)
+
+    def extend(self, other: Pending) -> None:
+        self.answered.extend(other.answered)
+        self.released.extend(other.released)
+        self.stored.extend(other.stored)
+
+
 class Deduper:
     """The orchestrator: owns the three parts and the order in which they are asked; counts its decisions."""
 
@@ -59,18 +78,38 @@ class Deduper:
         return self.lookup.store
 
     async def handle(self, *, answers: Sequence[Answered] = (), requests: Sequence[Routed] = ()) -> list[Decision]:
-        """Answers first: a batch that holds both an answer and a repeat of its question serves the repeat."""
-        decisions = await self._on_answers(answers) if answers else []
-        if requests:
-            decisions.extend(await self._on_requests(requests))
+        """`decide` and `settle` at once, for a caller whose outputs need no acknowledgement."""
+        decisions, pending = await self.decide(answers=answers, requests=requests)
+        self.settle(pending)
         return decisions
 
-    async def _on_requests(self, batch: Sequence[Routed]) -> list[Decision]:
-        """Decides every request of the batch. Answers are only remembered after the last await: if the semantic
-        matcher fails, the batch is retried with nothing marked answered that was not published."""
+    async def decide(self, *, answers: Sequence[Answered] = (), requests: Sequence[Routed] = (),
+                     ) -> tuple[list[Decision], Pending]:
+        """The decisions, and what to remember once their outputs are acknowledged (`settle`). Answers first:
+        a batch that holds both an answer and a repeat of its question serves the repeat."""
+        decisions, done = await self._on_answers(answers) if answers else ([], Pending())
+        if requests:
+            more, also = await self._on_requests(requests)
+            decisions.extend(more)
+            done.extend(also)
+        return decisions, done
+
+    def settle(self, pending: Pending) -> None:
+        """The outputs of `pending`'s decisions are acknowledged: their identities are answered for good, the
+        followers their answers released are forgotten, and refusals to store are used up."""
+        for key in pending.answered:
+            self.answered.mark(key)
+        for key in pending.released:
+            self.coalescing.released(key)
+        for key in pending.stored:
+            self.answered.stored(key)
+
+    async def _on_requests(self, batch: Sequence[Routed]) -> tuple[list[Decision], Pending]:
+        """Decides every request of the batch. Its hits are remembered as answered only when settled: until
+        their answers are acknowledged, a redelivery is served again."""
         decisions: list[Decision] = []
         pending: list[Routed] = []
-        answered_now: list[str] = []
+        done = Pending()
         seen: set[str] = set()
         for routed, partition in batch:
             key = identity(routed)
@@ -87,7 +126,7 @@ class Deduper:
             entry = self.lookup.exact(routed)
             if entry is not None:
                 decisions.append(self._hit(cache_answer(routed, entry, "cache_exact", 1.0)))
-                answered_now.append(key)
+                done.answered.append(key)
             else:
                 pending.append((routed, partition))
         hits, nears = await self.lookup.similar_with_near([routed for routed, _ in pending])
@@ -96,7 +135,7 @@ class Deduper:
             if hit is not None:
                 decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity, hit.rule)))
                 decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
-                answered_now.append(identity(routed))
+                done.answered.append(identity(routed))
                 continue
             for candidate in near:
                 self.audits.on_near_miss(routed, candidate)
@@ -105,9 +144,7 @@ class Deduper:
                 decisions.append(Hold(routed, waiter.partition))
             else:
                 decisions.append(self._dispatch(routed))
-        for key in answered_now:
-            self.answered.mark(key)
-        return decisions
+        return decisions, done
 
     def _pass_on(self, routed: RoutedRequest) -> Decision:
         """A request that skips the lookup, or one seen again while it leads or waits (a retried batch, a
@@ -124,16 +161,24 @@ class Deduper:
         self.metrics.record_dedupe("exact" if answer.response.source == "cache_exact" else "semantic")
         return answer
 
-    async def _on_answers(self, batch: Sequence[Answered]) -> list[Decision]:
+    async def _on_answers(self, batch: Sequence[Answered]) -> tuple[list[Decision], Pending]:
         """Fills the store from model answers and releases the requests that waited for them. Each new entry is
         a `Store` on the partition its answer came from, so whoever owns that partition after a restart or
-        rebalance can rebuild the shard from it."""
+        rebalance can rebuild the shard from it. The followers an answer releases are kept by the coalescer
+        until settled: a redelivered answer finds them again."""
         decisions: list[Decision] = []
         fresh: list[CacheEntry] = []
+        done = Pending()
+        seen: set[str] = set()
         for response, partition in batch:
             key = request_key(response.tenant, response.request_id)
-            self.answered.mark(key)
+            if key in seen:
+                continue  # a copy in the same batch: its followers are released once
+            seen.add(key)
+            self.answered.mark(key)  # the answer is on `llm.responses` already, whatever happens to ours
             lead, vector, followers = self.coalescing.answered(key)
+            done.released.append(key)
+            done.stored.append(key)
             # Under a reused id the answer may be to another question: only the leader's own is its answer.
             own = lead is not None and response.keys is not None and response.keys.exact == lead.exact
             decisions.extend(self.audits.on_answer(response))
@@ -149,11 +194,11 @@ class Deduper:
                 if own and serves(response):
                     decisions.append(follower_answer(waiter.routed, response))
                     decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),) if a is not None)
-                    self.answered.mark(waiter.key)
+                    done.answered.append(waiter.key)
                 else:
                     decisions.append(self._dispatch(waiter.routed))  # the leader failed: each tries itself
         await self.lookup.index(fresh)
-        return decisions
+        return decisions, done
 
     def expire_waiters(self, now: float | None = None) -> list[Decision]:
         """Followers that waited longer than the coalescing timeout are dispatched on their own."""
@@ -161,13 +206,19 @@ class Deduper:
         return [*(self._dispatch(w.routed) for w in late), *(Release(w.key, w.partition) for w in late)]
 
     async def restore_waiters(self, held: Sequence[Routed]) -> list[Decision]:
+        """`resume_waiters` and `settle` at once."""
+        decisions, pending = await self.resume_waiters(held)
+        self.settle(pending)
+        return decisions
+
+    async def resume_waiters(self, held: Sequence[Routed]) -> tuple[list[Decision], Pending]:
         """Requests that were waiting when their previous owner stopped: served from cache now, coalesced
         again, or dispatched. Whatever no longer waits is released."""
         if not held:
-            return []
-        decisions = await self.handle(requests=held)
+            return [], Pending()
+        decisions, pending = await self.decide(requests=held)
         decisions.extend(Release(identity(r), p) for r, p in held if identity(r) not in self.coalescing.held)
-        return decisions
+        return decisions, pending
 
     async def load(self, entries: Iterable[tuple[CacheEntry, int]]) -> int:
         """Rebuilds from `llm.cache`: every entry's identity is answered, the unexpired ones are stored."""

@@ -32,6 +32,25 @@ from frugalstream.schemas import topics as t
 log = get_logger(__name__)
 
 
+def is_release(out: Out) -> bool:
+    """A tombstone of `llm.dedupe.waiting`: the request it names no longer waits."""
+    return out.topic == t.DEDUPE_WAITING and out.value is None
+
+
+def releases_last(outs: Sequence[Out]) -> tuple[list[Out], list[Out]]:
+    """`outs` without their releases, and the releases: a release is published only once the rest is
+    acknowledged. Sent together, the tombstone may land and the dispatch or answer replacing the waiting
+    record not: after a crash the next owner finds neither, and the request never gets an answer."""
+    return [o for o in outs if not is_release(o)], [o for o in outs if is_release(o)]
+
+
+async def publish_releases_last(publisher: Publisher, outs: Sequence[Out], service: str) -> None:
+    """Publishes `outs`, their releases once the rest is acknowledged (`releases_last`)."""
+    first, releases = releases_last(outs)
+    await publisher.publish_all(first, service=service)
+    await publisher.publish_all(releases, service=service)
+
+
 async def answered_since_commit(settings: Settings, partitions: set[int]) -> list[tuple[str, str]]:
     """(tenant, request id) of the answers on `llm.responses` after the group's last commit: the answers a
     crashed owner published but had not yet read back. Known before serving, they stop a redelivered request
@@ -82,8 +101,10 @@ class CacheRebuilder(OwnedPartitions):
         for tenant, request_id in await answered_since_commit(self._settings, partitions):
             self._logic.mark_answered(tenant, request_id)
         held = await read_compacted(self._settings, t.DEDUPE_WAITING, RoutedRequest, partitions)
-        outs = self._outs_for(await self._logic.restore_waiters(held))
+        decisions, pending = await self._logic.resume_waiters(held)
+        outs = self._outs_for(decisions)
         if outs and self.publisher is not None:
-            await self.publisher.publish_all(outs, service="dedupe")
+            await publish_releases_last(self.publisher, outs, "dedupe")
+        self._logic.settle(pending)  # a failed publish fails the load: retried from scratch, nothing remembered
         log.info("cache_rebuilt", partitions=sorted(partitions), entries=loaded, waiting=len(held),
                  seconds=round(time.monotonic() - started, 2))

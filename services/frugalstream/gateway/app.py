@@ -63,6 +63,8 @@ class GatewayService:
             jobs = self.runner.store if self.runner is not None else None
             self.loader = (GatewayLoader(self.settings, self.store, jobs) if isinstance(jobs, TopicBatchJobs)
                            else CompletedLoader(self.settings, self.store))
+            if isinstance(self.loader, GatewayLoader) and self.runner is not None:
+                self.loader.quiesce = self.runner.quiesce  # a revoke waits for the runner's step in progress
 
     async def start(self) -> None:
         if self.runner is not None:
@@ -127,8 +129,13 @@ class GatewayService:
         if self.store is not None and self.loader is not None:
             self.store.publisher = publisher
             options["listener"] = self.loader
+        registered = len(publisher.inflight)
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=32, concurrency=self.settings.concurrent_batches, **options)
+        if self.loader is not None:
+            # A revoke waits for the dispatch batches in flight on the revoked partitions: a call still being
+            # paid for is recorded and committed before the next owner reads the paid-call records.
+            self.loader.inflight = next((f for f in publisher.inflight[registered:] if f.name == self.name), None)
         if self.audits is not None:
             subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,
                       model=AuditRequest, process=self.audits.on_dispatch, max_records=32)

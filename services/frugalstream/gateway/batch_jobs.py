@@ -4,7 +4,12 @@ restarts and rebalances, like the paid-call records of `llm.gateway.completed` (
 Layout. One `BatchJob` per job, keyed by its job id and written to the SAME partition number as the dispatch
 records of its members, so `llm.requests.dispatch` and `llm.gateway.batches` must have equal partition counts
 (as `frugalstream topics` creates them). The owner of dispatch partition N loads the jobs of batches partition
-N when it is assigned N, and forgets them when N is revoked: a job moves with its partition.
+N when it is assigned N, and forgets them when N is revoked: a job moves with its partition. From the revoke
+until the assignment says whether N stays, its jobs are hidden from the runner (`suspend`), and the revoke
+waits for the runner's step in progress (`BatchRunner.quiesce`); once N is lost, nothing is kept of it, not
+even a job the runner records afterwards (the record still reaches the topic, where the new owner finds it).
+Otherwise a tick that was inside a provider call when N moved would put the job back, and two gateways would
+advance it, and both pay its members' fallback calls.
 
 Ordering. `record` returns once the broker acknowledged the job; the gateway commits a deferred dispatch only
 after its job (with it as a member) is recorded, and waits on a provider batch only after its id is recorded.
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
+
+from aiokafka import TopicPartition
 
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.state_loads import StateLoads
@@ -25,7 +32,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import read_compacted
+from frugalstream.runtime.state_topics import PartitionRevokedError, read_compacted
 from frugalstream.schemas import BatchJob
 from frugalstream.schemas import topics as t
 
@@ -89,16 +96,34 @@ class TopicBatchJobs(MemoryBatchJobs):
         self.settings = settings
         self.publisher = publisher  # set by the service when it registers on the broker
         self.loads = StateLoads("gateway-batches", lambda partitions: self._load(partitions), self._begin)
+        self._suspended: set[int] = set()  # revoked, until the assignment says whether they stay: hidden
+        self._forgotten: set[int] = set()  # lost (owned elsewhere) until gained again: nothing is kept of them
 
     async def ready(self, partition: int) -> None:
+        if partition in self._suspended:  # its jobs are hidden: joining one now could join a request twice
+            raise PartitionRevokedError(f"gateway-batches: partition {partition} is being revoked")
         await self.loads.ready(partition)
 
     def loaded(self, partition: int) -> bool:
         return partition in self.by_partition and partition not in self.loads.loading()
 
     def jobs(self) -> list[BatchJob]:
-        loading = self.loads.loading()
-        return [j for p, jobs in self.by_partition.items() if p not in loading for j in jobs.values()]
+        hidden = self.loads.loading() | self._suspended
+        return [j for p, jobs in self.by_partition.items() if p not in hidden for j in jobs.values()]
+
+    def put(self, job: BatchJob) -> None:
+        if job.partition in self._forgotten:  # owned elsewhere now: its owner has it from the topic
+            log.info("batch_job_not_kept", job_id=job.job_id, partition=job.partition, state=job.state)
+            return
+        super().put(job)
+
+    def suspend(self, partitions: Iterable[int]) -> None:
+        """Revoked: their jobs are hidden (and no request joins one) until the assignment is known."""
+        self._suspended |= set(partitions)
+
+    def resume(self) -> None:
+        """The assignment is known: call it just before the lost partitions are forgotten."""
+        self._suspended.clear()
 
     async def record(self, job: BatchJob) -> None:
         if self.publisher is None:
@@ -117,6 +142,8 @@ class TopicBatchJobs(MemoryBatchJobs):
     def _begin(self, partitions: set[int]) -> None:
         """What a (re)started load drops first: the jobs held of these partitions."""
         super().forget(partitions)
+        self._suspended -= partitions
+        self._forgotten -= partitions
         for partition in partitions:
             self.by_partition[partition] = {}
 
@@ -132,15 +159,33 @@ class TopicBatchJobs(MemoryBatchJobs):
         parts = set(partitions)
         self.loads.forget(parts)
         super().forget(parts)
+        self._suspended -= parts
+        self._forgotten |= parts
 
 
 class GatewayLoader(CompletedLoader):
     """The gateway's rebalance listener when it runs batch jobs: paid calls and batch jobs of a partition are
-    loaded together when it is gained, and forgotten together when it is lost."""
+    loaded together when it is gained, and forgotten together when it is lost. On a revoke, once the dispatch
+    batches in flight are done (their intakes join jobs), the revoked partitions' jobs are suspended and the
+    runner's step in progress is waited for (`quiesce`, set by the service: `BatchRunner.quiesce`)."""
 
     def __init__(self, settings: Settings, completed: TopicCompleted, jobs: TopicBatchJobs) -> None:
         super().__init__(settings, completed)
         self._jobs = jobs
+        self.quiesce: Callable[[], Awaitable[None]] | None = None
+
+    async def settle(self, revoked: set[TopicPartition]) -> None:
+        try:
+            await super().settle(revoked)
+        finally:  # even when the bound cut the wait short
+            self._jobs.suspend(tp.partition for tp in revoked if tp.topic == self._settings.topic(t.DISPATCH))
+        if self.quiesce is not None:
+            await self.quiesce()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Kept partitions run on; lost ones are forgotten by `lost`, before anything else runs (no await between).
+        self._jobs.resume()
+        await super().on_partitions_assigned(assigned)
 
     def lost(self, partitions: set[int]) -> None:
         super().lost(partitions)

@@ -66,6 +66,7 @@ class BatchRunner:
     clock: Callable[[], float] = time.time
     tick_s: float = 1.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _advancing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)  # held while a tick advances a job
     _settled: dict[str, set[str]] = field(default_factory=dict, repr=False)  # job id -> answered member keys
     _next_poll: dict[str, float] = field(default_factory=dict, repr=False)
     _tried: set[str] = field(default_factory=set, repr=False)  # jobs this process itself tried to submit
@@ -185,15 +186,32 @@ class BatchRunner:
         self._cancelled &= live
         for job in jobs:
             try:
-                await self._advance(job)
+                async with self._advancing:
+                    await self._advance(job)
             except Exception:
                 log.exception("batch_job_tick_failed", job_id=job.job_id, state=job.state)
 
+    async def quiesce(self) -> None:
+        """Returns once no intake runs and no job is being advanced. On a revoke, called once the store hides
+        the revoked partitions' jobs: what the runner starts next leaves them alone, and what it was doing
+        (a submit, a fallback call) is recorded before their next owner reads them."""
+        async with self._lock:
+            pass
+        async with self._advancing:
+            pass
+
     def _current(self, job_id: str) -> BatchJob | None:
+        """The job as the store holds it; None once it is done or its partition was revoked (owned elsewhere):
+        checked again after every wait, so a job that moved is advanced by its new owner only."""
         return next((j for j in self.store.jobs() if j.job_id == job_id), None)
+
+    def _held(self, job_id: str) -> bool:
+        return self._current(job_id) is not None
 
     async def _advance(self, job: BatchJob) -> None:
         now = self.clock()
+        if not self._held(job.job_id):
+            return
         if job.state == "open":
             due = min(m.answer_by for m in job.members)
             if (now - job.created_at < self.policy.gather_s and len(job.members) < self.policy.max_requests
@@ -205,14 +223,15 @@ class BatchRunner:
                     return
                 job = current.model_copy(update={"state": "submitting", "updated_at": now})
                 await self.store.record(job)
-        if job.state == "submitting" and now >= self._next_poll.get(job.job_id, 0.0):
+        if job.state == "submitting" and now >= self._next_poll.get(job.job_id, 0.0) and self._held(job.job_id):
             job = await self._submit(job)
-        if job.state == "submitted" and now >= self._next_poll.get(job.job_id, 0.0):
+        if job.state == "submitted" and now >= self._next_poll.get(job.job_id, 0.0) and self._held(job.job_id):
             await self._poll(job)
         current = self._current(job.job_id)
         if current is not None and current.state in ("submitting", "submitted"):
             await self._fallback_due(current)
-            await self._finish_if_settled(current)
+            if self._held(job.job_id):
+                await self._finish_if_settled(current)
 
     def _calls(self, job: BatchJob) -> list[BatchCall]:
         calls = []
@@ -279,14 +298,17 @@ class BatchRunner:
         missing: list[BatchMember] = []
         settled = self._settled.setdefault(job.job_id, set())
         for member in job.members:
+            if not self._held(job.job_id):
+                return
             outcome = polled.results.get(custom_id(member_key(member)))
             if isinstance(outcome, Completion):
                 await self._settle(job, member, outcome, answered=member_key(member) in settled)
             elif member_key(member) not in settled:
                 missing.append(member)
-        if missing:
+        if missing and self._held(job.job_id):
             await self._fallback(job, missing, f"batch {polled.status}: lines failed or missing")
-        await self._finish_if_settled(job, ended=True)
+        if self._held(job.job_id):
+            await self._finish_if_settled(job, ended=True)
 
     async def _settle(self, job: BatchJob, member: BatchMember, completion: Completion, *, answered: bool) -> None:
         """A batch answer: recorded as paid, then published. A member already recorded (by an earlier try whose

@@ -12,7 +12,8 @@ and loses none. Each batch task runs the stage's steps in order (process, publis
 
 Back-pressure: when `limit` batches are in flight, the handler waits for a slot, so FastStream stops taking
 batches and the consumer's fetch buffer bounds what it holds. On shutdown, `drain` pauses the partitions, waits
-for the batches in flight to publish and commit, and only then may the broker close.
+for the batches in flight to publish and commit, and only then may the broker close. On a rebalance, `settle`
+waits the same way for the batches of the revoked partitions (`OwnedPartitions.on_partitions_revoked`).
 """
 
 from __future__ import annotations
@@ -90,22 +91,25 @@ class InFlight:
         self.name = name
         self._slots = asyncio.Semaphore(limit)
         self._tracker = CommitTracker()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], _Batch] = {}
         self._consumer: Any = None
         self._closing = False
+        self._revoked: set[tuple[str, int]] = set()  # being settled for a revoke, until `reassigned`
 
     async def submit(self, records: Sequence[Record], consumer: Any, work: Callable[[], Awaitable[None]]) -> None:
         """Starts `work` for the batch once a slot is free; returns without waiting for it. While draining, the
-        batch is left uncommitted (it comes again after the restart)."""
+        batch is left uncommitted (it comes again after the restart); so is a batch of a partition being revoked
+        (fetched before the revoke, it waited for a slot): the next owner, this member or another, consumes it
+        again from the committed offset (aiokafka resets every position on a new assignment)."""
         await self._slots.acquire()
-        if self._closing:
+        if self._closing or self._revoked & {(r.topic, r.partition) for r in records}:
             self._slots.release()
             return
         self._consumer = consumer
         batch = self._tracker.begin(records)
         task = asyncio.create_task(self._run(batch, work), name=f"{self.name}-batch")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = batch
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     async def _run(self, batch: _Batch, work: Callable[[], Awaitable[None]]) -> None:
         """`work` again after a backoff while it raises (as a redelivery would run it), until it succeeds or a
@@ -136,6 +140,22 @@ class InFlight:
             await consumer.commit(offsets)
         except Exception as exc:  # a rebalance took the partition: its new owner redoes what was not committed
             log.warning("inflight_commit_failed", stage=self.name, error_type=type(exc).__name__)
+
+    async def settle(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Returns once no batch of these (topic, partition)s is in flight: each ran its work and committed.
+        For a revoke (see `OwnedPartitions`): until `reassigned`, no new batch of them starts. Unbounded: the
+        caller bounds it, and cancelling this wait leaves the batches running."""
+        wanted = set(partitions)
+        self._revoked |= wanted
+        while True:
+            tasks = {task for task, batch in self._tasks.items() if wanted & batch.spans.keys()}
+            if not tasks:
+                return
+            await asyncio.wait(tasks)
+
+    def reassigned(self) -> None:
+        """The rebalance is over: batches of every assigned partition run again."""
+        self._revoked.clear()
 
     async def drain(self, timeout_s: float) -> None:
         """Takes no new batch, pauses the partitions, and waits (up to `timeout_s`) for the batches in flight."""

@@ -8,7 +8,9 @@ Per batch, in order:
    terminal error), so one poison message cannot stall a partition;
 3. publish every output and dead letter, waiting for the broker's acknowledgements (sizes are checked
    first, see `Publisher`; reply-topic copies and dead letters are best effort);
-4. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the
+4. run the step's `after_publish` hooks (what must follow the acknowledged outputs: a state-topic tombstone,
+   memory that says "answered"); a hook that fails fails the batch like a failed publish;
+5. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the
    partitions are paused for a backoff (0.5 s doubling to 30 s) and the handler raises: they rewind to the
    batch start and the batch is redelivered after the pause. Outputs may repeat, but nothing is lost, and a
    broker outage does not turn into a busy loop.
@@ -74,17 +76,25 @@ class Deferral:
     after_s: float
 
 
+#: Run once a batch's outputs are acknowledged, before its offsets are committed.
+AfterPublish = Callable[[], Awaitable[None]]
+
+
 @dataclass
 class Handled:
-    """A process step's result: outputs to publish, and records to deliver again later."""
+    """A process step's result: outputs to publish, records to deliver again later, and hooks to run once the
+    outputs are acknowledged (in order, before the commit). A step that changes its memory only in a hook
+    decides the same again when a failed publish redelivers the batch."""
 
     outs: list[Out] = field(default_factory=list)
     deferred: list[Deferral] = field(default_factory=list)
+    after_publish: list[AfterPublish] = field(default_factory=list)
 
     def extend(self, other: Handled | list[Out]) -> None:
         if isinstance(other, Handled):
             self.outs.extend(other.outs)
             self.deferred.extend(other.deferred)
+            self.after_publish.extend(other.after_publish)
         else:
             self.outs.extend(other)
 
@@ -295,6 +305,9 @@ def subscribe_many(
     if inflight is not None:
         kwargs["ack_policy"] = AckPolicy.MANUAL  # InFlight commits, in offset order
         publisher.inflight.append(inflight)
+        listener = kwargs.get("listener")
+        if isinstance(listener, OwnedPartitions) and listener.inflight is None:
+            listener.inflight = inflight  # a revoke waits for the revoked partitions' batches (OwnedPartitions)
 
     async def handler(msg: KafkaMessage) -> None:
         records = records_of(msg)
@@ -344,6 +357,8 @@ def subscribe_many(
         try:
             letters = await publisher.capped_letters(bad_all, service)
             await publisher.publish_all(trace.stamp([*outs, *letters]), service=service)
+            for hook in done.after_publish:
+                await hook()
         except Exception:
             delay = backoff.next_delay()
             paused = _pause_for(consumer, records, delay)

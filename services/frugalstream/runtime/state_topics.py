@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel, ValidationError
 
 from frugalstream.runtime.broker import aiokafka_security
+from frugalstream.runtime.inflight import InFlight
 from frugalstream.runtime.kafka_options import client_options
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, UsageError
@@ -254,6 +255,13 @@ class OwnedPartitions(ConsumerRebalanceListener):  # type: ignore[misc]
 
     aiokafka may hand out records of a gained partition while `gained` still runs: start loads synchronously in
     it (before its first await) and have the handlers wait for them; the listener alone gates nothing.
+
+    On revoke, the work still running on the revoked partitions is waited for (`settle`): Kafka runs every
+    member's revoke before any member's assignment, so what is recorded and committed by then is what the next
+    owner reads. Without it a gateway batch still paying for a call when its partition moves is paid again by
+    the new owner, which loads the paid-call records before the old owner wrote that one. The wait is bounded
+    by half the session timeout (the group's rebalance timeout): a member that rejoins later is dropped from
+    the group, and what still runs then may be done twice.
     """
 
     def __init__(self, settings: Settings, topic: str) -> None:
@@ -261,11 +269,29 @@ class OwnedPartitions(ConsumerRebalanceListener):  # type: ignore[misc]
         self._topic = topic  # logical name
         self.owned: set[int] = set()
         self.joined = False  # got its first assignment (possibly empty): readiness waits for it
+        self.inflight: InFlight | None = None  # the consumer's batches in flight, when it runs them as tasks
 
-    async def on_partitions_revoked(self, revoked: object) -> None:
-        return None
+    @property
+    def revoke_wait_s(self) -> float:
+        """Half the session timeout, which is the group's rebalance timeout (`runtime.kafka_options`)."""
+        return self._settings.kafka_session_timeout_ms / 2000
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            async with asyncio.timeout(self.revoke_wait_s):
+                await self.settle(set(revoked))
+        except TimeoutError:
+            log.warning("revoke_settle_timed_out", topic=self._topic, seconds=self.revoke_wait_s,
+                        partitions=sorted(tp.partition for tp in revoked))
+
+    async def settle(self, revoked: set[TopicPartition]) -> None:
+        """Waits for the work still running on the revoked partitions (at the bound the wait ends, not the work)."""
+        if self.inflight is not None:
+            await self.inflight.settle((tp.topic, tp.partition) for tp in revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.inflight is not None:
+            self.inflight.reassigned()
         mine = {tp.partition for tp in assigned if tp.topic == self._settings.topic(self._topic)}
         new, gone = mine - self.owned, self.owned - mine
         self.owned = mine
