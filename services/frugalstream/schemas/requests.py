@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from frugalstream.schemas._base import Contract
+from frugalstream.schemas._base import MAX_JSON_DEPTH, Contract, nested_deeper_than
 
 TaskType = Literal[
     "faq", "extraction", "classification", "summarization", "drafting",
@@ -101,6 +101,13 @@ class ChatMessage(BaseModel):
                     raise ValueError("messages[].content text parts need a string 'text'")
             data["content"] = _text_of(tuple(parts)) if isinstance(parts, list | tuple) else ""
         return data
+
+    @field_validator("parts")
+    @classmethod
+    def _parts_not_too_deep(cls, parts: tuple[dict[str, Any], ...] | None) -> tuple[dict[str, Any], ...] | None:
+        if nested_deeper_than(parts):
+            raise ValueError(f"messages[].content parts nested deeper than {MAX_JSON_DEPTH} levels")
+        return parts
 
     @property
     def opaque(self) -> bool:
@@ -217,6 +224,13 @@ class LLMRequest(Contract):
                 raise ValueError("max_tokens and max_completion_tokens are both given, with different values")
             data["max_tokens"] = completion
         return data
+
+    @field_validator("tools", "response_format", "tool_choice")
+    @classmethod
+    def _not_too_deep(cls, value: Any) -> Any:
+        if nested_deeper_than(value):
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        return value
 
     @field_validator("tool_choice")
     @classmethod
