@@ -159,3 +159,17 @@ async def test_usage_stamped_far_in_the_future_is_not_charged_to_every_later_per
     clock[0] = now + 3 * DAY
     (state,) = await acc.budget_changes()
     assert state.status == "ok", state
+
+
+@pytest.mark.parametrize(("period", "start"), [("month", "2026-01-31T00:00:00Z"), ("month", "9999-12-01T00:00:00Z"),
+                                               ("day", "9999-12-31T00:00:00Z"), ("day", "2026-12-01T12:00:00Z")])
+def test_a_budget_state_whose_period_is_no_period_is_a_dead_letter(period: str, start: str) -> None:
+    """A month from the 31st, or a period ending in year 10000, has no computable end: it could never expire,
+    and computing it raised inside every decision that read the state (the classifier's whole batch failed)."""
+    raw = json.dumps({"budget_id": "acme/*/x", "tenant": "acme", "period": period, "period_start": start,
+                      "limit_usd": 1.0, "spent_usd": 2.0, "status": "over", "action": "refuse",
+                      "updated_at": NOW}).encode()
+    assert decoded(t.BUDGETS, [raw], BudgetState) == (0, 1)
+    book = BudgetBook(clock=lambda: NOW)
+    book.update(budget_state("over", "refuse", NOW, start="2026-12-01T00:00:00Z"))
+    assert book.verdict("acme", {}) is not None  # the control: a real period still decides

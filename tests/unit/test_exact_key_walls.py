@@ -55,3 +55,44 @@ def test_what_the_model_reads_differently_keys_differently(first: str, second: s
 ], ids=["question-mark", "shouted", "apostrophes-are-no-literal", "umlaut-free-upper", "number"])
 def test_retyping_prose_still_asks_the_same_question(typed: str, retyped: str) -> None:
     assert normalize_text(typed) == normalize_text(retyped)
+
+
+# --- Code keeps its compatibility characters; a run of '!' is kept whole -----------------------------------------
+
+async def test_a_ligature_in_a_string_literal_never_shares_the_answer_of_its_letters() -> None:
+    d = deduper(semantic=False)
+    letters, ligature = await route(ask("a", "What does print(len('fi')) output?"),
+                                    ask("b", "What does print(len('\ufb01')) output?"))
+    await fill(d, letters, content="It prints 2.")
+    assert sources(await on_routed(d, [ligature])) == [], "served '2' for len('\ufb01'), which is 1"
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("What does print(len('fi')) output?", "What does print(len('\ufb01')) output?"),
+    ("print(len('ABC'.encode()))", "print(len('\uff21\uff22\uff23'.encode()))"),
+    ('x = "\u03bc"; print(x == "\u03bc")', 'x = "\u00b5"; print(x == "\u03bc")'),
+], ids=["ligature-len", "fullwidth-bytes", "micro-sign-vs-mu"])
+def test_code_computing_on_compatibility_characters_keys_apart(first: str, second: str) -> None:
+    assert normalize_text(first) != normalize_text(second)
+
+
+async def test_a_double_factorial_is_not_a_factorial() -> None:
+    d = deduper(semantic=False)
+    single, double = await route(ask("a", "What is 5!"), ask("b", "What is 5!!"))
+    await fill(d, single, content="5! = 120.")
+    assert sources(await on_routed(d, [double])) == [], "served 120 for 5!! (which is 15)"
+
+
+@pytest.mark.parametrize(("first", "second"), [("What is 5!!", "What is 5!"), ("Simplify (2n)!!", "Simplify (2n)!"),
+                                               ("Compute 7!! / 5!!", "Compute 7!! / 5!")],
+                         ids=["number", "expression", "quotient"])
+def test_a_double_factorial_keys_apart_from_a_factorial(first: str, second: str) -> None:
+    assert normalize_text(first) != normalize_text(second)
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("Sort these lines:\nZebra\napple", "Sort these lines:\nzebra\napple"),  # case sorts differently
+    ("Parse this YAML:\na:\n  b: 1", "Parse this YAML:\na:\nb: 1"),  # indentation is structure
+], ids=["case-in-lines", "indentation"])
+def test_text_in_lines_keeps_its_case_and_layout_without_reading_as_code(first: str, second: str) -> None:
+    assert normalize_text(first) != normalize_text(second)

@@ -31,6 +31,7 @@ from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, Deferral
+from frugalstream.runtime.state_topics import PartitionRevokedError
 from frugalstream.schemas import (
     BatchJob,
     ChatMessage,
@@ -254,7 +255,8 @@ async def test_loader_reads_new_partitions_before_serving_and_forgets_revoked_on
     assert await store.lookup(1, request_key("acme", "r1")) == on_topic[1]
     await loader.on_partitions_assigned({TopicPartition(dispatch, 1), TopicPartition(dispatch, 2)})
     assert asked[-1] == {2}, "only the newly owned partition is read"
-    assert await store.lookup(0, request_key("acme", "r0")) is None, "a revoked partition is forgotten"
+    with pytest.raises(PartitionRevokedError):  # forgotten: knowing nothing of it is not "never paid"
+        await store.lookup(0, request_key("acme", "r0"))
     assert await store.lookup(2, request_key("acme", "r2")) == on_topic[2]
 
 

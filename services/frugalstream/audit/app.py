@@ -65,13 +65,9 @@ class AuditService:
 
     def _export(self, records: Sequence[AuditRecord], changes: Sequence[ThresholdChange]) -> None:
         for r in records:
-            e = r.estimate
-            labels = (e.tenant, e.task_type, e.kind)
-            for bound, value in (("rate", e.rate), ("low", e.low), ("high", e.high)):
-                self.metrics.audit_acceptance.labels(*labels, bound).set(value)
-            self.metrics.audit_samples.labels(*labels).set(e.n)
+            self.metrics.record_audit(r.estimate)
         for c in changes:
-            self.metrics.live_threshold.labels(c.tenant, c.task_type, c.knob).set(c.value)
+            self.metrics.record_threshold(c)
 
     async def _on_answered(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
         audits = [d.value for d in batch]

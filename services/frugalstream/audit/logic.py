@@ -11,9 +11,11 @@ Labels are weighted by 1/sampling rate, so a 5% audit of hits and every free nea
 A review verdict is accepted only for an audit this service judged, of the same tenant, on the same pair of
 answers (`answers_sha256`): a verdict cannot be replayed onto another audit or across a tenant wall.
 
-Tenants never interfere: the audits remembered for dedupe and review are bounded per tenant (one tenant's volume
-never evicts another's), and an audit already counted in its estimate cell is never judged again, so a
-redelivery forgotten by that memory still cannot replace a person's verdict with a machine's.
+Tenants never interfere: the audits remembered for dedupe and review are bounded per tenant (a configured
+tenant's are never evicted by another's volume; the tenants not configured, free names a producer may invent,
+share one tenant's worth, the largest evicted from first, as do their estimates and threshold labels), and an
+audit already counted in its estimate cell is never judged again, so a redelivery forgotten by that memory still
+cannot replace a person's verdict with a machine's.
 
 An audit or review is counted when its batch is processed, before the stage publishes the record; when that
 publish is not acknowledged the batch comes again and finds it counted. `llm.audits` is all a restart reads and
@@ -30,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from frugalstream.audit.controller import Label, ThresholdController
+from frugalstream.audit.controller import Label, Shares, ThresholdController
 from frugalstream.llm import pair_encoder
 from frugalstream.llm import verifier as lexical
 from frugalstream.llm.audit_stats import Proportion
@@ -42,6 +44,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import TASK_TYPES, TaskType
 from frugalstream.schemas.audits import (
+    DECISION_KINDS,
     AuditEstimate,
     AuditRecord,
     AuditRequest,
@@ -61,17 +64,45 @@ Outputs = tuple[list[AuditRecord], list[ThresholdChange]]
 @dataclass
 class EstimateBook:
     """Latest verdict per audit id, per (tenant, task type, kind): the estimate is over distinct audits.
-    A verdict is (accepted, by a person)."""
+    A verdict is (accepted, by a person). Each cell keeps `window` verdicts; the tenants not `reserve`d share one
+    tenant's worth (`window` per task type and kind), evicted as `Shares` says."""
 
     window: int = 100_000
     cells: dict[Cell, OrderedDict[str, tuple[bool, bool]]] = field(default_factory=dict)
+    shares: Shares = field(init=False)
+    _tenant_cells: dict[str, OrderedDict[Cell, None]] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.reserve(())
+
+    def reserve(self, tenants: Iterable[str]) -> None:
+        """The configured tenants: their verdicts are never evicted by other tenants' (call before any `put`)."""
+        self.shares = Shares(self.window * (len(TASK_TYPES) + 1) * len(DECISION_KINDS), tenants)
 
     def put(self, cell: Cell, audit_id: str, accepted: bool, human: bool = False) -> None:
         verdicts = self.cells.setdefault(cell, OrderedDict())
+        before = len(verdicts)
         verdicts[audit_id] = (accepted, human)
         verdicts.move_to_end(audit_id)
         while len(verdicts) > self.window:
             verdicts.popitem(last=False)
+        cells = self._tenant_cells.setdefault(cell[0], OrderedDict())
+        cells[cell] = None
+        cells.move_to_end(cell)  # the tenant's least recently counted cell is evicted from first
+        self.shares.moved(cell[0], len(verdicts) - before)
+        while self.shares.over():
+            self._evict(self.shares.victim())
+
+    def _evict(self, tenant: str) -> None:
+        cells = self._tenant_cells[tenant]
+        oldest = next(iter(cells))
+        verdicts = self.cells[oldest]
+        verdicts.popitem(last=False)
+        self.shares.moved(tenant, -1)
+        if not verdicts:
+            del self.cells[oldest], cells[oldest]
+            if not cells:
+                del self._tenant_cells[tenant]
 
     def verdict(self, cell: Cell, audit_id: str) -> tuple[bool, bool] | None:
         """The counted (accepted, by a person) of this audit, None when it is not counted in the cell."""
@@ -92,24 +123,41 @@ class EstimateBook:
 
 class Recent(Mapping[str, AuditRecord]):
     """The latest judged record per audit id (what a redelivery is checked against and what reviewers may
-    judge), at most `per_tenant` of each tenant, least recent evicted first: another tenant's volume never
-    evicts a tenant's audits."""
+    judge), at most `per_tenant` of each tenant, least recent evicted first. A `reserved` (configured) tenant's
+    audits are never evicted by another tenant's volume. The other tenants, free names a producer may invent,
+    share `shared` records (default `per_tenant`): past it, the oldest audit of the tenant holding the most goes
+    (`Shares`), so a flood evicts its own audits before a quiet tenant's audits awaiting review (a reviewed one,
+    put again, is its tenant's most recent)."""
 
-    def __init__(self, per_tenant: int) -> None:
+    def __init__(self, per_tenant: int, reserved: Iterable[str] = (), shared: int | None = None) -> None:
         self.per_tenant = per_tenant
+        self.shares = Shares(per_tenant if shared is None else shared, reserved)
         self._records: dict[str, AuditRecord] = {}
         self._order: dict[str, OrderedDict[str, None]] = {}  # per tenant: its audit ids, least recent first
 
     def put(self, record: AuditRecord) -> None:
         old = self._records.get(record.audit_id)
         if old is not None and old.tenant != record.tenant:
-            self._order[old.tenant].pop(record.audit_id, None)
+            self._remove(old.tenant, record.audit_id)
+            old = None
         self._records[record.audit_id] = record
         ids = self._order.setdefault(record.tenant, OrderedDict())
         ids[record.audit_id] = None
         ids.move_to_end(record.audit_id)
+        self.shares.moved(record.tenant, 0 if old is not None else 1)
         while len(ids) > self.per_tenant:
-            self._records.pop(ids.popitem(last=False)[0], None)
+            self._remove(record.tenant, next(iter(ids)))
+        while self.shares.over():
+            tenant = self.shares.victim()
+            self._remove(tenant, next(iter(self._order[tenant])))
+
+    def _remove(self, tenant: str, audit_id: str) -> None:
+        ids = self._order[tenant]
+        del ids[audit_id]
+        self._records.pop(audit_id, None)
+        self.shares.moved(tenant, -1)
+        if not ids:
+            del self._order[tenant]
 
     def __getitem__(self, audit_id: str) -> AuditRecord:
         return self._records[audit_id]
@@ -137,14 +185,16 @@ class Auditor:
     book: ThresholdBook = field(default_factory=ThresholdBook)
     estimates: EstimateBook = field(default_factory=EstimateBook)
     clock: Callable[[], float] = time.time
-    recent_max: int = 100_000  # audits remembered per tenant
+    recent_max: int = 100_000  # audits remembered per configured tenant, and for all the others together
     recent: Recent = field(init=False)
     # Per threshold cell: the last change this service decided and the audits of the batch that caused it.
     caused: dict[KnobCell, tuple[ThresholdChange, frozenset[str]]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.controller.min_evidence = self.settings.audit_min_evidence
-        self.recent = Recent(self.recent_max)
+        self.recent = Recent(self.recent_max, reserved=self.settings.tenants)
+        self.controller.reserve(self.settings.tenants)
+        self.estimates.reserve(self.settings.tenants)
 
     def judge_name(self, task_type: str | None) -> str:
         judges = self.settings.audit_judges

@@ -36,6 +36,7 @@ from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversati
 from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
 from frugalstream.llm.pricing.baseline import savings_baseline
 from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.providers import endpoint_for
 from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
@@ -71,9 +72,7 @@ class EscalationScorer(Protocol):
 
 
 def provider_for(model: str, settings: Settings) -> str:
-    if settings.provider == "simulated":
-        return "simulated"
-    return "anthropic" if model.startswith("claude") else "openai"
+    return "simulated" if settings.provider == "simulated" else endpoint_for(model)
 
 
 def sampled(request: LLMRequest) -> bool:

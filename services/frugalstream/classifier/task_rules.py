@@ -28,7 +28,7 @@ _PATTERNS: tuple[tuple[TaskType, str, str], ...] = (
         ("classification", "classify", r"\b(classify|categori[sz]e|label|sentiment|is this (spam|positive|negative)|"
                                         r"which category)\b"),
         ("reasoning", "math", r"\b(prove|proof|derive|calculate|compute|solve|how many|probability|equation|"
-                              r"integral|theorem)\b|\d+\s*[-+*/^]\s*\d+"),
+                              r"integral|theorem)\b|(?<!\d)\d++\s*+[-+*/^]\s*+\d"),
         ("reasoning", "analysis", r"\b(step by step|reason|analy[sz]e|compare .+ and|trade-?offs?|why does|"
                                   r"explain why)\b"),
         ("creative", "creative", r"\b(poem|story|song|lyrics|haiku|joke|fiction|imagine|screenplay|limerick)\b"),
@@ -39,6 +39,17 @@ _PATTERNS: tuple[tuple[TaskType, str, str], ...] = (
 _RULES: tuple[tuple[TaskType, str, re.Pattern[str]], ...] = tuple(
     (task, name, re.compile(pattern, re.IGNORECASE)) for task, name, pattern in _PATTERNS
 )
+# The rules read at most this much of each end of a long turn. A pattern like `SELECT.+FROM` costs time quadratic
+# in what it reads (a turn of "SELECT SELECT ..." near the size limit would hold a stage for minutes), and the
+# instruction that types a long turn sits at its start or its end ("Summarize this: <document>"). The `faq` rule
+# only matches a turn far shorter than this, so it never matches a window of a longer one.
+RULE_WINDOW_CHARS = 4_000
+
+
+def _windows(text: str) -> tuple[str, ...]:
+    if len(text) <= 2 * RULE_WINDOW_CHARS:
+        return (text,)
+    return text[:RULE_WINDOW_CHARS], text[-RULE_WINDOW_CHARS:]
 
 
 def classify_task(request: LLMRequest) -> TaskDecision:
@@ -46,8 +57,9 @@ def classify_task(request: LLMRequest) -> TaskDecision:
         return TaskDecision(request.task_hint, "task_hint")
     _, earlier, last_user = split_conversation(request.messages)
     text = last_user.strip()
+    windows = _windows(text)
     for task, name, pattern in _RULES:
-        if pattern.search(text):
+        if any(pattern.search(window) for window in windows):
             # A short question inside a long conversation is a chat turn, not a standalone FAQ.
             if task == "faq" and len(earlier) >= 2:
                 return TaskDecision("chat", "faq_in_conversation")

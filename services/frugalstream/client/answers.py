@@ -1,9 +1,11 @@
 """Matching answers on `llm.responses` to the callers waiting for them, by identity (tenant, request id).
 
-Every client (and every HTTP entry) reads the whole answer topic and keeps only what it waits for. The
-identity includes the tenant, so a request id another tenant reuses never resolves, or replays, the wrong
-caller's answer. A short memory of recent answers lets a caller that retries with the same id (a lost HTTP
-connection, say) get the answer the pipeline already gave: the pipeline answers an identity once.
+Every client (and every HTTP entry) reads the whole answer topic. The identity includes the tenant, so a
+request id another tenant reuses never resolves, or replays, the wrong caller's answer. A short memory of
+recent answers lets a caller that retries with the same id (a lost HTTP connection, say) get the answer the
+pipeline already gave: the pipeline answers an identity once. A client remembers only answers of identities
+asked through it; the HTTP entry (`remember_unasked`) remembers every answer it reads, so a retry that reaches
+another entry behind the same load balancer is still replayed.
 """
 
 from __future__ import annotations
@@ -21,15 +23,23 @@ REMEMBER, REMEMBER_S = 4096, 600.0
 
 
 class AnswerBoard:
-    """Futures of waiting callers, and a bounded memory of recent answers (by count, bytes and age)."""
+    """Futures of waiting callers, and a bounded memory of recent answers (by count, bytes and age).
+
+    `remember_unasked=False` remembers only answers of identities `expect`ed here (within `remember_s`, the
+    last `remember` of them): a client must not hold other callers' (other tenants') answers it reads.
+    """
 
     def __init__(self, *, remember: int = REMEMBER, remember_bytes: int = 64 * 1024 * 1024,
-                 remember_s: float = REMEMBER_S, rate_window_s: float = 10.0) -> None:
+                 remember_s: float = REMEMBER_S, rate_window_s: float = 10.0, remember_unasked: bool = True) -> None:
         self._waiting: dict[Identity, list[asyncio.Future[LLMResponse]]] = {}
         self._since: dict[Identity, float] = {}
         self._recent: OrderedDict[Identity, tuple[LLMResponse, int, float]] = OrderedDict()
         self._recent_bytes = 0
         self._remember, self._remember_bytes, self._remember_s = remember, remember_bytes, remember_s
+        self._remember_unasked = remember_unasked
+        #: Identities asked here and not answered yet (answered late, after their caller gave up, they are still
+        #: remembered for its retry), oldest first; only kept when `remember_unasked` is off.
+        self._asked: OrderedDict[Identity, float] = OrderedDict()
         self._delivered: deque[float] = deque()
         self._rate_window_s = rate_window_s
 
@@ -52,8 +62,15 @@ class AnswerBoard:
             future.set_result(answer)
             return future
         key = (tenant, request_id)
+        now = time.monotonic()
         self._waiting.setdefault(key, []).append(future)
-        self._since.setdefault(key, time.monotonic())
+        self._since.setdefault(key, now)
+        if not self._remember_unasked:
+            self._asked.pop(key, None)
+            self._asked[key] = now
+            while self._asked and (len(self._asked) > self._remember
+                                   or now - next(iter(self._asked.values())) > self._remember_s):
+                self._asked.popitem(last=False)
         return future
 
     def forget(self, tenant: str, request_id: str, future: asyncio.Future[LLMResponse]) -> None:
@@ -72,7 +89,8 @@ class AnswerBoard:
         """Resolves every caller waiting on the response's identity; returns how many. Remembers it."""
         key = (response.tenant, response.request_id)
         now = time.monotonic()
-        self._remember_answer(key, response, size, now)
+        if self._remember_unasked or self._asked.pop(key, None) is not None or key in self._waiting:
+            self._remember_answer(key, response, size, now)
         futures = self._waiting.pop(key, [])
         self._since.pop(key, None)
         for future in futures:

@@ -12,6 +12,7 @@ reader died, since no answer can arrive then (the next call starts a new reader)
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
@@ -39,31 +40,49 @@ class Transport(Protocol):
     async def stop(self) -> None: ...
 
 
+def check_timeout(value: float, name: str = "timeout_s") -> float:
+    """A wait that can be met: finite and > 0. Checked before anything is sent, since a request produced for a
+    caller that cannot wait is still answered, and paid for, with nobody reading it."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return value
+
+
 def build_request(prompt: Prompt, *, tenant: str, request_id: str | None = None, **fields: Any) -> LLMRequest:
-    """An `LLMRequest` from a prompt (text, chat messages, or a whole request, whose tenant must match)."""
+    """An `LLMRequest` from a prompt (text, chat messages, or a whole request, whose tenant must match, sent as
+    it is: an id or fields given beside it are refused rather than dropped). A missing id is a fresh random one;
+    an empty one is refused (it is the idempotency key), not replaced."""
     if isinstance(prompt, LLMRequest):
+        if request_id is not None or fields:
+            given = ", ".join((["request_id"] if request_id is not None else []) + sorted(fields))
+            raise ValueError(f"{given} cannot be given with a whole LLMRequest (it is sent as it is): "
+                             "set them on the request (request.model_copy(update=...))")
         if prompt.tenant != tenant:
             raise ValueError(f"the request's tenant {prompt.tenant!r} is not this client's tenant {tenant!r}")
         return prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return LLMRequest.model_validate({
-        "id": request_id or uuid.uuid4().hex, "tenant": tenant, "messages": messages, "created_at": time.time(),
-        **fields,
+        "id": uuid.uuid4().hex if request_id is None else request_id, "tenant": tenant, "messages": messages,
+        "created_at": time.time(), **fields,
     })
 
 
 class FrugalClient:
-    """One producer, and (once `complete` is used) one reader of every answer, shared by all calls."""
+    """One producer, and (once `complete` is used) one reader of every answer, shared by all calls.
+
+    The board remembers only answers of identities asked through this client (for a retry with the same id);
+    `remember_unasked=True` remembers every answer read (the HTTP entry's: a retry may reach another entry).
+    """
 
     def __init__(self, tenant: str, *, bootstrap: str | None = None, settings: Settings | None = None,
                  transport: Transport | None = None, timeout_s: float = 120.0,
-                 client_id: str = "frugalstream-client") -> None:
+                 client_id: str = "frugalstream-client", remember_unasked: bool = False) -> None:
         settings = settings or Settings()
         if bootstrap is not None:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         self.tenant = tenant
-        self.timeout_s = timeout_s
-        self.board = AnswerBoard()
+        self.timeout_s = check_timeout(timeout_s)
+        self.board = AnswerBoard(remember_unasked=remember_unasked)
         self._transport: Transport = transport or KafkaTransport(settings, client_id=client_id)
         self._started = False
         self._reading: asyncio.Lock | None = None
@@ -71,9 +90,18 @@ class FrugalClient:
             self._transport.on_reader_failure = self._reader_failed
 
     async def start(self, *, answers: bool = True) -> None:
-        """`answers=False` for a submit-only client: no answer reader is started until `complete` needs one."""
-        await self._transport.start(self._on_answer if answers else None)
-        self._started = True
+        """`answers=False` for a submit-only client: no answer reader is started until `complete` needs one.
+        Starting a started client only starts the answer reader, if asked: never a second producer."""
+        if not self._started:
+            await self._transport.start(self._on_answer if answers else None)
+            self._started = True
+        elif answers:
+            await self._start_reader()
+
+    async def _start_reader(self) -> None:
+        self._reading = self._reading or asyncio.Lock()
+        async with self._reading:
+            await self._transport.start_reader(self._on_answer)
 
     async def stop(self) -> None:
         await self._transport.stop()
@@ -124,17 +152,18 @@ class FrugalClient:
     async def ask(self, request: LLMRequest, *, timeout_s: float | None = None) -> LLMResponse:
         """`complete` for a ready request of any tenant (the HTTP entry's path): registered before it is sent,
         answered from the recent answers when this identity was answered a moment ago."""
+        wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         if not self._started:
             raise RuntimeError("start the client first (or use `async with`)")
-        self._reading = self._reading or asyncio.Lock()
-        async with self._reading:
-            await self._transport.start_reader(self._on_answer)
+        await self._start_reader()
+        if not self._started:  # stopped while the reader started: nothing may be sent (nor a reader left)
+            raise ConnectionError("the client stopped")
         future = self.board.expect(request.tenant, request.id)
         try:
             if not future.done():
                 self._check_reader()
                 await self._transport.send(request)
-            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
+            async with asyncio.timeout(wait_s):
                 return await future
         finally:
             self.board.forget(request.tenant, request.id, future)
@@ -144,16 +173,24 @@ class SyncFrugalClient:
     """`FrugalClient` for code without an event loop: the client runs on its own loop in a daemon thread."""
 
     def __init__(self, tenant: str, **options: Any) -> None:
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="frugalstream-client", daemon=True)
         self._thread.start()
-        self._client = self._run(self._make(tenant, options))
+        try:
+            self._client = self._run(self._make(tenant, options))
+        except BaseException:  # a bad option: nobody gets an object to close, so the loop thread ends here
+            self._end_loop()
+            raise
 
     @staticmethod
     async def _make(tenant: str, options: dict[str, Any]) -> FrugalClient:
         return FrugalClient(tenant, **options)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()  # never scheduled: closed here rather than warned about as never awaited
+            raise RuntimeError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def start(self, *, answers: bool = True) -> None:
@@ -166,15 +203,26 @@ class SyncFrugalClient:
         return self._run(self._client.complete(prompt, **fields))
 
     def close(self) -> None:
+        """Stops the client and ends its loop thread; closing again does nothing (a `close()` inside a `with`)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._run(self._client.stop())
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # __exit__ will not run: the loop thread must not outlive the failed start
+            self.close()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

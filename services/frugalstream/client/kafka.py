@@ -68,18 +68,29 @@ class KafkaTransport:
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        #: Counts stops: a reader whose start spans a stop finds it changed and closes itself instead of running.
+        self._stops = 0
         #: Called (on the event loop) with the error that killed the answer reader; the client sets it.
         self.on_reader_failure: OnFailure | None = None
 
     async def start(self, on_answer: OnAnswer | None) -> None:
-        """Starts the producer, and the answer reader when `on_answer` is given (fire-and-forget needs none)."""
-        s = self.settings
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap, client_id=self._client_id,
-            max_request_size=max(s.max_message_bytes * 2, 1_048_576), **aiokafka_security(s),
-            **producer_options(idempotent=s.kafka_idempotent),
-        )
-        await self._producer.start()
+        """Starts the producer, and the answer reader when `on_answer` is given (fire-and-forget needs none).
+        A second start keeps the running producer: replacing it would leave the first one's connections open."""
+        if self._producer is None:
+            s = self.settings
+            producer = AIOKafkaProducer(
+                bootstrap_servers=s.kafka_bootstrap, client_id=self._client_id,
+                max_request_size=max(s.max_message_bytes * 2, 1_048_576), **aiokafka_security(s),
+                **producer_options(idempotent=s.kafka_idempotent),
+            )
+            self._producer = producer
+            try:
+                await producer.start()
+            except BaseException:
+                self._producer = None
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
         if on_answer is not None:
             await self.start_reader(on_answer)
 
@@ -92,6 +103,7 @@ class KafkaTransport:
             await self._stop_reader()
         s = self.settings
         topic = s.topic(t.RESPONSES)
+        stops = self._stops
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, client_id=f"{self._client_id}-answers", group_id=None,
             enable_auto_commit=False, fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
@@ -110,6 +122,8 @@ class KafkaTransport:
             await consumer.seek_to_end(*tps)
             for tp in tps:  # resolve the positions now: a lazy reset could land after our first answer
                 await consumer.position(tp)
+            if self._stops != stops:  # stopped meanwhile: a reader kept now would poll for ever, unstopped
+                raise ConnectionError("the client stopped while its answer reader started")
         except BaseException:
             await consumer.stop()
             raise
@@ -152,6 +166,7 @@ class KafkaTransport:
         await self._producer.send_and_wait(self.settings.topic(t.REQUESTS), data, key=request.id.encode())
 
     async def stop(self) -> None:
+        self._stops += 1
         await self._stop_reader()
         if self._producer is not None:
             await self._producer.stop()

@@ -105,16 +105,17 @@ class Deduper:
             self.answered.stored(key)
 
     async def _on_requests(self, batch: Sequence[Routed]) -> tuple[list[Decision], Pending]:
-        """Decides every request of the batch. Its hits are remembered as answered only when settled: until
-        their answers are acknowledged, a redelivery is served again."""
+        """Decides every request of the batch but those an answer already decided (`_releasing`). Its hits are
+        remembered as answered only when settled: until their answers are acknowledged, a redelivery is served
+        again."""
         decisions: list[Decision] = []
         pending: list[Routed] = []
         done = Pending()
-        seen: set[str] = set()
+        seen = self._releasing()
         for routed, partition in batch:
             key = identity(routed)
             if key in self.answered or key in seen:
-                continue  # a redelivered or re-routed request that already has its terminal answer
+                continue  # a redelivered or re-routed request that already has (or is getting) its terminal answer
             seen.add(key)
             if not self.lookup.may_cache(routed):
                 self.answered.refuse_store(key)
@@ -145,6 +146,13 @@ class Deduper:
             else:
                 decisions.append(self._dispatch(routed))
         return decisions, done
+
+    def _releasing(self) -> set[str]:
+        """Followers an answer released (answered or dispatched them) whose outputs are not acknowledged yet:
+        in this batch (the answers come first), or in one whose publish failed, whose redelivered answer
+        releases them again. Their identity is not `answered` until then, yet a request of one must get no
+        second decision (a `cache_exact` from the entry that answer just stored, after its `coalesced` one)."""
+        return {w.key for _, _, followers in self.coalescing.releasing.values() for w in followers}
 
     def _pass_on(self, routed: RoutedRequest) -> Decision:
         """A request that skips the lookup, or one seen again while it leads or waits (a retried batch, a

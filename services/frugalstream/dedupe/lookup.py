@@ -58,6 +58,7 @@ class Lookup:
     store: AnswerStore
     semantic: SemanticMatcher | None = None
     scope_partition: dict[str, int] = field(default_factory=dict)  # scope -> partition it lives on
+    _evicted: int = field(default=0, init=False, repr=False)  # the store's eviction count when last pruned
 
     def may_cache(self, routed: RoutedRequest) -> bool:
         """False for an answer sampled above temperature 0 unless the tenant's policy opts in to caching it."""
@@ -111,7 +112,17 @@ class Lookup:
         if not self.store.put(entry):
             return False
         self.scope_partition[entry.keys.scope] = partition
+        if self.store.evicted != self._evicted:  # an eviction (a tenth of the store) may have emptied scopes
+            self._evicted = self.store.evicted
+            self._prune_scopes()
         return True
+
+    def _prune_scopes(self) -> None:
+        """Forgets the scopes with no entry left in the store: the map stays bounded by the store, however many
+        scopes a producer invents (their semantic shards leave at the next sweep, their entries being gone)."""
+        live = {entry.keys.scope for entry in self.store}
+        for scope in [s for s in self.scope_partition if s not in live]:
+            del self.scope_partition[scope]
 
     async def index(self, fresh: Sequence[CacheEntry]) -> None:
         """Adds new entries to the semantic index. A failure is logged: the entries are stored and on
@@ -145,8 +156,10 @@ class Lookup:
         return dropped
 
     async def sweep(self, now: float | None = None) -> tuple[int, int]:
-        """Bounded state: expired entries leave the answer store, then expired and evicted ones leave the
-        semantic shards (rebuilt on the semantic worker thread). Returns (store, shard) entries dropped."""
+        """Bounded state: expired entries leave the answer store (and scopes left without entries the scope map),
+        then expired and evicted ones leave the semantic shards (rebuilt on the semantic worker thread). Returns
+        (store, shard) entries dropped."""
         dropped = self.store.sweep(now)
+        self._prune_scopes()
         removed = await self.semantic.sweep(now) if self.semantic is not None else 0
         return dropped, removed

@@ -34,17 +34,24 @@ from frugalstream.gateway.batch_wiring import build_batch_runner
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
 from frugalstream.gateway.logic import Gateway, Result
 from frugalstream.llm.identity import request_key
+from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.prompt_cache import PromptCachePlanner
+from frugalstream.llm.providers import Provider, endpoint_for
 from frugalstream.llm.resilience import RetryPolicy
 from frugalstream.resources import Resources
+from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.replies import response_outs
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import MissingKeyFileError, Settings
 from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
 from frugalstream.schemas import TIERS, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRequest
+
+log = get_logger(__name__)
+#: The providers that take a key; `simulated` needs none.
+KEYED_PROVIDERS = ("openai", "anthropic")
 
 
 @dataclass
@@ -129,13 +136,10 @@ class GatewayService:
         if self.store is not None and self.loader is not None:
             self.store.publisher = publisher
             options["listener"] = self.loader
-        registered = len(publisher.inflight)
+        # The stage hands the listener its batches in flight: a revoke waits for the calls still being paid for
+        # to be recorded and committed before the next owner reads the paid-call records.
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=32, concurrency=self.settings.concurrent_batches, **options)
-        if self.loader is not None:
-            # A revoke waits for the dispatch batches in flight on the revoked partitions: a call still being
-            # paid for is recorded and committed before the next owner reads the paid-call records.
-            self.loader.inflight = next((f for f in publisher.inflight[registered:] if f.name == self.name), None)
         if self.audits is not None:
             subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,
                       model=AuditRequest, process=self.audits.on_dispatch, max_records=32)
@@ -153,12 +157,52 @@ def _outs(result: Result) -> list[Out]:
     return outs
 
 
+def called_models(s: Settings) -> set[str]:
+    """The models the gateway calls whatever requests pin: every tier's, the baselines (the audits'
+    counterfactuals) and the LLM judge's when a task type is judged by one."""
+    models = {m for tier in TIERS for m in s.tiers.for_tier(tier)} | {s.default_baseline_model}
+    models |= {p.baseline_model for p in s.tenants.values() if p.baseline_model is not None}
+    if "llm" in s.audit_judges.values():
+        models.add(s.audit_judge_model)
+    return models
+
+
+def providers_in_use(s: Settings, catalog: PriceCatalog) -> set[str]:
+    """The providers whose keys the services need: the one each called model is sent to (its catalog provider,
+    else the routed one) and FRUGAL_PROVIDER itself (the summarizer's)."""
+    if s.provider == "simulated":
+        return {"simulated"}
+    used: set[str] = {s.provider}
+    for model in called_models(s):
+        listed = catalog.provider(model) if catalog.has(model) else None
+        used.add(listed if listed in KEYED_PROVIDERS else endpoint_for(model))
+    return used
+
+
+def build_providers(res: Resources) -> dict[str, Provider]:
+    """The providers in use, each refused at start when its key file is missing (`MissingKeyFileError` names the
+    setting), and the other keyed ones too, for pins to their models, unless their key file is missing: the
+    Secret of a deployment holds only the keys its operator has, and the ConfigMap names every provider's file."""
+    s = res.settings
+    if s.provider == "simulated":
+        return {"simulated": res.provider("simulated")}
+    needed = providers_in_use(s, res.catalog)
+    providers: dict[str, Provider] = {}
+    for name in KEYED_PROVIDERS:
+        try:
+            providers[name] = res.provider(name)
+        except MissingKeyFileError:
+            if name in needed:
+                raise
+            log.info("provider_not_configured", provider=name, reason="no key file; no model in use is there")
+    return providers
+
+
 def wire(res: Resources) -> GatewayService:
     s = res.settings
-    names = ("simulated",) if s.provider == "simulated" else ("openai", "anthropic")
-    providers = {n: res.provider(n) for n in names}
+    providers = build_providers(res)
     policy = RetryPolicy(attempts=s.provider_max_attempts)
-    models = {m for tier in TIERS for m in s.tiers.for_tier(tier)}
+    models = called_models(s)
     model_providers = {} if s.provider == "simulated" else {
         m: res.catalog.provider(m) for m in models if res.catalog.has(m)
     }

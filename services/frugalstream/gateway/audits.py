@@ -15,6 +15,15 @@ judge is `llm`. Usage follows the call, not the answer: it is emitted whenever t
 one, whatever the outcome, so a replay after a failed publish re-emits it (same deterministic usage id: the
 ledger counts it once) and a paid answer turned into a `too_large` error is still billed. An audit whose call
 fails is dropped with a log line and a metric (no verdict; a failed call carries no usage: it was not billed).
+
+Policy walls (`skip_reason`): an audit sends the tenant's prompt to a model and bills the tenant for it, so
+it runs only where the tenant's own request could have run: a model in `allowed_models` (when set) at or
+below `max_tier` (often a data-residency or compliance limit, not a price), and, when a budget downgrade
+capped the request, at or below the tier it was capped to. The routed_up audit takes the cheapest tier's
+first model the tenant may use; any other audit whose model (or, with an `llm` judge, whose judge model: the
+judge reads the prompt too) is walled off is skipped before its call, with an `audit_skipped` log line naming
+the reason. A skipped audit is never published, so it is no label. Sampling applies the walls and the
+dispatch applies them again (an audit sampled by dedupe, or before the policy changed).
 """
 
 from __future__ import annotations
@@ -29,9 +38,9 @@ from frugalstream.llm.audits import audit_id, audit_job, audit_rate, audit_usage
 from frugalstream.llm.judges import DEFAULT_RUBRIC, llm_judge_messages, parse_llm_verdict
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.records import Decoded, Out
-from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.runtime.stage import BatchContext
-from frugalstream.schemas import CompletedCall, RoutedRequest, UsageRecord
+from frugalstream.schemas import TIERS, CompletedCall, RoutedRequest, Tier, UsageRecord
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
 
@@ -57,10 +66,49 @@ def _sample(settings: Settings, routed: RoutedRequest, kind: DecisionKind) -> bo
     return sampled(routed.request.tenant, routed.request.id, kind, rate)
 
 
+def _rank(model: str, settings: Settings) -> int:
+    """The tier rank of `model`; a model in no tier counts as large (as routing counts a pinned one)."""
+    return next((i for i, tier in enumerate(TIERS) if model in settings.tiers.for_tier(tier)), len(TIERS) - 1)
+
+
+def model_wall(settings: Settings, tenant: str, model: str, ceiling: Tier | None = None) -> str | None:
+    """Why `tenant`'s prompt may not go to `model` (None: it may): the tenant's policy, or `ceiling`, the tier
+    a budget downgrade capped the request to."""
+    policy = settings.tenants.get(tenant, TenantPolicy())
+    if policy.allowed_models is not None and model not in policy.allowed_models:
+        return "model_not_allowed"
+    if _rank(model, settings) > TIERS.index(policy.max_tier):
+        return "above_max_tier"
+    if ceiling is not None and _rank(model, settings) > TIERS.index(ceiling):
+        return "above_budget_ceiling"
+    return None
+
+
+def judge_of(settings: Settings, task_type: str | None) -> str:
+    judges = settings.audit_judges
+    return judges.get(task_type or "", judges.get("default", "embedding"))
+
+
+def skip_reason(settings: Settings, audit: AuditRequest) -> str | None:
+    """Why `audit` must not run (None: it may): its call's model, or its LLM judge's, is walled off for its
+    tenant. A judge that may not read the prompt leaves no verdict, so the call would be paid for nothing."""
+    job = audit.job
+    if job is None:
+        return None
+    ceiling = (audit.tier or job.route.tier) if job.route.downgraded_by_budget else None
+    reason = model_wall(settings, audit.tenant, job.route.model, ceiling)
+    if reason is None and judge_of(settings, audit.task_type) == "llm":
+        judged = model_wall(settings, audit.tenant, settings.audit_judge_model, ceiling)
+        reason = None if judged is None else f"judge_{judged}"
+    if reason is not None:
+        log.info("audit_skipped", audit_id=audit.audit_id, tenant=audit.tenant, kind=audit.kind, reason=reason)
+    return reason
+
+
 def sample_paid(settings: Settings, results: Iterable[Result]) -> list[Out]:
     """The audit requests of this batch's paid answers (keyed by tenant, like every audit topic)."""
     outs: list[Out] = []
-    cheapest = settings.tiers.for_tier("small")
+    small = settings.tiers.for_tier("small")
     for result in results:
         response, routed = result.response, result.routed
         # a replay is sampled too: a batch whose publish failed comes back replayed, and its audit would be lost
@@ -77,10 +125,12 @@ def sample_paid(settings: Settings, results: Iterable[Result]) -> list[Out]:
         elif saving is not None and _sample(settings, routed, saving):
             model, tier = (route.baseline_model, "large") if saving == "routed_down" else (route.model, route.tier)
             audit = _request(routed, saving, candidate=served, job=audit_job(routed, saving, model, tier))
-        elif not route.pinned and route.tier != "small" and cheapest and _sample(settings, routed, "routed_up"):
+        elif not route.pinned and route.tier != "small" and small and _sample(settings, routed, "routed_up"):
+            # the cheapest tier's first model this tenant may use (none: the first, which the wall then skips)
+            cheapest = [m for m in small if model_wall(settings, request.tenant, m) is None] or list(small)
             audit = _request(routed, "routed_up", reference=served,
                              job=audit_job(routed, "routed_up", cheapest[0], "small"))
-        if audit is not None:
+        if audit is not None and skip_reason(settings, audit) is None:
             outs.append(Out(t.AUDITS_DISPATCH, audit, key=request.tenant))
     return outs
 
@@ -103,12 +153,12 @@ class AuditCalls:
 
     async def on_dispatch(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
         outs: list[Out] = []
-        audits = [d.value for d in batch if d.value.job is not None]
+        runs = [d for d in batch if d.value.job is not None and skip_reason(self.settings, d.value) is None]
+        audits = [d.value for d in runs]
         if not audits:
             return outs
         jobs = [a.job for a in audits if a.job is not None]
-        results = await self.gateway.handle(jobs, [d.record.partition for d in batch if d.value.job is not None],
-                                            can_defer=False)
+        results = await self.gateway.handle(jobs, [d.record.partition for d in runs], can_defer=False)
         by_id = {r.routed.request.id: r for r in results}
         judged: list[tuple[AuditRequest, RoutedRequest]] = []
         for audit in audits:
@@ -127,8 +177,7 @@ class AuditCalls:
         return outs
 
     def _judge_of(self, audit: AuditRequest) -> str:
-        judges = self.settings.audit_judges
-        return judges.get(audit.task_type or "", judges.get("default", "embedding"))
+        return judge_of(self.settings, audit.task_type)
 
     def _filled(self, audit: AuditRequest, result: Result | None, outs: list[Out]) -> AuditRequest | None:
         response = result.response if result is not None else None

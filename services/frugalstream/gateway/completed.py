@@ -23,9 +23,12 @@ assigned partitions and forgets revoked ones. aiokafka hands out records of a ne
 is still running (it marks the assignment complete before awaiting the callback), so the listener alone gates
 nothing: a lookup on a partition whose load is in progress waits for it, and a lookup on a partition whose
 load failed retries the load (and fails, deferring the request, until it succeeds): no dispatch of a partition
-is served from an incomplete view of what was paid. Records older than `idempotency_retention_s` are skipped
-on load and dropped from memory; the topic itself needs a matching retention (`cleanup.policy=compact,delete`,
-`retention.ms`, as `frugalstream.runtime.topics_admin` creates it), or it grows without bound.
+is served from an incomplete view of what was paid. A lookup on a partition forgotten (lost to another member)
+raises `PartitionRevokedError` until the partition is loaded again: knowing nothing of it here does not mean
+"never paid", and answering so would pay again for what the new owner may have paid already. Records older
+than `idempotency_retention_s` are skipped on load and dropped from memory; the topic itself needs a matching
+retention (`cleanup.policy=compact,delete`, `retention.ms`, as `frugalstream.runtime.topics_admin` creates
+it), or it grows without bound.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import OwnedPartitions, read_compacted
+from frugalstream.runtime.state_topics import OwnedPartitions, PartitionRevokedError, read_compacted
 from frugalstream.schemas import CompletedCall
 from frugalstream.schemas import topics as t
 
@@ -58,8 +61,8 @@ class TopicCompleted:
         self.publisher = publisher  # set by the service when it registers on the broker
         self.memory = MemoryCompleted(settings.idempotency_retention_s, clock)
         self._pending: dict[tuple[int, str], CompletedCall] = {}
-        # whatever was kept from an earlier ownership (or a failed load) may be stale: forgotten on every start
-        self.loads = StateLoads("gateway-completed", lambda partitions: self._load(partitions), self.memory.forget)
+        self._forgotten: set[int] = set()  # lost (owned elsewhere) until loaded again: lookups on them raise
+        self.loads = StateLoads("gateway-completed", lambda partitions: self._load(partitions), self._begin)
 
     async def _publish(self, partition: int, call: CompletedCall) -> None:
         if self.publisher is None:
@@ -67,6 +70,8 @@ class TopicCompleted:
         await self.publisher.publish_all([Out(t.GATEWAY_COMPLETED, call, key=call_key(call), partition=partition)])
 
     async def lookup(self, partition: int, key: str) -> CompletedCall | None:
+        if partition in self._forgotten:  # its records are not ours: the new owner knows what was paid
+            raise PartitionRevokedError(f"gateway-completed: partition {partition} is owned elsewhere")
         await self.loads.ready(partition)
         pending = self._pending.get((partition, key))
         if pending is not None:
@@ -93,6 +98,12 @@ class TopicCompleted:
         can be handled."""
         return self.loads.start(partitions)
 
+    def _begin(self, partitions: set[int]) -> None:
+        """What a (re)started load drops first: whatever was kept from an earlier ownership (or a failed load)
+        may be stale."""
+        self._forgotten -= partitions
+        self.memory.forget(partitions)
+
     async def _load(self, partitions: set[int]) -> int:
         started = time.monotonic()
         entries = await read_compacted(self.settings, t.GATEWAY_COMPLETED, CompletedCall, partitions)
@@ -109,6 +120,7 @@ class TopicCompleted:
             del self._pending[k]
         self.loads.forget(partitions)
         self.memory.forget(partitions)
+        self._forgotten |= partitions
 
 
 class CompletedLoader(OwnedPartitions):

@@ -1,7 +1,7 @@
 """Runs the HTTP entry: its Kafka client, then uvicorn, until `stop` is set; then both stop, in that order.
 
-Many entries run side by side: each reads every answer partition on its own (no consumer group) and keeps
-the answers it waits for, so a load balancer may send any call to any entry.
+Many entries run side by side: each reads every answer partition on its own (no consumer group) and
+remembers the recent answers it reads, so a load balancer may send any call, or its retry, to any entry.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ async def http_entry(settings: Settings, *, host: str | None = None, port: int |
     resources = Resources(settings)
     pricer = await asyncio.to_thread(lambda: Pricer(settings, resources.catalog, resources.counter))
     client = FrugalClient("http-entry", settings=settings, timeout_s=settings.http_timeout_s,
-                          client_id=f"frugalstream-http-{socket.gethostname()}-{os.getpid()}")
+                          client_id=f"frugalstream-http-{socket.gethostname()}-{os.getpid()}",
+                          remember_unasked=True)  # a retry sent to another entry is replayed from any
     await client.start()
     entry = _entry(settings, client, keys, pricer)
     config = uvicorn.Config(build_app(entry), host=host or settings.http_host,

@@ -35,6 +35,13 @@ DEFAULT_RECALL_COSINE = 0.85
 DEFAULT_VERIFY_THRESHOLD = 0.88
 ARTIFACT_PATH = Path(__file__).with_name("verifier_model.npz")
 
+# The pair features read at most this many words of each text: the LCS (n*m), the order counts (every pair of
+# shared words) and the role swaps are quadratic, and one 2,500-word question against a stored look-alike held
+# dedupe's semantic thread for seconds. The cross-encoder reads no more either (MAX_PAIR_TOKENS). A text over the
+# cap is vetoed ("too_long"): the rules cannot vouch for what they did not read, and a false hit is the worst error.
+MAX_FEATURE_TOKENS = 128
+_MAX_FEATURE_CHARS = 32 * MAX_FEATURE_TOKENS  # and of characters (the trigrams), for texts of very long words
+
 _WORDS_NUM = "zero one two three four five six seven eight nine ten eleven twelve"
 
 
@@ -169,7 +176,8 @@ def _role_swaps(ta: list[str], tb: list[str]) -> int:
             out.setdefault(t, toks[j] if 0 <= j < len(toks) else "^$"[d > 0])
         return out
 
-    shared = [w for w in dict.fromkeys(ta) if w in set(tb) and w not in _STOPWORDS]
+    in_b = set(tb)
+    shared = [w for w in dict.fromkeys(ta) if w in in_b and w not in _STOPWORDS]
     swaps = 0
     for d in (-1, 1):
         ca, cb = ctx(ta, d), ctx(tb, d)
@@ -208,7 +216,9 @@ def slot_conflict(query: str, candidate: str) -> str:
     return "entity_mismatch" if names(query) - mentioned(candidate) else ""
 
 
-_SENTENCE = re.compile(r"[.!?]+\s+|\n")
+# The lookbehind starts a match only at the first mark of a run: without it a run of "!" not followed by a space
+# is retried from every one of its marks (quadratic). Same splits: a run ends a sentence iff a space follows it.
+_SENTENCE = re.compile(r"(?<![.!?])[.!?]+\s+|\n")
 # Words titles and sentences capitalise without naming anything ("Can", "What", "Chair With Arms For The Office").
 _FUNCTION_WORDS = _STOPWORDS | _WH | _words("over under nor yet all each every both only")
 
@@ -260,8 +270,14 @@ FEATURE_NAMES = (
 
 
 def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float], str]:
-    """Feature vector for one pair, plus the name of a hard rule that vetoes it ("" when none)."""
+    """Feature vector for one pair, plus the name of a hard rule that vetoes it ("" when none).
+
+    Reads the first MAX_FEATURE_TOKENS words (_MAX_FEATURE_CHARS characters) of each text; a longer text is
+    vetoed ("too_long")."""
     ta, tb = _tokens(query), _tokens(candidate)
+    na, nb = normalize_text(query), normalize_text(candidate)
+    too_long = max(len(ta), len(tb)) > MAX_FEATURE_TOKENS or max(len(na), len(nb)) > _MAX_FEATURE_CHARS
+    ta, tb = ta[:MAX_FEATURE_TOKENS], tb[:MAX_FEATURE_TOKENS]
     ca, cb = _content(ta), _content(tb)
     sa, sb = set(ca), set(cb)
     inter = len(sa & sb)
@@ -269,10 +285,10 @@ def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float
     cbig_a, cbig_b = set(pairwise(ca)), set(pairwise(cb))
     lcs = _lcs(ta, tb)
     conc, ctx, disc = _order_stats(ca, cb)
-    na, nb = normalize_text(query), normalize_text(candidate)
-    ch_a = {na[i : i + 3] for i in range(max(len(na) - 2, 1))}
-    ch_b = {nb[i : i + 3] for i in range(max(len(nb) - 2, 1))}
-    ea, eb = _entities(query), _entities(candidate)
+    ha, hb = na[:_MAX_FEATURE_CHARS], nb[:_MAX_FEATURE_CHARS]
+    ch_a = {ha[i : i + 3] for i in range(max(len(ha) - 2, 1))}
+    ch_b = {hb[i : i + 3] for i in range(max(len(hb) - 2, 1))}
+    ea, eb = _entities(query)[:MAX_FEATURE_TOKENS], _entities(candidate)[:MAX_FEATURE_TOKENS]
     e_conc, _, e_disc = _order_stats(ea, eb)
     same_bag = sorted(ca) == sorted(cb) and ca != cb
     nums_a, nums_b = _numbers(ta), _numbers(tb)
@@ -309,7 +325,9 @@ def pair_features(query: str, candidate: str, cosine: float) -> tuple[list[float
     # keeps its content words in order far more often than a different question with the same words;
     # when it does not, it usually moved a whole clause, which is left to the model.
     reason = ""
-    if na == nb and key_text(query) != key_text(candidate):
+    if too_long:
+        reason = "too_long"  # what the rules did not read may differ: never approved on a truncated comparison
+    elif na == nb and key_text(query) != key_text(candidate):
         reason = "layout"  # only case or layout differ, in code or lines, where they matter and no model sees them
     elif nums_a and nums_b and set(nums_a) != set(nums_b):
         reason = "number_mismatch"

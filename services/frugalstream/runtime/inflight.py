@@ -14,11 +14,18 @@ Back-pressure: when `limit` batches are in flight, the handler waits for a slot,
 batches and the consumer's fetch buffer bounds what it holds. On shutdown, `drain` pauses the partitions, waits
 for the batches in flight to publish and commit, and only then may the broker close. On a rebalance, `settle`
 waits the same way for the batches of the revoked partitions (`OwnedPartitions.on_partitions_revoked`).
+
+A revoke's wait is bounded, and a batch merely waiting (a deferral's Retry-After, a retry's backoff) would
+outlive the bound and then work on a partition another member owns (and pay for what it already paid). So a
+batch waits only through `sleep`, which a revoke of one of its partitions ends with `BatchRevokedError`: the
+batch stops there, unfinished and uncommitted, and the partition's owner consumes its records again. A batch
+that got a slot only after the assignment changed is dropped when its partition is no longer assigned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +41,16 @@ Span = tuple[int, int]  # first and last offset of a batch's records on one part
 RETRY_FIRST_S, RETRY_CAP_S = 0.5, 30.0  # a batch whose work raised runs again after these backoffs
 
 
+class BatchRevokedError(Exception):
+    """A partition of the waiting batch was revoked: it stops, uncommitted (raised by `InFlight.sleep`)."""
+
+
 @dataclass(eq=False)
 class _Batch:
     spans: dict[tuple[str, int], Span]
     done: bool = False
+    revoked: bool = False  # a partition of it was revoked: its next (or current) `sleep` stops it
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # ends its `sleep` early on a revoke
 
 
 @dataclass
@@ -97,12 +110,15 @@ class InFlight:
         self._revoked: set[tuple[str, int]] = set()  # being settled for a revoke, until `reassigned`
 
     async def submit(self, records: Sequence[Record], consumer: Any, work: Callable[[], Awaitable[None]]) -> None:
-        """Starts `work` for the batch once a slot is free; returns without waiting for it. While draining, the
-        batch is left uncommitted (it comes again after the restart); so is a batch of a partition being revoked
-        (fetched before the revoke, it waited for a slot): the next owner, this member or another, consumes it
-        again from the committed offset (aiokafka resets every position on a new assignment)."""
+        """Starts `work` for the batch (one partition's run, see `stage.partition_runs`) once a slot is free;
+        returns without waiting for it. While draining, the batch is left uncommitted (it comes again after the
+        restart); so is a batch of a partition being revoked or no longer assigned (fetched before the revoke, it
+        waited for a slot, maybe past the revoke's bound): the partition's owner, this member or another,
+        consumes it again from the committed offset (aiokafka resets every position on a new assignment)."""
         await self._slots.acquire()
-        if self._closing or self._revoked & {(r.topic, r.partition) for r in records}:
+        partitions = {(r.topic, r.partition) for r in records}
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        if self._closing or self._revoked & partitions or not partitions <= assigned:
             self._slots.release()
             return
         self._consumer = consumer
@@ -120,13 +136,34 @@ class InFlight:
                 try:
                     await work()
                     break
+                except BatchRevokedError:
+                    raise
                 except Exception:
                     log.exception("inflight_batch_failed_retrying", stage=self.name, seconds=delay)
-                    await asyncio.sleep(delay)
+                    await self.sleep(delay)
                     delay = min(delay * 2, RETRY_CAP_S)
+        except BatchRevokedError:
+            # Unfinished, so never committed: the partition's owner consumes these records again.
+            log.info("inflight_batch_revoked", stage=self.name, partitions=sorted(batch.spans))
+            return
         finally:
             self._slots.release()
         await self._commit(self._tracker.finish(batch))
+
+    async def sleep(self, seconds: float) -> None:
+        """Waits `seconds` inside a batch's `work` (a deferral, a backoff); raises `BatchRevokedError` as soon as
+        a partition of the batch is revoked (or at once if one was): the work must not go on after the revoke's
+        bounded wait gave up on it. Outside a batch task, a plain sleep."""
+        task = asyncio.current_task()
+        batch = self._tasks.get(task) if task is not None else None
+        if batch is None:
+            await asyncio.sleep(seconds)
+            return
+        if not batch.revoked:
+            with contextlib.suppress(TimeoutError):  # the wait ran out: the usual end
+                await asyncio.wait_for(batch.wake.wait(), seconds)
+        if batch.revoked:
+            raise BatchRevokedError(f"{self.name}: partitions {sorted(batch.spans)} were revoked")
 
     async def _commit(self, commits: dict[tuple[str, int], int]) -> None:
         consumer = self._consumer
@@ -142,16 +179,25 @@ class InFlight:
             log.warning("inflight_commit_failed", stage=self.name, error_type=type(exc).__name__)
 
     async def settle(self, partitions: Iterable[tuple[str, int]]) -> None:
-        """Returns once no batch of these (topic, partition)s is in flight: each ran its work and committed.
-        For a revoke (see `OwnedPartitions`): until `reassigned`, no new batch of them starts. Unbounded: the
-        caller bounds it, and cancelling this wait leaves the batches running."""
+        """Returns once no batch of these (topic, partition)s is in flight: each ran its work and committed, or
+        stopped at its next `sleep`. For a revoke (see `OwnedPartitions`): until `reassigned`, no new batch of
+        them starts. Unbounded: the caller bounds it, and cancelling this wait leaves the batches running (each
+        still stops at its next `sleep`)."""
         wanted = set(partitions)
         self._revoked |= wanted
+        for batch in self._tasks.values():
+            if wanted & batch.spans.keys():
+                batch.revoked = True
+                batch.wake.set()
         while True:
             tasks = {task for task, batch in self._tasks.items() if wanted & batch.spans.keys()}
             if not tasks:
                 return
             await asyncio.wait(tasks)
+
+    def running(self) -> int:
+        """Batches whose task has not ended yet."""
+        return len(self._tasks)
 
     def reassigned(self) -> None:
         """The rebalance is over: batches of every assigned partition run again."""

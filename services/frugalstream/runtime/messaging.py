@@ -168,6 +168,7 @@ class Publisher:
         self._broker = broker
         self._settings = settings
         self.metrics = metrics
+        metrics.bound_tenants(settings.tenants, settings.metrics_tenant_labels)
         self.health = health if health is not None else Health()  # the stage registers its consumers here
         self.inflight: list[InFlight] = []  # consumers with batches in flight (`runtime.inflight`), to drain
         self._best_effort_timeout_s = best_effort_timeout_s

@@ -7,13 +7,18 @@ tests build a fresh `Metrics` each time.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalstream.schemas import BudgetState, CostData, Route, TokenUsage
+from frugalstream.schemas.audits import AuditEstimate, ThresholdChange
 
 NO_MODEL = "none"
+OTHER = "other"  # the label value of the models and tenants past the caps
+MODEL_LABELS = 100  # distinct model names labelled, the first seen; the rest are `other`
+OTHER_TENANT_LABELS = 100  # unconfigured tenants labelled by name (the `metrics_tenant_labels` setting's default)
 
 
 @dataclass
@@ -39,10 +44,17 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
-    """The series every service reports; label values are bounded (tenants, catalog models, enums)."""
+    """The series every service reports; label values are bounded (tenants, models, enums). A tenant or model
+    name is a free field of a request or usage record, so each is capped: configured tenants (`bound_tenants`)
+    plus the first `other_tenants` others seen, and the first `MODEL_LABELS` models seen; past the caps, `other`.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._models: set[str] = set()
+        self._configured_tenants: frozenset[str] = frozenset()
+        self._other_tenants: set[str] = set()
+        self.other_tenants = OTHER_TENANT_LABELS
         r = self.registry
         self.spend_usd = Counter("frugal_spend_usd", "Actual LLM spend (USD).", ["tenant", "model"], registry=r)
         self.baseline_usd = Counter(
@@ -73,7 +85,6 @@ class Metrics:
         self.unpriced_usage = Counter(
             "frugal_unpriced_usage", "Usage records billed for a model the price catalog lacks (priced at the "
             "catalog's highest rates and flagged price_unknown).", ["model"], registry=r)
-        self._unpriced_seen: set[str] = set()
         self.stages: dict[str, StageStats] = {}  # per service, in-process only (benches read it)
         self.budget_publish_failures = Counter(
             "frugal_budget_publish_failures", "Budget state publishes that failed (the states stay pending and "
@@ -133,20 +144,41 @@ class Metrics:
             "the threshold) or veto (a rule refused it), with the reason (model, exact or the rule's name).",
             ["outcome", "reason"], registry=r)
 
+    def bound_tenants(self, configured: Iterable[str], others: int) -> None:
+        """Configured tenants are always labelled by name; of the others, the first `others` seen."""
+        self._configured_tenants = frozenset(configured)
+        self.other_tenants = others
+
+    def tenant(self, name: str) -> str:
+        """The label value of a tenant: its name while within the cap, else `other`."""
+        if name in self._configured_tenants or name in self._other_tenants:
+            return name
+        if len(self._other_tenants) < self.other_tenants:
+            self._other_tenants.add(name)
+            return name
+        return OTHER
+
+    def model(self, name: str) -> str:
+        """The label value of a model: its name for the first `MODEL_LABELS` names seen, else `other`."""
+        if name not in self._models and len(self._models) < MODEL_LABELS:
+            self._models.add(name)
+        return name if name in self._models else OTHER
+
     def record_cost(self, data: CostData) -> None:
         """Counts one priced event; baseline and spend are labelled by the models that (would have) run."""
-        model = data.model or NO_MODEL
-        self.spend_usd.labels(data.tenant, model).inc(max(0.0, data.actual_cost_usd))
-        self.baseline_usd.labels(data.tenant, data.baseline_model).inc(max(0.0, data.baseline_cost_usd))
+        tenant, model = self.tenant(data.tenant), self.model(data.model or NO_MODEL)
+        self.spend_usd.labels(tenant, model).inc(max(0.0, data.actual_cost_usd))
+        self.baseline_usd.labels(tenant, self.model(data.baseline_model)).inc(max(0.0, data.baseline_cost_usd))
         for strategy, saved in data.savings_by_strategy.items():
             if saved >= 0:
-                self.saved_usd.labels(data.tenant, strategy).inc(saved)
+                self.saved_usd.labels(tenant, strategy).inc(saved)
             else:
-                self.extra_cost_usd.labels(data.tenant, strategy).inc(-saved)
+                self.extra_cost_usd.labels(tenant, strategy).inc(-saved)
         if data.usage is not None:
-            self.record_tokens(data.tenant, model, data.usage)
+            self.record_tokens(tenant, model, data.usage)
 
     def record_tokens(self, tenant: str, model: str, usage: TokenUsage) -> None:
+        tenant, model = self.tenant(tenant), self.model(model)
         for kind, n in (("input", usage.input_tokens), ("cached", usage.cached_input_tokens),
                         ("cache_write", usage.cache_write_tokens), ("output", usage.output_tokens),
                         ("reasoning", usage.reasoning_tokens)):
@@ -157,8 +189,20 @@ class Metrics:
         self.errors.labels(service, code).inc()
 
     def record_budget(self, state: BudgetState) -> None:
-        self.budget_remaining.labels(state.tenant, state.budget_id).set(max(0.0, state.limit_usd - state.spent_usd))
-        self.budget_limit.labels(state.tenant, state.budget_id).set(state.limit_usd)
+        """Gauges: past the tenant cap, `other` holds the last state published of any tenant there."""
+        tenant = self.tenant(state.tenant)
+        self.budget_remaining.labels(tenant, state.budget_id).set(max(0.0, state.limit_usd - state.spent_usd))
+        self.budget_limit.labels(tenant, state.budget_id).set(state.limit_usd)
+
+    def record_audit(self, estimate: AuditEstimate) -> None:
+        """A cell's audited acceptance (gauges: past the tenant cap, `other` holds the last cell set there)."""
+        labels = (self.tenant(estimate.tenant), estimate.task_type, estimate.kind)
+        for bound, value in (("rate", estimate.rate), ("low", estimate.low), ("high", estimate.high)):
+            self.audit_acceptance.labels(*labels, bound).set(value)
+        self.audit_samples.labels(*labels).set(estimate.n)
+
+    def record_threshold(self, change: ThresholdChange) -> None:
+        self.live_threshold.labels(self.tenant(change.tenant), change.task_type, change.knob).set(change.value)
 
     def record_lag(self, group: str, lags: dict[tuple[str, int], int], assigned: set[tuple[str, int]]) -> None:
         """Sets the lag of the partitions just read and drops the series of partitions no longer assigned."""
@@ -171,11 +215,9 @@ class Metrics:
             seen.discard((topic, partition))
 
     def record_unpriced(self, models: tuple[str, ...] | list[str]) -> None:
-        """Label values come from billed usage; past 100 distinct models the rest count as `other`."""
+        """Label values come from billed usage: capped like every model label (`model`)."""
         for model in models:
-            if model not in self._unpriced_seen and len(self._unpriced_seen) < 100:
-                self._unpriced_seen.add(model)
-            self.unpriced_usage.labels(model if model in self._unpriced_seen else "other").inc()
+            self.unpriced_usage.labels(self.model(model)).inc()
 
     def record_response(self, source: str) -> None:
         self.responses.labels(source).inc()
@@ -190,7 +232,7 @@ class Metrics:
         """One routed request: what set its tier, whether a budget lowered it, whether its history was trimmed."""
         self.routing_reasons.labels(route.tier, reason).inc()
         if route.downgraded_by_budget:
-            self.budget_downgrades.labels(tenant, route.tier).inc()
+            self.budget_downgrades.labels(self.tenant(tenant), route.tier).inc()
         if route.trimmed_messages:
             self.context_trims.labels(route.task_type).inc()
             self.trimmed_tokens.labels(route.task_type).inc(max(0, route.full_input_tokens - route.input_tokens))

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: Path | None = Field(default=None, description="Client private key, for mutual TLS.")
     kafka_idempotent: bool = Field(default=True, description="Off only for brokers without idempotent producers.")
     kafka_fetch_max_wait_ms: int = Field(
-        default=500, description="Longest a fetch waits for data; lower it on brokers that never answer a "
+        default=500, ge=0, description="Longest a fetch waits for data; lower it on brokers that never answer a "
                                  "waiting fetch early (the embedded Tansu broker), where it is the latency.")
     kafka_linger_ms: int = Field(
         default=0, ge=0, le=1_000, description="How long the services' producer holds a message to batch it with "
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="", description="Prepended to every topic name (tests, multi-env clusters).")
     group_prefix: str = Field(default="frugalstream", description="Consumer groups are `<group_prefix>.<service>`.")
     max_message_bytes: int = Field(
-        default=1_000_000, description="Largest message read or published; a larger request is answered "
+        default=1_000_000, gt=0, description="Largest message read or published; a larger request is answered "
                                        "`too_large`. Keep it under the broker's message.max.bytes.")
 
     # Routing
@@ -174,9 +174,9 @@ class Settings(BaseSettings):
     cache_ttl_s: dict[str, int] = Field(
         default_factory=lambda: {"faq": 7 * 86400, "default": 86400},
         description="Seconds a cached answer is served, per task type (`default` for the rest).")
-    cache_max_entries: int = Field(default=200_000, description="Cached answers kept per dedupe instance.")
+    cache_max_entries: int = Field(default=200_000, ge=0, description="Cached answers kept per dedupe instance.")
     coalesce_timeout_s: float = Field(
-        default=30.0, description="How long a request waits for an in-flight twin's answer before it is "
+        default=30.0, ge=0, description="How long a request waits for an in-flight twin's answer before it is "
                                   "dispatched itself.")
     shard_sweep_interval_s: float = Field(
         default=300.0, gt=0, description="How often expired entries are removed from the semantic index.")
@@ -185,10 +185,11 @@ class Settings(BaseSettings):
     provider: ProviderName = Field(
         default="simulated", description="Model provider: openai (any OpenAI-compatible endpoint), anthropic, "
                                          "or simulated (deterministic answers, named as such everywhere).")
-    provider_timeout_s: float = Field(default=60.0, description="Timeout of one provider call.")
-    provider_max_attempts: int = Field(default=3, description="Attempts per model before falling back to the next.")
+    provider_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one provider call.")
+    provider_max_attempts: int = Field(
+        default=3, ge=1, description="Attempts per model before falling back to the next.")
     simulated_latency_scale: float = Field(
-        default=1.0, description="Scale of the simulated provider's realistic latency (0 answers at once).")
+        default=1.0, ge=0, description="Scale of the simulated provider's realistic latency (0 answers at once).")
     idempotency_retention_s: float = Field(
         default=7 * 86400, gt=0,
         description="How long a paid call is remembered (on `llm.gateway.completed`): a redelivery within it "
@@ -198,11 +199,14 @@ class Settings(BaseSettings):
                                                          "OpenRouter...).")
     openai_api_key: SecretStr | None = Field(default=None, description="OpenAI-compatible API key (never logged).")
     openai_api_key_file: Path | None = Field(
-        default=None, description="File holding the OpenAI key (a mounted secret); used when the key is unset.")
+        default=None, description="File holding the OpenAI key (a mounted secret); used when the key is unset or "
+                                  "empty. May be missing only while no tier, baseline or judge model is at OpenAI.")
     anthropic_base_url: str = Field(default="https://api.anthropic.com", description="Anthropic Messages API endpoint.")
     anthropic_api_key: SecretStr | None = Field(default=None, description="Anthropic API key (never logged).")
     anthropic_api_key_file: Path | None = Field(
-        default=None, description="File holding the Anthropic key (a mounted secret); used when the key is unset.")
+        default=None, description="File holding the Anthropic key (a mounted secret); used when the key is unset "
+                                  "or empty. May be missing only while no tier, baseline or judge model is at "
+                                  "Anthropic.")
     # Deferrable requests through provider batch APIs (gateway/batch_runner.py), and provider prompt caching.
     batch_deferrable: bool = Field(
         default=True, description="Requests that can wait (latency_class / deadline) go through the provider's "
@@ -280,8 +284,13 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(default=False, description="Prompt text in logs is opt-in, for debugging only.")
     log_format: Literal["json", "console"] = Field(
         default="json", description="json lines (for collectors) or console (for people).")
-    metrics_port: int | None = Field(default=None, description="Port of `/metrics` (Prometheus), `/healthz` and "
-                                                               "`/readyz` (probes); unset: no server.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Port of `/metrics` (Prometheus), `/healthz` and `/readyz` "
+                                                  "(probes); unset: no server.")
+    metrics_tenant_labels: int = Field(
+        default=100, ge=0, description="Tenants not in `tenants` labelled by name in the per-tenant metric series "
+                                       "(the first seen by each process); later ones are labelled `other`, so a "
+                                       "producer inventing tenants cannot grow the series without bound.")
     otlp_endpoint: str | None = Field(
         default=None, description="OTLP/HTTP base URL traces are exported to (like OTEL_EXPORTER_OTLP_ENDPOINT, "
                                   "which also works); unset: no tracing, no exporter.")
@@ -326,6 +335,14 @@ class Settings(BaseSettings):
             raise ConfigFileError(f"config file {path} is not valid TOML: {exc}") from exc
         return init_settings, env_settings, toml, file_secret_settings
 
+    @field_validator("kafka_sasl_password", "openai_api_key", "openai_api_key_file", "anthropic_api_key",
+                     "anthropic_api_key_file", "http_api_keys", "http_api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """Compose's `FRUGAL_OPENAI_API_KEY: ${OPENAI_API_KEY:-}` passes "" when the operator keeps the key out of
+        the environment: that is no key, so the documented `_FILE` setting is used instead of an empty key."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
@@ -337,13 +354,23 @@ class Settings(BaseSettings):
         if value is not None:
             return value.get_secret_value()
         if file is not None:
-            return file.read_text().strip()
+            try:
+                return file.read_text().strip()
+            except FileNotFoundError as exc:
+                name = next((n for n in type(self).model_fields if getattr(self, n) is file), "key_file")
+                raise MissingKeyFileError(f"setting FRUGAL_{name.upper()}={str(file)!r}: no such file (a secret "
+                                          "that is not mounted, or a mistyped path)") from exc
         return None
 
 
 class UsageError(ValueError):
     """A bad setting, argument or input file. The message names it, what was wrong and what is allowed; the
     `frugalstream` command prints it as one line on stderr and exits 2."""
+
+
+class MissingKeyFileError(UsageError, FileNotFoundError):
+    """A `*_FILE` setting names a file that does not exist: a bad setting (one line, exit 2), and still the
+    FileNotFoundError it is."""
 
 
 class ConfigFileError(UsageError):

@@ -315,14 +315,14 @@ def subscribe_many(
         if inflight is not None and all(hasattr(consumer, a) for a in ("commit", "assignment", "pause")):
             # (FastStream's in-memory test broker hands a fake consumer without them: batches run inline there)
             for run in partition_runs(records):
-                await inflight.submit(run, consumer, functools.partial(run_in_flight, run, consumer))
+                await inflight.submit(run, consumer, functools.partial(run_in_flight, run, consumer, inflight))
             return
         with tracing.batch_trace(service, group) as trace:
             await handle(records, consumer, trace)
 
-    async def run_in_flight(records: list[Record], consumer: Any) -> None:
+    async def run_in_flight(records: list[Record], consumer: Any, flight: InFlight) -> None:
         """The batch, then again the records a step deferred (and those after them on their partition, whose
-        outputs the step held back), after the wait it asked for."""
+        outputs the step held back), after the wait it asked for, unless their partition is revoked meanwhile."""
         while records:
             with tracing.batch_trace(service, group) as trace:
                 deferred = await handle(records, consumer, trace, defer_inline=True)
@@ -330,7 +330,9 @@ def subscribe_many(
                 return
             points = rewind_points(deferred)
             records = [r for r in records if r.offset >= points.get((r.topic, r.partition), (r.offset + 1, 0))[0]]
-            await asyncio.sleep(max(wait for _, wait in points.values()))
+            # Ended by a revoke of the partition (BatchRevokedError): its owner then has these records, and this
+            # batch stops, uncommitted, instead of handling (and paying for) them again after the revoke's bound.
+            await flight.sleep(max(wait for _, wait in points.values()))
 
     async def handle(records: list[Record], consumer: Any, trace: tracing.BatchTrace, *,
                      defer_inline: bool = False) -> list[Deferral]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from frugalstream.schemas._base import Contract
 from frugalstream.schemas.requests import TaskType
@@ -83,13 +83,21 @@ class BudgetState(Contract):
     action: Literal["none", "downgrade", "refuse"]
     updated_at: float = Field(ge=0, description="Unix seconds (the accountant's clock) when it was evaluated.")
 
-    @field_validator("period_start")
-    @classmethod
-    def _a_time(cls, value: str) -> str:
-        start = datetime.fromisoformat(value)
+    @model_validator(mode="after")
+    def _a_period(self) -> BudgetState:
+        """The start of a UTC day (the first of a month for a month) whose period ends in a representable time:
+        a state whose end cannot be computed could never expire, and would fail every decision that reads it."""
+        start = datetime.fromisoformat(self.period_start)
         if start.tzinfo is not None and start.utcoffset() != timedelta(0):
             raise ValueError("period_start must be UTC")
-        return value
+        if start.time() != datetime.min.time() or (self.period == "month" and start.day != 1):
+            raise ValueError(f"period_start must be the start of a {self.period} (UTC midnight"
+                             f"{', the 1st' if self.period == 'month' else ''}), got {self.period_start}")
+        try:
+            self.ends_at()
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"period_start {self.period_start}: the period's end is no time ({exc})") from None
+        return self
 
     def ends_at(self) -> float:
         """Unix time the period ends (the next UTC day or month)."""

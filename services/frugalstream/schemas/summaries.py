@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +34,19 @@ class SummarizeJob(Contract):
     part: int = Field(default=0, ge=0, description="Large jobs are split into parts; all parts share job_id.")
     parts: int = Field(default=1, ge=1)
     total_items: int | None = Field(default=None, ge=1, description="Items across all parts.")
+    # Left out of the JSON when unset, so a job without it keeps the exact bytes (and `job_key`) it had before.
+    run_id: str | None = Field(default=None, min_length=1, max_length=128, exclude_if=lambda v: v is None,
+                               description="Names one run of a job split into parts: a producer that re-sends a "
+                                           "job id with other items gives another run_id (the backfill CLI uses a "
+                                           "digest of the items).")
+
+    def run_key(self) -> str:
+        """The run this part belongs to, which its results and progress carry: a job id reused with other content
+        is another run, never answered or counted with the earlier one. Every field but the part's own (`part`,
+        `items`) for a job in parts, so all its parts share it (`run_id` tells apart runs of the same shape); the
+        whole job, items included, for a one-part job, where it equals the summarizer's `job_key`."""
+        own = {"part", "items"} if self.parts > 1 else None
+        return hashlib.blake2b(self.model_dump_json(exclude=own).encode(), digest_size=12).hexdigest()
 
 
 class SummaryResult(Contract):
@@ -49,6 +63,8 @@ class SummaryResult(Contract):
     model: str | None = None
     error: str | None = None
     simulated: bool = False
+    run_key: str | None = Field(default=None, description="The job's run (`SummarizeJob.run_key`): a job id "
+                                                          "reused with other content is another run.")
 
 
 class SummarizeProgress(Contract):
@@ -63,3 +79,5 @@ class SummarizeProgress(Contract):
     model_calls: int
     usage: TokenUsage = TokenUsage()
     finished: bool = False
+    run_key: str | None = Field(default=None, description="The run these counters cover (`SummarizeJob.run_key`): "
+                                                          "a job id reused with other content is another run.")

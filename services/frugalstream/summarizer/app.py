@@ -4,26 +4,33 @@ One job part per handler call (`max_records=1`): the part's outputs are publishe
 runs, and a part that needs more time than the handler budget is republished to the jobs topic as a
 continuation (same key, so it stays behind nothing but its own job's later parts) before its offset is
 committed. Parts of one job share the job id as key, so one instance processes them in order.
+
+A part that fails its contract (one item over the text limit fails the whole part) is dead-lettered, and when
+its job id and tenant can be read its caller still gets an answer (`invalid_job_answer`): an error per item id
+it names and a finished progress, instead of silence.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from faststream.kafka import KafkaBroker
+from pydantic import ValidationError
 
 from frugalstream.llm.embedder import AsyncEmbedder
+from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.providers import Provider
 from frugalstream.llm.providers.openai_batch import OpenAIBatchClient
 from frugalstream.resources import Resources
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
-from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, background_options, subscribe
-from frugalstream.schemas import SummarizeJob
+from frugalstream.schemas import SummarizeJob, SummarizeProgress, SummaryResult
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
 from frugalstream.summarizer.logic import Summarizer
@@ -33,6 +40,57 @@ from frugalstream.summarizer.results import Continues, Emission
 CONTINUATION_HEADER = "x-frugal-continuation"
 _MAX_ROUND_DIGITS = 9  # far beyond any real count; more is garbage (and int() refuses 4,300+ digits)
 log = get_logger(__name__)
+# SummarizeJob's own limits on the fields an invalid part is answered by.
+MAX_JOB_ID_CHARS = MAX_TENANT_CHARS = 128
+MAX_ITEM_ID_CHARS = 256
+MAX_DETAIL_CHARS = 1_500
+# Past this many times the size limit the bytes are not parsed at all (the broker's own limit stops such values).
+PARSE_LIMIT_FACTOR = 16
+
+
+def _name(value: object, limit: int) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= limit else None
+
+
+def _describe(exc: Exception) -> str:
+    """Field paths and error types of a validation error, never a value (values are item text)."""
+    if isinstance(exc, ValidationError):
+        text = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['type']}" for e in exc.errors())
+    else:
+        text = type(exc).__name__
+    return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
+
+
+def invalid_job_answer(raw: bytes | None, exc: Exception, max_bytes: int) -> Emission | None:
+    """For the raw value of an undecodable job part: an error result for every item id it names and a finished
+    progress, or None when no job id and tenant can be read from it. Read leniently: a JSON object with a string
+    `job_id` and `tenant` of sane length; items without a usable `id` are skipped."""
+    if raw is None or len(raw) > max_bytes * PARSE_LIMIT_FACTOR:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    job_id, tenant = _name(doc.get("job_id"), MAX_JOB_ID_CHARS), _name(doc.get("tenant"), MAX_TENANT_CHARS)
+    if job_id is None or tenant is None:
+        return None
+    items = doc.get("items")
+    ids = [i for i in (_name(it.get("id"), MAX_ITEM_ID_CHARS) for it in items if isinstance(it, dict))
+           if i is not None] if isinstance(items, list) else []
+    if len(raw) > max_bytes:
+        error = f"too_large: job part of {len(raw)} bytes exceeds the {max_bytes}-byte limit"
+    else:
+        error = f"invalid_job: job part does not match the llm.summarize.jobs contract: {_describe(exc)}"
+    total = doc.get("total_items")
+    total = total if isinstance(total, int) and not isinstance(total, bool) and total >= len(ids) else len(ids)
+    log.info("invalid_summarize_job_answered", job_id=job_id, tenant=tenant, items=len(ids))
+    results = tuple(SummaryResult(job_id=job_id, tenant=tenant, item_id=i, status="error", source="error",
+                                  error=error) for i in ids)
+    progress = SummarizeProgress(job_id=job_id, tenant=tenant, total_items=total, done_items=len(ids),
+                                 unique_items=0, model_calls=0, finished=True)
+    return Emission(results, (), progress)
 
 
 def outs_of(emission: Emission) -> list[Out]:
@@ -99,14 +157,20 @@ class SummarizerService:
             self.busy_s += time.perf_counter() - started
         return continuations
 
+    def _on_invalid(self, record: Record, exc: Exception) -> list[Out]:
+        """An undecodable part that names its job and tenant is answered per item (it is dead-lettered too)."""
+        answer = invalid_job_answer(record.value, exc, self.settings.max_message_bytes)
+        return [] if answer is None else outs_of(answer)
+
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.SUMMARIZE_JOBS, model=SummarizeJob,
-                  process=self._on_jobs, max_records=1, **background_options())
+                  process=self._on_jobs, max_records=1, on_invalid=self._on_invalid, **background_options())
 
 
 def build_summarizer(settings: Settings, provider: Provider,
-                     embedder_factory: Callable[[], AsyncEmbedder] | None = None) -> Summarizer:
+                     embedder_factory: Callable[[], AsyncEmbedder] | None = None,
+                     catalog: PriceCatalog | None = None) -> Summarizer:
     """The batch backend follows the provider: OpenAI's Batch API, an emulation for `simulated`, else none."""
     batch: BatchBackend | None = None
     if settings.provider == "openai":
@@ -115,9 +179,9 @@ def build_summarizer(settings: Settings, provider: Provider,
     elif settings.provider == "simulated":
         batch = SimulatedBatch(provider)
     near = NearDuplicates(embedder_factory=embedder_factory, verifier=load_verifier())
-    return Summarizer.build(settings, provider, batch=batch, near=near)
+    return Summarizer.build(settings, provider, batch=batch, near=near, catalog=catalog)
 
 
 def wire(res: Resources) -> SummarizerService:
     s = res.settings
-    return SummarizerService(s, build_summarizer(s, res.provider(s.provider), lambda: res.embedder))
+    return SummarizerService(s, build_summarizer(s, res.provider(s.provider), lambda: res.embedder, res.catalog))

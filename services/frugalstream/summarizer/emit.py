@@ -13,6 +13,7 @@ class Emitter:
     def __init__(self, db: SummaryStore, view: JobView, plan: Plan) -> None:
         self.db, self.view, self.plan = db, view, plan
         self.rep_of = plan.near
+        self.run_key = view.job.run_key()  # once: for a one-part job it hashes every item
 
     def results(self, digest: str, got: Resolved) -> list[SummaryResult]:
         view, job = self.view, self.view.job
@@ -20,7 +21,7 @@ class Emitter:
         values = []
         for n, item in enumerate(items):
             common = {"job_id": job.job_id, "tenant": job.tenant, "item_id": item.id, "model": got.model,
-                      "simulated": got.simulated}
+                      "simulated": got.simulated, "run_key": self.run_key}
             if got.summary is None:
                 value = SummaryResult(**common, status="error", source="error", error=got.error or "unanswered")
             elif digest in self.plan.reuse:
@@ -39,11 +40,11 @@ class Emitter:
 
     async def progress(self) -> SummarizeProgress:
         job = self.view.job
-        p = await self.db.progress(job.tenant, job.job_id)
+        p = await self.db.progress(self.run_key)
         usage = sum((TokenUsage.model_validate_json(a) for a in p["actual"]), TokenUsage())
         return SummarizeProgress(job_id=job.job_id, tenant=job.tenant, total_items=self.view.total_items,
                                  done_items=p["done"], unique_items=p["unique"], model_calls=p["calls"],
-                                 usage=usage, finished=p["finished_parts"] >= p["parts"])
+                                 usage=usage, finished=p["finished_parts"] >= p["parts"], run_key=self.run_key)
 
     async def publish(self, call_ids: list[str], emit: Emit, *, force: bool = False) -> None:
         if not call_ids and not force:

@@ -7,6 +7,10 @@ it arrives (`Answers`) and each chunk's results, usage and progress are emitted 
 A part that outlives the handler budget (a slow provider, a batch still running) ends as `Continues`, so the
 consumer never blocks past `max_poll_interval`. A later part of a job waits (`Continues`) while an earlier
 part is unfinished, so it reuses that part's answers instead of paying for the same items again.
+
+A job's model is held to its tenant's policy like a request's (`model_for`): a pin outside `allowed_models` or
+above `max_tier`, or one the price catalog cannot price (unless `allow_unpriced_models`), is refused before
+anything is planned or called, and every item is answered with the error. Budgets are not applied to jobs.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from frugalstream.llm.pricing.catalog import PriceCatalog
+from frugalstream.llm.pricing.update import catalog_file
 from frugalstream.llm.providers import Provider
 from frugalstream.llm.resilience import BreakerRegistry, RetryPolicy
 from frugalstream.llm.tokens import TokenCounter
-from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import SummarizeJob
+from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.schemas import TIERS, SummarizeJob, SummarizeProgress, SummaryResult, Tier
 from frugalstream.summarizer.answers import Answers
 from frugalstream.summarizer.batches import Batches
 from frugalstream.summarizer.batching import BatchBackend
@@ -28,10 +35,36 @@ from frugalstream.summarizer.emit import Emitter
 from frugalstream.summarizer.near import NearDuplicates
 from frugalstream.summarizer.packs import Packs
 from frugalstream.summarizer.plan import JobView, Planner
-from frugalstream.summarizer.results import Continues, Emit, Finished, Outcome
+from frugalstream.summarizer.results import Continues, Emission, Emit, Finished, Outcome
 from frugalstream.summarizer.store import SummaryStore
 
-__all__ = ["Summarizer", "SummarizerConfig"]
+__all__ = ["JobDenied", "Summarizer", "SummarizerConfig"]
+log = get_logger(__name__)
+
+
+class JobDenied(Exception):
+    """The tenant's policy forbids running the job on its model; every item is answered with `code: message`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def tier_of(model: str, settings: Settings) -> Tier | None:
+    """The lowest tier listing the model (as the classifier ranks a pin); None for a model no tier lists."""
+    return next((tier for tier in TIERS if model in settings.tiers.for_tier(tier)), None)
+
+
+def denied(job: SummarizeJob, denial: JobDenied) -> Emission:
+    """An error result for every item of the part and a finished progress: nothing was planned or called."""
+    error, run_key = f"{denial.code}: {denial}", job.run_key()
+    results = tuple(SummaryResult(job_id=job.job_id, tenant=job.tenant, item_id=item.id, status="error",
+                                  source="error", model=job.model, error=error, run_key=run_key)
+                    for item in job.items)
+    progress = SummarizeProgress(job_id=job.job_id, tenant=job.tenant, total_items=job.total_items or len(job.items),
+                                 done_items=len(job.items), unique_items=0, model_calls=0, finished=True,
+                                 run_key=run_key)
+    return Emission(results, (), progress)
 
 
 @dataclass
@@ -44,13 +77,16 @@ class Summarizer:
     packs: Packs
     batches: Batches | None
     config: SummarizerConfig
+    catalog: PriceCatalog  # a pin to a model it cannot price is refused (spend must be priceable), as for requests
 
     @classmethod
     def build(cls, settings: Settings, provider: Provider, *, store: SummaryStore | None = None,
               batch: BatchBackend | None = None, near: NearDuplicates | None = None,
               config: SummarizerConfig | None = None, policy: RetryPolicy | None = None,
-              breakers: BreakerRegistry | None = None, counter: TokenCounter | None = None) -> Summarizer:
-        """The parts over one store (default: `summarizer.sqlite` in the state directory) and one token counter."""
+              breakers: BreakerRegistry | None = None, counter: TokenCounter | None = None,
+              catalog: PriceCatalog | None = None) -> Summarizer:
+        """The parts over one store (default: `summarizer.sqlite` in the state directory) and one token counter;
+        the price catalog defaults to the one the settings name (with their overrides)."""
         db = store or SummaryStore(settings.state_dir / "summarizer.sqlite")
         config = config or SummarizerConfig()
         counter = counter or TokenCounter()
@@ -58,7 +94,9 @@ class Summarizer:
         packs = Packs(provider, answers, policy or RetryPolicy(), breakers or BreakerRegistry())
         planner = Planner(db, near or NearDuplicates(), counter, config)
         batches = Batches(batch, answers, packs, config) if batch is not None else None
-        return cls(settings, db, planner, packs, batches, config)
+        catalog = catalog or PriceCatalog.load(catalog_file(settings.price_catalog, settings.state_dir),
+                                               overrides=settings.price_overrides)
+        return cls(settings, db, planner, packs, batches, config, catalog)
 
     async def aclose(self) -> None:
         await self.packs.provider.aclose()
@@ -67,14 +105,40 @@ class Summarizer:
         await self.db.aclose()
 
     def model_for(self, job: SummarizeJob) -> str:
-        return job.model or self.settings.tiers.small[0]
+        """The job's pin, if the tenant's policy allows it, else the first small-tier model it allows; raises
+        `JobDenied` naming the wall (the same walls `classifier.routing.choose_model` and `walls` hold a pin to)."""
+        policy = self.settings.tenants.get(job.tenant, TenantPolicy())
+        allowed = policy.allowed_models
+        if job.model is None:
+            models = [m for m in self.settings.tiers.small if allowed is None or m in allowed]
+            if not models:
+                raise JobDenied("policy_denied", f"no small-tier model is allowed for tenant {job.tenant!r}")
+            return models[0]
+        if allowed is not None and job.model not in allowed:
+            raise JobDenied("policy_denied", f"model {job.model!r} is not allowed for tenant {job.tenant!r}")
+        tier = tier_of(job.model, self.settings) or "large"
+        if TIERS.index(tier) > TIERS.index(policy.max_tier):
+            raise JobDenied("policy_denied", f"model {job.model!r} ({tier}) is above tenant {job.tenant!r}'s "
+                                             f"maximum tier ({policy.max_tier})")
+        if not (policy.allow_unpriced_models or self.catalog.has(job.model)):
+            raise JobDenied("unpriced_model", f"model {job.model!r} has no price in the catalog "
+                                              f"({self.catalog.version}); add a price override or ask for "
+                                              "allow_unpriced_models")
+        return job.model
 
     async def handle(self, job: SummarizeJob, emit: Emit) -> Outcome:
         """Runs one job part as far as the handler budget allows; everything done so far has gone to `emit`."""
         started = time.monotonic()
-        if job.part and await self.db.earlier_part_pending(job.tenant, job.job_id, job.part):
+        try:
+            model = self.model_for(job)
+        except JobDenied as denial:
+            log.info("summarize_job_denied", job_id=job.job_id, tenant=job.tenant, part=job.part, code=denial.code)
+            await emit(denied(job, denial))
+            return Finished(job)
+        if job.part and await self.db.earlier_part_pending(job.run_key(), job.part):
             return Continues(job, "earlier_part")  # its repeats may be paid by the earlier part (a running batch)
-        view = JobView.of(job, self.model_for(job), job.model or self.settings.default_baseline_model)
+        view = JobView.of(job, model, job.model or self.settings.default_baseline_model,
+                          simulated=self.packs.provider.name == "simulated")
         plan = await self.planner.plan(view)
         out = Emitter(self.db, view, plan)
         calls = await self.db.calls(view.key)

@@ -5,17 +5,18 @@ about four tokens per item, where JSON lines would cost about ten, and output to
 The parser checks every item on its own (known id, not repeated, not empty, not over its budget); an item
 that fails is retried alone, so one bad section never costs the rest of the pack.
 
-An item's text is data, never format: in a packed prompt every line of it that starts with `#` gets a
-backslash first (`\\### 2`), so no line of one item reads as another item's header, to the parser or to a
-model answering one section per header it sees. Otherwise a text holding the line `### 2` would open a fake
-section 2, and a model answering each id once could give the real item 2 that text's summary. In the reply,
-a header naming no item of the pack spoils the section it cuts short: that item is retried alone (single
-prompt, never parsed) instead of kept truncated.
+An item's text is data, never format: in a packed prompt every line of it whose first visible character is `#`
+(whatever invisible characters stand before it) gets a backslash before it (`\\### 2`), so no line of one item
+reads as another item's header, to the parser or to a model answering one section per header it sees. Otherwise a
+text holding the line `### 2` would open a fake section 2, and a model answering each id once could give the real
+item 2 that text's summary. In the reply, a header naming no item of the pack spoils the section it cuts short:
+that item is retried alone (single prompt, never parsed) instead of kept truncated.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,8 +30,13 @@ PACKED_SYSTEM = (
     "Write nothing else."
 )
 _HEADER = re.compile(r"^###[ \t]+(\S+)[ \t]*$", re.MULTILINE)
-# A line whose first visible character is `#` or a form of it that NFKC folds to `#` (full-width, small).
-_HASH_LINE = re.compile(r"^([^\S\n]*)(?=[#\uff03\ufe5f])", re.MULTILINE)
+# `#` and the forms of it that NFKC folds to `#` (full-width, small).
+_HASHES = frozenset("#\uff03\ufe5f")
+# What a reader (or a model that drops them in tokenizing) does not see before a line's first visible character:
+# format characters (zero-width space, word joiner, BOM, soft hyphen, bidi marks), marks with nothing to sit on,
+# other controls, unassigned and private-use code points, and letters that render blank (Hangul fillers, braille).
+_UNSEEN_CATEGORIES = frozenset({"Cf", "Mn", "Me", "Cc", "Cn", "Co"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 # Pack framing beyond the items themselves: the system prompt, the instruction, chat framing.
 PACK_OUTPUT_SLACK = 16
 HEADER_TOKENS = 6  # "### 12\n" plus the blank line between items
@@ -46,9 +52,20 @@ def _lines(text: str) -> str:
     return "\n".join(text.splitlines())
 
 
+def _inert_line(line: str) -> str:
+    """The line with a backslash before its `#` when `#` is its first visible character: `\\u200b### 2` is
+    `### 2` to a reader, so invisible characters in front of it must not keep it from being escaped."""
+    for i, char in enumerate(line):
+        if char in _HASHES:
+            return f"{line[:i]}\\{line[i:]}"
+        if not (char.isspace() or char in _BLANK_LETTERS or unicodedata.category(char) in _UNSEEN_CATEGORIES):
+            return line
+    return line
+
+
 def inert(text: str) -> str:
     """An item's text as it goes into a packed prompt: no line of it can be taken for a header."""
-    return _HASH_LINE.sub(r"\1\\", _lines(text.strip()))
+    return "\n".join(_inert_line(line) for line in _lines(text.strip()).split("\n"))
 
 
 def packed_messages(instruction: str, items: Sequence[tuple[str, str]], limit: int) -> tuple[ChatMessage, ...]:

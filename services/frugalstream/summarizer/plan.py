@@ -25,7 +25,9 @@ from frugalstream.summarizer.store import SummaryStore
 # pack-v2: item text is escaped in packed prompts, and only a summary made for a text is stored as its summary.
 # Rows kept under pack-v1 may hold a summary another item's text wrote (a fake `### <id>` line) or one borrowed
 # from a near-duplicate; neither can be told from a real one, so none of them is reused.
-PROMPT_VERSION = "pack-v2"
+# pack-v3: a header behind invisible characters (`\u200b### 2`) is escaped too; pack-v2 rows may hold a summary
+# such a line wrote, so they are not reused either.
+PROMPT_VERSION = "pack-v3"
 log = get_logger(__name__)
 
 
@@ -38,9 +40,12 @@ def job_key(job: SummarizeJob) -> str:
     return hashlib.blake2b(job.model_dump_json().encode(), digest_size=12).hexdigest()
 
 
-def reuse_scope(tenant: str, instruction: str, max_output_tokens: int, model: str) -> str:
-    """A summary is reused only for the same tenant, instruction, output budget, model and prompt version."""
-    payload = json.dumps([tenant, instruction, max_output_tokens, model, PROMPT_VERSION])
+def reuse_scope(tenant: str, instruction: str, max_output_tokens: int, model: str, *, simulated: bool = True) -> str:
+    """A summary is reused only for the same tenant, instruction, output budget, model, prompt version and kind of
+    provider: the simulated provider's placeholder text is never served to a real provider's job (`frugalstream
+    dev`, then a real provider on the same state directory). The default is the safe side: a caller that omits
+    it can only miss a real summary, never serve a simulated one as real."""
+    payload = json.dumps([tenant, instruction, max_output_tokens, model, PROMPT_VERSION, simulated])
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
@@ -77,12 +82,13 @@ class JobView:
     groups: dict[str, list[int]]
 
     @classmethod
-    def of(cls, job: SummarizeJob, model: str, baseline: str) -> JobView:
+    def of(cls, job: SummarizeJob, model: str, baseline: str, *, simulated: bool = True) -> JobView:
+        """`simulated`: the provider is the simulated one (see `reuse_scope`)."""
         groups: dict[str, list[int]] = {}
         for i, item in enumerate(job.items):
             groups.setdefault(content_hash(item.text), []).append(i)
-        return cls(job, job_key(job), reuse_scope(job.tenant, job.instruction, job.max_output_tokens, model),
-                   model, baseline, groups)
+        scope = reuse_scope(job.tenant, job.instruction, job.max_output_tokens, model, simulated=simulated)
+        return cls(job, job_key(job), scope, model, baseline, groups)
 
     def text(self, digest: str) -> str:
         return self.job.items[self.groups[digest][0]].text
@@ -125,7 +131,7 @@ class Planner:
         packs = pack([(d, n + HEADER_TOKENS) for d, n in zip(paid, sizes, strict=True)],
                      max_tokens=self.config.pack_tokens, max_items=self.config.pack_items)
         plan = Plan(packs=packs, reuse=reuse, near=near)
-        earlier = await self.db.job_digests(job.tenant, job.job_id)
+        earlier = await self.db.job_digests(job.run_key())
         await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts,
-                                sum(1 for d in digests if d not in earlier), plan.to_json())
+                                sum(1 for d in digests if d not in earlier), plan.to_json(), run_key=job.run_key())
         return plan

@@ -40,6 +40,10 @@ CREATE TABLE IF NOT EXISTS calls (job_key TEXT NOT NULL, call_id TEXT NOT NULL, 
 CREATE INDEX IF NOT EXISTS calls_job ON calls (tenant, job_id);
 CREATE TABLE IF NOT EXISTS batches (job_key TEXT PRIMARY KEY, batch_id TEXT NOT NULL, submitted_at REAL NOT NULL);
 """
+# Columns added after the first release: (table, column, declaration). A part planned before `run_key` existed
+# keeps NULL there and so belongs to no run: it is never counted in, or waited for by, a later run's progress.
+_ADDED_COLUMNS = (("plans", "run_key", "TEXT"),)
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS plans_run ON plans (run_key, part);"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,10 @@ class _Tables:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            if column not in {str(row[1]) for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self._db.executescript(_ADDED_INDEXES)
 
     def close(self) -> None:
         self._db.close()
@@ -114,20 +122,24 @@ class _Tables:
         return json.loads(row[0]) if row else None
 
     def save_plan(self, job_key: str, job_id: str, tenant: str, part: int, parts: int, new_unique: int,
-                  plan: dict[str, Any]) -> None:
-        self._db.execute("INSERT OR IGNORE INTO plans (job_key, job_id, tenant, part, parts, new_unique, plan) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (job_key, job_id, tenant, part, parts, new_unique, json.dumps(plan, separators=(",", ":"))))
+                  plan: dict[str, Any], run_key: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO plans (job_key, job_id, tenant, part, parts, new_unique, plan, "
+                         "run_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (job_key, job_id, tenant, part, parts, new_unique, json.dumps(plan, separators=(",", ":")),
+                          run_key))
 
-    def earlier_part_pending(self, tenant: str, job_id: str, part: int) -> bool:
-        row = self._db.execute("SELECT 1 FROM plans WHERE tenant = ? AND job_id = ? AND part < ? AND finished = 0 "
-                               "LIMIT 1", (tenant, job_id, part)).fetchone()
+    # Everything below that spans parts is per run (`SummarizeJob.run_key`), not per (tenant, job_id): a job id
+    # reused with other content is another job, and yesterday's parts must neither hold up nor finish today's.
+
+    def earlier_part_pending(self, run_key: str, part: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM plans WHERE run_key = ? AND part < ? AND finished = 0 LIMIT 1",
+                               (run_key, part)).fetchone()
         return row is not None
 
-    def job_digests(self, tenant: str, job_id: str) -> set[str]:
-        """Content hashes earlier parts of this job already resolved (so they are not new unique items)."""
+    def job_digests(self, run_key: str) -> set[str]:
+        """Content hashes earlier parts of this run already resolved (so they are not new unique items)."""
         rows = self._db.execute("SELECT r.digest FROM results r JOIN plans p ON p.job_key = r.job_key "
-                                "WHERE p.tenant = ? AND p.job_id = ?", (tenant, job_id))
+                                "WHERE p.run_key = ?", (run_key,))
         return {d for (d,) in rows}
 
     def record_call(self, *, job_key: str, job_id: str, tenant: str, call_id: str, scope: str, model: str | None,
@@ -170,16 +182,16 @@ class _Tables:
         self._db.execute("UPDATE plans SET finished = 1 WHERE job_key = ?", (job_key,))
         self._db.execute("DELETE FROM batches WHERE job_key = ?", (job_key,))
 
-    def progress(self, tenant: str, job_id: str) -> dict[str, Any]:
-        """Counters over every part of a job seen so far, for its progress events and report."""
+    def progress(self, run_key: str) -> dict[str, Any]:
+        """Counters over every part of a run seen so far, for its progress events and report."""
         parts, unique, finished = self._db.execute(
             "SELECT COALESCE(MAX(parts), 1), COALESCE(SUM(new_unique), 0), COALESCE(SUM(finished), 0) FROM plans "
-            "WHERE tenant = ? AND job_id = ?", (tenant, job_id)).fetchone()
+            "WHERE run_key = ?", (run_key,)).fetchone()
+        run_calls = "FROM calls c JOIN plans p ON p.job_key = c.job_key WHERE p.run_key = ?"
         done, calls = self._db.execute(
-            "SELECT COALESCE(SUM(items), 0), COALESCE(SUM(paid), 0) FROM calls WHERE tenant = ? AND job_id = ?",
-            (tenant, job_id)).fetchone()
-        actual = [a for (a,) in self._db.execute(
-            "SELECT actual FROM calls WHERE tenant = ? AND job_id = ? AND actual IS NOT NULL", (tenant, job_id))]
+            f"SELECT COALESCE(SUM(c.items), 0), COALESCE(SUM(c.paid), 0) {run_calls}", (run_key,)).fetchone()
+        actual = [a for (a,) in self._db.execute(f"SELECT c.actual {run_calls} AND c.actual IS NOT NULL",
+                                                 (run_key,))]
         return {"parts": int(parts), "unique": int(unique), "finished_parts": int(finished), "done": int(done),
                 "calls": int(calls), "actual": actual}
 
@@ -221,14 +233,14 @@ class SummaryStore:
         return await self._submit(self._tables.load_plan, job_key)
 
     async def save_plan(self, job_key: str, job_id: str, tenant: str, part: int, parts: int, new_unique: int,
-                        plan: dict[str, Any]) -> None:
-        await self._write(self._tables.save_plan, job_key, job_id, tenant, part, parts, new_unique, plan)
+                        plan: dict[str, Any], *, run_key: str) -> None:
+        await self._write(self._tables.save_plan, job_key, job_id, tenant, part, parts, new_unique, plan, run_key)
 
-    async def earlier_part_pending(self, tenant: str, job_id: str, part: int) -> bool:
-        return await self._submit(self._tables.earlier_part_pending, tenant, job_id, part)
+    async def earlier_part_pending(self, run_key: str, part: int) -> bool:
+        return await self._submit(self._tables.earlier_part_pending, run_key, part)
 
-    async def job_digests(self, tenant: str, job_id: str) -> set[str]:
-        return await self._submit(self._tables.job_digests, tenant, job_id)
+    async def job_digests(self, run_key: str) -> set[str]:
+        return await self._submit(self._tables.job_digests, run_key)
 
     async def record_call(self, *, job_key: str, job_id: str, tenant: str, call_id: str, scope: str,
                           model: str | None, simulated: bool, results: list[NewResult], items: int, paid: bool,
@@ -249,8 +261,8 @@ class SummaryStore:
     async def finish(self, job_key: str) -> None:
         await self._write(self._tables.finish, job_key)
 
-    async def progress(self, tenant: str, job_id: str) -> dict[str, Any]:
-        return await self._submit(self._tables.progress, tenant, job_id)
+    async def progress(self, run_key: str) -> dict[str, Any]:
+        return await self._submit(self._tables.progress, run_key)
 
     async def batch(self, job_key: str) -> str | None:
         return await self._submit(self._tables.batch, job_key)

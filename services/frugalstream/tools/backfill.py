@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import hashlib
 import io
 import json
 import time
@@ -259,7 +260,9 @@ def split_job(job_id: str, tenant: str, instruction: str, items: Sequence[Summar
               max_output_tokens: int = 120, part_items: int = PART_ITEMS, max_bytes: int = 900_000,
               tags: dict[str, str] | None = None) -> list[SummarizeJob]:
     """Distinct-first order, then parts bounded by item count and message size. ValueError if an item id repeats
-    (results are keyed by item id) or an item cannot fit a part."""
+    (results are keyed by item id) or an item cannot fit a part. The parts' `run_id` is a digest of the items:
+    the same job id over another file is another run (never answered with this one's results), the same file
+    again is this run (answered from what it already did)."""
     repeated = [i for i, n in Counter(item.id for item in items).items() if n > 1]
     if repeated:
         raise ValueError(f"item ids must be unique within a job: {len(repeated)} repeated, e.g. {repeated[:3]}")
@@ -283,8 +286,16 @@ def split_job(job_id: str, tenant: str, instruction: str, items: Sequence[Summar
     common: dict[str, Any] = {"job_id": job_id, "tenant": tenant, "instruction": instruction, "model": model,
                               "deadline_s": deadline_s, "near_duplicates": near_duplicates,
                               "max_output_tokens": max_output_tokens, "tags": tags or {},
-                              "parts": len(parts), "total_items": len(items)}
+                              "parts": len(parts), "total_items": len(items), "run_id": items_digest(items)}
     return [SummarizeJob(items=tuple(p), part=n, **common) for n, p in enumerate(parts)]
+
+
+def items_digest(items: Sequence[SummarizeItem]) -> str:
+    """Ids and texts in order: what a run answers (the job's other fields are in its `run_key` already)."""
+    h = hashlib.blake2b(digest_size=16)
+    for item in items:
+        h.update(json.dumps([item.id, item.text]).encode() + b"\n")
+    return h.hexdigest()
 
 
 async def publish_parts(settings: Settings, parts: Sequence[SummarizeJob]) -> None:
@@ -301,8 +312,8 @@ async def run_backfill(settings: Settings, parts: Sequence[SummarizeJob], *, tim
     """Publishes the parts and follows the job until every item has a result, showing done/total, the rate and,
     when nothing arrives, what it is waiting for."""
     console = console or Console(stderr=True)
-    job, total = parts[0], parts[0].total_items or len(parts[0].items)
-    follower = JobFollower(settings, job.job_id, job.tenant)
+    total = parts[0].total_items or len(parts[0].items)
+    follower = JobFollower.of_run(settings, parts)
     await follower.start()
     try:
         await publish_parts(settings, parts)

@@ -200,8 +200,21 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Loads the settings (environment and TOML file) and starts nothing: a bad value fails in `main`."""
-    Settings()
+    """Loads the settings (environment and TOML file) and starts nothing: a bad value fails in `main`. The key
+    of every provider in use is read too, as the services read it at start: a missing key file fails here
+    (`MissingKeyFileError` names the setting), not in a crash-looping pod."""
+    from frugalstream.gateway.app import providers_in_use
+    from frugalstream.resources import Resources
+
+    settings = Settings()
+    try:
+        catalog = Resources(settings).catalog  # which provider a model is at
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"setting FRUGAL_PRICE_CATALOG or FRUGAL_PRICE_OVERRIDES: {exc}") from exc
+    keys = {"openai": (settings.openai_api_key, settings.openai_api_key_file),
+            "anthropic": (settings.anthropic_api_key, settings.anthropic_api_key_file)}
+    for name in sorted(providers_in_use(settings, catalog) & keys.keys()):
+        settings.secret(*keys[name])
     print("config ok")
     return 0
 

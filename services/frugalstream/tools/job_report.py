@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -20,8 +20,9 @@ from aiokafka.helpers import create_ssl_context
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import price_chain
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import SummarizeProgress, SummaryResult, TokenUsage, UsageRecord
+from frugalstream.schemas import SummarizeJob, SummarizeProgress, SummaryResult, TokenUsage, UsageRecord
 from frugalstream.schemas import topics as t
+from frugalstream.summarizer.plan import job_key
 
 OnProgress = Callable[[SummarizeProgress | None, int], None]
 
@@ -64,18 +65,41 @@ def usage_job_id(request_id: str) -> str | None:
     return job_id if job_id and part.isdigit() and call else None
 
 
-class JobFollower:
-    """Reads results, progress and usage of one job. Started before the job is published, it reads each
-    topic from its beginning (Tansu's end offsets cannot be trusted) and filters by job id."""
+def usage_part_key(record_id: str) -> str | None:
+    """The job part (`job_key`) of a summarizer usage record, whose id is `summarizer:<job_key>:<call_id>`."""
+    stage, _, rest = record_id.partition(":")
+    key, sep, _ = rest.partition(":")
+    return key if stage == "summarizer" and sep else None
 
-    def __init__(self, settings: Settings, job_id: str, tenant: str) -> None:
+
+class JobFollower:
+    """Reads results, progress and usage of one run of a job. Started before the job is published, it reads
+    each topic from its beginning (Tansu's end offsets cannot be trusted) and so also meets every earlier run
+    of the same job id: it keeps only what carries its run (`run_key`, and the parts' `job_key` for usage).
+    Without a run (`run_key` None) it takes every run of the job id."""
+
+    run_key: str | None = None
+    part_keys: frozenset[str] = frozenset()
+
+    def __init__(self, settings: Settings, job_id: str, tenant: str, run_key: str | None = None,
+                 part_keys: Iterable[str] = ()) -> None:
         self.job_id, self.tenant = job_id, tenant
+        self.run_key, self.part_keys = run_key, frozenset(part_keys)
         self.outcome = JobOutcome()
         self._topics = {settings.topic(n): n for n in (t.SUMMARIES, t.SUMMARIZE_PROGRESS, t.USAGE)}
         self._consumer = AIOKafkaConsumer(
             *self._topics, bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest", fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024, **consumer_security(settings))
+
+    @classmethod
+    def of_run(cls, settings: Settings, parts: Sequence[SummarizeJob]) -> JobFollower:
+        """A follower of the run these parts make (all share job id, tenant and `run_key`)."""
+        job = parts[0]
+        return cls(settings, job.job_id, job.tenant, job.run_key(), (job_key(p) for p in parts))
+
+    def _ours(self, job_id: str, tenant: str, run_key: str | None) -> bool:
+        return job_id == self.job_id and tenant == self.tenant and self.run_key in (None, run_key)
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -87,7 +111,7 @@ class JobFollower:
         out = self.outcome
         if topic == t.SUMMARIES:
             result = SummaryResult.model_validate_json(value)
-            if result.job_id == self.job_id and result.tenant == self.tenant:
+            if self._ours(result.job_id, result.tenant, result.run_key):
                 if result.item_id in out.results:
                     out.duplicates += 1
                     out.conflicts += out.results[result.item_id].summary != result.summary
@@ -95,14 +119,15 @@ class JobFollower:
                     out.results[result.item_id] = result
         elif topic == t.SUMMARIZE_PROGRESS:
             progress = SummarizeProgress.model_validate_json(value)
-            if progress.job_id == self.job_id and progress.tenant == self.tenant and (
+            if self._ours(progress.job_id, progress.tenant, progress.run_key) and (
                     out.progress is None or (progress.finished, progress.done_items) >= (
                     out.progress.finished, out.progress.done_items)):
                 out.progress = progress
         else:
             record = UsageRecord.model_validate_json(value)
             if record.stage == "summarizer" and record.tenant == self.tenant and usage_job_id(
-                    record.request_id) == self.job_id:
+                    record.request_id) == self.job_id and (
+                    not self.part_keys or usage_part_key(record.id) in self.part_keys):
                 out.usage[record.id] = record
 
     async def poll(self, timeout_ms: int = 200) -> int:

@@ -131,7 +131,10 @@ def cmd_prices_update(args: argparse.Namespace) -> int:
         raise UsageError(f"prices update --out {out}: the catalog there cannot be read ({str(exc)[:200]}); move "
                          "it away or give another --out") from None
     today = args.date or datetime.now(UTC).date().isoformat()
-    new = write_catalog(build_catalog(src, today), out)
+    try:
+        new = write_catalog(build_catalog(src, today), out)
+    except OSError as exc:  # a directory, a path under a file, no permission
+        raise UsageError(f"prices update --out {out}: cannot write there ({exc.strerror or exc})") from None
     print(f"wrote {out}: {len(new.models)} models, version {new.version}, from {src.label}")
     if before is not None:
         changed = changed_models(before, new)

@@ -19,8 +19,15 @@ ProviderName = Literal["simulated", "openai", "anthropic"]
 
 __all__ = [
     "AnthropicProvider", "Completion", "ErrorKind", "OpenAIProvider", "Provider", "ProviderError",
-    "ProviderName", "SimulatedProvider", "build_provider", "parse_retry_after",
+    "ProviderName", "SimulatedProvider", "build_provider", "endpoint_for", "parse_retry_after",
 ]
+
+
+def endpoint_for(model: str) -> Literal["openai", "anthropic"]:
+    """Where a model is sent when a real provider is configured: claude models to Anthropic, every other model
+    to the OpenAI-compatible endpoint. One rule for the classifier (which routes) and the gateway (which needs
+    the keys of the endpoints it will call)."""
+    return "anthropic" if model.startswith("claude") else "openai"
 
 
 def build_provider(name: ProviderName, **settings: Any) -> Provider:
