@@ -15,19 +15,17 @@ from frugalstream.gateway.app import wire as wire_gateway
 from frugalstream.resources import Resources
 from frugalstream.runtime.settings import MissingKeyFileError, Settings, UsageError
 from frugalstream.tools.cli import main
+from tests.unit.test_cli_errors import _clean_config  # noqa: F401 - the clean configuration fixture
 from tests.unit.test_deploy import DEPLOY, LAYOUTS, _k8s
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is needed to read the deploy manifests")
 
 
 @pytest.fixture(autouse=True)
-def _clean_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No stray `frugalstream.toml` from the working directory, no FRUGAL_ variables from the shell."""
-    for name in list(os.environ):
-        if name.upper().startswith("FRUGAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("FRUGAL_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setenv("FRUGAL_STATE_DIR", str(tmp_path / "state"))
+def _not_idempotent(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI tests' clean configuration (`_clean_config`, set up first), with a producer that needs no broker
+    to start."""
+    request.getfixturevalue("_clean_config")
     monkeypatch.setenv("FRUGAL_KAFKA_IDEMPOTENT", "false")
 
 
