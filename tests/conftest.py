@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the embedded Kafka-protocol broker for integration tests.
+"""Shared pytest fixtures: the embedded Kafka-protocol broker for integration tests, and logging reset per test.
 
 The broker is started once per session as a plain (sync) fixture, so it does not depend on the event
 loop scope pytest-asyncio is configured with; each test isolates itself with its own topic names and
@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from frugalstream.tools.embedded_broker import BrokerBinaryNotFoundError, EmbeddedBroker
 
@@ -20,6 +21,15 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the markers here so ``--strict-markers`` accepts them wherever pytest is configured."""
     config.addinivalue_line("markers", "integration: needs a Kafka-protocol broker (the embedded Tansu one)")
     config.addinivalue_line("markers", "slow: takes more than 10 s")
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_per_test() -> Iterator[None]:
+    """A CLI run in-process configures structlog (a WARNING filter, a stderr sink); a later test must neither
+    lose its `capture_logs` lines to that filter nor write to a closed capture, so every test starts alike."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9._-]+")

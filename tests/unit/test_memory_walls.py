@@ -164,7 +164,7 @@ async def test_estimates_and_threshold_labels_of_invented_tenants_are_bounded() 
     await auditor.judge([answered("mine")])  # acme, configured
     await auditor.judge([answered(f"r{i}", tenant=f"evil-{i}") for i in range(500)])
     assert len(auditor.recent) <= 1 + 5
-    assert sum(len(v) for v in auditor.estimates.cells.values()) <= 1 + 1 * 10 * 6
-    assert sum(len(c.labels) for c in auditor.controller.cells.values()) <= 1 + 1 * 10 * 3
+    assert sum(len(v) for v in auditor.estimates.book.cells.values()) <= 1 + 1 * 10 * 6
+    assert sum(len(c) for c in auditor.controller.book.cells.values()) <= 1 + 1 * 10 * 3
     assert auditor.estimates.estimate(("acme", "faq", "cache_semantic")).n == 1
     assert len(auditor.controller.labels("acme", "faq", "semantic_verify")) == 1

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from frugalstream.audit import quality
+from frugalstream.audit.cells import CellBook
 from frugalstream.audit.quality import Graded
 from frugalstream.llm.audit_stats import Proportion, weighted, wilson
 from frugalstream.schemas import TASK_TYPES, TaskType
@@ -42,48 +42,6 @@ from frugalstream.schemas.audits import Knob, ThresholdChange
 
 SERVES_ABOVE: frozenset[Knob] = frozenset({"semantic_verify", "answer_cluster"})  # the saving is taken at score >= t
 STEP = 1e-4  # "just past" a label's score
-
-
-class Shares:
-    """What the tenants not `reserved` (configured) hold of a memory they share, bounded by `limit`: a tenant is a
-    free field of a request, so a producer inventing tenants must not grow it. Past the limit the owner evicts from
-    `victim()`: the tenant holding the most, the least recently active among equals, so a flood evicts its own
-    first and a quiet tenant keeps what it has while it holds no more than the others."""
-
-    def __init__(self, limit: int, reserved: Iterable[str] = ()) -> None:
-        self.limit = limit
-        self.reserved = frozenset(reserved)
-        self.held = 0  # what the tenants not reserved hold together
-        self._counts: dict[str, int] = {}
-        self._by_count: dict[int, OrderedDict[str, None]] = {}  # tenants by count, least recently active first
-        self._largest = 0
-
-    def over(self) -> bool:
-        return self.held > self.limit
-
-    def victim(self) -> str:
-        return next(iter(self._by_count[self._largest]))
-
-    def moved(self, tenant: str, delta: int) -> None:
-        """`tenant` now holds `delta` more (-1, 0 or 1: 0 only marks it active)."""
-        if tenant in self.reserved:
-            return
-        before = self._counts.get(tenant, 0)
-        after = before + delta
-        self.held += delta
-        if before:
-            bucket = self._by_count[before]
-            del bucket[tenant]
-            if not bucket:
-                del self._by_count[before]
-                if self._largest == before:
-                    self._largest = after  # counts move by one: `after` holds this tenant, or none is left
-        if after:
-            self._counts[tenant] = after
-            self._by_count.setdefault(after, OrderedDict())[tenant] = None
-            self._largest = max(self._largest, after)
-        else:
-            self._counts.pop(tenant, None)
 
 
 @dataclass(frozen=True)
@@ -131,20 +89,6 @@ def acceptance_at(labels: list[Label], knob: Knob, threshold: float) -> Proporti
 
 
 @dataclass
-class Cell:
-    """Labels by audit id, oldest first: a later verdict on the same audit (a person's) replaces the earlier."""
-
-    window: int
-    labels: OrderedDict[str, Label] = field(default_factory=OrderedDict)
-
-    def put(self, key: str, label: Label) -> None:
-        self.labels[key] = label
-        self.labels.move_to_end(key)
-        while len(self.labels) > self.window:
-            self.labels.popitem(last=False)
-
-
-@dataclass
 class ThresholdController:
     """One per audit service; `observe` labels, `decide` returns a change (or None) for one cell. Each cell keeps
     `window` labels; the tenants not `reserve`d share one tenant's worth (`window` per task type and knob)."""
@@ -152,48 +96,22 @@ class ThresholdController:
     min_evidence: int = 30
     window: int = 20_000
     clock: Callable[[], float] = field(default=time.time, repr=False)
-    cells: dict[tuple[str, str, Knob], Cell] = field(default_factory=dict)
-    shares: Shares = field(init=False)
-    _tenant_cells: dict[str, OrderedDict[tuple[str, str, Knob], None]] = field(init=False, default_factory=dict)
+    book: CellBook[tuple[str, str, Knob], Label] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reserve(())
+        self.book = CellBook(self.window, (len(TASK_TYPES) + 1) * len(BOUNDS))
 
     def reserve(self, tenants: Iterable[str]) -> None:
         """The configured tenants: their cells are never evicted by other tenants' labels."""
-        self.shares = Shares(self.window * (len(TASK_TYPES) + 1) * len(BOUNDS), tenants)
+        self.book.reserve(tenants)
 
     def observe(self, tenant: str, task_type: str, knob: Knob, label: Label, key: str) -> None:
-        """`key`: the audit's id; observing it again replaces its label (counted once)."""
-        at = (tenant, task_type, knob)
-        cell = self.cells.get(at)
-        if cell is None:
-            cell = self.cells[at] = Cell(self.window)
-        cells = self._tenant_cells.setdefault(tenant, OrderedDict())
-        cells[at] = None
-        cells.move_to_end(at)  # the tenant's least recently labelled cell is evicted from first
-        before = len(cell.labels)
-        cell.put(key, label)
-        self.shares.moved(tenant, len(cell.labels) - before)
-        while self.shares.over():
-            self._evict(self.shares.victim())
-
-    def _evict(self, tenant: str) -> None:
-        """Drops the oldest label of the tenant's least recently labelled cell (and the cell, once empty)."""
-        cells = self._tenant_cells[tenant]
-        at = next(iter(cells))
-        labels = self.cells[at].labels
-        labels.popitem(last=False)
-        self.shares.moved(tenant, -1)
-        if not labels:
-            del self.cells[at], cells[at]
-            if not cells:
-                del self._tenant_cells[tenant]
+        """`key`: the audit's id; observing it again (a person's later verdict) replaces its label, counted once."""
+        self.book.put((tenant, task_type, knob), key, label)
 
     def labels(self, tenant: str, task_type: str, knob: Knob) -> list[Label]:
         """The cell's `usable` labels: every decision reads them here."""
-        cell = self.cells.get((tenant, task_type, knob))
-        return [lb for lb in cell.labels.values() if usable(lb)] if cell is not None else []
+        return [lb for lb in self.book.get((tenant, task_type, knob)).values() if usable(lb)]
 
     def decide(self, tenant: str, task_type: TaskType, knob: Knob, current: float,
                target: float) -> ThresholdChange | None:

@@ -32,7 +32,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from frugalstream.audit.controller import Label, Shares, ThresholdController
+from frugalstream.audit.cells import CellBook, Shares
+from frugalstream.audit.controller import Label, ThresholdController
 from frugalstream.llm import pair_encoder
 from frugalstream.llm import verifier as lexical
 from frugalstream.llm.audit_stats import Proportion
@@ -68,53 +69,28 @@ class EstimateBook:
     tenant's worth (`window` per task type and kind), evicted as `Shares` says."""
 
     window: int = 100_000
-    cells: dict[Cell, OrderedDict[str, tuple[bool, bool]]] = field(default_factory=dict)
-    shares: Shares = field(init=False)
-    _tenant_cells: dict[str, OrderedDict[Cell, None]] = field(init=False, default_factory=dict)
+    book: CellBook[Cell, tuple[bool, bool]] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reserve(())
+        self.book = CellBook(self.window, (len(TASK_TYPES) + 1) * len(DECISION_KINDS))
 
     def reserve(self, tenants: Iterable[str]) -> None:
         """The configured tenants: their verdicts are never evicted by other tenants' (call before any `put`)."""
-        self.shares = Shares(self.window * (len(TASK_TYPES) + 1) * len(DECISION_KINDS), tenants)
+        self.book.reserve(tenants)
 
     def put(self, cell: Cell, audit_id: str, accepted: bool, human: bool = False) -> None:
-        verdicts = self.cells.setdefault(cell, OrderedDict())
-        before = len(verdicts)
-        verdicts[audit_id] = (accepted, human)
-        verdicts.move_to_end(audit_id)
-        while len(verdicts) > self.window:
-            verdicts.popitem(last=False)
-        cells = self._tenant_cells.setdefault(cell[0], OrderedDict())
-        cells[cell] = None
-        cells.move_to_end(cell)  # the tenant's least recently counted cell is evicted from first
-        self.shares.moved(cell[0], len(verdicts) - before)
-        while self.shares.over():
-            self._evict(self.shares.victim())
-
-    def _evict(self, tenant: str) -> None:
-        cells = self._tenant_cells[tenant]
-        oldest = next(iter(cells))
-        verdicts = self.cells[oldest]
-        verdicts.popitem(last=False)
-        self.shares.moved(tenant, -1)
-        if not verdicts:
-            del self.cells[oldest], cells[oldest]
-            if not cells:
-                del self._tenant_cells[tenant]
+        self.book.put(cell, audit_id, (accepted, human))
 
     def verdict(self, cell: Cell, audit_id: str) -> tuple[bool, bool] | None:
         """The counted (accepted, by a person) of this audit, None when it is not counted in the cell."""
-        verdicts = self.cells.get(cell)
-        return None if verdicts is None else verdicts.get(audit_id)
+        return self.book.get(cell).get(audit_id)
 
     def by_a_person(self, cell: Cell, audit_id: str) -> bool:
         verdict = self.verdict(cell, audit_id)
         return verdict is not None and verdict[1]
 
     def estimate(self, cell: Cell) -> AuditEstimate:
-        verdicts = self.cells.get(cell, OrderedDict())
+        verdicts = self.book.get(cell)
         accepted = sum(a for a, _ in verdicts.values())
         p = Proportion.of(accepted, len(verdicts))
         return AuditEstimate(tenant=cell[0], task_type=cell[1], kind=cell[2], n=len(verdicts), accepted=accepted,
