@@ -24,7 +24,8 @@ from frugalstream.accountant.ledger import Ledger, to_units, to_usd
 from frugalstream.accountant.logic import Accountant
 from frugalstream.accountant.report import build_report, render
 from frugalstream.classifier.logic import Classifier, Routed
-from frugalstream.classifier.routing import BudgetBook, PolicyDenied, choose_model
+from frugalstream.classifier.routing import PolicyDenied, choose_model
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import cost_event, price_usage
 from frugalstream.llm.tokens import TokenCounter

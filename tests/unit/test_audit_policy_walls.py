@@ -11,11 +11,11 @@ from typing import Any
 from structlog.testing import capture_logs
 
 from frugalstream.classifier.logic import Classifier, Routed
-from frugalstream.classifier.routing import BudgetBook
 from frugalstream.dedupe.audit_sampling import AuditSampler
 from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.gateway.audits import AuditCalls, InProcessCompleted, sample_paid
 from frugalstream.gateway.logic import Gateway, Result
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.providers import Completion
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.records import Decoded, Out, Record

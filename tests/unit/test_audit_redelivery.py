@@ -10,7 +10,6 @@ The stage's real handler is driven, with a broker that refuses publishes while t
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -30,19 +29,6 @@ SETTINGS = SETTINGS.model_copy(update={"kafka_idempotent": False})
 AUDITS, THRESHOLDS = SETTINGS.topic(t.AUDITS), SETTINGS.topic(t.THRESHOLDS)
 
 
-class Subscriptions(CapturingBroker):
-    """Keeps every handler the service subscribes, by topic."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.handlers: dict[str, Any] = {}
-
-    def subscriber(self, *topics: str, **options: Any) -> Any:
-        def register(func: Any) -> Any:
-            self.handlers.update(dict.fromkeys(topics, func))
-            return func
-
-        return register
 
 
 class Stage:
@@ -51,7 +37,7 @@ class Stage:
     def __init__(self) -> None:
         self.auditor = Auditor(SETTINGS, {"match": MatchJudge()})
         self.broker = FakeBroker()
-        self.subscriptions = Subscriptions()
+        self.subscriptions = CapturingBroker()  # every handler the service subscribes, by topic
         AuditService(SETTINGS, self.auditor).register(
             self.subscriptions, Publisher(self.broker, SETTINGS, Metrics(CollectorRegistry())))  # type: ignore[arg-type]
 

@@ -11,7 +11,7 @@ from frugalstream.accountant.budgets import Budget, BudgetTracker
 from frugalstream.accountant.ledger import Ledger
 from frugalstream.accountant.logic import Accountant
 from frugalstream.classifier.logic import Classifier, Refused, Routed
-from frugalstream.classifier.routing import BudgetBook
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.metrics import Metrics, exposition

@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frugalstream.classifier.routing import (
-    BudgetBook,
     PolicyDenied,
     TierThresholds,
     choose_model,
@@ -15,6 +14,7 @@ from frugalstream.classifier.routing import (
 )
 from frugalstream.classifier.task_rules import classify_task
 from frugalstream.classifier.trimming import trim_to_budget
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import BudgetState, ChatMessage, LLMRequest, ToolCall

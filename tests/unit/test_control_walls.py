@@ -15,9 +15,9 @@ from frugalstream.accountant.ledger import Ledger
 from frugalstream.accountant.logic import Accountant
 from frugalstream.audit.controller import ThresholdController
 from frugalstream.audit.logic import Auditor
-from frugalstream.classifier.routing import BudgetBook
 from frugalstream.dedupe.wiring import semantic_policy
 from frugalstream.llm.audits import audit_id
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.judges import MatchJudge
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.thresholds import ThresholdBook

@@ -15,8 +15,9 @@ import time
 import pytest
 
 from frugalstream.accountant.ledger import Ledger
-from frugalstream.classifier.routing import BudgetBook, PolicyDenied, choose_model
+from frugalstream.classifier.routing import PolicyDenied, choose_model
 from frugalstream.classifier.trimming import trim_to_budget
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.cache_keys import cache_keys
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import cost_event

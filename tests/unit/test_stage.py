@@ -280,10 +280,12 @@ class FakeMessage:
 
 
 class CapturingBroker:
-    """Stands in for KafkaBroker.subscriber: keeps the handler so a test can call it with a fake message."""
+    """Stands in for KafkaBroker.subscriber: keeps the handlers (the last one, and each by topic) so a test can
+    call them with a fake message."""
 
     def __init__(self) -> None:
         self.handler: Any = None
+        self.handlers: dict[str, Any] = {}
         self.options: dict[str, Any] = {}
 
     def subscriber(self, *topics: str, **options: Any) -> Any:
@@ -291,6 +293,7 @@ class CapturingBroker:
 
         def register(func: Any) -> Any:
             self.handler = func
+            self.handlers.update(dict.fromkeys(topics, func))
             return func
 
         return register

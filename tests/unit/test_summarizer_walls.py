@@ -164,7 +164,8 @@ async def dead_letter(raw: dict[str, Any] | bytes) -> FakeBroker:
     svc = SummarizerService(stage_settings(), Never())  # type: ignore[arg-type]
     svc.register(capturing, publisher(broker))  # type: ignore[arg-type]
     value = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-    await capturing.handler(FakeMessage((FakeRecord(t.SUMMARIZE_JOBS, 0, 7, b"j1", value),), FakeConsumer()))
+    await capturing.handlers[stage_settings().topic(t.SUMMARIZE_JOBS)](
+        FakeMessage((FakeRecord(t.SUMMARIZE_JOBS, 0, 7, b"j1", value),), FakeConsumer()))
     assert broker.on(dlq_topic(t.SUMMARIZE_JOBS)), "dead-lettered too"
     return broker
 

@@ -21,7 +21,6 @@ import numpy as np
 import numpy.typing as npt
 
 from frugalstream.classifier.routing import (
-    BudgetBook,
     PolicyDenied,
     TierThresholds,
     choose_model,
@@ -32,6 +31,7 @@ from frugalstream.classifier.trimming import trim_to_budget
 from frugalstream.classifier.walls import Denial, admission_denial, unpriced_pin_denial
 from frugalstream.llm.audits import audit_rate, paid_saving
 from frugalstream.llm.audits import sampled as audit_sampled
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.cache_keys import cache_keys, clean_text, split_conversation
 from frugalstream.llm.embedder import AsyncEmbedder, encode_vector
 from frugalstream.llm.pricing.baseline import savings_baseline

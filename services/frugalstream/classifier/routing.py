@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
+from frugalstream.llm.budgets import budget_ceiling, refuses
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import TIERS, BudgetState, Route, TaskType, Tier
 
@@ -74,48 +74,6 @@ def reason_kind(route: Route) -> str:
     return "score" if rank(route.tier) > rank(floor) else "floor"
 
 
-@dataclass
-class BudgetBook:
-    """Latest `llm.budgets` state per budget id, as the classifier last read it.
-
-    The last state read wins, whatever its `updated_at`: the accountant is the topic's only writer, a key's
-    states are read in the order written, and that order is what compaction keeps (a stamp from a clock that
-    stepped back, or one in milliseconds, cannot hide a later state). A state whose period has ended says
-    nothing (see `BudgetState.ends_at`)."""
-
-    states: dict[str, BudgetState] = field(default_factory=dict)
-    clock: Callable[[], float] = field(default=time.time, repr=False)
-
-    def update(self, state: BudgetState) -> None:
-        self.states[state.budget_id] = state
-
-    def verdict(self, tenant: str, tags: Mapping[str, str]) -> BudgetState | None:
-        """The applicable state whose effect on `choose_model` is the strictest (see `severity`): ranking by
-        status alone let a tenant-wide "downgrade when over" hide a tag's "refuse when over", and a near refuse
-        budget (action none) hide a near downgrade. Ties go to the smallest budget id, so the answer does not
-        depend on the order the states arrived in. Tag budgets apply only to tagged requests."""
-        worst: BudgetState | None = None
-        now = self.clock()
-        for state in sorted(self.states.values(), key=lambda s: s.budget_id):
-            if state.tenant != tenant or state.status == "ok" or state.ends_at() <= now:
-                continue
-            if state.tag is not None:
-                key, _, value = state.tag.partition("=")
-                if tags.get(key) != value:
-                    continue
-            if worst is None or severity(state) > severity(worst):
-                worst = state
-        return worst
-
-
-def severity(state: BudgetState) -> int:
-    """How hard `choose_model` acts on a state: 3 refuses (over + refuse), 2 caps at small (any other over),
-    1 caps at mid (near + downgrade), 0 changes nothing (near without downgrade, ok)."""
-    if state.status == "over":
-        return 3 if state.action == "refuse" else 2
-    return 1 if state.action == "downgrade" and state.status == "near" else 0
-
-
 class PolicyDenied(Exception):
     """The tenant's policy or budget forbids serving this request; it becomes an error response."""
 
@@ -147,10 +105,10 @@ def choose_model(
     downgraded = False
     note = ""
     if budget is not None:
-        if budget.status == "over" and budget.action == "refuse":
+        if refuses(budget):
             raise PolicyDenied("budget_exceeded", f"budget {budget.budget_id} is over its limit")
-        if budget.action == "downgrade" or budget.status == "over":
-            ceiling: Tier = "small" if budget.status == "over" else "mid"
+        ceiling = budget_ceiling(budget)
+        if ceiling is not None:
             wanted = (tier_of_model(pinned, settings) or "large") if pinned is not None else tier
             if rank(wanted) > rank(ceiling):
                 # A budget outranks a pinned model: the pin is dropped rather than overspending.

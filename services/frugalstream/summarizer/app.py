@@ -1,4 +1,5 @@
-"""Summarizer service: `llm.summarize.jobs` -> `llm.summaries`, `llm.summarize.progress` and `llm.usage`.
+"""Summarizer service: `llm.summarize.jobs` -> `llm.summaries`, `llm.summarize.progress` and `llm.usage`;
+follows `llm.budgets`.
 
 One job part per handler call (`max_records=1`): the part's outputs are published chunk by chunk while it
 runs, and a part that needs more time than the handler budget is republished to the jobs topic as a
@@ -29,8 +30,8 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, background_options, subscribe
-from frugalstream.schemas import SummarizeJob, SummarizeProgress, SummaryResult
+from frugalstream.runtime.stage import BatchContext, background_options, subscribe, whole_topic_options
+from frugalstream.schemas import BudgetState, SummarizeJob, SummarizeProgress, SummaryResult
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
 from frugalstream.summarizer.logic import Summarizer
@@ -162,10 +163,18 @@ class SummarizerService:
         answer = invalid_job_answer(record.value, exc, self.settings.max_message_bytes)
         return [] if answer is None else outs_of(answer)
 
+    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]], _ctx: BatchContext) -> list[Out]:
+        for d in batch:
+            self.logic.budgets.update(d.value)
+        return []
+
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.SUMMARIZE_JOBS, model=SummarizeJob,
                   process=self._on_jobs, max_records=1, on_invalid=self._on_invalid, **background_options())
+        # Budgets bind backfill parts as they bind requests: every instance reads the compacted topic whole.
+        subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
+                  model=BudgetState, process=self._on_budgets, **whole_topic_options())
 
 
 def build_summarizer(settings: Settings, provider: Provider,

@@ -10,15 +10,19 @@ part is unfinished, so it reuses that part's answers instead of paying for the s
 
 A job's model is held to its tenant's policy like a request's (`model_for`): a pin outside `allowed_models` or
 above `max_tier`, or one the price catalog cannot price (unless `allow_unpriced_models`), is refused before
-anything is planned or called, and every item is answered with the error. Budgets are not applied to jobs.
+anything is planned or called, and every item is answered with the error. The tenant's budgets (`llm.budgets`,
+the job's tags selecting tag budgets) bind each part as it starts (`within_budget`): over a refusing budget the
+part is refused the same way; a downgrading or over budget caps its model's tier as it caps a request's. A part
+already under way finishes on the model it started with, so a budget overshoots by at most one part.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from frugalstream.llm.budgets import BudgetBook, budget_ceiling, refuses
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.update import catalog_file
 from frugalstream.llm.providers import Provider
@@ -34,7 +38,7 @@ from frugalstream.summarizer.config import SummarizerConfig
 from frugalstream.summarizer.emit import Emitter
 from frugalstream.summarizer.near import NearDuplicates
 from frugalstream.summarizer.packs import Packs
-from frugalstream.summarizer.plan import JobView, Planner
+from frugalstream.summarizer.plan import JobView, Plan, Planner, job_key
 from frugalstream.summarizer.results import Continues, Emission, Emit, Finished, Outcome
 from frugalstream.summarizer.store import SummaryStore
 
@@ -78,6 +82,7 @@ class Summarizer:
     batches: Batches | None
     config: SummarizerConfig
     catalog: PriceCatalog  # a pin to a model it cannot price is refused (spend must be priceable), as for requests
+    budgets: BudgetBook = field(default_factory=BudgetBook)  # fed from `llm.budgets` by the service
 
     @classmethod
     def build(cls, settings: Settings, provider: Provider, *, store: SummaryStore | None = None,
@@ -126,11 +131,48 @@ class Summarizer:
                                               "allow_unpriced_models")
         return job.model
 
+    def within_budget(self, job: SummarizeJob, model: str) -> str:
+        """`model`, or the first model the tenant may use at the tier its strictest budget allows; raises
+        `JobDenied` when that budget refuses, or allows no model the tenant may use."""
+        state = self.budgets.verdict(job.tenant, job.tags)
+        if state is None:
+            return model
+        if refuses(state):
+            raise JobDenied("budget_exceeded", f"budget {state.budget_id} is over its limit")
+        ceiling = budget_ceiling(state)
+        if ceiling is None or TIERS.index(tier_of(model, self.settings) or "large") <= TIERS.index(ceiling):
+            return model
+        policy = self.settings.tenants.get(job.tenant, TenantPolicy())
+        for tier in reversed(TIERS[:TIERS.index(ceiling) + 1]):
+            for candidate in self.settings.tiers.for_tier(tier):
+                allowed = policy.allowed_models is None or candidate in policy.allowed_models
+                if allowed and (policy.allow_unpriced_models or self.catalog.has(candidate)):
+                    log.info("summarize_job_downgraded", job_id=job.job_id, tenant=job.tenant, part=job.part,
+                             budget_id=state.budget_id, model=candidate)
+                    return candidate
+        raise JobDenied("budget_exceeded", f"budget {state.budget_id} caps tenant {job.tenant!r} at {ceiling} "
+                                           "and no model it may use is there")
+
+    async def part_model(self, job: SummarizeJob) -> str:
+        """The model for this part: a part not yet started is held to policy and budget; one under way keeps the
+        model it started on (a budget's downgrade included) while the tenant's policy still allows it."""
+        model = self.model_for(job)
+        raw = await self.db.load_plan(job_key(job))
+        if raw is None:
+            return self.within_budget(job, model)
+        started = Plan.from_json(raw).model
+        if started is None or started == model:
+            return model
+        try:
+            return self.model_for(job.model_copy(update={"model": started}))
+        except JobDenied:
+            return model  # the policy changed under the part: its own model now, not one it may no longer use
+
     async def handle(self, job: SummarizeJob, emit: Emit) -> Outcome:
         """Runs one job part as far as the handler budget allows; everything done so far has gone to `emit`."""
         started = time.monotonic()
         try:
-            model = self.model_for(job)
+            model = await self.part_model(job)
         except JobDenied as denial:
             log.info("summarize_job_denied", job_id=job.job_id, tenant=job.tenant, part=job.part, code=denial.code)
             await emit(denied(job, denial))

@@ -54,14 +54,18 @@ class Plan:
     packs: list[list[str]]
     reuse: dict[str, tuple[str, str]] = field(default_factory=dict)  # digest -> (item id, job id) stored
     near: dict[str, str] = field(default_factory=dict)  # member digest -> representative digest
+    model: str | None = None  # the model the part started on (None: planned before it was recorded)
 
     def to_json(self) -> dict[str, Any]:
-        return {"packs": self.packs, "reuse": {d: list(v) for d, v in self.reuse.items()}, "near": self.near}
+        return {"packs": self.packs, "reuse": {d: list(v) for d, v in self.reuse.items()}, "near": self.near,
+                "model": self.model}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
+        model = data.get("model")
         return cls(packs=[list(p) for p in data["packs"]],
-                   reuse={d: (str(v[0]), str(v[1])) for d, v in data["reuse"].items()}, near=dict(data["near"]))
+                   reuse={d: (str(v[0]), str(v[1])) for d, v in data["reuse"].items()}, near=dict(data["near"]),
+                   model=model if isinstance(model, str) else None)
 
     def members(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -130,7 +134,7 @@ class Planner:
         sizes = self.counter.count_texts([view.text(d) for d in paid], view.model)
         packs = pack([(d, n + HEADER_TOKENS) for d, n in zip(paid, sizes, strict=True)],
                      max_tokens=self.config.pack_tokens, max_items=self.config.pack_items)
-        plan = Plan(packs=packs, reuse=reuse, near=near)
+        plan = Plan(packs=packs, reuse=reuse, near=near, model=view.model)
         earlier = await self.db.job_digests(job.run_key())
         await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts,
                                 sum(1 for d in digests if d not in earlier), plan.to_json(), run_key=job.run_key())
