@@ -52,7 +52,9 @@ def test_demo_answers_every_request_and_its_savings_reconcile(tmp_path: Path, mo
     assert report["by_source"].get("coalesced", 0) + report["by_source"].get("cache_exact", 0) > 0
     assert 70 <= report["savings_pct"] <= 95
     by_strategy = report["by_strategy"]
-    assert by_strategy["routed_down"] > 0 and by_strategy["cache_exact"] > 0
+    # A repeat is served from cache, or coalesced with its twin still in flight (a slow machine answers the
+    # leaders later, so a prefix of the workload may see only the second): either way its saving is counted.
+    assert by_strategy["routed_down"] > 0 and by_strategy.get("cache_exact", 0) + by_strategy.get("coalesced", 0) > 0
     # Issue 18: the jobs that can wait went through the batch API, every one answered before it was due; the
     # pipelines' repeated handbook prompt was read from the provider's prompt cache.
     assert by_strategy["batch_api"] > 0 and by_strategy["prompt_cache"] > 0
