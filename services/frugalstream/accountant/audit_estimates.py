@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.table import Table
 
-from frugalstream.accountant.cells import csv_safe, plain
+from frugalstream.accountant.cells import CSV_LINE_END, csv_safe, plain, visible
 from frugalstream.accountant.ledger import Ledger, to_usd
 from frugalstream.llm.audit_stats import Proportion
 from frugalstream.schemas.audits import AuditRecord
@@ -110,16 +110,17 @@ def csv_block(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
     cells a spreadsheet would run as formulas are quoted (`cells.csv_safe`)."""
     import csv
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator=CSV_LINE_END)
     writer.writerow(COLUMNS)
     writer.writerows([[csv_safe(r[c]) for c in COLUMNS] for r in rows])
     for key in ("audits", "audit_spend_usd", "gross_savings_usd", "audit_cost_share", "could_go_cheaper"):
         writer.writerow([key, json.dumps(s[key])])
-    return "\n" + buf.getvalue()
+    return CSV_LINE_END + buf.getvalue()
 
 
 def html_block(rows: list[dict[str, Any]], s: dict[str, Any]) -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{escape(visible(str(r[c])))}</td>" for c in COLUMNS) + "</tr>"
+                   for r in rows)
     return (f'<h2 class="audits">Audited acceptance (95% interval)</h2><p>{escape(summary_line(s))}</p>'
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")

@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from frugalstream.llm.pricing.costing import rfc3339
 from frugalstream.schemas import CostEvent
 
@@ -31,6 +33,10 @@ UNITS_PER_USD = 10**10
 UNATTRIBUTED = "unattributed"
 NONE_LABEL = "(none)"
 MAX_FILLED_BUCKETS = 10_000
+#: What the `items` column counts at most: a producer's count past int64 (the contract bounds it nowhere) failed
+#: the insert, and the record, its tokens real, was dead-lettered: its spend left the ledger and every budget.
+MAX_ITEMS = 2**63 - 1
+_IDS_PER_QUERY = 500  # bound parameters per query (SQLite allows 999 in old builds)
 Dimension = Literal["tenant", "model", "task", "strategy", "tag"]
 _COLUMNS = {"tenant": "e.tenant", "model": "e.model", "task": "e.task_type"}
 
@@ -149,7 +155,8 @@ def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
         "id": event.id, "usage_id": d.usage_id, "request_id": d.request_id, "tenant": d.tenant,
         "model": d.model, "baseline_model": d.baseline_model, "task_type": d.task_type, "stage": d.stage,
         "source": d.source, "tags": json.dumps(d.tags, sort_keys=True), "time": parse_time(event.time),
-        "items": d.items, "baseline_u": baseline_u, "actual_u": actual_u, "saved_u": baseline_u - actual_u,
+        "items": min(d.items, MAX_ITEMS),
+        "baseline_u": baseline_u, "actual_u": actual_u, "saved_u": baseline_u - actual_u,
         "estimated": int(d.estimated), "batch": int(d.batch), "simulated": int(d.simulated),
         "catalog_version": d.catalog_version, "payload": event.model_dump_json(),
         "price_unknown": int(d.price_unknown), "unpriced_models": json.dumps(list(d.unpriced_models)),
@@ -207,6 +214,20 @@ class Ledger:
                                        [(row["id"], s, u) for s, u in savings.items()])
                 self._conn.executemany("INSERT INTO cost_tags VALUES (?, ?)", [(row["id"], t) for t in tags])
         return added
+
+    def events(self, ids: Iterable[str]) -> dict[str, CostEvent]:
+        """The stored events of those of `ids` the ledger holds, as first stored (a payload no longer readable
+        is left out)."""
+        wanted, found = list(dict.fromkeys(ids)), {}
+        for i in range(0, len(wanted), _IDS_PER_QUERY):
+            chunk = wanted[i:i + _IDS_PER_QUERY]
+            for event_id, payload in self._query(
+                    f"SELECT id, payload FROM cost_events WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
+                try:
+                    found[str(event_id)] = CostEvent.model_validate_json(payload)
+                except ValidationError:
+                    continue
+        return found
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from frugalstream.accountant import audit_estimates
-from frugalstream.accountant.cells import csv_safe, plain
+from frugalstream.accountant.cells import CSV_LINE_END, csv_safe, plain, visible
 from frugalstream.accountant.ledger import Dimension, Ledger
 from frugalstream.llm.pricing.catalog import age_days
 from frugalstream.llm.pricing.costing import rfc3339
@@ -33,6 +33,7 @@ _MONEY_KEYS = frozenset({"baseline_cost_usd", "actual_cost_usd", "saved_usd"})
 # so a three-minute demo is drawn per 10 s and a month per day.
 BUCKETS = (1.0, 10.0, 60.0, 600.0, 3600.0, 6 * 3600.0, 86400.0, 7 * 86400.0)
 MAX_POINTS = 120
+_LAST_S = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()  # the last second `datetime` can show
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,13 @@ def render_table(report: Report, width: int = 120) -> str:
 def render_csv(report: Report) -> str:
     """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked. The total row
     also says how old the prices are (`prices_as_of`, `prices_age_days`: the oldest catalog used). Name cells
-    that a spreadsheet would run as formulas are quoted (`cells.csv_safe`)."""
+    that a spreadsheet would run as formulas are quoted (`cells.csv_safe`); lines end in CRLF (`cells.CSV_LINE_END`)."""
     oldest = _oldest(report)
     total = {**_total_row(report), "prices_as_of": oldest["as_of"], "prices_age_days": oldest["age_days"]}
     rows = [*report.breakdown, total] if report.breakdown else [total]
     columns = [*rows[0], *(k for k in total if k not in rows[0])]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator=CSV_LINE_END)
     writer.writeheader()
     writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     if report.audits:
@@ -188,9 +189,11 @@ def bucket_label(bucket_s: float) -> str:
 
 
 def time_label(t: float, bucket_s: float) -> str:
-    """A bucket boundary, as precise as the bucket: seconds for sub-minute buckets, days for daily ones."""
+    """A bucket boundary, as precise as the bucket: seconds for sub-minute buckets, days for daily ones. The
+    axis ends a bucket after the last event, which may be past year 9999 (an event time is any RFC 3339 one):
+    such a boundary is shown as the last second `datetime` has."""
     fmt = "%Y-%m-%d %H:%M:%S" if bucket_s < 60 else "%Y-%m-%d %H:%M" if bucket_s < 86400 else "%Y-%m-%d"
-    return datetime.fromtimestamp(t, UTC).strftime(fmt) + ("" if bucket_s >= 86400 else " UTC")
+    return datetime.fromtimestamp(min(t, _LAST_S), UTC).strftime(fmt) + ("" if bucket_s >= 86400 else " UTC")
 
 
 def _line_chart(points: list[dict[str, Any]], bucket_s: float = 3600.0, width: int = 760, height: int = 280) -> str:
@@ -253,7 +256,7 @@ def _html_table(report: Report) -> str:
     rows = [*report.breakdown, _total_row(report)] if report.breakdown else [_total_row(report)]
     columns = list(rows[0])
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(_cell(c, r.get(c, '')))}</td>" for c in columns) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{escape(visible(_cell(c, r.get(c, ''))))}</td>" for c in columns) + "</tr>"
                    for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -268,7 +271,7 @@ _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
 def _unpriced_html(report: Report) -> str:
     if not report.unpriced:
         return ""
-    rows = "".join(f"<tr><td>{escape(r['model'])}</td><td>{r['requests']}</td>"
+    rows = "".join(f"<tr><td>{escape(visible(r['model']))}</td><td>{r['requests']}</td>"
                    f"<td>{escape(usd(r['actual_cost_usd']))}</td></tr>" for r in report.unpriced)
     return ('<h2 class="unpriced">Models without a catalog price</h2><p>Billed at the catalog\'s highest rates '
             "(an upper estimate) until a price is added.</p><table><thead><tr><th>model</th><th>requests</th>"

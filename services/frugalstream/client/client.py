@@ -151,10 +151,16 @@ class FrugalClient:
 
     async def ask(self, request: LLMRequest, *, timeout_s: float | None = None) -> LLMResponse:
         """`complete` for a ready request of any tenant (the HTTP entry's path): registered before it is sent,
-        answered from the recent answers when this identity was answered a moment ago."""
+        answered from the recent answers when this identity was answered a moment ago. The timeout covers
+        the reader's start and the send too: a broker that takes the connection and never acknowledges
+        would hold the caller for as long as the producer retries."""
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         if not self._started:
             raise RuntimeError("start the client first (or use `async with`)")
+        async with asyncio.timeout(wait_s):
+            return await self._ask(request)
+
+    async def _ask(self, request: LLMRequest) -> LLMResponse:
         await self._start_reader()
         if not self._started:  # stopped while the reader started: nothing may be sent (nor a reader left)
             raise ConnectionError("the client stopped")
@@ -163,8 +169,7 @@ class FrugalClient:
             if not future.done():
                 self._check_reader()
                 await self._transport.send(request)
-            async with asyncio.timeout(wait_s):
-                return await future
+            return await future
         finally:
             self.board.forget(request.tenant, request.id, future)
 

@@ -107,9 +107,16 @@ class Lookup:
     def ttl_for(self, task_type: str | None) -> int:
         return self.settings.cache_ttl_s.get(task_type or "", self.settings.cache_ttl_s.get("default", 86400))
 
+    def servable(self, entry: CacheEntry) -> bool:
+        """False for the simulated provider's answer when the provider is a real one: a deployment tried on the
+        simulator, then switched on the same cluster, finds its placeholder answers on `llm.cache` (and from a
+        simulated gateway still answering during the switch), which must never reach a real user."""
+        return not entry.simulated or self.settings.provider == "simulated"
+
     def keep(self, entry: CacheEntry, partition: int) -> bool:
-        """Stores `entry` of `partition`; False when the store keeps a higher tier's answer instead."""
-        if not self.store.put(entry):
+        """Stores `entry` of `partition`; False when the store keeps a higher tier's answer instead, or the entry
+        may not serve here (`servable`)."""
+        if not self.servable(entry) or not self.store.put(entry):
             return False
         self.scope_partition[entry.keys.scope] = partition
         if self.store.evicted != self._evicted:  # an eviction (a tenth of the store) may have emptied scopes
@@ -134,11 +141,24 @@ class Lookup:
         except Exception:
             log.exception("semantic_add_failed", entries=len(fresh))
 
+    def within_ttl(self, entry: CacheEntry, now: float) -> CacheEntry:
+        """`entry` expiring by the TTL its task type has now, from a `stored_at` no later than `now`: one stored
+        under a longer TTL (settings change with a restart, which rebuilds from `llm.cache`), under none, or
+        stamped ahead of this clock must not be served past what the operator set."""
+        stored_at = min(entry.stored_at, now)
+        expires_at = stored_at + self.ttl_for(entry.task_type)
+        if entry.expires_at is not None:
+            expires_at = min(expires_at, entry.expires_at)
+        if (stored_at, expires_at) == (entry.stored_at, entry.expires_at):
+            return entry
+        return entry.model_copy(update={"stored_at": stored_at, "expires_at": expires_at})
+
     async def load(self, entries: Sequence[tuple[CacheEntry, int]]) -> int:
-        """Rebuilds from `llm.cache`: expired entries are skipped, the semantic index is filled in one batch."""
+        """Rebuilds from `llm.cache`: entries past their TTL (`within_ttl`) are skipped, the semantic index is
+        filled in one batch."""
         now = time.time()
-        fresh = [entry for entry, partition in entries
-                 if (entry.expires_at is None or entry.expires_at > now) and self.keep(entry, partition)]
+        fresh = [entry for entry, partition in ((self.within_ttl(e, now), p) for e, p in entries)
+                 if entry.expires_at is not None and entry.expires_at > now and self.keep(entry, partition)]
         if fresh and self.semantic is not None:
             await self.semantic.add(fresh)
         return len(fresh)

@@ -111,6 +111,19 @@ class Shard:
         return scores, ids
 
 
+def carried_vector(text: str | None) -> Vectors | None:
+    """The vector a record carries, or None when it is none to use (absent, not base64 float16, another size, not
+    finite, zero): its text is embedded instead. Raising would fail the batch, and on `llm.cache` every rebuild
+    of the partition holding it, which then stayed unhandled for good."""
+    if text is None:
+        return None
+    try:
+        vector = decode_vector(text)
+    except ValueError:  # binascii.Error is one
+        return None
+    return vector if vector.shape == (DIM,) and np.isfinite(vector).all() and vector.any() else None
+
+
 def shard_key(entry_scope: str, prefix: str) -> str:
     return f"{entry_scope}/{prefix}"
 
@@ -138,12 +151,14 @@ class SemanticIndex:
         return sum(len(s.entries) for s in self._shards.values())
 
     async def _vectors(self, texts: Sequence[str], carried: Sequence[str | None]) -> Vectors:
-        """Uses the classifier's embedding when the request carries one; embeds the rest in one batch."""
+        """Uses the embedding a request or entry carries when it is one (`carried_vector`); embeds the rest in
+        one batch."""
         out = np.zeros((len(texts), DIM), dtype=np.float32)
-        missing = [i for i, c in enumerate(carried) if c is None]
-        for i, c in enumerate(carried):
-            if c is not None:
-                out[i] = decode_vector(c)
+        vectors = [carried_vector(c) for c in carried]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        for i, v in enumerate(vectors):
+            if v is not None:
+                out[i] = v
         if missing:
             out[missing] = await self._embedder.embed([texts[i] for i in missing])
         return out

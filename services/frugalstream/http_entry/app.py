@@ -5,9 +5,10 @@ parameter it cannot honour; 413 over `max_message_bytes`, checked before the bod
 `Idempotency-Key` header becomes its id, and the call waits for the terminal answer on `llm.responses`, which
 it returns in OpenAI's shape (as server-sent events with `stream: true`) with `x-frugal-*` headers: source,
 model, tier, cost and saving. A key another call (another API key, another body) already holds is a 409 and
-nothing is sent (see `idempotency`). When this entry already waits on `http_max_pending` answers the pipeline
-is behind: 429 with Retry-After, instead of a queue without end; one tenant holding its share of them gets the
-429 alone, so it cannot starve the others. Every error, unknown paths and methods included, is a JSON body in
+nothing is sent (see `idempotency`). When this entry already holds `http_max_pending` calls (reading their
+bodies or waiting on answers, retries of one key each counted) the pipeline is behind: 429 with Retry-After,
+instead of a queue without end; one tenant holding its share of them gets the 429 alone, so it cannot starve
+the others. Every error, unknown paths and methods included, is a JSON body in
 OpenAI's error shape: the SDKs parse it, a plain-text page they cannot.
 """
 
@@ -22,6 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from aiokafka.errors import MessageSizeTooLargeError
 from starlette.applications import Starlette
@@ -56,6 +58,8 @@ log = get_logger(__name__)
 
 _IDEMPOTENCY = re.compile(rf"^[\x21-\x7e]{{1,{KEY_MAX}}}$")  # printable ASCII, no spaces; see caller_request_id
 INLINE_JSON_BYTES = 256 * 1024
+#: What a header value keeps as it is: printable ASCII but space and `%` (which escapes the rest).
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7f) if chr(c) != "%")
 #: HTTP status per terminal error code, and whether the openai SDK should retry it (`x-should-retry`).
 STATUS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "invalid_request_error"), "too_large": (400, "invalid_request_error"),
@@ -137,11 +141,18 @@ async def _json(request: Request, limit: int) -> object:
         raise BadRequest("the body is not valid JSON", None) from None
 
 
+def header_value(text: str) -> str:
+    """`text` percent-encoded (as UTF-8) outside printable ASCII. A model name comes back as the caller pinned
+    it (the catalog prices `<anything>/gpt-4o` as `gpt-4o`) or as a provider named it: CR LF would split the
+    header block and text Latin-1 cannot encode makes Starlette raise, a 500 for an answer already paid."""
+    return quote(text, safe=_HEADER_SAFE)
+
+
 def _headers(response: LLMResponse, request_id: str) -> dict[str, str]:
     out = {"x-frugal-request-id": request_id, "x-frugal-source": response.source}
     for name, value in (("model", response.model), ("tier", response.tier), ("task-type", response.task_type)):
         if value:
-            out[f"x-frugal-{name}"] = value
+            out[f"x-frugal-{name}"] = header_value(value)
     if response.simulated:
         out["x-frugal-simulated"] = "true"
     return out
@@ -154,7 +165,7 @@ async def _priced(entry: Entry, request: LLMRequest, response: LLMResponse, head
     headers.update({"x-frugal-cost-usd": f"{estimate.cost_usd:.8f}",
                     "x-frugal-baseline-usd": f"{estimate.baseline_usd:.8f}",
                     "x-frugal-saving-usd": f"{estimate.saving_usd:.8f}",
-                    "x-frugal-baseline-model": estimate.baseline_model})
+                    "x-frugal-baseline-model": header_value(estimate.baseline_model)})
 
 
 def _error_answer(response: LLMResponse, headers: dict[str, str]) -> JSONResponse:
@@ -173,15 +184,16 @@ async def _sse(response: LLMResponse, created: int, include_usage: bool) -> Asyn
 
 
 def _behind(entry: Entry, tenant: str, request_id: str) -> Response | None:
-    """429 when this entry already waits on `max_pending` answers, or this tenant on its share of them; None
-    when the call may wait (an answer already given is replayed: it waits on nothing)."""
+    """429 when this entry already holds `max_pending` waiting calls, or this tenant its share of them; None
+    when the call may wait (an answer already given is replayed: it waits on nothing). Calls, not identities:
+    each retry of a key in flight holds a connection and a body of its own."""
     board = entry.client.board
     if board.recent(tenant, request_id) is not None:
         return None
-    if board.pending >= entry.max_pending:
-        wait = retry_after(board.pending, board.answer_rate())
-        log.warning("http_behind", pending=board.pending, retry_after_s=wait)
-        return error(429, f"frugalstream is behind ({board.pending} requests waiting); retry in {wait} s",
+    if (calls := entry.waiting.total()) >= entry.max_pending:
+        wait = retry_after(calls, board.answer_rate())
+        log.warning("http_behind", pending=calls, retry_after_s=wait)
+        return error(429, f"frugalstream is behind ({calls} requests waiting); retry in {wait} s",
                      "rate_limit_error", code="pipeline_behind", headers={"retry-after": str(wait)})
     held = entry.waiting[tenant]
     if entry.tenant_max_pending is not None and held >= entry.tenant_max_pending:
@@ -190,6 +202,13 @@ def _behind(entry: Entry, tenant: str, request_id: str) -> Response | None:
         return error(429, f"this tenant already waits on {held} answers, its share of this entry; retry in {wait} s",
                      "rate_limit_error", code="tenant_pending_limit", headers={"retry-after": str(wait)})
     return None
+
+
+def _unanswered_retry(chosen: str | None) -> dict[str, str]:
+    """For a call that may have been sent and is not answered: without an Idempotency-Key, a retry is a new
+    request id the pipeline answers and bills besides the first, so the openai SDK (which retries every 5xx
+    and sends no key of its own) is told not to; with one, a retry is replayed and may go ahead."""
+    return {} if chosen else {"x-should-retry": "false"}
 
 
 async def chat_completions(request: Request) -> Response:
@@ -205,6 +224,29 @@ async def chat_completions(request: Request) -> Response:
         return error(400, f"Idempotency-Key must be 1-{KEY_MAX} printable ASCII characters without spaces",
                      "invalid_request_error", param="Idempotency-Key")
     request_id = caller_request_id(api_key, chosen or uuid.uuid4().hex)
+    # A call counts from before its body is read: the bodies held in memory are bounded by the cap too.
+    if (refused := _behind(entry, tenant, request_id)) is not None:
+        return refused
+    entry.waiting[tenant] += 1
+    try:
+        return await _call(entry, request, _Caller(tenant, api_key, chosen, request_id), started)
+    finally:
+        entry.waiting[tenant] -= 1
+        if entry.waiting[tenant] <= 0:
+            del entry.waiting[tenant]
+
+
+@dataclass(frozen=True)
+class _Caller:
+    tenant: str
+    api_key: bytes  # the key's digest
+    chosen: str | None  # the Idempotency-Key it sent
+    request_id: str
+
+
+async def _call(entry: Entry, request: Request, caller: _Caller, started: float) -> Response:
+    """One admitted call: its body read and checked, sent unless it reuses a key, and its answer returned."""
+    tenant, api_key, chosen, request_id = caller.tenant, caller.api_key, caller.chosen, caller.request_id
     try:
         body = await _json(request, entry.max_body_bytes)
         llm_request, stream, include_usage = to_request(body, tenant=tenant, request_id=request_id,
@@ -213,8 +255,6 @@ async def chat_completions(request: Request) -> Response:
         return error(exc.status, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     except RecursionError:  # the parser, the checks and the contract recurse per level: 5000 brackets are 10 kB
         return error(400, "the body is nested too deeply", "invalid_request_error", code="invalid_request")
-    if (refused := _behind(entry, tenant, request_id)) is not None:
-        return refused
     # Only a key the caller chose can collide: a replay or a shared wait is for a retry of the same call.
     print_ = fingerprint(api_key, llm_request) if chosen else b""
     claim = entry.bindings.claim(tenant, request_id, print_) if chosen else "new"
@@ -224,26 +264,21 @@ async def chat_completions(request: Request) -> Response:
                           "(another body); use a new key for a new request", "invalid_request_error",
                      param="Idempotency-Key", code="idempotency_key_reused", headers={"x-should-retry": "false"})
     asked = time.perf_counter()
-    entry.waiting[tenant] += 1
     try:
         answer = await entry.client.ask(llm_request, timeout_s=entry.timeout_s)
     except TimeoutError:
         return error(504, f"no answer within {entry.timeout_s:g} s; retry with the same Idempotency-Key "
                           f"({chosen or 'send one'}) to get it when it comes", "timeout", code="timeout",
-                     headers={"x-frugal-request-id": request_id})
+                     headers={"x-frugal-request-id": request_id, **_unanswered_retry(chosen)})
     except AnswerReaderFailed:  # the client tells its callers at once rather than at the timeout
         return error(503, "frugalstream cannot read answers right now; retry with the same Idempotency-Key "
                           f"({chosen or 'send one'})", "server_error", code="answers_unavailable",
-                     headers={"x-frugal-request-id": request_id, "retry-after": "5"})
+                     headers={"x-frugal-request-id": request_id, "retry-after": "5", **_unanswered_retry(chosen)})
     except MessageSizeTooLargeError:  # the producer's or the broker's limit, below what was checked here
         if claim == "new":
             entry.bindings.release(tenant, request_id, print_)  # nothing was sent under the key
         return error(413, "the request is larger than the broker accepts as one message; send less",
                      "invalid_request_error", code="request_too_large")
-    finally:
-        entry.waiting[tenant] -= 1
-        if entry.waiting[tenant] <= 0:
-            del entry.waiting[tenant]
     headers = _headers(answer, request_id)
     if not answer.ok:
         return _error_answer(answer, headers)

@@ -305,8 +305,8 @@ class Settings(BaseSettings):
                                   "when no key is configured.")
     http_api_keys_file: Path | None = Field(default=None, description="The same JSON object, from a file.")
     http_max_pending: int = Field(
-        default=1000, gt=0, description="Requests one HTTP entry may wait on; beyond it the pipeline is behind "
-                                        "and callers get 429 with Retry-After.")
+        default=1000, gt=0, description="Calls one HTTP entry may hold (reading bodies or waiting on answers); "
+                                        "beyond it the pipeline is behind and callers get 429 with Retry-After.")
     http_tenant_pending_share: float = Field(
         default=0.5, gt=0, le=1, description="Share of http_max_pending one tenant may hold when the entry's keys "
                                              "name more than one tenant; beyond it that tenant alone gets 429, so "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,10 +82,20 @@ class ReviewSession:
             return None
 
 
+def shown(text: str) -> str:
+    """`text` as a reviewer must see it: each control or format character (ESC, a bidi override or isolate, a
+    zero-width space, a soft hyphen), which a browser obeys or hides, written as its escape (`\\u202e`); line
+    breaks and tabs kept. Else "$\\u202e001" reads "$100", and "Paris" and "Pa\\u200bris" look the same."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf") and c not in "\n\r\t" else c
+                   for c in text)
+
+
 def item_json(r: AuditRecord) -> dict[str, Any]:
-    return {"audit_id": r.audit_id, "kind": r.kind, "task_type": r.task_type, "tier": r.tier,
-            "question": r.question, "served": r.candidate.content, "served_model": r.candidate.model,
-            "baseline": r.reference.content, "baseline_model": r.reference.model, "answers_sha256": digest_of(r)}
+    """The audit as the page shows it. The id (posted back as is) and the hash are the record's own."""
+    return {"audit_id": r.audit_id, "kind": r.kind, "task_type": shown(r.task_type), "tier": r.tier,
+            "question": shown(r.question), "served": shown(r.candidate.content),
+            "served_model": shown(r.candidate.model or ""), "baseline": shown(r.reference.content),
+            "baseline_model": shown(r.reference.model or ""), "answers_sha256": digest_of(r)}
 
 
 def same_token(given: str, token: str) -> bool:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from frugalstream.accountant.cells import visible
 from frugalstream.runtime.logging import configure_logging
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import TASK_TYPES
@@ -83,13 +84,19 @@ async def _import(settings: Settings, args: argparse.Namespace, rows: list[Row])
     return check
 
 
+def id_label(audit_id: str, limit: int = 80) -> str:
+    """A row's audit id as printed to the operator's terminal: it is whatever the file says, so it is cut short
+    and its control characters escaped (an ESC would drive the terminal; OSC 52 sets the clipboard)."""
+    return visible(audit_id[:limit]) + ("..." if len(audit_id) > limit else "")
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Exit 1 when any row was rejected (the others are published all the same), else 0."""
     path = Path(args.csv)
     rows = read_rows(path)  # a bad file fails before the broker is asked anything
     check = asyncio.run(_import(_settings("audit import"), args, rows))
     for number, audit_id, reason in check.rejected:
-        sys.stderr.write(f"{path}: row {number}{f' ({audit_id})' if audit_id else ''} rejected: {reason}\n")
+        sys.stderr.write(f"{path}: row {number}{f' ({id_label(audit_id)})' if audit_id else ''} rejected: {reason}\n")
     done = "would publish" if args.dry_run else "published"
     print(f"{done} {len(check.verdicts)} verdicts to llm.audits.reviews; {len(check.rejected)} rows rejected; "
           f"{check.blank} left blank")

@@ -25,6 +25,11 @@ def page_url(url: str, session: ReviewSession) -> str:
     return f"{url}?{urlencode({'token': session.token})}"
 
 
+def base_url(host: str, port: int) -> str:
+    """The server's URL; an IPv6 address goes in brackets (`http://::1:8765/` is no URL)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -38,8 +43,9 @@ def is_loopback(host: str) -> bool:
 async def review_server(session: ReviewSession, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """The page listening on host:port (0 picks a free port) until the block ends; yields its base URL (the
     API's; `page_url` adds the token a browser needs)."""
-    # bound wider on purpose: the page and the API still want the token, only the Host check is loopback's
-    hosts = LOCAL_HOSTS if is_loopback(host) else ("*",)
+    # bound wider on purpose: the page and the API still want the token, only the Host check is loopback's (with
+    # the address bound, which the printed URL names: 127.0.0.2 is this machine too)
+    hosts = (*LOCAL_HOSTS, host) if is_loopback(host) else ("*",)
     config = uvicorn.Config(build_app(session, hosts), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     server = _Server(config)
@@ -52,7 +58,7 @@ async def review_server(session: ReviewSession, host: str = "127.0.0.1", port: i
             await asyncio.sleep(0.02)
         bound = server.servers[0].sockets[0].getsockname()
         shown = "127.0.0.1" if host in ("127.0.0.1", "localhost") else bound[0]
-        yield f"http://{shown}:{bound[1]}/"
+        yield base_url(shown, bound[1])
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, SystemExit):
