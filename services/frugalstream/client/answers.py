@@ -3,7 +3,9 @@
 Every client (and every HTTP entry) reads the whole answer topic. The identity includes the tenant, so a
 request id another tenant reuses never resolves, or replays, the wrong caller's answer. A short memory of
 recent answers lets a caller that retries with the same id (a lost HTTP connection, say) get the answer the
-pipeline already gave: the pipeline answers an identity once. A client remembers only answers of identities
+pipeline already gave: the pipeline answers an identity once, and should a second answer come (a request
+redelivered and answered otherwise, say refused by a budget after it was paid) the first one stands, on every
+entry and client alike, unless it was a retryable error. A client remembers only answers of identities
 asked through it; the HTTP entry (`remember_unasked`) remembers every answer it reads, so a retry that reaches
 another entry behind the same load balancer is still replayed.
 """
@@ -20,6 +22,11 @@ Identity = tuple[str, str]  # (tenant, request id)
 
 #: How many answers, and for how long, a board remembers by default (the HTTP entry's key bindings outlive them).
 REMEMBER, REMEMBER_S = 4096, 600.0
+
+
+def final(response: LLMResponse) -> bool:
+    """An answer a later one for the same identity may not replace: any but a retryable error."""
+    return response.error is None or not response.error.retryable
 
 
 class AnswerBoard:
@@ -116,6 +123,8 @@ class AnswerBoard:
     def _remember_answer(self, key: Identity, response: LLMResponse, size: int, now: float) -> None:
         if size > self._remember_bytes:
             return
+        if (first := self._recent.get(key)) is not None and now - first[2] <= self._remember_s and final(first[0]):
+            return  # the answer given stands: a second one (a redelivery answered otherwise) never replaces it
         old = self._recent.pop(key, None)
         if old is not None:
             self._recent_bytes -= old[1]
