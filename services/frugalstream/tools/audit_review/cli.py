@@ -14,7 +14,7 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import TASK_TYPES
 from frugalstream.schemas.audits import DECISION_KINDS, AuditRecord
 from frugalstream.tools.audit_review.csv_io import ImportCheck, Row, check_rows, read_rows, write_export
-from frugalstream.tools.audit_review.queue import Filters, latest, pending
+from frugalstream.tools.audit_review.queue import Filters, latest, pending, reviewed
 
 if TYPE_CHECKING:  # the broker client and the web server load only for the commands that use them
     from frugalstream.tools.audit_review.store import KafkaReviewStore
@@ -73,8 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 async def _import(settings: Settings, args: argparse.Namespace, rows: list[Row]) -> ImportCheck:
     store = _store(settings)
-    records, _ = await store.load(args.tenant)
-    check = check_rows(rows, latest(records), tenant=args.tenant, reviewer=args.reviewer)
+    records, reviews = await store.load(args.tenant)
+    check = check_rows(rows, latest(records), tenant=args.tenant, reviewer=args.reviewer, judged=reviewed(reviews))
     if check.verdicts and not args.dry_run:
         await store.start()
         try:

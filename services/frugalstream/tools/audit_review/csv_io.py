@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +80,12 @@ class ImportCheck:
 
 
 def check_rows(rows: Iterable[Row], audits: Mapping[str, AuditRecord], *, tenant: str | None = None,
-               reviewer: str = "", now: float | None = None) -> ImportCheck:
-    """`audits`: the latest record of each audit id now on `llm.audits`. Every row is either published,
-    left blank, or rejected with one reason."""
+               reviewer: str = "", now: float | None = None,
+               judged: Collection[tuple[str, str, str]] = frozenset()) -> ImportCheck:
+    """`audits`: the latest record of each audit id now on `llm.audits`; `judged`: (audit id, tenant, answers
+    hash) of the verdicts on `llm.audits.reviews` (`queue.reviewed`). Every row is either published, left blank,
+    or rejected with one reason. An audit a person already judged (on the page, or by an import since this file
+    was exported) is refused as the page refuses it: a stale file must not overwrite a later verdict."""
     out = ImportCheck()
     seen: dict[str, int] = {}
     stamp = time.time() if now is None else now
@@ -117,6 +120,9 @@ def check_rows(rows: Iterable[Row], audits: Mapping[str, AuditRecord], *, tenant
             continue
         if digest_of(record) != row.get("answers_sha256"):
             reject("answers changed since export (answers_sha256 differs)")
+            continue
+        if record.judge == "human" or (audit_id, record.tenant, digest_of(record)) in judged:
+            reject("already judged by a person since export")
             continue
         out.verdicts.append(verdict_for(record, "accept" if verdict == "accept" else "reject",
                                         row.get("reviewer") or reviewer, stamp))
