@@ -15,7 +15,8 @@ Tenants never interfere: the audits remembered for dedupe and review are bounded
 tenant's are never evicted by another's volume; the tenants not configured, free names a producer may invent,
 share one tenant's worth, the largest evicted from first, as do their estimates and threshold labels), and an
 audit already counted in its estimate cell is never judged again, so a redelivery forgotten by that memory still
-cannot replace a person's verdict with a machine's.
+cannot replace a person's verdict with a machine's. Nor do they grow `llm.thresholds`, which every classifier and
+dedupe holds whole: at most `unconfigured_max` tenants not configured get thresholds of their own (`may_hold`).
 
 An audit or review is counted when its batch is processed, before the stage publishes the record; when that
 publish is not acknowledged the batch comes again and finds it counted. `llm.audits` is all a restart reads and
@@ -162,6 +163,7 @@ class Auditor:
     estimates: EstimateBook = field(default_factory=EstimateBook)
     clock: Callable[[], float] = time.time
     recent_max: int = 100_000  # audits remembered per configured tenant, and for all the others together
+    unconfigured_max: int = 1_000  # tenants not configured that may hold thresholds of their own (`may_hold`)
     recent: Recent = field(init=False)
     # Per threshold cell: the last change this service decided and the audits of the batch that caused it.
     caused: dict[KnobCell, tuple[ThresholdChange, frozenset[str]]] = field(init=False, default_factory=dict)
@@ -312,6 +314,10 @@ class Auditor:
         changes: list[ThresholdChange] = []
         cells = {(r.tenant, r.task_type, knob) for r in records if (knob := knob_of(r)) is not None and r.task_type}
         for tenant, task_type, knob in sorted(cells):
+            if not self.may_hold(tenant):
+                log.warning("threshold_not_held", tenant=tenant, task_type=task_type, knob=knob,
+                            unconfigured_max=self.unconfigured_max)
+                continue
             current = self.current(tenant, task_type, knob)
             kept = self.quality_target(tenant) if knob == "route_mid" else None
             if kept is not None:
@@ -326,6 +332,14 @@ class Auditor:
                 self.caused[(tenant, task_type, knob)] = (change, frozenset(
                     r.audit_id for r in records if (r.tenant, r.task_type, knob_of(r)) == (tenant, task_type, knob)))
         return changes
+
+    def may_hold(self, tenant: str) -> bool:
+        """May `tenant`'s thresholds move? Every reader holds `llm.thresholds` whole, so the tenants not configured
+        (free names a producer may invent, one rejected audit each) hold thresholds of their own up to
+        `unconfigured_max` of them, counted from the topic; past it a new one keeps the configured thresholds."""
+        if tenant in self.settings.tenants or tenant in self.book.tenants:
+            return True
+        return len(self.book.tenants - self.settings.tenants.keys()) < self.unconfigured_max
 
     def current(self, tenant: str, task_type: str, knob: Knob) -> float:
         live = self.book.get(tenant, task_type, knob)

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from frugalstream.runtime.logging import get_logger
+from frugalstream.runtime.messaging import first_errors
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import LLMResponse, ResponseError
 
@@ -59,7 +60,9 @@ def _timestamp(value: Any) -> float | None:
 def describe(exc: Exception) -> str:
     """Field paths and error types of a validation error; the type name of anything else."""
     if isinstance(exc, ValidationError):
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['type']}" for e in exc.errors()]
+        # A part is over 5 characters with its "; ", so these fill the detail (`first_errors`: not all of them).
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['type']}"
+                 for e in first_errors(exc, MAX_DETAIL_CHARS // 4 + 2)]
         text = "; ".join(parts)
     else:
         text = type(exc).__name__

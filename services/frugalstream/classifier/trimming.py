@@ -25,15 +25,16 @@ class Trimmed:
 
 
 def _units(turns: Sequence[ChatMessage]) -> list[list[ChatMessage]]:
-    """Groups each tool-calling assistant turn with the tool results that follow it."""
+    """Groups each tool-calling assistant turn with the tool results that follow it. The ids of the open unit's
+    calls are collected once per unit, not once per result: 8,000 parallel calls (a 1 MB request) took 2 s."""
     units: list[list[ChatMessage]] = []
+    open_calls: set[str] = set()  # call ids of units[-1] when it is a tool-calling assistant turn
     for msg in turns:
-        if msg.role == "tool" and units and (units[-1][0].tool_calls and msg.tool_call_id in {
-            c.id for c in units[-1][0].tool_calls
-        }):
+        if msg.role == "tool" and msg.tool_call_id in open_calls:
             units[-1].append(msg)
         else:
             units.append([msg])
+            open_calls = {c.id for c in msg.tool_calls}
     return units
 
 

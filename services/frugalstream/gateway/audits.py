@@ -154,6 +154,8 @@ class AuditCalls:
     async def on_dispatch(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
         outs: list[Out] = []
         runs = [d for d in batch if d.value.job is not None and skip_reason(self.settings, d.value) is None]
+        # One run per audit id: a replayed paid answer is sampled again, so an audit can come twice in a batch.
+        runs = list({d.value.audit_id: d for d in runs}.values())
         audits = [d.value for d in runs]
         if not audits:
             return outs

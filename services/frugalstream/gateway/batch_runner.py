@@ -290,6 +290,10 @@ class BatchRunner:
                 return
             log.warning("batch_poll_failed", job_id=job.job_id, batch_id=job.batch_id, kind=exc.kind)
             polled = BatchPoll(True, {}, "unreadable")
+        except Exception:  # polled again later; meanwhile the deadline fallback still answers its members
+            log.exception("batch_poll_broken", job_id=job.job_id, batch_id=job.batch_id)
+            self._next_poll[job.job_id] = self.clock() + self.policy.poll_interval_s
+            return
         if not polled.done:
             self._next_poll[job.job_id] = self.clock() + self.policy.poll_interval_s
             return

@@ -9,8 +9,8 @@ request (its partition is redelivered shortly and the lookup retries the record)
 answer whose payment a crash could forget.
 
 Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the request is
-*deferred* (the service pauses its partition and gets it again later), at most `max_deferrals` times, then it
-is answered with a retryable error.
+*deferred* (the service pauses its partition, at most `max_defer_s` at a time, and gets it again later), at most
+`max_deferrals` times, then it is answered with a retryable error.
 
 Each request ends as a `Result` naming what was decided (paid, replayed, failed, deferred, unrecorded); where
 the answer and its usage are published is the service's business (`frugalstream.gateway.app`).
@@ -75,6 +75,9 @@ class Gateway:
     model_providers: Mapping[str, str] = field(default_factory=dict)
     max_inline_wait_s: float = 1.0
     max_deferrals: int = 5
+    # The longest one deferral pauses a dispatch partition (every request on it waits): a provider's Retry-After
+    # of hours, a date years ahead or an infinite value is waited for in steps, at most `max_deferrals` of them.
+    max_defer_s: float = 60.0
     # An answer whose record would not fit one message is recorded and published as a `too_large` error, the
     # same bytes both times: a record that could not be written would let a redelivery pay again.
     max_answer_bytes: int | None = None
@@ -99,7 +102,9 @@ class Gateway:
             unique.setdefault(request_key(routed.request.tenant, routed.request.id), (routed, partition))
         if len(batch) > len(unique):
             self.metrics.record_gateway("duplicate", len(batch) - len(unique))
-        return list(await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items())))
+        outcomes = await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items()),
+                                        return_exceptions=True)
+        return _all_or_raise(outcomes)
 
     async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
         try:
@@ -166,7 +171,7 @@ class Gateway:
             wait = exc.retry_after_s
             if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(key):
                 log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
-                return Result(key, routed, "deferred", retry_after_s=wait)
+                return Result(key, routed, "deferred", retry_after_s=min(wait, self.max_defer_s))
             return await self._failed(key, routed, partition, exc)
         self._deferrals.pop(key, None)
         # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
@@ -225,6 +230,17 @@ class Gateway:
         # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
         await self._record(partition, routed, response, None)
         return Result(key, routed, "failed", response)
+
+
+def _all_or_raise(outcomes: Sequence[Result | BaseException]) -> list[Result]:
+    """The results, or the first exception once every call has ended: the stage retries a batch that raised
+    record by record at once, and a sibling still being paid for (unrecorded) would be paid for again."""
+    results: list[Result] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
 
 
 def llm_response(routed: RoutedRequest, completion: Completion) -> LLMResponse:

@@ -24,8 +24,13 @@ from frugalstream.schemas import ChatMessage
 from frugalstream.schemas.audits import Verdict
 
 _SIMULATED = re.compile(r"^\s*\[simulated [^\]]*\]\s*")
-_PUNCT = re.compile(r"[^\w\s]")
+# Punctuation that is noise in a label (sentence marks, quotes, brackets, markdown); signs, comparisons and
+# units are kept: "-1" is not "1", "x > 5" not "x < 5", "C++" not "C", "10%" not "10".
+_PUNCT = re.compile(r"[^\w\s+\-−<>=≤≥≠±#%&@/\\^|~$€£¥₹]")
+_LONE_DASH = re.compile(r"(?<!\S)[-−]+(?!\S)")  # a bullet or a separator, not a sign
 _SPACE = re.compile(r"\s+")
+_FENCE = re.compile(r"<{3,}|>{3,}")
+_VERDICT = re.compile(r"\b(ACCEPT|REJECT)\b")
 
 DEFAULT_RUBRIC = (
     "You compare two answers to the same request. ANSWER A comes from a cheaper path, ANSWER B from the "
@@ -49,12 +54,13 @@ class Judge(Protocol):
 
 
 def normalize(text: str) -> str:
-    """Case, accents' composition, punctuation and spacing do not change a label; a simulated marker neither."""
+    """Case, accents' composition, sentence punctuation and spacing do not change a label (signs and symbols do);
+    a simulated marker neither."""
     text = _SIMULATED.sub("", unicodedata.normalize("NFKC", text))
     parsed = _json(text)
     if parsed is not None:
         return json.dumps(parsed, sort_keys=True, separators=(",", ":"))
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text.casefold())).strip()
+    return _SPACE.sub(" ", _LONE_DASH.sub(" ", _PUNCT.sub(" ", text.casefold()))).strip()
 
 
 def _json(text: str) -> Any:
@@ -101,11 +107,17 @@ class EmbeddingJudge:
         return out
 
 
+def fenced(text: str) -> str:
+    """`text` to go between the prompt's `<<<` and `>>>` fences: a run of three brackets is spaced out, so the
+    text (a tenant steers what its answers say) can neither close its fence nor forge the other answer's."""
+    return _FENCE.sub(lambda m: " ".join(m.group()), text)
+
+
 def llm_judge_messages(question: str, candidate: str, reference: str, rubric: str = DEFAULT_RUBRIC,
                        ) -> tuple[ChatMessage, ...]:
-    """The LLM judge's prompt; the answers are fenced so an answer cannot pose as the instructions."""
-    body = (f"REQUEST:\n<<<\n{question}\n>>>\n\nANSWER A:\n<<<\n{candidate}\n>>>\n\n"
-            f"ANSWER B:\n<<<\n{reference}\n>>>\n\nVerdict (ACCEPT or REJECT):")
+    """The LLM judge's prompt; the answers are fenced (`fenced`) so an answer cannot pose as the instructions."""
+    body = (f"REQUEST:\n<<<\n{fenced(question)}\n>>>\n\nANSWER A:\n<<<\n{fenced(candidate)}\n>>>\n\n"
+            f"ANSWER B:\n<<<\n{fenced(reference)}\n>>>\n\nVerdict (ACCEPT or REJECT):")
     return (ChatMessage(role="system", content=rubric), ChatMessage(role="user", content=body))
 
 
@@ -117,13 +129,14 @@ GRADE_RUBRIC = (
 
 def llm_grade_messages(question: str, answer: str, rubric: str = GRADE_RUBRIC) -> tuple[ChatMessage, ...]:
     """The judge's prompt for one answer alone: quality retained needs to know when the baseline was wrong too."""
-    body = f"REQUEST:\n<<<\n{question}\n>>>\n\nANSWER:\n<<<\n{answer}\n>>>\n\nGrade (ACCEPT or REJECT):"
+    body = f"REQUEST:\n<<<\n{fenced(question)}\n>>>\n\nANSWER:\n<<<\n{fenced(answer)}\n>>>\n\nGrade (ACCEPT or REJECT):"
     return (ChatMessage(role="system", content=rubric), ChatMessage(role="user", content=body))
 
 
 def parse_llm_verdict(text: str) -> Verdict | None:
-    """The first ACCEPT or REJECT word of the judge's reply; None when it gave neither (no verdict)."""
-    found = re.search(r"\b(ACCEPT|REJECT)\b", _SIMULATED.sub("", text).upper())
-    if found is None:
+    """The verdict word (ACCEPT or REJECT) of the judge's reply; None when it gave neither, or both (a judge quoting
+    an answer that pleads ACCEPT before giving its own REJECT has given no verdict the first word can stand for)."""
+    found = set(_VERDICT.findall(_SIMULATED.sub("", text).upper()))
+    if len(found) != 1:
         return None
-    return "accept" if found.group(1) == "ACCEPT" else "reject"
+    return "accept" if found == {"ACCEPT"} else "reject"

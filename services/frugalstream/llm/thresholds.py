@@ -30,6 +30,7 @@ STAMP_STEP_S = 0.001
 class ThresholdBook:
     changes: dict[tuple[str, str, str], ThresholdChange] = field(default_factory=dict)
     clock: Callable[[], float] = field(default=time.time, repr=False)
+    tenants: set[str] = field(default_factory=set, repr=False)  # the tenants holding a threshold of their own
 
     def update(self, change: ThresholdChange) -> None:
         if change.changed_at > self.clock() + CLOCK_SKEW_S:
@@ -40,6 +41,7 @@ class ThresholdBook:
         current = self.changes.get(key)
         if current is None or change.changed_at >= current.changed_at:
             self.changes[key] = change
+            self.tenants.add(change.tenant)
 
     def stamped(self, change: ThresholdChange) -> ThresholdChange:
         """`change`, stamped after the change of its key this book holds (for the writer, before publishing)."""

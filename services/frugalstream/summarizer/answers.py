@@ -84,6 +84,11 @@ class Answers:
         await self._persist(view, plan, call_id, good, errors, result, packed, batch)
         return [d for d in digests if d not in good and d not in errors]
 
+    async def unanswered(self, view: JobView, plan: Plan, call_id: str) -> None:
+        """Call `call_id` made, answering nothing (a batch that failed or expired for its pack): unpaid, no
+        result, so its items are retried alone at the standard rate and never submitted in another batch."""
+        await self._persist(view, plan, call_id, {}, {}, None, False, True)
+
     async def _persist(self, view: JobView, plan: Plan, call_id: str, good: dict[str, str], errors: dict[str, str],
                        result: Completion | None, packed: bool, batch: bool) -> None:
         members = plan.members()

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from faststream.kafka import KafkaBroker
 from pydantic import ValidationError
@@ -62,6 +63,20 @@ def _describe(exc: Exception) -> str:
     return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
 
 
+def _run_key(doc: dict[str, Any]) -> str | None:
+    """The run of an undecodable part, which its answers must carry (the backfill follower drops any other): the
+    part's own when only its size failed it; for a part of a job in parts, whose run leaves out the items and the
+    part number, also when an item fails it (the other fields are checked with one stand-in item); else None."""
+    for candidate in (doc, {**doc, "items": [{"id": "-", "text": ""}], "part": 0}):
+        try:
+            job = SummarizeJob.model_validate(candidate)
+        except ValidationError:
+            continue
+        if candidate is doc or job.parts > 1:
+            return job.run_key()
+    return None
+
+
 def invalid_job_answer(raw: bytes | None, exc: Exception, max_bytes: int) -> Emission | None:
     """For the raw value of an undecodable job part: an error result for every item id it names and a finished
     progress, or None when no job id and tenant can be read from it. Read leniently: a JSON object with a string
@@ -86,11 +101,12 @@ def invalid_job_answer(raw: bytes | None, exc: Exception, max_bytes: int) -> Emi
         error = f"invalid_job: job part does not match the llm.summarize.jobs contract: {_describe(exc)}"
     total = doc.get("total_items")
     total = total if isinstance(total, int) and not isinstance(total, bool) and total >= len(ids) else len(ids)
-    log.info("invalid_summarize_job_answered", job_id=job_id, tenant=tenant, items=len(ids))
+    run_key = _run_key(doc)
+    log.info("invalid_summarize_job_answered", job_id=job_id, tenant=tenant, items=len(ids), run_key=run_key)
     results = tuple(SummaryResult(job_id=job_id, tenant=tenant, item_id=i, status="error", source="error",
-                                  error=error) for i in ids)
+                                  error=error, run_key=run_key) for i in ids)
     progress = SummarizeProgress(job_id=job_id, tenant=tenant, total_items=total, done_items=len(ids),
-                                 unique_items=0, model_calls=0, finished=True)
+                                 unique_items=0, model_calls=0, finished=True, run_key=run_key)
     return Emission(results, (), progress)
 
 

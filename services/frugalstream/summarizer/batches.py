@@ -1,6 +1,7 @@
 """Runs a plan's pending packs through a provider batch API (half price, slow): submit once, keeping the batch id
 in the store, so a continuation or a restarted summarizer polls the same batch instead of paying again; poll
-within the handler budget; then keep each pack's answer and retry what it left unanswered alone."""
+within the handler budget; then keep each pack's answer (the orchestrator retries what it left unanswered alone,
+at the standard rate, a chunk at a time)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 from frugalstream.llm.providers import Completion
-from frugalstream.llm.providers.base import ProviderError
 from frugalstream.llm.providers.openai_batch import BatchRequest
 from frugalstream.schemas import SummarizeJob
 from frugalstream.summarizer.answers import Answers
@@ -33,21 +33,21 @@ class Batches:
         return (job.deadline_s or 0) >= self.config.batch_min_deadline_s
 
     async def run(self, view: JobView, plan: Plan, pending: Pending, started: float) -> list[str] | None:
-        """The ids of the calls kept, or None while the batch still runs past the handler budget."""
+        """The ids of the calls kept (one `p<n>` per pack: its answer, or a mark that the batch gave none), or None
+        while the batch still runs past the handler budget. What the batch left unanswered is not retried here,
+        where no budget binds (an expired batch of 1,000 items is 1,000 calls): the caller retries it a chunk at
+        a time, and a redelivered part finds every pack's call made, so never submits it in another batch."""
         poll = await self._wait(view, pending, started)
         if poll is None:
             return None
-        await self.answers.db.drop_batch(view.key)
-        calls: list[str] = []
         for n, ds in pending:
-            got = poll.results.get(f"p{n}", ProviderError(f"batch {poll.status}: no result", kind="server"))
-            retry = await self.answers.accept(view, plan, f"p{n}", ds, got, batch=True) if len(ds) > 1 or isinstance(
-                got, Completion) else list(ds)
-            calls.append(f"p{n}")
-            for d in retry:
-                calls.append(await self.packs.alone(view, plan, f"p{n}", d))
-        kept = {r.call_id for r in await self.answers.db.calls(view.key)}
-        return [c for c in calls if c in kept]
+            got = poll.results.get(f"p{n}")
+            if isinstance(got, Completion):
+                await self.answers.accept(view, plan, f"p{n}", ds, got, batch=True)
+            else:
+                await self.answers.unanswered(view, plan, f"p{n}")
+        await self.answers.db.drop_batch(view.key)  # only now: a part redelivered before polls the same batch
+        return [f"p{n}" for n, _ in pending]
 
     async def _wait(self, view: JobView, pending: Pending, started: float) -> BatchPoll | None:
         db = self.answers.db

@@ -40,7 +40,7 @@ from frugalstream.summarizer.near import NearDuplicates
 from frugalstream.summarizer.packs import Packs
 from frugalstream.summarizer.plan import JobView, Plan, Planner, job_key
 from frugalstream.summarizer.results import Continues, Emission, Emit, Finished, Outcome
-from frugalstream.summarizer.store import SummaryStore
+from frugalstream.summarizer.store import NewResult, SummaryStore
 
 __all__ = ["JobDenied", "Summarizer", "SummarizerConfig"]
 log = get_logger(__name__)
@@ -168,6 +168,27 @@ class Summarizer:
         except JobDenied:
             return model  # the policy changed under the part: its own model now, not one it may no longer use
 
+    async def _refuse_part(self, job: SummarizeJob, denial: JobDenied, emit: Emit) -> None:
+        """A refused part of a job in parts is kept as a finished part of its run, its unanswered items answered
+        with the error (call `refused`, unpaid): the run's progress counts it. Its own counters (no call, its
+        items only, finished) made a run look finished with parts still to run, or never finished after a
+        refused part, and the job report say a run that had paid for its first parts called no model."""
+        view = JobView.of(job, job.model or "", job.model or self.settings.default_baseline_model)
+        plan = Plan(packs=[])
+        await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts, 0, plan.to_json(),
+                                run_key=job.run_key())
+        if not any(c.call_id == "refused" for c in await self.db.calls(view.key)):
+            resolved = await self.db.resolved(view.key)  # a part under way keeps what it was answered
+            error = f"{denial.code}: {denial}"
+            results = [NewResult(d, None, error, view.first_id(d)) for d in view.groups if d not in resolved]
+            await self.db.record_call(job_key=view.key, job_id=job.job_id, tenant=job.tenant, call_id="refused",
+                                      scope=view.scope, model=None, simulated=False, results=results,
+                                      items=sum(len(view.groups[r.digest]) for r in results), paid=False,
+                                      usage=None, actual=None)
+            await self.db.finish(view.key)
+        out = Emitter(self.db, view, Plan.from_json(await self.db.load_plan(view.key) or plan.to_json()))
+        await out.publish([c.call_id for c in await self.db.calls(view.key) if not c.published], emit, force=True)
+
     async def handle(self, job: SummarizeJob, emit: Emit) -> Outcome:
         """Runs one job part as far as the handler budget allows; everything done so far has gone to `emit`."""
         started = time.monotonic()
@@ -175,7 +196,7 @@ class Summarizer:
             model = await self.part_model(job)
         except JobDenied as denial:
             log.info("summarize_job_denied", job_id=job.job_id, tenant=job.tenant, part=job.part, code=denial.code)
-            await emit(denied(job, denial))
+            await (self._refuse_part(job, denial, emit) if job.parts > 1 else emit(denied(job, denial)))
             return Finished(job)
         if job.part and await self.db.earlier_part_pending(job.run_key(), job.part):
             return Continues(job, "earlier_part")  # its repeats may be paid by the earlier part (a running batch)
@@ -192,11 +213,17 @@ class Summarizer:
         pending = [(n, [d for d in p if d not in resolved]) for n, p in enumerate(plan.packs)]
         pending = [(n, ds) for n, ds in pending if ds]
         if pending and self.batches is not None and self.batches.applies(job):
-            kept = await self.batches.run(view, plan, pending, started)
-            if kept is None:
-                return Continues(job, "batch_running")
-            await out.publish(kept, emit)
-            pending = []  # answered, or retried alone inside the batch path
+            called = {c.call_id for c in calls}
+            batched = [(n, ds) for n, ds in pending if f"p{n}" not in called]  # a pack the batch answered is done
+            if batched:
+                kept = await self.batches.run(view, plan, batched, started)
+                if kept is None:
+                    return Continues(job, "batch_running")
+                await out.publish(kept, emit)
+                resolved = await self.db.resolved(view.key)
+                pending = [(n, ds) for n, p in pending if (ds := [d for d in p if d not in resolved])]
+                if pending and time.monotonic() - started > self.config.handler_budget_s:
+                    return Continues(job, "budget")  # the batch's leftovers, retried alone, in the next run
         size = self.config.chunk_calls
         for start in range(0, len(pending), size):
             made = await asyncio.gather(*(self.packs.run(view, plan, n, ds) for n, ds in pending[start:start + size]))

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from frugalstream.accountant.cells import csv_safe
 from frugalstream.llm.cache_keys import normalize_text
 from frugalstream.runtime.broker import make_broker
 from frugalstream.runtime.messaging import Publisher
@@ -114,9 +115,11 @@ Record = tuple[int, dict[str, Any] | str]  # (line, the row's fields, or why it 
 
 
 def _decode(path: Path, encoding: str | None) -> str:
+    """The file's text without a byte order mark, whatever `encoding` is given (`utf-8` keeps it): a BOM is never
+    data, and left in it hid the first column's name and made the first JSON line invalid."""
     raw = path.read_bytes()
     try:
-        return raw.decode(encoding or "utf-8-sig")
+        return raw.decode(encoding or "utf-8-sig").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         if encoding is None:
             return raw.decode("cp1252", errors="replace")
@@ -212,6 +215,8 @@ def load_items(path: Path, text_col: str, id_col: str | None, encoding: str | No
     for flag, col in (("--text-col", text_col), ("--id-col", id_col)):
         if columns and col is not None and col not in columns:
             raise UsageError(f"{flag} {col!r} is not a column of {path} (columns: {', '.join(map(str, columns))})")
+        if col is not None and (count := columns.count(col)) > 1:  # a row would keep the last one, silently
+            raise UsageError(f"{flag} {col!r} names {count} columns of {path}: rename all but the one to use")
     items: list[SummarizeItem] = []
     skipped: list[Skipped] = []
     first: dict[str, int] = {}
@@ -341,7 +346,9 @@ async def follow_with_progress(follower: JobFollower, total: int, timeout_s: flo
 
 
 def write_results(path: Path, outcome: JobOutcome, ids: Sequence[str]) -> None:
-    """One row per original item in input order; the format follows the extension (csv, parquet, else jsonl)."""
+    """One row per original item in input order; the format follows the extension (csv, parquet, else jsonl). A
+    summary is model output an item's text can steer, and ids come from the file: a CSV cell a spreadsheet would
+    run as a formula is written as text (`cells.csv_safe`); the other formats keep every value as it is."""
     rows = []
     for item_id in ids:
         result = outcome.results.get(item_id)
@@ -355,7 +362,7 @@ def write_results(path: Path, outcome: JobOutcome, ids: Sequence[str]) -> None:
         with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=OUT_FIELDS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_safe(v) for k, v in row.items()} for row in rows)
     else:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 

@@ -16,15 +16,18 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.helpers import create_ssl_context
+from pydantic import ValidationError
 
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.pricing.costing import price_chain
+from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import SummarizeJob, SummarizeProgress, SummaryResult, TokenUsage, UsageRecord
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.plan import job_key
 
 OnProgress = Callable[[SummarizeProgress | None, int], None]
+log = get_logger(__name__)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class JobFollower:
         self.job_id, self.tenant = job_id, tenant
         self.run_key, self.part_keys = run_key, frozenset(part_keys)
         self.outcome = JobOutcome()
+        self.unreadable = 0  # records of the followed topics that fail their contract, skipped
         self._topics = {settings.topic(n): n for n in (t.SUMMARIES, t.SUMMARIZE_PROGRESS, t.USAGE)}
         self._consumer = AIOKafkaConsumer(
             *self._topics, bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
@@ -108,6 +112,17 @@ class JobFollower:
         await self._consumer.stop()
 
     def _take(self, topic: str, value: bytes) -> None:
+        """One record of a followed topic. Every producer's records are read there, from the topic's beginning: one
+        that fails its contract (garbage, a newer version) is no record of this run, counted and skipped, never a
+        traceback that ends every backfill for as long as the topic keeps it."""
+        try:
+            self._take_valid(topic, value)
+        except ValidationError:
+            if not self.unreadable:
+                log.warning("job_follower_record_unreadable", topic=topic, job_id=self.job_id)
+            self.unreadable += 1
+
+    def _take_valid(self, topic: str, value: bytes) -> None:
         out = self.outcome
         if topic == t.SUMMARIES:
             result = SummaryResult.model_validate_json(value)

@@ -17,6 +17,7 @@ from frugalstream.llm.prompt_cache import CachePlan
 from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
+    answer_tool_call,
     build_timeout,
     estimate_usage,
     non_negative_int,
@@ -27,6 +28,7 @@ from frugalstream.llm.providers.base import (
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
 from frugalstream.schemas.requests import INSTRUCTION_ROLES, ToolChoice
+from frugalstream.schemas.responses import MAX_TOKENS
 
 # Anthropic stop reasons in the OpenAI vocabulary the rest of the pipeline uses ("stop" = complete answer).
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
@@ -77,6 +79,8 @@ def _tool_to_anthropic(tool: Mapping[str, Any]) -> dict[str, Any]:
     """OpenAI `{"type": "function", "function": {...}}` tools are converted; native ones pass through."""
     fn = tool.get("function")
     if tool.get("type") == "function" and isinstance(fn, Mapping):
+        if not isinstance(fn.get("name"), str):  # the caller's tool: refused, not a KeyError failing its batch
+            raise ProviderError("a function tool has no name", kind="client")
         out: dict[str, Any] = {"name": fn["name"], "input_schema": fn.get("parameters") or {"type": "object"}}
         if fn.get("description"):
             out["description"] = fn["description"]
@@ -172,12 +176,13 @@ def usage_from_anthropic(raw: Any) -> TokenUsage | None:
     out = non_negative_int(raw.get("output_tokens"))
     if inp is None or out is None:
         return None
-    return TokenUsage(
-        input_tokens=inp,
-        cached_input_tokens=non_negative_int(raw.get("cache_read_input_tokens")) or 0,
-        cache_write_tokens=non_negative_int(raw.get("cache_creation_input_tokens")) or 0,
-        output_tokens=out,
-    )
+    cache = [raw.get("cache_read_input_tokens"), raw.get("cache_creation_input_tokens")]
+    read, written = (non_negative_int(v) or 0 for v in cache)
+    # A cache count that cannot be true (dropping it would bill less than was spent), or input that priced
+    # without the cache would not fit one usage field: the whole block is unusable, the call is estimated.
+    if any(v is not None and non_negative_int(v) is None for v in cache) or inp + read + written > MAX_TOKENS:
+        return None
+    return TokenUsage(input_tokens=inp, cached_input_tokens=read, cache_write_tokens=written, output_tokens=out)
 
 
 class AnthropicProvider:
@@ -271,8 +276,8 @@ class AnthropicProvider:
             if block.get("type") == "text":
                 texts.append(str(block.get("text", "")))
             elif block.get("type") == "tool_use":
-                calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")),
-                                      arguments=json.dumps(block.get("input", {}), separators=(",", ":"))))
+                calls.append(answer_tool_call(str(block.get("id", "")), str(block.get("name", "")),
+                                              json.dumps(block.get("input", {}), separators=(",", ":"))))
         # The Messages API always reports usage; a proxy that strips it still gets priced, as an estimate
         # (tiktoken is not Claude's tokenizer: one more reason the result is marked `estimated`).
         usage = usage_from_anthropic(payload.get("usage")) or estimate_usage(

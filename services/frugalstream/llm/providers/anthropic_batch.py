@@ -16,6 +16,7 @@ import httpx
 
 from frugalstream.llm.providers.anthropic import AnthropicProvider
 from frugalstream.llm.providers.base import (
+    JSON_ERRORS,
     Completion,
     ProviderError,
     build_timeout,
@@ -69,11 +70,24 @@ class AnthropicBatchJobs:
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return await checked_request(self._client, self.name, method, path, **kwargs)
 
+    def _line(self, call: BatchCall) -> dict[str, Any] | None:
+        """One request of the batch; None for one whose body cannot be built (a caller's tool call with non-JSON
+        arguments): it is left out, so its member reads as missing and is answered interactively (its error),
+        and one tenant's request cannot get the whole job, other tenants' too, refused."""
+        try:
+            return {"custom_id": call.custom_id, "params": self.chat.build_body(
+                model=call.model, messages=call.messages, sampling=call.sampling, max_tokens=call.max_tokens,
+                tools=call.tools, response_format=call.response_format, tool_choice=call.tool_choice,
+                parallel_tool_calls=call.parallel_tool_calls, cache_plan=call.cache_plan)}
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            return None
+
     async def submit(self, job_id: str, model: str, calls: Sequence[BatchCall]) -> str:
-        requests = [{"custom_id": c.custom_id, "params": self.chat.build_body(
-            model=c.model, messages=c.messages, sampling=c.sampling, max_tokens=c.max_tokens, tools=c.tools,
-            response_format=c.response_format, tool_choice=c.tool_choice, parallel_tool_calls=c.parallel_tool_calls,
-            cache_plan=c.cache_plan)} for c in calls]
+        requests = [line for c in calls if (line := self._line(c)) is not None]
+        if not requests:
+            raise ProviderError("no request of the batch can be sent", kind="client")
         payload = parse_json_body(self.name, await self._request("POST", "/v1/messages/batches",
                                                                  json={"requests": requests}))
         batch_id = payload.get("id")
@@ -97,7 +111,7 @@ class AnthropicBatchJobs:
                 continue
             try:
                 line = json.loads(raw)
-            except ValueError as exc:
+            except JSON_ERRORS as exc:
                 raise ProviderError("message batch result line is not JSON", kind="malformed") from exc
             if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
                 results[line["custom_id"]] = parse_result_line(line, self.chat, model)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import httpx
+from pydantic import ValidationError
 
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage, ToolCall
 from frugalstream.schemas.requests import ToolChoice
+from frugalstream.schemas.responses import MAX_TOKENS
 
 ErrorKind = Literal["timeout", "rate_limited", "server", "client", "malformed", "connection", "circuit_open"]
 
@@ -179,17 +181,40 @@ def parse_retry_after(headers: httpx.Headers, now: float | None = None, *, reset
 
 # --- HTTP failures → ProviderError ---------------------------------------------------------------------
 
+_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def _credentials(response: httpx.Response) -> list[str]:
+    """The credentials its request carried, longest first: what a provider (or a proxy) may echo back."""
+    try:
+        headers = response.request.headers
+    except RuntimeError:  # a response built without its request
+        return []
+    values = [headers.get(name, "") for name in _KEY_HEADERS]
+    found = {v for value in values for v in (value, value.removeprefix("Bearer ").strip()) if len(v) >= 8}
+    return sorted(found, key=len, reverse=True)
+
+
+def _redacted(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
 def _error_detail(response: httpx.Response) -> tuple[str, str]:
-    """(error type/code, message) from the usual `{"error": {...}}` bodies; bounded, never the request."""
+    """(error type/code, message) from the usual `{"error": {...}}` bodies; bounded, never the request, and
+    never the API key (an error text reaches logs and the tenant's error answer; redacted before it is cut, so
+    no prefix of a key survives either)."""
+    secrets = _credentials(response)
     try:
         body = response.json()
-    except ValueError:
-        return "", response.text[:200]
+    except JSON_ERRORS:
+        return "", _redacted(response.text, secrets)[:200]
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict):
         code = err.get("code") or err.get("type") or ""
-        return str(code), str(err.get("message", ""))[:300]
-    return "", str(err or "")[:300]
+        return _redacted(str(code), secrets)[:100], _redacted(str(err.get("message", "")), secrets)[:300]
+    return "", _redacted(str(err or ""), secrets)[:300]
 
 
 def error_from_response(provider: str, response: httpx.Response) -> ProviderError:
@@ -217,10 +242,14 @@ def error_from_exception(provider: str, exc: httpx.HTTPError) -> ProviderError:
     return ProviderError(f"{provider} {name}: {str(exc)[:200]}", kind="connection")
 
 
+#: What decoding a provider's JSON raises: bad syntax or encoding, and a body nested too deeply to decode.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 def parse_json_body(provider: str, response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
-    except ValueError as exc:
+    except JSON_ERRORS as exc:
         raise ProviderError(f"{provider} returned a non-JSON body", kind="malformed",
                             status=response.status_code) from exc
     if not isinstance(body, dict):
@@ -230,10 +259,20 @@ def parse_json_body(provider: str, response: httpx.Response) -> dict[str, Any]:
 
 
 def non_negative_int(value: Any) -> int | None:
-    """Usage fields arrive as ints, nulls, or occasionally floats; anything else means 'not reported'."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    """Usage fields arrive as ints, nulls, or occasionally floats; anything else means 'not reported', as does a
+    count no usage field may hold (NaN, infinite, over 10^11): one that cannot be true is estimated instead."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_TOKENS:
         return None
     return int(value)
+
+
+def answer_tool_call(call_id: str, name: str, arguments: str) -> ToolCall:
+    """A tool call of a provider's answer; one the contract cannot hold (an id or a name over 256 characters) is
+    a malformed answer, not an exception that fails the whole batch it is in."""
+    try:
+        return ToolCall(id=call_id, name=name, arguments=arguments)
+    except ValidationError as exc:
+        raise ProviderError("tool call id or name is longer than the contract allows", kind="malformed") from exc
 
 
 async def post_json(client: httpx.AsyncClient, provider: str, path: str, body: Mapping[str, Any]

@@ -18,6 +18,7 @@ import httpx
 from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
+    answer_tool_call,
     build_timeout,
     estimate_usage,
     non_negative_int,
@@ -66,8 +67,8 @@ def _tool_calls(raw: Any) -> tuple[ToolCall, ...]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ProviderError("tool call without a function name", kind="malformed")
         args = fn.get("arguments", "")
-        calls.append(ToolCall(id=str(item.get("id", "")), name=fn["name"],
-                              arguments=args if isinstance(args, str) else json.dumps(args)))
+        calls.append(answer_tool_call(str(item.get("id", "")), fn["name"],
+                                      args if isinstance(args, str) else json.dumps(args)))
     return tuple(calls)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from frugalstream.llm.providers.base import (
+    JSON_ERRORS,
     Completion,
     ErrorKind,
     ProviderError,
@@ -160,7 +161,7 @@ class OpenAIBatchClient:
             if raw.strip():
                 try:
                     value = json.loads(raw)
-                except ValueError as exc:
+                except JSON_ERRORS as exc:
                     raise ProviderError("batch output line is not JSON", kind="malformed") from exc
                 if isinstance(value, dict):
                     lines.append(value)
