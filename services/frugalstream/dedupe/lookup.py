@@ -79,7 +79,8 @@ class Lookup:
         """`similar`, and per missed request its near misses, when the matcher names them."""
         hits: list[SemanticHit | None] = [None] * len(requests)
         near: list[tuple[SemanticHit, ...]] = [()] * len(requests)
-        eligible = [i for i, r in enumerate(requests) if r.route.task_type in self.settings.semantic_task_types]
+        eligible = [i for i, r in enumerate(requests)
+                    if r.route.task_type in self.settings.semantic_task_types and not r.keys.lookup_truncated]
         if self.semantic is not None and eligible:
             asked = [requests[i] for i in eligible]
             if isinstance(self.semantic, NearMatcher):

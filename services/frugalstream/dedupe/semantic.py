@@ -164,6 +164,9 @@ class SemanticIndex:
         return out
 
     async def add(self, entries: Sequence[CacheEntry]) -> None:
+        """Indexes the entries a lookup may find: one whose lookup text was cut (`lookup_truncated`) is only ever
+        an exact hit, since what its embedding and the verifier would read is not the whole question."""
+        entries = [e for e in entries if not e.keys.lookup_truncated]
         if not entries:
             return
         vectors = await self._vectors([e.keys.lookup_text for e in entries], [e.embedding for e in entries])

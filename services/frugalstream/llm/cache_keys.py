@@ -25,6 +25,10 @@ from collections.abc import Sequence
 
 from frugalstream.schemas import TIERS, CacheKeys, ChatMessage, LLMRequest, Tier
 
+#: Characters of the last user turn the keys carry as `lookup_text`: twice what the verifier reads of a text (over
+#: that, never a semantic hit), so a long prompt's routed message is not twice its size (past half the message
+#: limit it was answered `too_large` after it was accepted). A longer turn is cut and marked `lookup_truncated`.
+LOOKUP_TEXT_MAX = 8_192
 _WS = re.compile(r"\s+")
 # Matched at the start of the REVERSED text: `[...]+$` searched forward retries from every character of a run of
 # punctuation that is not at the end ("." * 20_000 + "a" took seconds); anchored on the reversed text it is linear.
@@ -150,8 +154,9 @@ def cache_keys(request: LLMRequest, tier: Tier, *, pinned: str | None = None) ->
     # The shard a semantic lookup searches: every turn but the last user text, on both sides of it.
     prefix = _digest({"before": [_turn(m) for m in earlier], "after": [_turn(m) for m in after],
                       **({"name": last_name} if last_name else {})})
+    lookup = clean_text(last_user)
     return CacheKeys(
         scope=scope, prefix=prefix, exact=_digest([scope, prefix, normalize_text(last_user)]),
-        lookup_text=clean_text(last_user),
-        tier_rank=tier_rank(tier),
+        lookup_text=lookup[:LOOKUP_TEXT_MAX], tier_rank=tier_rank(tier),
+        **({"lookup_truncated": True} if len(lookup) > LOOKUP_TEXT_MAX else {}),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -235,7 +235,7 @@ class Settings(BaseSettings):
         default=0.05, ge=0, le=1, description="Share of each kind of saving (semantic hit, coalesced, routed "
                                               "down, trimmed) that also gets the baseline's answer on the full "
                                               "history and a verdict.")
-    audit_rates: dict[str, float] = Field(
+    audit_rates: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: {"near_miss": 1.0, "routed_up": 0.02},
         description="Per decision kind, over `audit_rate`: `near_miss` labels cost no model call; `routed_up` "
                     "asks the cheapest tier too (could the request have gone cheaper?).")

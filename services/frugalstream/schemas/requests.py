@@ -296,6 +296,10 @@ class CacheKeys(BaseModel):
     prefix: str = Field(description="Hash of all turns before the last user turn: multi-turn must match exactly.")
     lookup_text: str = Field(description="The last user turn, whitespace-normalized: what the semantic index embeds.")
     tier_rank: int = Field(ge=0, description="A cached answer may serve the same or a lower tier.")
+    lookup_truncated: bool = Field(
+        default=False, exclude_if=lambda v: not v,
+        description="`lookup_text` is the start of a longer turn: such a request is never a semantic hit and its "
+                    "answer never a semantic candidate (exact hits are unaffected).")
 
 
 class RoutedRequest(Contract):

@@ -12,7 +12,7 @@ import types
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, SecretStr
@@ -30,6 +30,8 @@ def type_text(tp: Any) -> str:
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
         return " / ".join(f"`{a}`" for a in args)
+    if origin is Annotated:  # a value with its own bounds: named by what it is
+        return type_text(args[0])
     if origin in (Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         return " or ".join(type_text(a) for a in rest) + (", or unset" if len(rest) < len(args) else "")
