@@ -161,6 +161,22 @@ async def test_usage_stamped_far_in_the_future_is_not_charged_to_every_later_per
     assert state.status == "ok", state
 
 
+async def test_spend_stamped_in_the_next_period_is_not_charged_to_this_one() -> None:
+    """A stage's clock a minute ahead (within the skew the accountant accepts) stamps usage just past midnight
+    while the accountant's day has not ended: it is tomorrow's spend, and today's budget must not count it."""
+    midnight = (NOW // DAY + 1) * DAY
+    clock = [midnight - 60.0]
+    tracker = BudgetTracker([Budget(tenant="acme", period="day", limit_usd=1.0, action="refuse")])
+    acc = Accountant(PriceCatalog.load(), Ledger(":memory:"), budgets=tracker, clock=lambda: clock[0])
+    ahead = UsageRecord.model_validate({
+        "id": "u-r1", "request_id": "r1", "tenant": "acme", "stage": "gateway", "source": "llm",
+        "baseline": {"model": "gpt-4o", "usage": {"input_tokens": 1_000_000, "output_tokens": 100_000}},
+        "occurred_at": midnight + 30.0})
+    await acc.handle([ahead])
+    states = await acc.budget_changes()
+    assert all(state.status == "ok" for state in states), states
+
+
 @pytest.mark.parametrize(("period", "start"), [("month", "2026-01-31T00:00:00Z"), ("month", "9999-12-01T00:00:00Z"),
                                                ("day", "9999-12-31T00:00:00Z"), ("day", "2026-12-01T12:00:00Z")])
 def test_a_budget_state_whose_period_is_no_period_is_a_dead_letter(period: str, start: str) -> None:
