@@ -102,9 +102,9 @@ class HeldBatches(SimulatedBatchJobs):
         await self._held("submit")
         return await super().submit(job_id, model, calls)
 
-    async def poll(self, batch_id: str, model: str) -> BatchPoll:
+    async def poll(self, batch_id: str, model: str, calls: Sequence[BatchCall] = ()) -> BatchPoll:
         await self._held("poll")
-        return await super().poll(batch_id, model)
+        return await super().poll(batch_id, model, calls)
 
 
 @pytest.fixture

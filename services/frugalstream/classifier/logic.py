@@ -112,6 +112,10 @@ class Classifier:
     catalog: PriceCatalog = field(default_factory=PriceCatalog.load)
     _warned_baselines: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
+    def __post_init__(self) -> None:
+        """Reads the audit sampling secret now: a secret file that is not mounted fails the start, not a batch."""
+        self.settings.audit_sampling_key()
+
     def _thresholds(self, tenant: str, task: str) -> TierThresholds:
         """The tenant's live routing threshold (moved by audits, `llm.thresholds`), else the configured ones."""
         mid = self.live.get(tenant, task, "route_mid")
@@ -250,7 +254,7 @@ class Classifier:
         s = self.settings
         kind = paid_saving(route)
         if kind is None or not audit_sampled(request.tenant, request.id, kind,
-                                             audit_rate(s.audit_rates, kind, s.audit_rate)):
+                                             audit_rate(s.audit_rates, kind, s.audit_rate), s.audit_sampling_key()):
             return None
         if 2 * wire_bytes(request) > 0.7 * s.max_message_bytes:
             log.info("trim_audit_skipped_too_large", tenant=request.tenant, request_id=request.id)

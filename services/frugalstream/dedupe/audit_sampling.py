@@ -19,7 +19,7 @@ from frugalstream.dedupe.results import Audit, identity
 from frugalstream.llm.audits import audit_id, audit_job, audit_rate, sampled
 from frugalstream.llm.identity import request_key
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
+from frugalstream.schemas import CacheEntry, LLMRequest, LLMResponse, RoutedRequest
 from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
 
 
@@ -29,8 +29,14 @@ class AuditSampler:
     max_pending: int = 50_000
     _near: OrderedDict[tuple[str, str], tuple[RoutedRequest, SemanticHit]] = field(default_factory=OrderedDict)
 
-    def _rate(self, kind: DecisionKind) -> float:
-        return audit_rate(self.settings.audit_rates, kind, self.settings.audit_rate)
+    def __post_init__(self) -> None:
+        """Reads the audit sampling secret now: a secret file that is not mounted fails the start, not a batch."""
+        self.settings.audit_sampling_key()
+
+    def _sampled(self, request: LLMRequest, kind: DecisionKind) -> bool:
+        """By the salted hash every sampling service shares (`llm.audits.sampled`)."""
+        rate = audit_rate(self.settings.audit_rates, kind, self.settings.audit_rate)
+        return sampled(request.tenant, request.id, kind, rate, self.settings.audit_sampling_key())
 
     def _request(self, routed: RoutedRequest, kind: DecisionKind, hit: SemanticHit | None,
                  candidate: AuditAnswer, reference: AuditAnswer | None) -> AuditRequest:
@@ -48,21 +54,21 @@ class AuditSampler:
 
     def on_hit(self, routed: RoutedRequest, hit: SemanticHit) -> Audit | None:
         request = routed.request
-        if not sampled(request.tenant, request.id, "cache_semantic", self._rate("cache_semantic")):
+        if not self._sampled(request, "cache_semantic"):
             return None
         answer = AuditAnswer(content=hit.entry.content, model=hit.entry.model)
         return Audit(self._request(routed, "cache_semantic", hit, answer, None))
 
     def on_follower(self, routed: RoutedRequest, leader: LLMResponse) -> Audit | None:
         request = routed.request
-        if leader.content is None or not sampled(request.tenant, request.id, "coalesced", self._rate("coalesced")):
+        if leader.content is None or not self._sampled(request, "coalesced"):
             return None
         return Audit(self._request(routed, "coalesced", None, AuditAnswer(content=leader.content,
                                                                           model=leader.model), None))
 
     def on_near_miss(self, routed: RoutedRequest, near: SemanticHit) -> None:
         request = routed.request
-        if not sampled(request.tenant, request.id, "near_miss", self._rate("near_miss")):
+        if not self._sampled(request, "near_miss"):
             return
         self._near[(identity(routed), near.rule)] = (routed, near)
         while len(self._near) > self.max_pending:

@@ -147,14 +147,12 @@ class GatewayService:
 
 def _outs(result: Result) -> list[Out]:
     """The answer where its request asked for it, and the usage keyed by tenant (a deferral has neither; a batch
-    line paid after its request was answered another way has only the usage)."""
+    line paid after its request was answered another way has only the usage), with the usage of every call paid
+    for it whose answer could not be used."""
     request = result.routed.request
-    if result.response is None:
-        return [Out(t.USAGE, result.usage, key=request.tenant)] if result.usage is not None else []
-    outs = response_outs(result.response, request, result.routed.keys.scope)
-    if result.usage is not None:
-        outs.append(Out(t.USAGE, result.usage, key=request.tenant))
-    return outs
+    usage = [u for u in (result.usage, *result.discarded) if u is not None]
+    outs = response_outs(result.response, request, result.routed.keys.scope) if result.response is not None else []
+    return outs + [Out(t.USAGE, u, key=request.tenant) for u in usage]
 
 
 def called_models(s: Settings) -> set[str]:

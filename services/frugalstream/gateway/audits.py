@@ -63,7 +63,7 @@ class InProcessCompleted:
 
 def _sample(settings: Settings, routed: RoutedRequest, kind: DecisionKind) -> bool:
     rate = audit_rate(settings.audit_rates, kind, settings.audit_rate)
-    return sampled(routed.request.tenant, routed.request.id, kind, rate)
+    return sampled(routed.request.tenant, routed.request.id, kind, rate, settings.audit_sampling_key())
 
 
 def _rank(model: str, settings: Settings) -> int:
@@ -151,6 +151,10 @@ class AuditCalls:
     settings: Settings
     gateway: Gateway
 
+    def __post_init__(self) -> None:
+        """Reads the audit sampling secret now: a secret file that is not mounted fails the start, not a batch."""
+        self.settings.audit_sampling_key()
+
     async def on_dispatch(self, batch: Sequence[Decoded[AuditRequest]], _ctx: BatchContext) -> list[Out]:
         outs: list[Out] = []
         runs = [d for d in batch if d.value.job is not None and skip_reason(self.settings, d.value) is None]
@@ -185,6 +189,7 @@ class AuditCalls:
         response = result.response if result is not None else None
         if result is not None and audit.job is not None:  # billed before the answer is judged usable
             outs.extend(_spent(audit.job, result.usage, "call"))
+            outs.extend(_discarded(result))
         if result is None or response is None or not response.ok or response.content is None:
             log.warning("audit_call_failed", audit_id=audit.audit_id, tenant=audit.tenant, kind=audit.kind)
             return None
@@ -207,12 +212,18 @@ class AuditCalls:
 
     def _with_verdict(self, audit: AuditRequest, result: Result) -> list[Out]:
         response = result.response
-        outs = _spent(result.routed, result.usage, "judge")  # billed even when its answer is unusable
+        outs = _spent(result.routed, result.usage, "judge") + _discarded(result)  # billed even when unusable
         verdict = parse_llm_verdict(response.content or "") if response is not None and response.ok else None
         if verdict is None:
             log.warning("audit_judge_no_verdict", audit_id=audit.audit_id, tenant=audit.tenant)
         outs.append(Out(t.AUDITS_ANSWERED, audit.model_copy(update={"judge_verdict": verdict}), key=audit.tenant))
         return outs
+
+
+def _discarded(result: Result) -> list[Out]:
+    """The calls an audit paid for whose answers could not be used (malformed), as audit spend."""
+    tenant = result.routed.request.tenant
+    return [Out(t.USAGE, u.model_copy(update={"stage": "audit"}), key=tenant) for u in result.discarded]
 
 
 def _spent(job: RoutedRequest, usage: UsageRecord | None, part: str) -> list[Out]:

@@ -31,15 +31,23 @@ from dataclasses import dataclass, field
 
 from frugalstream.gateway.batch_jobs import BatchJobStore
 from frugalstream.gateway.deferred import DeferPolicy, deferrable
-from frugalstream.gateway.logic import RECORD_RETRY_S, Gateway, Result, llm_response
+from frugalstream.gateway.logic import RECORD_RETRY_S, Gateway, Result, llm_response, replayed
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.prompt_cache import canonical_tools
 from frugalstream.llm.providers.base import Completion, ProviderError
 from frugalstream.llm.providers.batch_api import BatchCall, BatchJobs, BatchPoll, custom_id
-from frugalstream.llm.usage import llm_usage
+from frugalstream.llm.usage import discarded_usage, llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
-from frugalstream.schemas import BatchJob, BatchMember, CompletedCall, RoutedRequest, UsageRecord, wire_bytes
+from frugalstream.schemas import (
+    BatchJob,
+    BatchMember,
+    CompletedCall,
+    RoutedRequest,
+    TokenUsage,
+    UsageRecord,
+    wire_bytes,
+)
 
 log = get_logger(__name__)
 Emit = Callable[[Sequence[Result]], Awaitable[None]]
@@ -107,7 +115,7 @@ class BatchRunner:
                     results[key] = Result(key, routed, "unrecorded", retry_after_s=RECORD_RETRY_S)
                     continue
                 if done is not None:
-                    results[key] = Result(key, routed, "replayed", done.response, done.usage)
+                    results[key] = replayed(key, routed, done)
                 elif key in members:
                     results[key] = Result(key, routed, "batched")
                 else:
@@ -233,17 +241,19 @@ class BatchRunner:
             if self._held(job.job_id):
                 await self._finish_if_settled(current)
 
-    def _calls(self, job: BatchJob) -> list[BatchCall]:
+    def _calls(self, job: BatchJob, *, plan: bool = True) -> list[BatchCall]:
+        """The job's requests; with `plan`, their cache breakpoints (planning notes each prefix as sent: only
+        the submission plans, the poll reads the requests back to estimate a line that reports no usage)."""
         calls = []
         for m in job.members:
             request = m.routed.request
+            cache_plan = self.gateway.cache_options(self.backends[job.provider], job.model, request).get(
+                "cache_plan") if plan else None
             calls.append(BatchCall(
                 custom_id=custom_id(member_key(m)), model=job.model, messages=request.messages,
                 sampling=request.sampling, max_tokens=request.max_tokens, tools=canonical_tools(request.tools),
                 response_format=request.response_format, tool_choice=request.tool_choice,
-                parallel_tool_calls=request.parallel_tool_calls,
-                cache_plan=self.gateway.cache_options(self.backends[job.provider], job.model, request).get(
-                    "cache_plan")))
+                parallel_tool_calls=request.parallel_tool_calls, cache_plan=cache_plan))
         return calls
 
     async def _submit(self, job: BatchJob) -> BatchJob:
@@ -283,7 +293,7 @@ class BatchRunner:
             await self._fallback(job, job.members, "no batch backend")
             return
         try:
-            polled = await backend.poll(job.batch_id, job.model)
+            polled = await backend.poll(job.batch_id, job.model, self._calls(job, plan=False))
         except ProviderError as exc:
             if exc.retryable:
                 self._next_poll[job.job_id] = self.clock() + self.policy.poll_interval_s
@@ -307,7 +317,10 @@ class BatchRunner:
             outcome = polled.results.get(custom_id(member_key(member)))
             if isinstance(outcome, Completion):
                 await self._settle(job, member, outcome, answered=member_key(member) in settled)
-            elif member_key(member) not in settled:
+                continue
+            if isinstance(outcome, ProviderError) and outcome.usage is not None:
+                await self._bill_unusable(job, member, outcome.usage)
+            if member_key(member) not in settled:
                 missing.append(member)
         if missing and self._held(job.job_id):
             await self._fallback(job, missing, f"batch {polled.status}: lines failed or missing")
@@ -322,7 +335,7 @@ class BatchRunner:
         done = await self.gateway.completed.lookup(partition, key)
         usage = llm_usage(routed, completion.model, completion.usage, batch=True, simulated=completion.simulated)
         if done is not None:
-            results = [] if answered else [Result(key, routed, "replayed", done.response, done.usage)]
+            results = [] if answered else [replayed(key, routed, done)]
             if not batch_priced(done.usage):  # answered interactively, and the batch ran it too: both were paid
                 late = usage.model_copy(update={"id": f"{usage.id}:batch-late", "steps": (),
                                                 "baseline": usage.steps[-1] if usage.steps else usage.baseline})
@@ -341,6 +354,15 @@ class BatchRunner:
         await self._emit([Result(key, routed, "paid", response, usage)])
         self.metrics.record_batch("answered")
         self._settled.setdefault(job.job_id, set()).add(key)
+
+    async def _bill_unusable(self, job: BatchJob, member: BatchMember, usage: TokenUsage) -> None:
+        """A batch line billed for an answer that cannot be used: its spend is published (at the batch price,
+        under an id of its own, so a batch polled again after a failed publish is counted once) before the
+        member is answered another way."""
+        backend = self.backends.get(job.provider)
+        record = discarded_usage(member.routed, job.model, usage, 0, batch=True,
+                                 simulated=bool(getattr(backend, "simulated", False)))
+        await self._emit([Result(member_key(member), member.routed, "paid", None, record)])
 
     async def _fallback_due(self, job: BatchJob) -> None:
         now = self.clock()

@@ -15,7 +15,8 @@ Ordering. `record` returns only once the broker acknowledged the record; the gat
 and usage after that, and the stage commits after those. A crash anywhere in between leaves the dispatch
 uncommitted and the record durable: the redelivery, on this instance or another, replays the recorded answer
 and never pays again. Error answers (every model failed) are recorded too, so a redelivery replays the same
-error instead of trying (and paying) again. The store, not the gateway logic, holds the Publisher: the logic
+error instead of trying (and paying) again; only an error where no call went out (every circuit open) is not,
+as nothing was paid. The store, not the gateway logic, holds the Publisher: the logic
 only sees the `CompletedCalls` protocol and stays testable with `MemoryCompleted`.
 
 Ownership. `CompletedLoader` is the consumer's rebalance listener: it starts loading the records of newly

@@ -1,12 +1,17 @@
 """Gateway work on a batch of dispatched requests: concurrent provider calls, one terminal answer each.
 
 Identity is (tenant, request id) (`request_key`): another tenant reusing an id is a different request, called
-and answered for itself. Idempotency: every paid call (and every final provider error) is recorded
-(`CompletedCalls.record`, durable when it returns) before its answer is returned for publishing, so a
+and answered for itself. Idempotency: every paid call (and every final provider error after a call went out) is
+recorded (`CompletedCalls.record`, durable when it returns) before its answer is returned for publishing, so a
 redelivered request, on this replica or another, is replayed, never paid again; copies of one request inside
 a batch (a re-routed redelivery upstream) are called once. A record that cannot be made durable defers the
 request (its partition is redelivered shortly and the lookup retries the record) rather than publishing an
-answer whose payment a crash could forget.
+answer whose payment a crash could forget. An error where no call went out (every circuit open) is retryable
+and not recorded: nothing was paid, and the same id is called once the provider recovers.
+
+Spend: a call billed for an answer that could not be used (a `ProviderError` carrying `usage`, e.g. malformed)
+is collected across retries and fallbacks and billed as a `discarded` usage record with whatever the request
+ends as, and kept in its record, so a replay re-emits it under the same id.
 
 Rate limits: a Retry-After longer than `max_inline_wait_s` is not slept in the handler; the request is
 *deferred* (the service pauses its partition, at most `max_defer_s` at a time, and gets it again later), at most
@@ -29,9 +34,9 @@ from frugalstream.gateway import spans
 from frugalstream.gateway.idempotency import CompletedCalls
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.prompt_cache import PromptCachePlanner, canonical_tools
-from frugalstream.llm.providers import Completion, Provider
+from frugalstream.llm.providers import Completion, Provider, ProviderError
 from frugalstream.llm.resilience import BreakerRegistry, FinalProviderError, RetryPolicy, call_with_fallbacks
-from frugalstream.llm.usage import llm_usage
+from frugalstream.llm.usage import discarded_usage, llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.schemas import CompletedCall, LLMRequest, LLMResponse, RoutedRequest, UsageRecord, wire_bytes
@@ -63,6 +68,8 @@ class Result:
     response: LLMResponse | None = None
     usage: UsageRecord | None = None
     retry_after_s: float | None = None
+    # Calls paid for this request whose answers could not be used: billed with it, whatever its outcome.
+    discarded: tuple[UsageRecord, ...] = ()
 
 
 @dataclass
@@ -126,9 +133,9 @@ class Gateway:
             raise RecordFailedError(str(exc)) from exc
 
     async def _record(self, partition: int, routed: RoutedRequest, response: LLMResponse,
-                      usage: UsageRecord | None) -> None:
+                      usage: UsageRecord | None, discarded: Sequence[UsageRecord] = ()) -> None:
         call = CompletedCall(tenant=routed.request.tenant, request_id=routed.request.id, response=response,
-                             usage=usage, completed_at=time.time())
+                             usage=usage, discarded=tuple(discarded), completed_at=time.time())
         try:
             await self.completed.record(partition, call)
         except Exception as exc:
@@ -139,7 +146,7 @@ class Gateway:
         done = await self._lookup(partition, key)
         if done is not None:
             log.info("completed_replayed", request_id=request.id, tenant=request.tenant, partition=partition)
-            return Result(key, routed, "replayed", done.response, done.usage)
+            return replayed(key, routed, done)
         if routed.route.provider not in self.providers:
             response = error_response(request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)
@@ -149,14 +156,22 @@ class Gateway:
         tool_options: dict[str, Any] = {k: v for k, v in (("tool_choice", request.tool_choice),
                                                           ("parallel_tool_calls", request.parallel_tool_calls))
                                         if v is not None}
+        discarded: list[UsageRecord] = []  # every retry's and fallback's billed but unusable answer, in order
 
         async def call(p: Provider, model: str) -> Completion:
             with spans.model_call(p.name, model, request) as span:  # GenAI attributes, one span per attempt
-                completion = await p.complete(
-                    model=model, messages=request.messages, sampling=request.sampling,
-                    max_tokens=request.max_tokens, tools=canonical_tools(request.tools),
-                    response_format=request.response_format, **tool_options, **self.cache_options(p, model, request),
-                )
+                try:
+                    completion = await p.complete(
+                        model=model, messages=request.messages, sampling=request.sampling,
+                        max_tokens=request.max_tokens, tools=canonical_tools(request.tools),
+                        response_format=request.response_format, **tool_options,
+                        **self.cache_options(p, model, request),
+                    )
+                except ProviderError as exc:
+                    if exc.usage is not None:
+                        discarded.append(discarded_usage(routed, model, exc.usage, len(discarded),
+                                                         simulated=p.name == "simulated"))
+                    raise
                 spans.record(span, completion)
                 return completion
 
@@ -169,10 +184,12 @@ class Gateway:
             )
         except FinalProviderError as exc:
             wait = exc.retry_after_s
-            if can_defer and exc.rate_limited and wait is not None and exc.retryable and self._may_defer(key):
+            # A deferral publishes nothing: a request with calls already paid for is answered now, billing them.
+            if can_defer and exc.rate_limited and wait is not None and exc.retryable and not discarded \
+                    and self._may_defer(key):
                 log.info("provider_rate_limited_deferred", request_id=request.id, retry_after_s=wait)
                 return Result(key, routed, "deferred", retry_after_s=min(wait, self.max_defer_s))
-            return await self._failed(key, routed, partition, exc)
+            return await self._failed(key, routed, partition, exc, tuple(discarded))
         self._deferrals.pop(key, None)
         # The paid-call audit line: one per completed model call, ids and counts only (never the prompt).
         log.info("provider_call", request_id=request.id, tenant=request.tenant, model=completion.model,
@@ -182,8 +199,8 @@ class Gateway:
         usage = llm_usage(routed, completion.model, completion.usage, simulated=completion.simulated)
         response = self._fitted(response, routed)
         # Durable before the answer is returned for publishing: a crash from here until the commit replays it.
-        await self._record(partition, routed, response, usage)
-        return Result(key, routed, "paid", response, usage)
+        await self._record(partition, routed, response, usage, discarded)
+        return Result(key, routed, "paid", response, usage, discarded=tuple(discarded))
 
     def cache_options(self, provider: object, model: str, request: LLMRequest) -> dict[str, Any]:
         """`cache_plan` for a provider whose prompt cache needs breakpoints, when a prefix repeats; else none."""
@@ -219,17 +236,25 @@ class Gateway:
     def fitted(self, response: LLMResponse, routed: RoutedRequest) -> LLMResponse:
         return self._fitted(response, routed)
 
-    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError) -> Result:
+    async def _failed(self, key: str, routed: RoutedRequest, partition: int, exc: FinalProviderError,
+                      discarded: tuple[UsageRecord, ...] = ()) -> Result:
         request = routed.request
         self._deferrals.pop(key, None)
         log.warning("provider_failed", request_id=request.id, reason=str(exc)[:500], kind=exc.kind)
         code = "circuit_open" if exc.kind == "circuit_open" else "timeout" if exc.kind == "timeout" else (
             "provider_error")
+        called = exc.kind != "circuit_open"  # circuit_open: every breaker refused, no call went out
         response = error_response(request, code, str(exc)[:MAX_ERROR_TEXT], routed=routed,
-                                  retryable=exc.rate_limited)
-        # Recorded too: a redelivery replays this error instead of trying (and maybe paying) again.
-        await self._record(partition, routed, response, None)
-        return Result(key, routed, "failed", response)
+                                  retryable=exc.rate_limited or not called)
+        if called:  # recorded: a redelivery replays this error instead of trying (and maybe paying) again
+            await self._record(partition, routed, response, None, discarded)
+        # else nothing was paid: a redelivery or a retry under this id is called once the provider recovers
+        return Result(key, routed, "failed", response, discarded=discarded)
+
+
+def replayed(key: str, routed: RoutedRequest, done: CompletedCall) -> Result:
+    """A recorded call answered again, with every usage it was billed (its discarded calls too)."""
+    return Result(key, routed, "replayed", done.response, done.usage, discarded=done.discarded)
 
 
 def _all_or_raise(outcomes: Sequence[Result | BaseException]) -> list[Result]:

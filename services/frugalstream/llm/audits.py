@@ -2,9 +2,11 @@
 the gateway runs for them and how their spend is accounted.
 
 Sampling is a hash of (tenant, request id, kind) against the rate, so every stage and every redelivery agrees
-on whether a decision is audited, without state. The audit's model call runs under the audit id, never the
-request id: its answer cannot be mistaken for (or replayed as) the caller's, and a tenant whose request id
-happens to look like an audit id still gets a different key (the id is a hash over the JSON identity).
+on whether a decision is audited, without state. The hash is keyed by a server-side secret when one is set
+(`audit_sampling_secret`): unkeyed, a producer can compute it and choose request ids that are never audited.
+The audit's model call runs under the audit id, never the request id: its answer cannot be mistaken for (or
+replayed as) the caller's, and a tenant whose request id happens to look like an audit id still gets a
+different key (the id is a hash over the JSON identity).
 
 Audit spend is a cost with no saving: its usage record starts from an empty baseline and its one step, the
 `audit` strategy, is the call as billed, so the ledger's savings are net of it by construction.
@@ -13,6 +15,7 @@ Audit spend is a cost with no saving: its usage record starts from an empty base
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections.abc import Mapping
 
@@ -30,9 +33,11 @@ def audit_id(tenant: str, request_id: str, kind: DecisionKind, part: str | None 
     return f"{AUDIT_PREFIX}{digest[:32]}"
 
 
-def sample_point(tenant: str, request_id: str, kind: DecisionKind) -> float:
-    """A uniform number in [0, 1) fixed by the decision's identity."""
-    digest = hashlib.sha256(f"sample\0{kind}\0{request_key(tenant, request_id)}".encode()).digest()
+def sample_point(tenant: str, request_id: str, kind: DecisionKind, key: bytes | None = None) -> float:
+    """A uniform number in [0, 1) fixed by the decision's identity and, when set, the sampling secret `key`
+    (an HMAC: without the key, no one can tell which ids are audited)."""
+    message = f"sample\0{kind}\0{request_key(tenant, request_id)}".encode()
+    digest = hmac.digest(key, message, "sha256") if key else hashlib.sha256(message).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -40,8 +45,9 @@ def audit_rate(rates: Mapping[str, float], kind: DecisionKind, default: float) -
     return min(max(rates.get(kind, default), 0.0), 1.0)
 
 
-def sampled(tenant: str, request_id: str, kind: DecisionKind, rate: float) -> bool:
-    return rate > 0 and sample_point(tenant, request_id, kind) < rate
+def sampled(tenant: str, request_id: str, kind: DecisionKind, rate: float, key: bytes | None = None) -> bool:
+    """Every service that samples passes the same `key` (`Settings.audit_sampling_key`), so they all agree."""
+    return rate > 0 and sample_point(tenant, request_id, kind, key) < rate
 
 
 def paid_saving(route: Route) -> DecisionKind | None:

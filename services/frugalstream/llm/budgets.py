@@ -14,18 +14,46 @@ __all__ = ["BudgetBook", "budget_ceiling", "refuses", "severity"]
 
 @dataclass
 class BudgetBook:
-    """Latest `llm.budgets` state per budget id, as this service last read it.
+    """Latest `llm.budgets` state per budget id, as this service last read it, indexed by tenant.
 
     The last state read wins, whatever its `updated_at`: the accountant is the topic's only writer, a key's
     states are read in the order written, and that order is what compaction keeps (a stamp from a clock that
     stepped back, or one in milliseconds, cannot hide a later state). A state whose period has ended says
-    nothing (see `BudgetState.ends_at`)."""
+    nothing (see `BudgetState.ends_at`). A verdict reads only its tenant's states: it runs for every request,
+    on the event loop, and a deployment may hold thousands of budgets."""
 
     states: dict[str, BudgetState] = field(default_factory=dict)
     clock: Callable[[], float] = field(default=time.time, repr=False)
+    _by_tenant: dict[str, dict[str, BudgetState]] = field(default_factory=dict, init=False, repr=False)
+    _order: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)  # budget ids, sorted
+
+    def __post_init__(self) -> None:
+        for state in self.states.values():
+            self._index(state)
 
     def update(self, state: BudgetState) -> None:
+        previous = self.states.get(state.budget_id)
+        if previous is not None and previous.tenant != state.tenant:  # the budget id is now another tenant's
+            del self._by_tenant[previous.tenant][state.budget_id]
+            self._order.pop(previous.tenant, None)
         self.states[state.budget_id] = state
+        self._index(state)
+
+    def _index(self, state: BudgetState) -> None:
+        of_tenant = self._by_tenant.setdefault(state.tenant, {})
+        if state.budget_id not in of_tenant:
+            self._order.pop(state.tenant, None)
+        of_tenant[state.budget_id] = state
+
+    def _of(self, tenant: str) -> list[BudgetState]:
+        """The tenant's states in budget id order (the order is kept until the tenant's set of budgets changes)."""
+        of_tenant = self._by_tenant.get(tenant)
+        if not of_tenant:
+            return []
+        order = self._order.get(tenant)
+        if order is None:
+            order = self._order[tenant] = sorted(of_tenant)
+        return [of_tenant[budget_id] for budget_id in order]
 
     def verdict(self, tenant: str, tags: Mapping[str, str]) -> BudgetState | None:
         """The applicable state whose effect on a call is the strictest (see `severity`): ranking by
@@ -34,8 +62,8 @@ class BudgetBook:
         depend on the order the states arrived in. Tag budgets apply only to tagged requests."""
         worst: BudgetState | None = None
         now = self.clock()
-        for state in sorted(self.states.values(), key=lambda s: s.budget_id):
-            if state.tenant != tenant or state.status == "ok" or state.ends_at() <= now:
+        for state in self._of(tenant):
+            if state.status == "ok" or state.ends_at() <= now:
                 continue
             if state.tag is not None:
                 key, _, value = state.tag.partition("=")

@@ -48,6 +48,23 @@ def llm_usage(routed: RoutedRequest, model: str, usage: TokenUsage, *, batch: bo
     )
 
 
+def discarded_usage(routed: RoutedRequest, model: str, usage: TokenUsage, n: int, *, batch: bool = False,
+                    simulated: bool = False) -> UsageRecord:
+    """A paid call whose answer could not be used (malformed): billed for nothing, so its whole price is the
+    `discarded` strategy's negative saving. `n` numbers the request's discarded calls in order: the replay of
+    the recorded request re-emits the same ids, and the ledger counts each once. A batch line (`batch`: at the
+    batch price) has an id of its own."""
+    tenant, request_id = routed.request.tenant, routed.request.id
+    kind = "gateway-discarded-batch" if batch else f"gateway-discarded-{n}"
+    return UsageRecord(
+        id=usage_id(kind, tenant, request_id), request_id=request_id, tenant=tenant,
+        stage="gateway", task_type=routed.route.task_type, tags=routed.request.tags, source="llm",
+        baseline=CostPoint(model=routed.route.baseline_model, usage=TokenUsage(estimated=True)),
+        steps=(PricedStep(strategy="discarded", model=model, usage=usage, batch=batch),), actual_model=model,
+        occurred_at=time.time(), simulated=simulated,
+    )
+
+
 def cache_usage(routed: RoutedRequest, output: int, strategy: Strategy, *, simulated: bool) -> UsageRecord:
     """A request answered without a model call: the whole routed cost is the cache strategy's saving."""
     route = routed.route

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -239,6 +239,14 @@ class Settings(BaseSettings):
         default_factory=lambda: {"near_miss": 1.0, "routed_up": 0.02},
         description="Per decision kind, over `audit_rate`: `near_miss` labels cost no model call; `routed_up` "
                     "asks the cheapest tier too (could the request have gone cheaper?).")
+    audit_sampling_secret: SecretStr | None = Field(
+        default=None, description="Server-side secret mixed into the audit sampling hash (never logged): without "
+                                  "it, which requests are audited follows from the tenant and request id alone, so "
+                                  "a producer can choose ids that are never audited. Every service that samples "
+                                  "(classifier, dedupe, gateway) must have the same one.")
+    audit_sampling_secret_file: Path | None = Field(
+        default=None, description="File holding the audit sampling secret (a mounted secret); used when the "
+                                  "secret is unset or empty.")
     audit_judges: dict[str, JudgeChoice] = Field(
         default_factory=_default_judges,
         description="Judge per task type (`default` for the rest): match (normalized text or JSON), embedding "
@@ -319,6 +327,8 @@ class Settings(BaseSettings):
         default=None, description="Tests only: the named service exits hard after publishing a batch.")
     fault_exit_after_batches: int = Field(
         default=1, ge=1, description="Tests only: which batch `fault_exit_after_publish` exits after.")
+    # (audit_sampling_secret, audit_sampling_secret_file, the key they give), read on first use
+    _audit_key: tuple[SecretStr | None, Path | None, bytes | None] | None = PrivateAttr(default=None)
 
     @classmethod
     def settings_customise_sources(
@@ -336,7 +346,8 @@ class Settings(BaseSettings):
         return init_settings, env_settings, toml, file_secret_settings
 
     @field_validator("kafka_sasl_password", "openai_api_key", "openai_api_key_file", "anthropic_api_key",
-                     "anthropic_api_key_file", "http_api_keys", "http_api_keys_file", mode="before")
+                     "anthropic_api_key_file", "http_api_keys", "http_api_keys_file", "audit_sampling_secret",
+                     "audit_sampling_secret_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """Compose's `FRUGAL_OPENAI_API_KEY: ${OPENAI_API_KEY:-}` passes "" when the operator keeps the key out of
@@ -361,6 +372,16 @@ class Settings(BaseSettings):
                 raise MissingKeyFileError(f"setting FRUGAL_{name.upper()}={str(file)!r}: no such file (a secret "
                                           "that is not mounted, or a mistyped path)") from exc
         return None
+
+    def audit_sampling_key(self) -> bytes | None:
+        """The audit sampling secret as a hash key (None: unset, sampling is predictable), read once per settings
+        object: it is asked for every sampled decision."""
+        value, file = self.audit_sampling_secret, self.audit_sampling_secret_file
+        cached = self._audit_key
+        if cached is None or cached[0] is not value or cached[1] is not file:  # a copy with another secret
+            secret = self.secret(value, file)
+            cached = self._audit_key = (value, file, secret.encode() if secret else None)
+        return cached[2]
 
 
 class UsageError(ValueError):

@@ -65,4 +65,8 @@ class CompletedCall(Contract):
     request_id: str
     response: LLMResponse
     usage: UsageRecord | None = None
+    discarded: tuple[UsageRecord, ...] = Field(
+        default=(), exclude_if=lambda v: not v,
+        description="Usage of the calls paid for this request whose answers could not be used (malformed): "
+                    "replayed with the answer, so a redelivery bills them once, never loses them.")
     completed_at: float

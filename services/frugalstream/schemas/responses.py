@@ -13,11 +13,11 @@ from frugalstream.schemas.requests import CacheKeys, LLMRequest, RoutedRequest, 
 ResponseSource = Literal["llm", "cache_exact", "cache_semantic", "coalesced", "error"]
 Strategy = Literal[
     "cache_exact", "cache_semantic", "coalesced", "routed_down", "context_trim",
-    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit",
+    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit", "discarded",
 ]
 STRATEGIES: tuple[Strategy, ...] = (
     "cache_exact", "cache_semantic", "coalesced", "routed_down", "context_trim",
-    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit",
+    "batch_dedupe", "batch_packing", "batch_api", "prompt_cache", "audit", "discarded",
 )
 
 

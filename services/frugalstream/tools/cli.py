@@ -215,8 +215,19 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             "anthropic": (settings.anthropic_api_key, settings.anthropic_api_key_file)}
     for name in sorted(providers_in_use(settings, catalog) & keys.keys()):
         settings.secret(*keys[name])
+    _warn_predictable_sampling(settings)
     print("config ok")
     return 0
+
+
+def _warn_predictable_sampling(settings: Settings) -> None:
+    """Reads the audit sampling secret as the sampling services do (a missing file fails here); unset while
+    audits sample, a producer can compute which request ids are audited and pick ids that never are."""
+    auditing = settings.audit_rate > 0 or any(rate > 0 for rate in settings.audit_rates.values())
+    if settings.audit_sampling_key() is None and auditing:
+        print("warning: audit sampling is predictable: set FRUGAL_AUDIT_SAMPLING_SECRET (or "
+              "FRUGAL_AUDIT_SAMPLING_SECRET_FILE), the same for every service, so producers cannot choose which "
+              "requests are audited", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

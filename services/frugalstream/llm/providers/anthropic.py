@@ -18,6 +18,7 @@ from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
     answer_tool_call,
+    billed,
     build_timeout,
     estimate_usage,
     non_negative_int,
@@ -261,7 +262,16 @@ class AnthropicProvider:
 
     def parse_message(self, payload: Mapping[str, Any], model: str, messages: Sequence[ChatMessage],
                       latency_ms: float, *, status: int | None = None) -> Completion:
-        """A Messages API response body (or a succeeded Message Batch result's `message`) as a Completion."""
+        """A Messages API response body (or a succeeded Message Batch result's `message`) as a Completion; an
+        unusable one raises a `ProviderError` carrying the usage it was billed."""
+        try:
+            return self._answer(payload, model, messages, latency_ms, status)
+        except ProviderError as exc:
+            billed(exc, usage_from_anthropic(payload.get("usage")))
+            raise
+
+    def _answer(self, payload: Mapping[str, Any], model: str, messages: Sequence[ChatMessage],
+                latency_ms: float, status: int | None) -> Completion:
         if payload.get("type") == "error" and isinstance(payload.get("error"), dict):
             raise ProviderError(f"{self.name} error in body: {str(payload['error'].get('message', ''))[:300]}",
                                 kind="server", status=status)

@@ -98,7 +98,7 @@ class AnthropicBatchJobs:
     async def find(self, job_id: str) -> str | None:
         return None  # Message Batches carry no metadata to find a job by
 
-    async def poll(self, batch_id: str, model: str) -> BatchPoll:
+    async def poll(self, batch_id: str, model: str, calls: Sequence[BatchCall] = ()) -> BatchPoll:
         status = parse_json_body(self.name, await self._request("GET", f"/v1/messages/batches/{batch_id}"))
         state = str(status.get("processing_status", ""))
         if state != "ended":
@@ -106,6 +106,7 @@ class AnthropicBatchJobs:
         # The results path on the configured base URL (the body's results_url names the public host).
         response = await self._request("GET", f"/v1/messages/batches/{batch_id}/results")
         results: dict[str, Completion | ProviderError] = {}
+        messages = {c.custom_id: c.messages for c in calls}  # a line without usage is estimated from them
         for raw in response.text.splitlines():
             if not raw.strip():
                 continue
@@ -114,7 +115,8 @@ class AnthropicBatchJobs:
             except JSON_ERRORS as exc:
                 raise ProviderError("message batch result line is not JSON", kind="malformed") from exc
             if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
-                results[line["custom_id"]] = parse_result_line(line, self.chat, model)
+                cid = line["custom_id"]
+                results[cid] = parse_result_line(line, self.chat, model, messages.get(cid, ()))
         return BatchPoll(True, results, state)
 
     async def cancel(self, batch_id: str) -> None:

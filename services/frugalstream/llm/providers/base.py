@@ -52,7 +52,11 @@ class Completion:
 
 
 class ProviderError(Exception):
-    """A failed provider call, classified so callers can decide to retry, fall back, or give up."""
+    """A failed provider call, classified so callers can decide to retry, fall back, or give up.
+
+    `usage` is what the provider billed for the call when it answered (HTTP 200 with a usage block) with an
+    answer that cannot be used: the call was paid for although it failed, and its spend must still be counted.
+    """
 
     def __init__(
         self,
@@ -62,15 +66,25 @@ class ProviderError(Exception):
         retryable: bool | None = None,
         retry_after_s: float | None = None,
         status: int | None = None,
+        usage: TokenUsage | None = None,
     ) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.retryable: bool = kind in RETRYABLE_KINDS if retryable is None else retryable
         self.retry_after_s = retry_after_s
         self.status = status
+        self.usage = usage
 
     def __repr__(self) -> str:
         return f"ProviderError({self.args[0]!r}, kind={self.kind!r}, status={self.status})"
+
+
+def billed(error: ProviderError, usage: TokenUsage | None) -> ProviderError:
+    """`error` carrying the usage the provider reported with the answer it was raised for (unless it carries
+    one already): an unusable answer that was billed is spend all the same."""
+    if error.usage is None:
+        error.usage = usage
+    return error
 
 
 class Provider(Protocol):

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from frugalstream.llm.prompt_cache import CachePlan
 from frugalstream.llm.providers.base import Completion, ProviderError
 from frugalstream.llm.providers.openai import OpenAIProvider
-from frugalstream.llm.providers.openai_batch import BatchRequest, OpenAIBatchClient
+from frugalstream.llm.providers.openai_batch import BatchRequest, Estimate, OpenAIBatchClient
 from frugalstream.llm.providers.simulated import SimulatedProvider
 from frugalstream.schemas import ChatMessage, SamplingParams
 from frugalstream.schemas.requests import ToolChoice
@@ -72,7 +72,10 @@ class BatchJobs(Protocol):
         """The batch already created for `job_id`, if the provider can tell (None: none, or it cannot)."""
         ...
 
-    async def poll(self, batch_id: str, model: str) -> BatchPoll: ...
+    async def poll(self, batch_id: str, model: str, calls: Sequence[BatchCall] = ()) -> BatchPoll:
+        """The batch's state, and once done its lines by custom id; `calls` are its requests, what an answer
+        that reports no usage is estimated from."""
+        ...
 
     async def cancel(self, batch_id: str) -> None: ...
 
@@ -99,11 +102,17 @@ class OpenAIBatchJobs:
     async def find(self, job_id: str) -> str | None:
         return await self.client.find(JOB_METADATA_KEY, job_id)
 
-    async def poll(self, batch_id: str, model: str) -> BatchPoll:
+    async def poll(self, batch_id: str, model: str, calls: Sequence[BatchCall] = ()) -> BatchPoll:
         status = await self.client.get(batch_id)
         if not status.done:
             return BatchPoll(False, status=status.status)
-        return BatchPoll(True, await self.client.results(status, model), status.status)
+        estimates = {c.custom_id: self._estimate(c) for c in calls}
+        return BatchPoll(True, await self.client.results(status, model, estimates), status.status)
+
+    def _estimate(self, call: BatchCall) -> Estimate:
+        """How a line of `call` without usage is priced: counted from its request, as the chat adapter does."""
+        return lambda content, answer_calls: self.chat.estimated(call.model, call.messages, call.tools, content,
+                                                                 answer_calls)
 
     async def cancel(self, batch_id: str) -> None:
         await self.client.cancel(batch_id)
@@ -156,7 +165,7 @@ class SimulatedBatchJobs:
             except ProviderError as exc:
                 return call.custom_id, exc
 
-    async def poll(self, batch_id: str, model: str) -> BatchPoll:
+    async def poll(self, batch_id: str, model: str, calls: Sequence[BatchCall] = ()) -> BatchPoll:
         batch = self._batches.get(batch_id)
         if batch is None:
             return BatchPoll(True, {}, "expired")

@@ -19,6 +19,7 @@ from frugalstream.llm.providers.base import (
     Completion,
     ProviderError,
     answer_tool_call,
+    billed,
     build_timeout,
     estimate_usage,
     non_negative_int,
@@ -201,22 +202,37 @@ class OpenAIProvider:
         latency_ms: float,
     ) -> Completion:
         payload = parse_json_body(self.name, response)
+        try:
+            return self._answer(payload, response.status_code, model, messages, tools, latency_ms)
+        except ProviderError as exc:  # answered and billed, but unusable: the spend goes with the error
+            billed(exc, usage_from_openai(payload.get("usage")))
+            raise
+
+    def _answer(
+        self,
+        payload: Mapping[str, Any],
+        status: int,
+        model: str,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, Any]],
+        latency_ms: float,
+    ) -> Completion:
         choices = payload.get("choices")
         if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
             if isinstance(payload.get("error"), dict):  # some proxies (OpenRouter) send errors with HTTP 200
                 err = payload["error"]
                 raise ProviderError(f"{self.name} error in body: {str(err.get('message', ''))[:300]}",
-                                    kind="server", status=response.status_code)
-            raise ProviderError(f"{self.name} response has no choices", kind="malformed", status=response.status_code)
+                                    kind="server", status=status)
+            raise ProviderError(f"{self.name} response has no choices", kind="malformed", status=status)
         choice = choices[0]
         message = choice.get("message")
         if not isinstance(message, dict):
-            raise ProviderError(f"{self.name} choice has no message", kind="malformed", status=response.status_code)
+            raise ProviderError(f"{self.name} choice has no message", kind="malformed", status=status)
         content = _content_text(message.get("content"))
         calls = _tool_calls(message.get("tool_calls"))
         usage = usage_from_openai(payload.get("usage"))
         if usage is None:
-            usage = estimate_usage(self._counter, model, messages, content, calls, tools)
+            usage = self.estimated(model, messages, tools, content, calls)
         reported = payload.get("model")
         return Completion(
             content=content,
@@ -228,6 +244,11 @@ class OpenAIProvider:
             tool_calls=calls,
             reported_model=reported if isinstance(reported, str) else None,
         )
+
+    def estimated(self, model: str, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]],
+                  content: str, calls: Sequence[ToolCall]) -> TokenUsage:
+        """The usage of an answer that reports none, counted as this adapter counts its own (`estimated`)."""
+        return estimate_usage(self._counter, model, messages, content, calls, tools)
 
     async def aclose(self) -> None:
         await self._client.aclose()

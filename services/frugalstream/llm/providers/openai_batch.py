@@ -8,7 +8,7 @@ batch after a restart (its id is persisted by the caller), belongs to the summar
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +19,14 @@ from frugalstream.llm.providers.base import (
     Completion,
     ErrorKind,
     ProviderError,
+    billed,
     build_timeout,
     checked_request,
     parse_json_body,
     resolve_api_key,
 )
 from frugalstream.llm.providers.openai import _content_text, _tool_calls, usage_from_openai
+from frugalstream.schemas import TokenUsage, ToolCall
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -56,8 +58,15 @@ def encode_jsonl(requests: Sequence[BatchRequest], endpoint: str = CHAT_ENDPOINT
     return ("\n".join(lines) + "\n").encode()
 
 
-def parse_output_line(line: Mapping[str, Any], model: str) -> Completion | ProviderError:
-    """One output/error line -> a Completion or the error it reports (a failed line never raises)."""
+#: The usage of a line that reports none, from its request: (answer text, tool calls) -> estimated usage.
+Estimate = Callable[[str, tuple[ToolCall, ...]], TokenUsage]
+
+
+def parse_output_line(line: Mapping[str, Any], model: str, estimate: Estimate | None = None
+                      ) -> Completion | ProviderError:
+    """One output/error line -> a Completion or the error it reports (a failed line never raises). An answer
+    without usage was billed all the same: it is estimated from its request (`estimate`), as the interactive
+    path estimates, rather than refused and paid again interactively; an unusable answer carries its usage."""
     error = line.get("error")
     response = line.get("response")
     if not isinstance(response, Mapping):
@@ -72,15 +81,20 @@ def parse_output_line(line: Mapping[str, Any], model: str) -> Completion | Provi
         return ProviderError(f"batch line HTTP {status}: {str(message)[:300]}", kind=kind, status=status)
     choices = body.get("choices")
     usage = usage_from_openai(body.get("usage"))
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping) or usage is None:
-        return ProviderError("batch line has no choices or usage", kind="malformed", status=status)
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        return ProviderError("batch line has no choices", kind="malformed", status=status, usage=usage)
     message = choices[0].get("message")
     content = _content_text(message.get("content")) if isinstance(message, Mapping) else ""
     reported = body.get("model")
     try:
         calls = _tool_calls(message.get("tool_calls")) if isinstance(message, Mapping) else ()
     except ProviderError as exc:
-        return exc
+        return billed(exc, usage)
+    if usage is None:
+        if estimate is None:
+            return ProviderError("batch line has no usage and no request to estimate it from", kind="malformed",
+                                 status=status)
+        usage = estimate(content, calls)
     return Completion(content=content, model=model, usage=usage,
                       finish_reason=str(choices[0].get("finish_reason") or "unknown"), latency_ms=0.0,
                       simulated=False, tool_calls=calls, reported_model=reported if isinstance(reported, str) else None)
@@ -167,13 +181,16 @@ class OpenAIBatchClient:
                     lines.append(value)
         return lines
 
-    async def results(self, status: BatchStatus, model: str) -> dict[str, Completion | ProviderError]:
-        """Every line of the output and error files by custom_id; ids missing from both are absent."""
+    async def results(self, status: BatchStatus, model: str, estimates: Mapping[str, Estimate] | None = None
+                      ) -> dict[str, Completion | ProviderError]:
+        """Every line of the output and error files by custom_id; ids missing from both are absent. `estimates`
+        by custom_id price the lines that report no usage."""
         out: dict[str, Completion | ProviderError] = {}
         for file_id in (status.error_file_id, status.output_file_id):  # output wins over an error line
             if file_id:
                 for line in await self.download(file_id):
-                    out[str(line.get("custom_id"))] = parse_output_line(line, model)
+                    cid = str(line.get("custom_id"))
+                    out[cid] = parse_output_line(line, model, (estimates or {}).get(cid))
         return out
 
     async def aclose(self) -> None:
