@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -30,18 +29,9 @@ from frugalstream.runtime.records import Record
 from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import ChatMessage, LLMRequest, ToolCall
 from tests.unit.test_policy_walls import CATALOG, ThreadRecordingCounter
-from tests.unit.test_stall_walls import assert_not_quadratic
+from tests.unit.test_stall_walls import assert_not_quadratic, best_time
 
 COUNTER = TokenCounter()
-
-
-def _best_time(work: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 # --- trimming ----------------------------------------------------------------------------------------------------
@@ -153,10 +143,10 @@ def test_an_invalid_request_with_many_errors_is_answered_for_about_what_its_deco
     worker thread holds the GIL throughout). A poll of three such records outlasted the consumer's session
     timeout (10 s): rebalanced, redelivered, again."""
     raw = many_errors(100_000)
-    decoding = _best_time(lambda: decode_error(raw))
+    decoding = best_time(lambda: decode_error(raw))
     exc = decode_error(raw)
-    answering = _best_time(lambda: invalid_request_answer(raw, exc, Settings()))
-    lettering = _best_time(lambda: _error_text(exc))
+    answering = best_time(lambda: invalid_request_answer(raw, exc, Settings()))
+    lettering = best_time(lambda: _error_text(exc))
     assert answering < 2 * decoding, f"answer {answering:.3f}s, decode {decoding:.3f}s"  # was 7x
     assert lettering < 2 * decoding, f"dead letter text {lettering:.3f}s, decode {decoding:.3f}s"  # was 15x
 

@@ -29,7 +29,7 @@ from tests.unit.test_dedupe import ask, deduper, fill, on_routed, route, sources
 from tests.unit.test_pair_encoder import CountingScorer
 
 
-def _best_time(work: Callable[[], object]) -> float:
+def best_time(work: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
@@ -40,7 +40,7 @@ def _best_time(work: Callable[[], object]) -> float:
 
 def assert_not_quadratic(work: Callable[[int], object], n: int) -> None:
     """`work(8n)` costs under 20x `work(n)` (linear: 8x, quadratic: 64x), plus 50 ms of slack for tiny times."""
-    small, large = _best_time(lambda: work(n)), _best_time(lambda: work(8 * n))
+    small, large = best_time(lambda: work(n)), best_time(lambda: work(8 * n))
     ratio = large / max(small, 1e-9)
     assert large < 20 * small + 0.05, f"8x the input cost {ratio:.0f}x ({small:.3f}s -> {large:.3f}s)"
 
@@ -65,8 +65,8 @@ def test_the_math_rule_is_linear_on_a_run_of_digits() -> None:
 
 def test_the_task_rules_read_a_bounded_window_of_a_long_turn() -> None:
     """`SELECT.+FROM` is quadratic in what it reads: a turn of "SELECT SELECT ..." costs the same at 10 KB and 40 KB."""
-    small = _best_time(lambda: classify_task(user("SELECT " * 1_500)))
-    large = _best_time(lambda: classify_task(user("SELECT " * 6_000)))
+    small = best_time(lambda: classify_task(user("SELECT " * 1_500)))
+    large = best_time(lambda: classify_task(user("SELECT " * 6_000)))
     assert large < 2 * small + 0.05, f"4x the text cost {large / max(small, 1e-9):.0f}x ({small:.3f}s -> {large:.3f}s)"
 
 
