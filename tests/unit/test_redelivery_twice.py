@@ -21,12 +21,9 @@ from aiokafka import TopicPartition
 from frugalstream.dedupe.results import Answer, Dispatch
 from frugalstream.gateway.completed import TopicCompleted
 from frugalstream.gateway.idempotency import call_key
-from frugalstream.gateway.logic import Gateway
 from frugalstream.llm.providers import ProviderError
-from frugalstream.llm.resilience import RetryPolicy
 from frugalstream.runtime import inflight as inflight_module
 from frugalstream.runtime.inflight import InFlight
-from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Out
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.state_topics import PartitionRevokedError
@@ -37,8 +34,8 @@ from tests.unit.test_dedupe import answer, ask, deduper, route
 from tests.unit.test_dedupe_redelivery import instance
 from tests.unit.test_gateway_idempotency import CountingProvider, routed
 from tests.unit.test_inflight import Consumer, records
-from tests.unit.test_rebalance_walls import LogPublisher, dispatch, log, settled  # noqa: F401  (fixture)
-from tests.unit.test_stage import CapturingBroker, FakeRecord
+from tests.unit.test_rebalance_walls import LogPublisher, dispatch, dispatch_replica, log, settled  # noqa: F401  (fixture)
+from tests.unit.test_stage import FakeRecord
 
 # -- dedupe: a follower released and re-routed in the same batch ------------------------------------------------
 
@@ -99,17 +96,6 @@ class RateLimited(CountingProvider):
         return await super().complete(**kw)
 
 
-def replica(s: Settings, provider: CountingProvider, log: list[Out]) -> tuple[Any, Any, LogPublisher]:  # noqa: F811
-    from frugalstream.gateway.app import GatewayService
-
-    store = TopicCompleted(s)
-    gw = Gateway({"simulated": provider}, store, policy=RetryPolicy(attempts=1), metrics=Metrics())
-    svc = GatewayService(s, gw, store=store)
-    broker, pub = CapturingBroker(), LogPublisher(s, log)
-    svc.register(broker, pub)  # type: ignore[arg-type]
-    return broker.handler, broker.options["listener"], pub
-
-
 async def test_a_batch_sleeping_on_a_retry_after_stops_at_the_revoke_and_never_pays_for_the_moved_partition(
     log: list[Out],  # noqa: F811
 ) -> None:
@@ -118,7 +104,7 @@ async def test_a_batch_sleeping_on_a_retry_after_stops_at_the_revoke_and_never_p
     request = await routed(s, "acme", "r1", "Write a long essay on tides")
     tp = TopicPartition(s.topic(t.DISPATCH), 0)
 
-    handler_a, listener_a, pub_a = replica(s, provider, log)
+    handler_a, listener_a, pub_a = dispatch_replica(s, provider, log)
     consumer_a = Consumer(set())
     consumer_a.assigned = {tp}
     await listener_a.on_partitions_assigned({tp})
@@ -134,7 +120,7 @@ async def test_a_batch_sleeping_on_a_retry_after_stops_at_the_revoke_and_never_p
     await listener_a.on_partitions_assigned(set())
     assert listener_a.inflight is not None and listener_a.inflight.running() == 0
 
-    handler_b, listener_b, pub_b = replica(s, provider, log)  # the new owner: nothing committed, redelivered
+    handler_b, listener_b, pub_b = dispatch_replica(s, provider, log)  # the new owner: nothing committed, redelivered
     consumer_b = Consumer(set())
     consumer_b.assigned = {tp}
     await listener_b.on_partitions_assigned({tp})

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.providers import Completion, SimulatedProvider
 from frugalstream.runtime.settings import Settings, TenantPolicy
 from frugalstream.schemas import (
@@ -154,6 +155,8 @@ async def dead_letter(raw: dict[str, Any] | bytes) -> FakeBroker:
     """One undecodable part through the service's stage; the broker holds what was published."""
 
     class Never:
+        budgets = BudgetBook()  # what the service follows `llm.budgets` into
+
         async def handle(self, _job: SummarizeJob, _emit: Any) -> Finished:
             raise AssertionError("not decodable: never handled")
 

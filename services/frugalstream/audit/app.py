@@ -28,7 +28,7 @@ from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
+from frugalstream.runtime.stage import BatchContext, follow_state, subscribe
 from frugalstream.runtime.state_topics import read_topic
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRecord, AuditRequest, ReviewVerdict, ThresholdChange
@@ -81,19 +81,14 @@ class AuditService:
         self._export(records, changes)
         return audit_outs(records, changes, self.logic.reviewed_before(verdicts, records))
 
-    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
-        for d in batch:
-            self.logic.book.update(d.value)
-        return []
-
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         # One consumer group: the controller sees every label of a tenant in one place.
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.AUDITS_ANSWERED, model=AuditRequest,
                   process=self._on_answered, max_records=64)
         subscribe(broker, publisher, self.settings, service=f"{self.name}.reviews", topic=t.AUDIT_REVIEWS,
                   model=ReviewVerdict, process=self._on_reviews)
-        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
-                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
+        follow_state(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                     model=ThresholdChange, update=self.logic.book.update)
 
 
 def wire(res: Resources) -> AuditService:

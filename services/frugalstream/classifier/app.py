@@ -22,7 +22,7 @@ from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, subscribe, whole_topic_options
+from frugalstream.runtime.stage import BatchContext, follow_state, subscribe
 from frugalstream.schemas import BudgetState, LLMRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import ThresholdChange
@@ -68,25 +68,15 @@ class ClassifierService:
         answer = invalid_request_answer(record.value, exc, self.settings)
         return [] if answer is None else [Out(t.RESPONSES, answer, key=answer.request_id)]
 
-    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]], _ctx: BatchContext) -> list[Out]:
-        for d in batch:
-            self.logic.budgets.update(d.value)
-        return []
-
-    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
-        for d in batch:
-            self.logic.live.update(d.value)
-        return []
-
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.REQUESTS, model=LLMRequest,
                   process=self._on_requests, on_invalid=self._on_invalid,
                   concurrency=self.settings.concurrent_batches)
         # Every instance needs every budget, so the compacted topic is read whole, without a consumer group.
-        subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
-                  model=BudgetState, process=self._on_budgets, **whole_topic_options())
-        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
-                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
+        follow_state(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
+                     model=BudgetState, update=self.logic.budgets.update)
+        follow_state(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                     model=ThresholdChange, update=self.logic.live.update)
 
 
 def wire(res: Resources) -> ClassifierService:

@@ -37,9 +37,8 @@ from frugalstream.runtime.stage import (
     Deferral,
     Handled,
     TopicHandler,
-    subscribe,
+    follow_state,
     subscribe_many,
-    whole_topic_options,
 )
 from frugalstream.runtime.state_topics import PartitionRevokedError
 from frugalstream.schemas import LLMResponse, RoutedRequest
@@ -181,11 +180,6 @@ class DedupeService:
         decided = await self.logic.decide(requests=[(d.value, d.record.partition) for d in ready])
         return self._handled(*decided, deferred)
 
-    async def _on_thresholds(self, batch: Sequence[Decoded[ThresholdChange]], _ctx: BatchContext) -> list[Out]:
-        for d in batch:
-            self.thresholds.update(d.value)
-        return []
-
     async def _on_responses(self, batch: Sequence[Decoded[LLMResponse]], ctx: BatchContext) -> Handled:
         ready, deferred = await self._loaded(batch, ctx)
         if not ready:
@@ -220,8 +214,8 @@ class DedupeService:
             listener=self.rebuilder,
         )
         # Live per-tenant thresholds: every instance reads the compacted topic whole (no group, no commits).
-        subscribe(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
-                  model=ThresholdChange, process=self._on_thresholds, **whole_topic_options())
+        follow_state(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
+                     model=ThresholdChange, update=self.thresholds.update)
 
 
 def wire(res: Resources) -> DedupeService:

@@ -278,6 +278,22 @@ def subscribe(
                    handlers=[TopicHandler(topic, model, process, on_invalid)], max_records=max_records, **options)
 
 
+def follow_state(
+    broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str, topic: str,
+    model: type[M], update: Callable[[M], None],
+) -> None:
+    """Reads a compacted control topic whole (budgets, thresholds) into the service's in-memory view: every
+    instance needs every record, so no group (`whole_topic_options`); each value is handed to `update`."""
+
+    async def process(batch: Sequence[Decoded[M]], _ctx: BatchContext) -> list[Out]:
+        for decoded in batch:
+            update(decoded.value)
+        return []
+
+    subscribe(broker, publisher, settings, service=service, topic=topic, model=model, process=process,
+              **whole_topic_options())
+
+
 def subscribe_many(
     broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str,
     handlers: Sequence[TopicHandler[Any]], max_records: int = 64, concurrency: int = 1, **options: Any,

@@ -31,7 +31,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher, first_errors
 from frugalstream.runtime.records import Decoded, Out, Record
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, background_options, subscribe, whole_topic_options
+from frugalstream.runtime.stage import BatchContext, background_options, follow_state, subscribe
 from frugalstream.schemas import BudgetState, SummarizeJob, SummarizeProgress, SummaryResult
 from frugalstream.schemas import topics as t
 from frugalstream.summarizer.batching import BatchBackend, OpenAIBatch, SimulatedBatch
@@ -182,18 +182,13 @@ class SummarizerService:
         answer = invalid_job_answer(record.value, exc, self.settings.max_message_bytes)
         return [] if answer is None else outs_of(answer)
 
-    async def _on_budgets(self, batch: Sequence[Decoded[BudgetState]], _ctx: BatchContext) -> list[Out]:
-        for d in batch:
-            self.logic.budgets.update(d.value)
-        return []
-
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         self.publisher = publisher
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.SUMMARIZE_JOBS, model=SummarizeJob,
                   process=self._on_jobs, max_records=1, on_invalid=self._on_invalid, **background_options())
         # Budgets bind backfill parts as they bind requests: every instance reads the compacted topic whole.
-        subscribe(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
-                  model=BudgetState, process=self._on_budgets, **whole_topic_options())
+        follow_state(broker, publisher, self.settings, service=f"{self.name}.budgets", topic=t.BUDGETS,
+                     model=BudgetState, update=self.logic.budgets.update)
 
 
 def build_summarizer(settings: Settings, provider: Provider,
