@@ -92,13 +92,6 @@ class ModelChoice:
     note: str
 
 
-def tier_of_model(model: str, settings: Settings) -> Tier | None:
-    for tier in TIERS:
-        if model in settings.tiers.for_tier(tier):
-            return tier
-    return None
-
-
 def choose_model(
     tier: Tier, pinned: str | None, policy: TenantPolicy, budget: BudgetState | None, settings: Settings,
 ) -> ModelChoice:
@@ -109,7 +102,7 @@ def choose_model(
             raise PolicyDenied("budget_exceeded", f"budget {budget.budget_id} is over its limit")
         ceiling = budget_ceiling(budget)
         if ceiling is not None:
-            wanted = (tier_of_model(pinned, settings) or "large") if pinned is not None else tier
+            wanted = settings.tiers.tier_of(pinned) if pinned is not None else tier
             if rank(wanted) > rank(ceiling):
                 # A budget outranks a pinned model: the pin is dropped rather than overspending.
                 tier, pinned, downgraded = ceiling, None, True
@@ -119,7 +112,7 @@ def choose_model(
     if pinned is not None:
         if allowed is not None and pinned not in allowed:
             raise PolicyDenied("policy_denied", f"model {pinned!r} is not allowed for this tenant")
-        pinned_tier = tier_of_model(pinned, settings) or "large"
+        pinned_tier = settings.tiers.tier_of(pinned)
         if rank(pinned_tier) > rank(policy.max_tier):
             raise PolicyDenied("policy_denied", f"model {pinned!r} is above the tenant's maximum tier")
         return ModelChoice(pinned_tier, pinned, (), True, downgraded, "pinned")

@@ -66,20 +66,15 @@ def _sample(settings: Settings, routed: RoutedRequest, kind: DecisionKind) -> bo
     return sampled(routed.request.tenant, routed.request.id, kind, rate, settings.audit_sampling_key())
 
 
-def _rank(model: str, settings: Settings) -> int:
-    """The tier rank of `model`; a model in no tier counts as large (as routing counts a pinned one)."""
-    return next((i for i, tier in enumerate(TIERS) if model in settings.tiers.for_tier(tier)), len(TIERS) - 1)
-
-
 def model_wall(settings: Settings, tenant: str, model: str, ceiling: Tier | None = None) -> str | None:
     """Why `tenant`'s prompt may not go to `model` (None: it may): the tenant's policy, or `ceiling`, the tier
     a budget downgrade capped the request to."""
     policy = settings.tenants.get(tenant, TenantPolicy())
     if policy.allowed_models is not None and model not in policy.allowed_models:
         return "model_not_allowed"
-    if _rank(model, settings) > TIERS.index(policy.max_tier):
+    if TIERS.index(settings.tiers.tier_of(model)) > TIERS.index(policy.max_tier):
         return "above_max_tier"
-    if ceiling is not None and _rank(model, settings) > TIERS.index(ceiling):
+    if ceiling is not None and TIERS.index(settings.tiers.tier_of(model)) > TIERS.index(ceiling):
         return "above_budget_ceiling"
     return None
 

@@ -15,7 +15,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from frugalstream.schemas import TaskType, Tier
+from frugalstream.schemas import TIERS, TaskType, Tier
 
 ProviderName = Literal["simulated", "openai", "anthropic"]
 
@@ -32,6 +32,11 @@ class TierModels(BaseModel):
     def for_tier(self, tier: Tier) -> tuple[str, ...]:
         models: tuple[str, ...] = getattr(self, tier)
         return models
+
+    def tier_of(self, model: str) -> Tier:
+        """The lowest tier listing `model`; a model no tier lists counts as large (a pin to it is walled, budgeted
+        and audited as the strongest, never as the cheapest)."""
+        return next((tier for tier in TIERS if model in self.for_tier(tier)), "large")
 
 
 class TenantPolicy(BaseModel):

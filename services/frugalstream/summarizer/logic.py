@@ -30,7 +30,7 @@ from frugalstream.llm.resilience import BreakerRegistry, RetryPolicy
 from frugalstream.llm.tokens import TokenCounter
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
-from frugalstream.schemas import TIERS, SummarizeJob, SummarizeProgress, SummaryResult, Tier
+from frugalstream.schemas import TIERS, SummarizeJob, SummarizeProgress, SummaryResult
 from frugalstream.summarizer.answers import Answers
 from frugalstream.summarizer.batches import Batches
 from frugalstream.summarizer.batching import BatchBackend
@@ -52,11 +52,6 @@ class JobDenied(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def tier_of(model: str, settings: Settings) -> Tier | None:
-    """The lowest tier listing the model (as the classifier ranks a pin); None for a model no tier lists."""
-    return next((tier for tier in TIERS if model in settings.tiers.for_tier(tier)), None)
 
 
 def denied(job: SummarizeJob, denial: JobDenied) -> Emission:
@@ -121,7 +116,7 @@ class Summarizer:
             return models[0]
         if allowed is not None and job.model not in allowed:
             raise JobDenied("policy_denied", f"model {job.model!r} is not allowed for tenant {job.tenant!r}")
-        tier = tier_of(job.model, self.settings) or "large"
+        tier = self.settings.tiers.tier_of(job.model)
         if TIERS.index(tier) > TIERS.index(policy.max_tier):
             raise JobDenied("policy_denied", f"model {job.model!r} ({tier}) is above tenant {job.tenant!r}'s "
                                              f"maximum tier ({policy.max_tier})")
@@ -140,7 +135,7 @@ class Summarizer:
         if refuses(state):
             raise JobDenied("budget_exceeded", f"budget {state.budget_id} is over its limit")
         ceiling = budget_ceiling(state)
-        if ceiling is None or TIERS.index(tier_of(model, self.settings) or "large") <= TIERS.index(ceiling):
+        if ceiling is None or TIERS.index(self.settings.tiers.tier_of(model)) <= TIERS.index(ceiling):
             return model
         policy = self.settings.tenants.get(job.tenant, TenantPolicy())
         for tier in reversed(TIERS[:TIERS.index(ceiling) + 1]):
