@@ -28,7 +28,7 @@ from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.stage import BatchContext, follow_state, subscribe
+from frugalstream.runtime.stage import BatchContext, background_options, follow_state, subscribe
 from frugalstream.runtime.state_topics import read_topic
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRecord, AuditRequest, ReviewVerdict, ThresholdChange
@@ -82,11 +82,12 @@ class AuditService:
         return audit_outs(records, changes, self.logic.reviewed_before(verdicts, records))
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
-        # One consumer group: the controller sees every label of a tenant in one place.
+        # One consumer group: the controller sees every label of a tenant in one place. No caller waits on an
+        # audit or a review, so both poll like the other background consumers.
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.AUDITS_ANSWERED, model=AuditRequest,
-                  process=self._on_answered, max_records=64)
+                  process=self._on_answered, max_records=64, **background_options())
         subscribe(broker, publisher, self.settings, service=f"{self.name}.reviews", topic=t.AUDIT_REVIEWS,
-                  model=ReviewVerdict, process=self._on_reviews)
+                  model=ReviewVerdict, process=self._on_reviews, **background_options())
         follow_state(broker, publisher, self.settings, service=f"{self.name}.thresholds", topic=t.THRESHOLDS,
                      model=ThresholdChange, update=self.logic.book.update)
 

@@ -44,7 +44,7 @@ from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import MissingKeyFileError, Settings
-from frugalstream.runtime.stage import BatchContext, Deferral, Handled, rewind_points, subscribe
+from frugalstream.runtime.stage import BatchContext, Deferral, Handled, background_options, rewind_points, subscribe
 from frugalstream.schemas import TIERS, RoutedRequest
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.audits import AuditRequest
@@ -141,8 +141,9 @@ class GatewayService:
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
                   process=self._on_dispatch, max_records=32, concurrency=self.settings.concurrent_batches, **options)
         if self.audits is not None:
+            # No caller waits on an audit: poll it like the other background consumers.
             subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,
-                      model=AuditRequest, process=self.audits.on_dispatch, max_records=32)
+                      model=AuditRequest, process=self.audits.on_dispatch, max_records=32, **background_options())
 
 
 def _outs(result: Result) -> list[Out]:

@@ -85,7 +85,8 @@ async def collect_responses(bootstrap: str, settings: Settings, ids: set[str], t
                             progress: Progress | None = None) -> dict[str, list[LLMResponse]]:
     """Reads `llm.responses` from the start until every id has an answer (or the timeout passes)."""
     consumer = AIOKafkaConsumer(settings.topic(t.RESPONSES), bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=50)
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms)
     await consumer.start()
     got: dict[str, list[LLMResponse]] = {}
     task = progress.add_task("responses", total=len(ids)) if progress else None
