@@ -27,6 +27,7 @@ from frugalstream.llm.pricing.costing import rfc3339
 Format = Literal["table", "csv", "json", "html"]
 FORMATS: tuple[Format, ...] = ("table", "csv", "json", "html")
 TOTAL_LABEL = "(total)"
+TOTAL_COLUMN = "is_total"
 _SVG_NS = "http://www.w3.org/2000/svg"  # a namespace name, never fetched
 _MONEY_KEYS = frozenset({"baseline_cost_usd", "actual_cost_usd", "saved_usd"})
 # Chart bucket sizes (seconds); a report takes the smallest that draws its span in at most MAX_POINTS buckets,
@@ -153,11 +154,13 @@ def render_table(report: Report, width: int = 120) -> str:
 def render_csv(report: Report) -> str:
     """The breakdown rows plus a `(total)` row; full float precision, so sums can be checked. The total row
     also says how old the prices are (`prices_as_of`, `prices_age_days`: the oldest catalog used). Name cells
-    that a spreadsheet would run as formulas are quoted (`cells.csv_safe`); lines end in CRLF (`cells.CSV_LINE_END`)."""
+    that a spreadsheet would run as formulas are quoted (`cells.csv_safe`); lines end in CRLF (`cells.CSV_LINE_END`).
+    A group may be named like the total row's label, so the last column, `is_total`, says which row is the total."""
     oldest = _oldest(report)
-    total = {**_total_row(report), "prices_as_of": oldest["as_of"], "prices_age_days": oldest["age_days"]}
-    rows = [*report.breakdown, total] if report.breakdown else [total]
-    columns = [*rows[0], *(k for k in total if k not in rows[0])]
+    total = {**_total_row(report), "prices_as_of": oldest["as_of"], "prices_age_days": oldest["age_days"],
+             TOTAL_COLUMN: "true"}
+    rows = [*({**r, TOTAL_COLUMN: "false"} for r in report.breakdown), total]
+    columns = [*(k for k in rows[0] if k != TOTAL_COLUMN), *(k for k in total if k not in rows[0]), TOTAL_COLUMN]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator=CSV_LINE_END)
     writer.writeheader()
@@ -253,17 +256,21 @@ def _bar_chart(by_strategy: dict[str, float], width: int = 760) -> str:
 
 
 def _html_table(report: Report) -> str:
-    rows = [*report.breakdown, _total_row(report)] if report.breakdown else [_total_row(report)]
-    columns = list(rows[0])
+    """The total row in the table's footer: a group may be named like its label."""
+    total = _total_row(report)
+    columns = list(report.breakdown[0] if report.breakdown else total)
+
+    def row(r: dict[str, Any]) -> str:
+        return "<tr>" + "".join(f"<td>{escape(visible(_cell(c, r.get(c, ''))))}</td>" for c in columns) + "</tr>"
+
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{escape(visible(_cell(c, r.get(c, ''))))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join(row(r) for r in report.breakdown)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody><tfoot>{row(total)}</tfoot></table>"
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}svg text{font-size:12px}"
+        "td:first-child,th:first-child{text-align:left}tfoot td{font-weight:bold}svg text{font-size:12px}"
         ".kpi{display:inline-block;margin-right:2em}"
         ".kpi b{display:block;font-size:1.4em}")
 
