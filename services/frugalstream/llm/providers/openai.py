@@ -205,7 +205,10 @@ class OpenAIProvider:
         try:
             return self._answer(payload, response.status_code, model, messages, tools, latency_ms)
         except ProviderError as exc:  # answered and billed, but unusable: the spend goes with the error
-            billed(exc, usage_from_openai(payload.get("usage")))
+            usage = usage_from_openai(payload.get("usage"))
+            if usage is None and exc.kind == "malformed":  # billed all the same: its prompt at least, estimated
+                usage = self.estimated(model, messages, tools, "", ())
+            billed(exc, usage)
             raise
 
     def _answer(
