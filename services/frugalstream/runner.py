@@ -54,6 +54,8 @@ class RunningServices:
                 await svc.start()
                 started.append(svc)
                 svc.register(self.broker, self.publisher)
+            # Budgets and thresholds as they stand, before any request or job is decided on them.
+            await self.publisher.preload_state()
             await start_subscribers_together(self.broker)
             self.health.attach(lambda: self.broker.ping(timeout=None))
         except BaseException:

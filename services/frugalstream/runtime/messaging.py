@@ -21,6 +21,7 @@ from frugalstream.runtime.probes import Health
 from frugalstream.runtime.records import Decoded, Failure, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
+from frugalstream.runtime.state_topics import StateFollower
 from frugalstream.schemas import BudgetState, DeadLetter, LLMResponse, ResponseError, RoutedRequest, wire_bytes
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
@@ -188,7 +189,16 @@ class Publisher:
         metrics.bound_tenants(settings.tenants, settings.metrics_tenant_labels)
         self.health = health if health is not None else Health()  # the stage registers its consumers here
         self.inflight: list[InFlight] = []  # consumers with batches in flight (`runtime.inflight`), to drain
+        self.followers: list[StateFollower[Any]] = []  # control topics to read whole before consuming starts
         self._best_effort_timeout_s = best_effort_timeout_s
+
+    async def preload_state(self) -> None:
+        """Before the consumers start: every followed control topic read to its end (`StateFollower`)."""
+        started = time.monotonic()
+        counts = await asyncio.gather(*(f.preload(self._settings) for f in self.followers))
+        if self.followers:
+            log.info("state_preloaded", topics=sorted({f.topic for f in self.followers}), records=sum(counts),
+                     seconds=round(time.monotonic() - started, 2))
 
     async def drain(self, timeout_s: float) -> None:
         """Before the broker stops: the batches in flight publish and commit (or are left to come again)."""

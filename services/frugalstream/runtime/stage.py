@@ -53,7 +53,7 @@ from frugalstream.runtime.metrics import Metrics
 from frugalstream.runtime.records import Decoded, Failure, Out, Record, records_of
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import OwnedPartitions
+from frugalstream.runtime.state_topics import OwnedPartitions, StateFollower
 from frugalstream.schemas import LLMRequest, RoutedRequest
 from frugalstream.schemas.responses import error_response
 
@@ -283,11 +283,15 @@ def follow_state(
     model: type[M], update: Callable[[M], None],
 ) -> None:
     """Reads a compacted control topic whole (budgets, thresholds) into the service's in-memory view: every
-    instance needs every record, so no group (`whole_topic_options`); each value is handed to `update`."""
+    instance needs every record, so no group (`whole_topic_options`); each value is handed to `update`. The
+    topic is read to its end before consuming starts (`Publisher.preload_state`), and once more from its start
+    by this consumer, which skips what that read applied (`StateFollower`)."""
+    follower = StateFollower(topic, model, update)
+    publisher.followers.append(follower)
 
     async def process(batch: Sequence[Decoded[M]], _ctx: BatchContext) -> list[Out]:
         for decoded in batch:
-            update(decoded.value)
+            follower.apply(decoded.value, decoded.record.partition, decoded.record.offset)
         return []
 
     subscribe(broker, publisher, settings, service=service, topic=topic, model=model, process=process,

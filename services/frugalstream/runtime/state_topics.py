@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel, ValidationError
@@ -29,10 +29,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def scan(settings: Settings, name: str, partitions: set[int], *, from_group: str | None = None,
-               idle_s: float = 2.0, timeout_s: float = 120.0) -> list[tuple[bytes, bytes | None, int]]:
+               idle_s: float = 2.0, timeout_s: float = 120.0,
+               last_offsets: dict[int, int] | None = None) -> list[tuple[bytes, bytes | None, int]]:
     """(key, value, partition) of the given partitions, from the start or from `from_group`'s committed offsets.
 
-    The group is only asked for its offsets: this reader never joins it and never commits.
+    The group is only asked for its offsets: this reader never joins it and never commits. `last_offsets`, when
+    given, receives the offset of the last record read from each partition.
     """
     topic = settings.topic(name)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
@@ -65,6 +67,8 @@ async def scan(settings: Settings, name: str, partitions: set[int], *, from_grou
                 continue
             idle_since = time.monotonic()
             found.extend((rec.key or b"", rec.value, tp.partition) for tp, records in batch.items() for rec in records)
+            if last_offsets is not None:
+                last_offsets.update((tp.partition, records[-1].offset) for tp, records in batch.items() if records)
     finally:
         await consumer.stop()
     return found
@@ -120,6 +124,42 @@ async def read_topic(settings: Settings, name: str, model: type[M], *, key: byte
     thread, since a topic of many records must not stall the event loop."""
     found = await scan(settings, name, await topic_partitions(settings, name), idle_s=idle_s)
     return await asyncio.to_thread(decode_found, found, model, key)
+
+
+@dataclass
+class StateFollower(Generic[M]):
+    """One service's view of a control topic (budgets, thresholds) that every instance reads whole.
+
+    `preload` reads the topic to its end before the service's consumers start, so no request or job is decided
+    on a view still catching up after a restart; the follower's consumer then reads the topic from its start
+    again, and `apply` skips what the preload already applied (a record at or below the last offset applied on
+    its partition), so the view never steps back to an older state on the way."""
+
+    topic: str  # logical name
+    model: type[M]
+    update: Callable[[M], None]
+    applied: dict[int, int] = field(default_factory=dict)  # partition -> offset of the last record applied
+
+    def apply(self, value: M, partition: int, offset: int) -> None:
+        if offset <= self.applied.get(partition, -1):
+            return
+        self.applied[partition] = offset
+        self.update(value)
+
+    async def preload(self, settings: Settings, *, idle_s: float = 1.0) -> int:
+        """Applies every valid record of the topic; a topic not created yet has nothing to apply. Returns how
+        many records were applied."""
+        try:
+            partitions = await topic_partitions(settings, self.topic)
+        except UsageError:
+            return 0
+        last: dict[int, int] = {}
+        found = await scan(settings, self.topic, partitions, idle_s=idle_s, last_offsets=last)
+        values = await asyncio.to_thread(decode_found, found, self.model)
+        for value in values:
+            self.update(value)
+        self.applied.update(last)
+        return len(values)
 
 
 Loader = Callable[[set[int]], Awaitable[object]]
