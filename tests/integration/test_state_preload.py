@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from frugalstream.classifier.app import ClassifierService
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import StateFollower
+from frugalstream.runtime.state_topics import StateFollower, read_to_end
 from frugalstream.schemas import BudgetState
 from frugalstream.schemas import topics as t
 from tests.integration.conftest import PipelineFactory
@@ -40,11 +40,12 @@ async def test_preload_applies_the_topic_in_order_and_records_where_it_stopped(i
     await _publish(integration_settings, [_state("ok", 0.1), _state("near", 0.9), _state("over", 1.5)])
     seen: list[str] = []
     follower = StateFollower(t.BUDGETS, BudgetState, lambda s: seen.append(s.status))
-    assert await follower.preload(integration_settings) == 3
+    values, last = await read_to_end(integration_settings, t.BUDGETS, BudgetState)
+    assert len(values) == 3
+    follower.catch_up(values, last)
     assert seen == ["ok", "near", "over"]
     assert sum(follower.applied.values()) + len(follower.applied) == 3  # last offsets read, one partition or more
-    missing = StateFollower("llm.no-such-topic", BudgetState, lambda s: seen.append("?"))
-    assert await missing.preload(integration_settings) == 0 and seen == ["ok", "near", "over"]
+    assert await read_to_end(integration_settings, "llm.no-such-topic", BudgetState) == ([], {})
 
 
 async def test_a_started_classifier_already_holds_the_budget_on_the_topic(

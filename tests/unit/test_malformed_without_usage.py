@@ -12,7 +12,8 @@ import pytest
 from frugalstream.gateway.idempotency import MemoryCompleted
 from frugalstream.gateway.logic import Gateway
 from frugalstream.llm.providers import AnthropicProvider, OpenAIProvider, ProviderError
-from frugalstream.schemas import ChatMessage, SamplingParams
+from frugalstream.llm.providers.openai_batch import parse_output_line
+from frugalstream.schemas import ChatMessage, SamplingParams, TokenUsage
 from tests.unit.test_gateway_spend_kept import GOOD, Chat, _body, _discarded, _usage, _with_fallback
 
 PROMPT = [ChatMessage(role="user", content="Summarise the attached returns policy in three sentences, please.")]
@@ -67,3 +68,12 @@ async def test_an_anthropic_answer_without_usage_is_billed_only_when_it_was_an_a
         assert usage is not None and usage.input_tokens > 0 and usage.output_tokens == 0 and usage.estimated
     else:
         assert usage is None
+
+
+def test_a_batch_line_without_choices_or_usage_is_billed_its_estimated_prompt() -> None:
+    line = {"custom_id": "c1", "response": {"status_code": 200, "body": {"choices": []}}}
+    estimated = TokenUsage(input_tokens=42, output_tokens=0, estimated=True)
+    got = parse_output_line(line, "gpt-4o-mini", lambda content, calls: estimated)
+    assert isinstance(got, ProviderError) and got.kind == "malformed" and got.usage == estimated
+    unestimated = parse_output_line(line, "gpt-4o-mini")
+    assert isinstance(unestimated, ProviderError) and unestimated.usage is None  # nothing to estimate it from

@@ -72,9 +72,10 @@ def model_wall(settings: Settings, tenant: str, model: str, ceiling: Tier | None
     policy = settings.tenants.get(tenant, TenantPolicy())
     if policy.allowed_models is not None and model not in policy.allowed_models:
         return "model_not_allowed"
-    if TIERS.index(settings.tiers.tier_of(model)) > TIERS.index(policy.max_tier):
+    rank = TIERS.index(settings.tiers.tier_of(model))
+    if rank > TIERS.index(policy.max_tier):
         return "above_max_tier"
-    if ceiling is not None and TIERS.index(settings.tiers.tier_of(model)) > TIERS.index(ceiling):
+    if ceiling is not None and rank > TIERS.index(ceiling):
         return "above_budget_ceiling"
     return None
 

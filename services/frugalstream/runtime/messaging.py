@@ -21,7 +21,7 @@ from frugalstream.runtime.probes import Health
 from frugalstream.runtime.records import Decoded, Failure, Out, Record
 from frugalstream.runtime.replies import response_outs
 from frugalstream.runtime.settings import Settings
-from frugalstream.runtime.state_topics import StateFollower
+from frugalstream.runtime.state_topics import StateFollower, read_to_end
 from frugalstream.schemas import BudgetState, DeadLetter, LLMResponse, ResponseError, RoutedRequest, wire_bytes
 from frugalstream.schemas import topics as t
 from frugalstream.schemas.responses import error_response
@@ -195,9 +195,16 @@ class Publisher:
     async def preload_state(self) -> None:
         """Before the consumers start: every followed control topic read to its end (`StateFollower`)."""
         started = time.monotonic()
-        counts = await asyncio.gather(*(f.preload(self._settings) for f in self.followers))
-        if self.followers:
-            log.info("state_preloaded", topics=sorted({f.topic for f in self.followers}), records=sum(counts),
+        by_topic: dict[str, list[StateFollower[Any]]] = {}
+        for follower in self.followers:  # services in one process follow the same topics: each is read once
+            by_topic.setdefault(follower.topic, []).append(follower)
+        reads = await asyncio.gather(*(read_to_end(self._settings, name, followers[0].model)
+                                       for name, followers in by_topic.items()))
+        for followers, (values, last) in zip(by_topic.values(), reads, strict=True):
+            for follower in followers:
+                follower.catch_up(values, last)
+        if by_topic:
+            log.info("state_preloaded", topics=sorted(by_topic), records=sum(len(values) for values, _ in reads),
                      seconds=round(time.monotonic() - started, 2))
 
     async def drain(self, timeout_s: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -130,10 +130,10 @@ async def read_topic(settings: Settings, name: str, model: type[M], *, key: byte
 class StateFollower(Generic[M]):
     """One service's view of a control topic (budgets, thresholds) that every instance reads whole.
 
-    `preload` reads the topic to its end before the service's consumers start, so no request or job is decided
-    on a view still catching up after a restart; the follower's consumer then reads the topic from its start
-    again, and `apply` skips what the preload already applied (a record at or below the last offset applied on
-    its partition), so the view never steps back to an older state on the way."""
+    The topic is read to its end before the service's consumers start (`read_to_end`, handed to `catch_up`), so
+    no request or job is decided on a view still catching up after a restart; the follower's consumer then reads
+    the topic from its start again, and `apply` skips what the catch-up applied (a record at or below the last
+    offset applied on its partition), so the view never steps back to an older state on the way."""
 
     topic: str  # logical name
     model: type[M]
@@ -146,20 +146,24 @@ class StateFollower(Generic[M]):
         self.applied[partition] = offset
         self.update(value)
 
-    async def preload(self, settings: Settings, *, idle_s: float = 1.0) -> int:
-        """Applies every valid record of the topic; a topic not created yet has nothing to apply. Returns how
-        many records were applied."""
-        try:
-            partitions = await topic_partitions(settings, self.topic)
-        except UsageError:
-            return 0
-        last: dict[int, int] = {}
-        found = await scan(settings, self.topic, partitions, idle_s=idle_s, last_offsets=last)
-        values = await asyncio.to_thread(decode_found, found, self.model)
+    def catch_up(self, values: Sequence[M], last_offsets: Mapping[int, int]) -> None:
+        """The topic as `read_to_end` read it: its valid records in order, and where each partition stopped."""
         for value in values:
             self.update(value)
-        self.applied.update(last)
-        return len(values)
+        self.applied.update(last_offsets)
+
+
+async def read_to_end(settings: Settings, name: str, model: type[M], *,
+                      idle_s: float = 1.0) -> tuple[list[M], dict[int, int]]:
+    """Every valid record of a whole topic in order, and the offset of the last record read on each partition;
+    a topic not created yet has none."""
+    try:
+        partitions = await topic_partitions(settings, name)
+    except UsageError:
+        return [], {}
+    last: dict[int, int] = {}
+    found = await scan(settings, name, partitions, idle_s=idle_s, last_offsets=last)
+    return await asyncio.to_thread(decode_found, found, model), last
 
 
 Loader = Callable[[set[int]], Awaitable[object]]

@@ -267,10 +267,8 @@ class AnthropicProvider:
         try:
             return self._answer(payload, model, messages, latency_ms, status)
         except ProviderError as exc:
-            usage = usage_from_anthropic(payload.get("usage"))
-            if usage is None and exc.kind == "malformed":  # billed all the same: its prompt at least, estimated
-                usage = estimate_usage(self._counter, model, messages, "", ())
-            billed(exc, usage)
+            billed(exc, usage_from_anthropic(payload.get("usage")),
+                   lambda: estimate_usage(self._counter, model, messages, "", ()))
             raise
 
     def _answer(self, payload: Mapping[str, Any], model: str, messages: Sequence[ChatMessage],

@@ -11,7 +11,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -79,9 +79,13 @@ class ProviderError(Exception):
         return f"ProviderError({self.args[0]!r}, kind={self.kind!r}, status={self.status})"
 
 
-def billed(error: ProviderError, usage: TokenUsage | None) -> ProviderError:
+def billed(error: ProviderError, usage: TokenUsage | None,
+           estimate: Callable[[], TokenUsage] | None = None) -> ProviderError:
     """`error` carrying the usage the provider reported with the answer it was raised for (unless it carries
-    one already): an unusable answer that was billed is spend all the same."""
+    one already): an unusable answer that was billed is spend all the same. A malformed answer that reports no
+    usage was still paid for its prompt: `estimate` gives that (an error body generated nothing: no spend)."""
+    if usage is None and error.kind == "malformed" and estimate is not None:
+        usage = estimate()
     if error.usage is None:
         error.usage = usage
     return error

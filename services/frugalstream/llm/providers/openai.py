@@ -205,10 +205,7 @@ class OpenAIProvider:
         try:
             return self._answer(payload, response.status_code, model, messages, tools, latency_ms)
         except ProviderError as exc:  # answered and billed, but unusable: the spend goes with the error
-            usage = usage_from_openai(payload.get("usage"))
-            if usage is None and exc.kind == "malformed":  # billed all the same: its prompt at least, estimated
-                usage = self.estimated(model, messages, tools, "", ())
-            billed(exc, usage)
+            billed(exc, usage_from_openai(payload.get("usage")), lambda: self.estimated(model, messages, tools, "", ()))
             raise
 
     def _answer(

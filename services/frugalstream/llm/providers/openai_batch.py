@@ -81,15 +81,16 @@ def parse_output_line(line: Mapping[str, Any], model: str, estimate: Estimate | 
         return ProviderError(f"batch line HTTP {status}: {str(message)[:300]}", kind=kind, status=status)
     choices = body.get("choices")
     usage = usage_from_openai(body.get("usage"))
+    prompt_only = None if estimate is None else (lambda: estimate("", ()))  # an unusable line without usage
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        return ProviderError("batch line has no choices", kind="malformed", status=status, usage=usage)
+        return billed(ProviderError("batch line has no choices", kind="malformed", status=status), usage, prompt_only)
     message = choices[0].get("message")
     content = _content_text(message.get("content")) if isinstance(message, Mapping) else ""
     reported = body.get("model")
     try:
         calls = _tool_calls(message.get("tool_calls")) if isinstance(message, Mapping) else ()
     except ProviderError as exc:
-        return billed(exc, usage)
+        return billed(exc, usage, prompt_only)
     if usage is None:
         if estimate is None:
             return ProviderError("batch line has no usage and no request to estimate it from", kind="malformed",
