@@ -45,6 +45,7 @@ from faststream.kafka.annotations import KafkaMessage
 from pydantic import BaseModel
 
 from frugalstream.runtime import tracing
+from frugalstream.runtime.batch_poll import prompt_polling
 from frugalstream.runtime.broker import batch_subscriber_options
 from frugalstream.runtime.inflight import InFlight
 from frugalstream.runtime.logging import get_logger
@@ -403,7 +404,7 @@ def subscribe_many(
         return done.deferred
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
-    broker.subscriber(*by_topic, **kwargs)(handler)
+    prompt_polling(broker.subscriber(*by_topic, **kwargs))(handler)
 
 
 def _observe_lag(metrics: Metrics, group: str, consumer: Any, records: Sequence[Record]) -> None:
