@@ -8,6 +8,8 @@ Budget states are published by the service itself, not through the stage, under 
 and only then mark them published. A failed publish leaves them pending for the next evaluation, which comes
 with the next batch or, without traffic, from a timer every `budget_tick_s`, so a period rolls over on time (a
 refused tenant is served again after midnight UTC even if it sends nothing).
+
+With `ledger_retention_days` set, a second timer prunes the ledger at start and every `PRUNE_EVERY_S`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from frugalstream.schemas.audits import AuditRecord
 
 log = get_logger(__name__)
 
+#: How often the ledger is pruned when a retention is set.
+PRUNE_EVERY_S = 3600.0
+
 
 class StatePublisher(Protocol):
     """What budget publishing needs from `Publisher` (a fake in tests)."""
@@ -62,6 +67,7 @@ class AccountantService:
     name: str = "accountant"
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _ticker: asyncio.Task[None] | None = field(default=None, repr=False)
+    _pruner: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def ledger(self) -> Ledger:
@@ -74,17 +80,32 @@ class AccountantService:
     async def start(self) -> None:
         if self.logic.budgets is not None and self._ticker is None:
             self._ticker = asyncio.create_task(self._tick_forever(), name="accountant-budget-ticker")
+        if self.settings.ledger_retention_days is not None and self._pruner is None:
+            self._pruner = asyncio.create_task(self._prune_forever(self.settings.ledger_retention_days * 86_400.0),
+                                               name="accountant-ledger-pruner")
 
     async def stop(self) -> None:
         await self.stop_background()
         await asyncio.to_thread(self.logic.close)
 
     async def stop_background(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        for task in (self._ticker, self._pruner):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._ticker = self._pruner = None
+
+    async def _prune_forever(self, keep_s: float) -> None:
+        """A failed prune is logged and tried again next time: retention must never stop the accounting."""
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.ledger.prune, keep_s)
+                if deleted:
+                    log.info("ledger_pruned", events=deleted, retention_days=keep_s / 86_400)
+            except Exception as exc:
+                log.warning("ledger_prune_failed", error_type=type(exc).__name__, error=str(exc)[:500])
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def _tick_forever(self) -> None:
         while True:

@@ -8,6 +8,10 @@ every report and every budget (one tenant's spend stalling all the others'): eac
 exact integer sums that cannot overflow (see `_usum`), recombined in Python's unbounded integers. Events are
 keyed by their CloudEvents id and inserted with INSERT OR IGNORE, so a redelivered event changes nothing.
 
+Retention (`prune`) goes by when the ledger stored an event, not by the event's own time: a redelivery can
+only come from the topic, so an id kept as long as the topic keeps records is never counted twice, and a
+record stamped weeks ago by a producer's slow clock is kept as long as any other.
+
 One connection, guarded by a lock: the service calls the ledger through `asyncio.to_thread`, whose pool may
 use a different thread each call, so the connection is opened with `check_same_thread=False`.
 """
@@ -17,7 +21,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -63,7 +68,8 @@ CREATE TABLE IF NOT EXISTS cost_events (
     catalog_version TEXT NOT NULL,
     payload TEXT NOT NULL,
     price_unknown INTEGER NOT NULL DEFAULT 0,
-    unpriced_models TEXT NOT NULL DEFAULT '[]'
+    unpriced_models TEXT NOT NULL DEFAULT '[]',
+    stored_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS cost_events_time ON cost_events (time);
 CREATE INDEX IF NOT EXISTS cost_events_tenant_time ON cost_events (tenant, time);
@@ -84,17 +90,21 @@ CREATE INDEX IF NOT EXISTS cost_tags_tag ON cost_tags (tag, event_id);
 _INSERT = """
 INSERT OR IGNORE INTO cost_events (id, usage_id, request_id, tenant, model, baseline_model, task_type, stage,
     source, tags, time, items, baseline_u, actual_u, saved_u, estimated, batch, simulated, catalog_version, payload,
-    price_unknown, unpriced_models)
+    price_unknown, unpriced_models, stored_at)
 VALUES (:id, :usage_id, :request_id, :tenant, :model, :baseline_model, :task_type, :stage, :source, :tags, :time,
     :items, :baseline_u, :actual_u, :saved_u, :estimated, :batch, :simulated, :catalog_version, :payload,
-    :price_unknown, :unpriced_models)
+    :price_unknown, :unpriced_models, :stored_at)
 """
 # Columns added after the first release: a ledger file written before them gains them on open (old rows were
-# all priced from the catalog, so the defaults are their true values).
+# all priced from the catalog, so the defaults are their true values; their time stands in for when they were
+# stored, which no one recorded).
 _ADDED_COLUMNS = (
     ("price_unknown", "INTEGER NOT NULL DEFAULT 0"),
     ("unpriced_models", "TEXT NOT NULL DEFAULT '[]'"),
+    ("stored_at", "REAL NOT NULL DEFAULT 0"),
 )
+#: Events deleted per transaction by `prune`: reports and inserts wait for one chunk at most.
+PRUNE_CHUNK = 5_000
 
 
 # Each amount is summed as SUM(x / _SPLIT) and SUM(x % _SPLIT) (SQLite truncates both like C, so
@@ -117,6 +127,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for name, decl in _ADDED_COLUMNS:
         if name not in have:
             conn.execute(f"ALTER TABLE cost_events ADD COLUMN {name} {decl}")
+    if "stored_at" not in have:
+        conn.execute("UPDATE cost_events SET stored_at = time")
+    conn.execute("CREATE INDEX IF NOT EXISTS cost_events_stored ON cost_events (stored_at)")
 
 
 def to_units(usd: float) -> int:
@@ -167,7 +180,8 @@ def _row(event: CostEvent) -> tuple[dict[str, Any], dict[str, int], list[str]]:
 class Ledger:
     """Append-only store of priced cost events; every query is exact and `since` is a unix time (inclusive)."""
 
-    def __init__(self, path: Path | str = ":memory:") -> None:
+    def __init__(self, path: Path | str = ":memory:", *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -206,7 +220,9 @@ class Ledger:
         rows = [_row(e) for e in events]
         added: list[str] = []
         with self._lock, self._conn:
+            now = self._clock()
             for row, savings, tags in rows:
+                row["stored_at"] = now
                 if self._conn.execute(_INSERT, row).rowcount != 1:
                     continue
                 added.append(row["id"])
@@ -214,6 +230,21 @@ class Ledger:
                                        [(row["id"], s, u) for s, u in savings.items()])
                 self._conn.executemany("INSERT INTO cost_tags VALUES (?, ?)", [(row["id"], t) for t in tags])
         return added
+
+    def prune(self, keep_s: float) -> int:
+        """Deletes the events stored more than `keep_s` seconds ago, with their savings and tags, a chunk per
+        transaction; returns how many went. Audit verdicts are a sample and stay."""
+        cutoff, deleted = self._clock() - keep_s, 0
+        while True:
+            with self._lock, self._conn:
+                ids = [(str(r[0]),) for r in self._conn.execute(
+                    "SELECT id FROM cost_events WHERE stored_at < ? LIMIT ?", (cutoff, PRUNE_CHUNK))]
+                self._conn.executemany("DELETE FROM cost_savings WHERE event_id = ?", ids)
+                self._conn.executemany("DELETE FROM cost_tags WHERE event_id = ?", ids)
+                self._conn.executemany("DELETE FROM cost_events WHERE id = ?", ids)
+            deleted += len(ids)
+            if len(ids) < PRUNE_CHUNK:
+                return deleted
 
     def events(self, ids: Iterable[str]) -> dict[str, CostEvent]:
         """The stored events of those of `ids` the ledger holds, as first stored (a payload no longer readable

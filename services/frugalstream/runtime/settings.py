@@ -293,6 +293,10 @@ class Settings(BaseSettings):
     budget_tick_s: float = Field(
         default=60.0, gt=0, description="How often the accountant re-evaluates budgets without new usage, so "
                                         "periods roll over on time (a refused tenant is served again after midnight).")
+    ledger_retention_days: int | None = Field(
+        default=None, ge=32, description="Days the accountant keeps a cost event after storing it (pruned hourly); "
+                                         "unset: for ever. At least 32, so a month's budget sees all its spend; keep "
+                                         "it longer than `llm.usage` keeps records, or a replayed record counts again.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log threshold.")
     log_prompts: bool = Field(default=False, description="Prompt text in logs is opt-in, for debugging only.")
     log_format: Literal["json", "console"] = Field(
