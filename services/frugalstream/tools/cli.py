@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replication", type=int, default=3)
     p.set_defaults(func=cmd_topics)
 
+    from frugalstream.tools.acls import add_acls_parser
     from frugalstream.tools.audit_review.cli import add_audit_parser
     from frugalstream.tools.backfill import add_backfill_parser
     from frugalstream.tools.bench.cli import add_bench_parser
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_prices_parser(sub)
     add_audit_parser(sub)
+    add_acls_parser(sub)
     return parser
 
 
