@@ -50,17 +50,17 @@ def test_an_application_reads_only_its_own_tenants_reply_topics() -> None:
     given = all_grants(s)
     for name in t.ALL_TOPICS:  # llm.responses and llm.summaries carry every tenant's answers
         assert not allowed(given, ACME, "Read", s.topic(name)), name
-    assert allowed(given, ACME, "Read", "acme.replies")
-    assert not allowed(given, ACME, "Read", "globex.replies")
-    assert allowed(given, SERVICES, "Write", "globex.replies")  # the services copy each answer there
+    assert allowed(given, ACME, "Read", "prod.acme.replies")  # reply topics are written under the prefix too
+    assert not allowed(given, ACME, "Read", "prod.globex.replies")
+    assert allowed(given, SERVICES, "Write", "prod.globex.replies")  # the services copy each answer there
 
 
 def test_a_tenants_own_reply_prefixes_are_the_ones_granted() -> None:
     s = settings(tenants={"acme": TenantPolicy(reply_topic_prefixes=("team-a.answers.",))})
     given = grants(s, services=SERVICES, apps={ACME: "acme"})
-    assert allowed(given, ACME, "Read", "team-a.answers.chat")
-    assert not allowed(given, ACME, "Read", "acme.replies")
-    assert allowed(given, SERVICES, "Write", "team-a.answers.chat")
+    assert allowed(given, ACME, "Read", "prod.team-a.answers.chat")
+    assert not allowed(given, ACME, "Read", "prod.acme.replies")
+    assert allowed(given, SERVICES, "Write", "prod.team-a.answers.chat")
 
 
 def test_analytics_and_reviewers_get_what_they_read_and_write() -> None:

@@ -7,6 +7,11 @@
 A failed request is an `LLMResponse` with `error` set (check `answer.ok`), as on `llm.responses`; only a
 missing answer raises: `TimeoutError`, or `AnswerReaderFailed` (naming its cause) at once when the answer
 reader died, since no answer can arrive then (the next call starts a new reader).
+
+`reply_topic="acme.replies"` names it on every request and reads answers there instead of on `llm.responses`,
+which carries every tenant's: what a principal limited to its own tenant's topics can use. The copy there is
+best effort, and a reply topic the tenant's policy does not grant gets its error on `llm.responses` only: such
+a call ends in `TimeoutError`.
 """
 
 from __future__ import annotations
@@ -76,14 +81,17 @@ class FrugalClient:
 
     def __init__(self, tenant: str, *, bootstrap: str | None = None, settings: Settings | None = None,
                  transport: Transport | None = None, timeout_s: float = 120.0,
-                 client_id: str = "frugalstream-client", remember_unasked: bool = False) -> None:
+                 client_id: str = "frugalstream-client", remember_unasked: bool = False,
+                 reply_topic: str | None = None) -> None:
         settings = settings or Settings()
         if bootstrap is not None:
             settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
         self.tenant = tenant
         self.timeout_s = check_timeout(timeout_s)
         self.board = AnswerBoard(remember_unasked=remember_unasked)
-        self._transport: Transport = transport or KafkaTransport(settings, client_id=client_id)
+        self.reply_topic = reply_topic
+        self._transport: Transport = transport or KafkaTransport(settings, client_id=client_id,
+                                                                 answers_topic=reply_topic)
         self._started = False
         self._reading: asyncio.Lock | None = None
         if hasattr(self._transport, "on_reader_failure"):
@@ -134,9 +142,22 @@ class FrugalClient:
     async def submit(self, prompt: Prompt, *, request_id: str | None = None, **fields: Any) -> str:
         """Produces the request (acknowledged by the broker) and returns its id; the answer goes to
         `llm.responses` (and the request's `reply_topic`, when its tenant's policy grants it)."""
-        request = build_request(prompt, tenant=self.tenant, request_id=request_id, **fields)
+        request = self._build(prompt, request_id, fields)
         await self.send(request)
         return request.id
+
+    def _build(self, prompt: Prompt, request_id: str | None, fields: dict[str, Any]) -> LLMRequest:
+        """`build_request`, naming this client's reply topic unless the prompt is a whole request."""
+        if self.reply_topic is not None and not isinstance(prompt, LLMRequest):
+            fields = {"reply_topic": self.reply_topic, **fields}
+        request = build_request(prompt, tenant=self.tenant, request_id=request_id, **fields)
+        self._check_reply_topic(request)
+        return request
+
+    def _check_reply_topic(self, request: LLMRequest) -> None:
+        if self.reply_topic is not None and request.reply_topic != self.reply_topic:
+            raise ValueError(f"this client reads its answers on {self.reply_topic!r}: a request it sends must name "
+                             f"it as reply_topic (this one names {request.reply_topic!r})")
 
     async def send(self, request: LLMRequest) -> None:
         if not self._started:
@@ -146,8 +167,7 @@ class FrugalClient:
     async def complete(self, prompt: Prompt, *, request_id: str | None = None, timeout_s: float | None = None,
                        **fields: Any) -> LLMResponse:
         """Produces the request and returns its terminal answer; `TimeoutError` if none came in time."""
-        return await self.ask(build_request(prompt, tenant=self.tenant, request_id=request_id, **fields),
-                              timeout_s=timeout_s)
+        return await self.ask(self._build(prompt, request_id, fields), timeout_s=timeout_s)
 
     async def ask(self, request: LLMRequest, *, timeout_s: float | None = None) -> LLMResponse:
         """`complete` for a ready request of any tenant (the HTTP entry's path): registered before it is sent,
@@ -155,6 +175,7 @@ class FrugalClient:
         the reader's start and the send too: a broker that takes the connection and never acknowledges
         would hold the caller for as long as the producer retries."""
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
+        self._check_reply_topic(request)
         if not self._started:
             raise RuntimeError("start the client first (or use `async with`)")
         async with asyncio.timeout(wait_s):

@@ -1,4 +1,5 @@
-"""The Kafka side of the client: produce requests to `llm.requests`, read every answer on `llm.responses`.
+"""The Kafka side of the client: produce requests to `llm.requests`, read every answer on `llm.responses`
+(or, for a client with a reply topic, on that topic: the only answers a tenant's own principal may read).
 
 The answer reader joins no consumer group: it is assigned every partition of the answer topic and starts at
 its end, so any number of clients and HTTP entries read side by side without rebalancing each other, and
@@ -61,8 +62,11 @@ def _decode(records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[tuple[LLMRe
 class KafkaTransport:
     """An aiokafka producer for requests and a group-less reader of every answer partition."""
 
-    def __init__(self, settings: Settings, *, client_id: str = "frugalstream-client") -> None:
+    def __init__(self, settings: Settings, *, client_id: str = "frugalstream-client",
+                 answers_topic: str | None = None) -> None:
         self.settings = settings
+        #: Where answers are read: `llm.responses`, or a reply topic (under `topic_prefix`, as the services write).
+        self.answers_topic = settings.topic(answers_topic or t.RESPONSES)
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -102,7 +106,7 @@ class KafkaTransport:
                 return
             await self._stop_reader()
         s = self.settings
-        topic = s.topic(t.RESPONSES)
+        topic = self.answers_topic
         stops = self._stops
         consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, client_id=f"{self._client_id}-answers", group_id=None,
@@ -115,8 +119,9 @@ class KafkaTransport:
             await consumer.topics()  # fetches the cluster's metadata
             partitions = consumer.partitions_for_topic(topic) or set()
             if not partitions:
-                raise RuntimeError(f"topic {topic} does not exist on {s.kafka_bootstrap} "
-                                   "(run `frugalstream topics` first)")
+                hint = ("run `frugalstream topics` first" if topic == s.topic(t.RESPONSES)
+                        else "create it: frugalstream copies answers to a reply topic, it does not create one")
+                raise RuntimeError(f"topic {topic} does not exist on {s.kafka_bootstrap} ({hint})")
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_end(*tps)

@@ -49,7 +49,8 @@ class Grant:
 def grants(settings: Settings, *, services: str, apps: Mapping[str, str], reviewers: Sequence[str] = (),
            analytics: Sequence[str] = ()) -> list[Grant]:
     """The grants for frugalstream's services, each application principal (-> its tenant), reviewers and
-    analytics. Topic names carry `topic_prefix`; reply topics follow each tenant's `reply_topic_prefixes`."""
+    analytics. Topic names carry `topic_prefix`, reply topics too (the services write them under it); reply
+    topics follow each tenant's `reply_topic_prefixes`."""
     own = settings.topic("llm.")
     out = [
         Grant(services, ("Read", "Write", "Describe"), "topic", own, prefixed=True),  # every topic and its DLQ
@@ -57,7 +58,8 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
         Grant(services, ("IdempotentWrite",), "cluster"),  # brokers before Kafka 3.0 ask for it separately
     ]
     for principal, tenant in sorted(apps.items()):
-        replies = settings.tenants.get(tenant, TenantPolicy()).reply_prefixes(tenant)
+        policy = settings.tenants.get(tenant, TenantPolicy())
+        replies = [settings.topic(prefix) for prefix in policy.reply_prefixes(tenant)]  # written under the prefix
         out += [Grant(services, ("Write", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
         out += [Grant(principal, ("Write", "Describe"), "topic", settings.topic(name)) for name in APP_WRITES]
         out += [Grant(principal, ("Read", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
