@@ -10,7 +10,7 @@ import fnmatch
 
 import pytest
 
-from frugalstream.runtime.settings import Settings, TenantPolicy
+from frugalstream.runtime.settings import Settings, TenantPolicy, UsageError
 from frugalstream.schemas import topics as t
 from frugalstream.tools.acls import Grant, grants
 from frugalstream.tools.cli import main
@@ -89,3 +89,14 @@ def test_the_command_prints_one_kafka_acls_line_per_grant(capsys: pytest.Capture
 def test_a_principal_for_two_tenants_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["acls", "--services", SERVICES, "--app", f"{ACME}=acme", "--app", f"{ACME}=globex"]) == 2
     assert "two tenants" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("tenant", "policy"), [
+    ("llm", TenantPolicy()),  # its reply topics would be llm.*: every frugalstream topic
+    ("frugalstream", TenantPolicy()),  # its groups would be the services' own
+    ("acme", TenantPolicy(reply_topic_prefixes=("l",))),
+])
+def test_a_tenant_whose_prefixes_cover_frugalstreams_own_is_refused(tenant: str, policy: TenantPolicy) -> None:
+    s = Settings(tenants={tenant: policy})
+    with pytest.raises(UsageError, match="overlaps"):
+        grants(s, services=SERVICES, apps={ACME: tenant})

@@ -60,6 +60,7 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
     for principal, tenant in sorted(apps.items()):
         policy = settings.tenants.get(tenant, TenantPolicy())
         replies = [settings.topic(prefix) for prefix in policy.reply_prefixes(tenant)]  # written under the prefix
+        _refuse_overlap(tenant, [(own, p) for p in replies] + [(f"{settings.group_prefix}.", f"{tenant}.")])
         out += [Grant(services, ("Write", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
         out += [Grant(principal, ("Write", "Describe"), "topic", settings.topic(name)) for name in APP_WRITES]
         out += [Grant(principal, ("Read", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
@@ -72,6 +73,15 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
                 for name in (t.COST_EVENTS, t.AUDITS)]
         out.append(Grant(principal, ("Read",), "group", "analytics.", prefixed=True))
     return out
+
+
+def _refuse_overlap(tenant: str, pairs: list[tuple[str, str]]) -> None:
+    """A tenant's prefix that covers frugalstream's topics or groups (tenant `llm`, `frugalstream`, a reply
+    prefix `l`) would grant its application every tenant's answers, or a seat in the services' groups."""
+    for ours, theirs in pairs:
+        if ours.startswith(theirs) or theirs.startswith(ours):
+            raise UsageError(f"acls: tenant {tenant!r}'s prefix {theirs!r} overlaps frugalstream's {ours!r}: "
+                             "rename the tenant or set its reply_topic_prefixes")
 
 
 def _app(text: str) -> tuple[str, str]:
