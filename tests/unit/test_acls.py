@@ -95,8 +95,18 @@ def test_a_principal_for_two_tenants_is_refused(capsys: pytest.CaptureFixture[st
     ("llm", TenantPolicy()),  # its reply topics would be llm.*: every frugalstream topic
     ("frugalstream", TenantPolicy()),  # its groups would be the services' own
     ("acme", TenantPolicy(reply_topic_prefixes=("l",))),
+    ("analytics", TenantPolicy()),  # its groups would be analytics' own
 ])
 def test_a_tenant_whose_prefixes_cover_frugalstreams_own_is_refused(tenant: str, policy: TenantPolicy) -> None:
     s = Settings(tenants={tenant: policy})
     with pytest.raises(UsageError, match="overlaps"):
         grants(s, services=SERVICES, apps={ACME: tenant})
+
+
+def test_tenants_whose_prefixes_nest_are_refused() -> None:
+    """A grant on acme.* would read acme.eu's replies (acme.eu.replies) and join its groups."""
+    with pytest.raises(UsageError, match="acme"):
+        grants(Settings(), services=SERVICES, apps={ACME: "acme", GLOBEX: "acme.eu"})
+    with pytest.raises(UsageError, match="overlaps"):  # a tenant with a policy but no principal here counts too
+        grants(Settings(tenants={"acme.eu": TenantPolicy()}), services=SERVICES, apps={ACME: "acme"})
+    assert grants(Settings(), services=SERVICES, apps={ACME: "acme", GLOBEX: "acme-eu"})

@@ -57,10 +57,9 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
         Grant(services, ("Read", "Describe"), "group", f"{settings.group_prefix}.", prefixed=True),
         Grant(services, ("IdempotentWrite",), "cluster"),  # brokers before Kafka 3.0 ask for it separately
     ]
+    _refuse_overlaps(settings, own, {*apps.values(), *settings.tenants})
     for principal, tenant in sorted(apps.items()):
-        policy = settings.tenants.get(tenant, TenantPolicy())
-        replies = [settings.topic(prefix) for prefix in policy.reply_prefixes(tenant)]  # written under the prefix
-        _refuse_overlap(tenant, [(own, p) for p in replies] + [(f"{settings.group_prefix}.", f"{tenant}.")])
+        replies = _replies(settings, tenant)
         out += [Grant(services, ("Write", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
         out += [Grant(principal, ("Write", "Describe"), "topic", settings.topic(name)) for name in APP_WRITES]
         out += [Grant(principal, ("Read", "Describe"), "topic", prefix, prefixed=True) for prefix in replies]
@@ -75,13 +74,25 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
     return out
 
 
-def _refuse_overlap(tenant: str, pairs: list[tuple[str, str]]) -> None:
-    """A tenant's prefix that covers frugalstream's topics or groups (tenant `llm`, `frugalstream`, a reply
-    prefix `l`) would grant its application every tenant's answers, or a seat in the services' groups."""
-    for ours, theirs in pairs:
-        if ours.startswith(theirs) or theirs.startswith(ours):
-            raise UsageError(f"acls: tenant {tenant!r}'s prefix {theirs!r} overlaps frugalstream's {ours!r}: "
-                             "rename the tenant or set its reply_topic_prefixes")
+def _replies(settings: Settings, tenant: str) -> list[str]:
+    """The tenant's reply topic prefixes as the services write them (under `topic_prefix`)."""
+    return [settings.topic(p) for p in settings.tenants.get(tenant, TenantPolicy()).reply_prefixes(tenant)]
+
+
+def _refuse_overlaps(settings: Settings, own: str, tenants: set[str]) -> None:
+    """Prefixes are granted whole, so no two owners' may nest: tenant `llm` would read every frugalstream topic,
+    tenant `frugalstream` join the services' groups, and tenant `acme` read tenant `acme.eu`'s replies."""
+    claims = [("frugalstream's services", "topic", own), ("frugalstream's services", "group",
+               f"{settings.group_prefix}."), ("analytics", "group", "analytics.")]
+    for tenant in sorted(tenants):
+        owner = f"tenant {tenant!r}"
+        claims += [(owner, "topic", p) for p in _replies(settings, tenant)] + [(owner, "group", f"{tenant}.")]
+    for i, (owner, kind, prefix) in enumerate(claims):
+        for other, other_kind, other_prefix in claims[i + 1:]:
+            if owner != other and kind == other_kind and (
+                    prefix.startswith(other_prefix) or other_prefix.startswith(prefix)):
+                raise UsageError(f"acls: {kind} prefix {other_prefix!r} of {other} overlaps {prefix!r} of "
+                                 f"{owner}: rename the tenant or set its reply_topic_prefixes")
 
 
 def _app(text: str) -> tuple[str, str]:
@@ -108,8 +119,8 @@ def cmd_acls(args: argparse.Namespace) -> int:
     apps = dict(args.app)
     if len(apps) != len(args.app):
         raise UsageError("acls: a principal is given for two tenants; each application principal produces for one")
+    given = grants(settings, services=args.services, apps=apps, reviewers=args.reviewer, analytics=args.analytics)
     print("# Review, then run as a cluster admin. Topics are created by `frugalstream topics` (an admin too).")
-    for grant in grants(settings, services=args.services, apps=apps, reviewers=args.reviewer,
-                        analytics=args.analytics):
+    for grant in given:
         print(grant.command(args.bootstrap or settings.kafka_bootstrap))
     return 0
