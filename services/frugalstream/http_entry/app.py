@@ -49,6 +49,7 @@ from frugalstream.http_entry.openai_shape import (
     stream_chunks,
     to_request,
     too_large,
+    with_key_tags,
 )
 from frugalstream.http_entry.pricing import Pricer
 from frugalstream.runtime.logging import get_logger
@@ -251,6 +252,7 @@ async def _call(entry: Entry, request: Request, caller: _Caller, started: float)
         body = await _json(request, entry.max_body_bytes)
         llm_request, stream, include_usage = to_request(body, tenant=tenant, request_id=request_id,
                                                         max_bytes=entry.max_body_bytes)
+        llm_request = with_key_tags(llm_request, entry.keys.fixed_tags(api_key))
     except BadRequest as exc:
         return error(exc.status, str(exc), "invalid_request_error", param=exc.param, code=exc.code)
     except RecursionError:  # the parser, the checks and the contract recurse per level: 5000 brackets are 10 kB

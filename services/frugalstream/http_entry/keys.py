@@ -1,4 +1,10 @@
-"""API keys -> tenants. Only key digests are kept in memory, and a lookup costs the same for every key."""
+"""API keys -> tenants, and the tags a key fixes. Only key digests are kept in memory, and a lookup costs the
+same for every key.
+
+A key's value is its tenant (`"acme"`) or `{"tenant": "acme", "tags": {"team": "search"}}`: the tags are set on
+every request made with the key, so a tag budget (`team=search`) binds whoever holds it; a caller cannot leave
+the tag out or send another value for it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from frugalstream.runtime.settings import Settings, UsageError
 
@@ -20,12 +27,17 @@ def _digest(key: str) -> bytes:
 class ApiKeys:
     """Which tenant a bearer key belongs to; None for an unknown, empty or missing key."""
 
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        for key, tenant in keys.items():
+    def __init__(self, keys: Mapping[str, str | Mapping[str, Any]]) -> None:
+        self._tenants: dict[bytes, str] = {}
+        self._tags: dict[bytes, dict[str, str]] = {}
+        for key, value in keys.items():
+            tenant, tags = (value, {}) if isinstance(value, str) else _entry(value)
             if not key or not isinstance(tenant, str) or not tenant or len(tenant) > 128:
                 raise UsageError("http_api_keys: every key must be a non-empty string naming a tenant "
-                                 "(1-128 characters)")
-        self._tenants = {_digest(k): t for k, t in keys.items()}
+                                 "(1-128 characters), or {\"tenant\": ..., \"tags\": {...}}")
+            self._tenants[_digest(key)] = tenant
+            if tags:
+                self._tags[_digest(key)] = tags
 
     def __len__(self) -> int:
         return len(self._tenants)
@@ -50,6 +62,10 @@ class ApiKeys:
                 found = (tenant, digest)
         return found
 
+    def fixed_tags(self, digest: bytes) -> Mapping[str, str]:
+        """The tags the key with this digest sets on every request (empty for a plain key)."""
+        return self._tags.get(digest, {})
+
     @classmethod
     def from_settings(cls, settings: Settings, *, dev: bool = False) -> ApiKeys:
         """`FRUGAL_HTTP_API_KEYS` and `FRUGAL_HTTP_API_KEYS_FILE` (JSON objects key -> tenant), merged; in dev
@@ -70,8 +86,22 @@ class ApiKeys:
             except ValueError:
                 loaded = None
             if not isinstance(loaded, dict):
-                raise UsageError(f"{where}: API keys must be a JSON object {{\"<key>\": \"<tenant>\"}}")
+                raise UsageError(f"{where}: API keys must be a JSON object {{\"<key>\": \"<tenant>\"}} (or "
+                                 "{\"<key>\": {\"tenant\": \"<tenant>\", \"tags\": {...}}})")
             keys.update(loaded)
         if not keys and dev:
             keys = {DEV_KEY: DEV_TENANT}
         return cls(keys)
+
+
+def _entry(value: object) -> tuple[object, dict[str, str]]:
+    """(tenant, tags) of a key's object value, its tags held to the rules of a request's own."""
+    if not isinstance(value, Mapping) or set(value) - {"tenant", "tags"}:
+        raise UsageError("http_api_keys: a key's value is a tenant, or an object with `tenant` and `tags` only")
+    tags = value.get("tags") or {}
+    if not isinstance(tags, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                for k, v in tags.items()):
+        raise UsageError("http_api_keys: a key's `tags` must be an object of strings")
+    if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 or "=" in k for k, v in tags.items()):
+        raise UsageError("http_api_keys: at most 32 tags, keys of 1-64 characters without '=', values <= 256")
+    return value.get("tenant"), dict(tags)

@@ -50,6 +50,20 @@ class BadRequest(ValueError):
         self.status = status
 
 
+def with_key_tags(request: LLMRequest, fixed: Mapping[str, str]) -> LLMRequest:
+    """The request with the tags its API key sets (see `keys`); a different value the caller sent for one of them
+    is refused, not overwritten, so the caller learns its tag did not apply."""
+    if not fixed:
+        return request
+    if clash := sorted(k for k, v in fixed.items() if request.tags.get(k, v) != v):
+        raise BadRequest(f"tag {clash[0]!r} is set by this API key ({clash[0]}={fixed[clash[0]]}); leave it out",
+                         "metadata")
+    merged = {**request.tags, **fixed}
+    if len(merged) > 32:
+        raise BadRequest("at most 32 tags, counting those this API key sets", "metadata")
+    return request.model_copy(update={"tags": merged})
+
+
 def too_large(size: int, limit: int, what: str = "the request") -> BadRequest:
     return BadRequest(f"{what} is {size} bytes, over the {limit}-byte limit (max_message_bytes)", None,
                       "request_too_large", 413)

@@ -317,9 +317,10 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535,
                            description="Port the HTTP entry listens on.")
     http_api_keys: SecretStr | None = Field(
-        default=None, description='API keys as a JSON object {"<key>": "<tenant>", ...}; a request without a '
-                                  "listed key gets 401. `frugalstream dev` accepts `frugal-dev` (tenant `dev`) "
-                                  "when no key is configured.")
+        default=None, description='API keys as a JSON object {"<key>": "<tenant>", ...} (or {"<key>": {"tenant": '
+                                  '"<tenant>", "tags": {...}}}: tags set on every request made with the key); a '
+                                  "request without a listed key gets 401. `frugalstream dev` accepts `frugal-dev` "
+                                  "(tenant `dev`) when no key is configured.")
     http_api_keys_file: Path | None = Field(default=None, description="The same JSON object, from a file.")
     http_max_pending: int = Field(
         default=1000, gt=0, description="Calls one HTTP entry may hold (reading bodies or waiting on answers); "
