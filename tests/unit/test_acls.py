@@ -89,6 +89,7 @@ def test_the_command_prints_one_kafka_acls_line_per_grant(capsys: pytest.Capture
 def test_a_principal_for_two_tenants_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["acls", "--services", SERVICES, "--app", f"{ACME}=acme", "--app", f"{ACME}=globex"]) == 2
     assert "two tenants" in capsys.readouterr().err
+    assert main(["acls", "--services", SERVICES, "--app", f"{ACME}=acme", "--app", f"{ACME}=acme"]) == 0
 
 
 @pytest.mark.parametrize(("tenant", "policy"), [

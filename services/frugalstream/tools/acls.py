@@ -117,7 +117,7 @@ def add_acls_parser(sub: Any) -> None:
 def cmd_acls(args: argparse.Namespace) -> int:
     settings = Settings()
     apps = dict(args.app)
-    if len(apps) != len(args.app):
+    if len(apps) != len(set(args.app)):  # the same pair twice is only said twice
         raise UsageError("acls: a principal is given for two tenants; each application principal produces for one")
     given = grants(settings, services=args.services, apps=apps, reviewers=args.reviewer, analytics=args.analytics)
     print("# Review, then run as a cluster admin. Topics are created by `frugalstream topics` (an admin too).")
