@@ -111,3 +111,12 @@ def test_tenants_whose_prefixes_nest_are_refused() -> None:
     with pytest.raises(UsageError, match="overlaps"):  # a tenant with a policy but no principal here counts too
         grants(Settings(tenants={"acme.eu": TenantPolicy()}), services=SERVICES, apps={ACME: "acme"})
     assert grants(Settings(), services=SERVICES, apps={ACME: "acme", GLOBEX: "acme-eu"})
+
+
+@pytest.mark.parametrize("where", ["app", "reviewer", "analytics"])
+def test_the_services_principal_given_to_anyone_else_is_refused(where: str) -> None:
+    given = {"apps": {SERVICES: "acme"} if where == "app" else {ACME: "acme"},
+             "reviewers": [SERVICES] if where == "reviewer" else [],
+             "analytics": [SERVICES] if where == "analytics" else []}
+    with pytest.raises(UsageError, match="services' principal"):
+        grants(Settings(), services=SERVICES, **given)  # type: ignore[arg-type]

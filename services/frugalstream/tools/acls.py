@@ -51,6 +51,9 @@ def grants(settings: Settings, *, services: str, apps: Mapping[str, str], review
     """The grants for frugalstream's services, each application principal (-> its tenant), reviewers and
     analytics. Topic names carry `topic_prefix`, reply topics too (the services write them under it); reply
     topics follow each tenant's `reply_topic_prefixes`."""
+    if services in {*apps, *reviewers, *analytics}:
+        raise UsageError(f"acls: {services} is frugalstream's services' principal: an application, a reviewer or "
+                         "analytics given the same one could write every frugalstream topic")
     own = settings.topic("llm.")
     out = [
         Grant(services, ("Read", "Write", "Describe"), "topic", own, prefixed=True),  # every topic and its DLQ
