@@ -15,7 +15,6 @@ With `ledger_retention_days` set, a second timer prunes the ledger at start and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +30,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.metrics import METRICS, Metrics
 from frugalstream.runtime.records import Decoded, Out
+from frugalstream.runtime.service import cancel_tasks
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext, background_options, subscribe
 from frugalstream.schemas import BudgetState, CostEvent, UsageRecord
@@ -89,11 +89,7 @@ class AccountantService:
         await asyncio.to_thread(self.logic.close)
 
     async def stop_background(self) -> None:
-        for task in (self._ticker, self._pruner):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_tasks(self._ticker, self._pruner)
         self._ticker = self._pruner = None
 
     async def _prune_forever(self, keep_s: float) -> None:

@@ -13,7 +13,6 @@ load is retried when they come back. Records of a partition revoked meanwhile ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, assert_never
@@ -31,6 +30,7 @@ from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.records import Decoded, Out
 from frugalstream.runtime.replies import response_outs
+from frugalstream.runtime.service import cancel_tasks
 from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import (
     BatchContext,
@@ -105,11 +105,7 @@ class DedupeService:
         await self.stop_background()
 
     async def stop_background(self) -> None:
-        for task in (self._sweeper, self._shard_sweeper):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_tasks(self._sweeper, self._shard_sweeper)
         self._sweeper = self._shard_sweeper = None
         await self.rebuilder.loads.close()
 

@@ -39,6 +39,7 @@ from frugalstream.llm.providers.batch_api import BatchCall, BatchJobs, BatchPoll
 from frugalstream.llm.usage import discarded_usage, llm_usage
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.metrics import METRICS, Metrics
+from frugalstream.runtime.service import cancel_tasks
 from frugalstream.schemas import (
     BatchJob,
     BatchMember,
@@ -171,11 +172,8 @@ class BatchRunner:
             self._ticker = asyncio.create_task(self._tick_forever(), name="gateway-batch-runner")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        await cancel_tasks(self._ticker)
+        self._ticker = None
 
     async def _tick_forever(self) -> None:
         while True:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import asyncio
+import contextlib
+from typing import Any, Protocol, runtime_checkable
 
 from faststream.kafka import KafkaBroker
 
@@ -28,3 +30,12 @@ class BackgroundWork(Protocol):
     """A service with work outside its handlers (timers): it is stopped before the broker, not after."""
 
     async def stop_background(self) -> None: ...
+
+
+async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancels a service's timers and waits until each has ended (None: never started)."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
