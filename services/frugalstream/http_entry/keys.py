@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from frugalstream.runtime.settings import Settings, UsageError
+from frugalstream.schemas.requests import checked_tags
 
 #: `frugalstream dev`'s key when none is configured, and the tenant it belongs to.
 DEV_KEY, DEV_TENANT = "frugal-dev", "dev"
@@ -102,6 +103,7 @@ def _entry(value: object) -> tuple[object, dict[str, str]]:
     if not isinstance(tags, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
                                                 for k, v in tags.items()):
         raise UsageError("http_api_keys: a key's `tags` must be an object of strings")
-    if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 or "=" in k for k, v in tags.items()):
-        raise UsageError("http_api_keys: at most 32 tags, keys of 1-64 characters without '=', values <= 256")
-    return value.get("tenant"), dict(tags)
+    try:
+        return value.get("tenant"), checked_tags(dict(tags))
+    except ValueError as exc:
+        raise UsageError(f"http_api_keys: {exc}") from None

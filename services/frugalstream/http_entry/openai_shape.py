@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from frugalstream.schemas import LLMRequest, LLMResponse, wire_bytes
+from frugalstream.schemas.requests import checked_tags
 
 #: Frugalstream's own fields an HTTP caller may send (`extra_body` in the openai SDK).
 EXTENSIONS = frozenset({"cache", "task_hint", "tags"})
@@ -58,9 +59,10 @@ def with_key_tags(request: LLMRequest, fixed: Mapping[str, str]) -> LLMRequest:
     if clash := sorted(k for k, v in fixed.items() if request.tags.get(k, v) != v):
         raise BadRequest(f"tag {clash[0]!r} is set by this API key ({clash[0]}={fixed[clash[0]]}); leave it out",
                          "metadata")
-    merged = {**request.tags, **fixed}
-    if len(merged) > 32:
-        raise BadRequest("at most 32 tags, counting those this API key sets", "metadata")
+    try:
+        merged = checked_tags({**request.tags, **fixed})
+    except ValueError as exc:
+        raise BadRequest(f"{exc}, counting those this API key sets", "metadata") from None
     return request.model_copy(update={"tags": merged})
 
 

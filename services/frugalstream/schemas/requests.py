@@ -148,6 +148,17 @@ class CacheControl(BaseModel):
 _SAMPLING_FIELDS = tuple(SamplingParams.model_fields)
 
 
+def checked_tags(tags: dict[str, str]) -> dict[str, str]:
+    """`tags`, or ValueError. Budgets and the ledger name a tag `key=value`, split at the first '=': a key holding
+    '=' would be charged under another tag (`{"env=prod": "eu"}` read as env = "prod=eu"). The HTTP entry holds
+    an API key's fixed tags to the same rules."""
+    if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 for k, v in tags.items()):
+        raise ValueError("at most 32 tags, keys <= 64 and values <= 256 characters")
+    if bad := sorted(k for k in tags if "=" in k):
+        raise ValueError(f"tag keys may not contain '=' (a tag is named key=value): {bad}")
+    return tags
+
+
 class LLMRequest(Contract):
     """A job an application produces to `llm.requests`."""
 
@@ -257,13 +268,7 @@ class LLMRequest(Contract):
     @field_validator("tags")
     @classmethod
     def _bounded_tags(cls, tags: dict[str, str]) -> dict[str, str]:
-        """Budgets and the ledger name a tag `key=value`, split at the first '=': a key holding '=' would be
-        charged under another tag (`{"env=prod": "eu"}` read as env = "prod=eu")."""
-        if len(tags) > 32 or any(len(k) > 64 or len(v) > 256 for k, v in tags.items()):
-            raise ValueError("at most 32 tags, keys <= 64 and values <= 256 characters")
-        if bad := sorted(k for k in tags if "=" in k):
-            raise ValueError(f"tag keys may not contain '=' (a tag is named key=value): {bad}")
-        return tags
+        return checked_tags(tags)
 
 
 class Route(BaseModel):
