@@ -32,7 +32,7 @@ from frugalstream.gateway.batch_jobs import GatewayLoader, TopicBatchJobs
 from frugalstream.gateway.batch_runner import BatchRunner
 from frugalstream.gateway.batch_wiring import build_batch_runner
 from frugalstream.gateway.completed import CompletedLoader, TopicCompleted
-from frugalstream.gateway.logic import Gateway, Result
+from frugalstream.gateway.logic import Gateway, OnResult, Result
 from frugalstream.llm.identity import request_key
 from frugalstream.llm.pricing.catalog import PriceCatalog
 from frugalstream.llm.prompt_cache import PromptCachePlanner
@@ -52,6 +52,8 @@ from frugalstream.schemas.audits import AuditRequest
 log = get_logger(__name__)
 #: The providers that take a key; `simulated` needs none.
 KEYED_PROVIDERS = ("openai", "anthropic")
+#: Answers remembered as released ahead of a rewound batch; past this the oldest may be published twice.
+SENT_AHEAD_MAX = 10_000
 
 
 @dataclass
@@ -64,6 +66,8 @@ class GatewayService:
     name: str = "gateway"
     loader: CompletedLoader | None = field(default=None, init=False)
     publisher: Publisher | None = field(default=None, init=False)
+    # Keys whose answers were released ahead of a batch that a deferral then rewound (see `_on_dispatch`).
+    sent_ahead: dict[str, None] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         if self.store is not None:
@@ -96,29 +100,52 @@ class GatewayService:
         await self.publisher.publish_all([out for r in results for out in _outs(r)] + self._audited(results),
                                          service=self.name)
 
-    async def _handle(self, batch: Sequence[Decoded[RoutedRequest]], can_defer: bool) -> list[Result]:
+    async def _handle(self, batch: Sequence[Decoded[RoutedRequest]], can_defer: bool,
+                      on_result: OnResult | None = None) -> list[Result]:
         """Deferrable requests into batch jobs, the rest called now; one result per distinct request."""
         now = time.time()
         due = {i: self.runner.accepts(d.value, now) for i, d in enumerate(batch)} if self.runner else {}
         later = [(d.value, d.record.partition, when) for i, d in enumerate(batch) if (when := due.get(i)) is not None]
         at_once = [d for i, d in enumerate(batch) if due.get(i) is None]
         results = await self.logic.handle([d.value for d in at_once], [d.record.partition for d in at_once],
-                                          can_defer=can_defer)
+                                          can_defer=can_defer, on_result=on_result)
         if later and self.runner is not None:
             results += await self.runner.intake(later)
         return results
 
     async def _on_dispatch(self, batch: Sequence[Decoded[RoutedRequest]], ctx: BatchContext) -> Handled:
-        results = await self._handle(batch, ctx.can_defer)
+        """Each answer is released as soon as its call is recorded (`BatchContext.release`), so a short answer
+        does not wait for a batch-mate's long one; the batch publishes what was not released. An answer released
+        before a deferral rewound its partition is remembered (`sent_ahead`), and its replay on redelivery is not
+        published again; after a restart or on another member it is, as after any crash: the same answer, its
+        usage and audit under the same ids (each counted once downstream)."""
+        released: set[str] = set()
+
+        async def release(result: Result) -> None:
+            if result.outcome == "replayed" and result.key in self.sent_ahead:
+                del self.sent_ahead[result.key]  # published before a deferral rewound it
+                released.add(result.key)
+            # (a deferral or an unrecorded call has no answer: it comes again, and is handled then)
+            elif ctx.release is not None and result.response is not None and \
+                    await ctx.release(_outs(result) + self._audited([result])):
+                released.add(result.key)
+
+        results = await self._handle(batch, ctx.can_defer, release)
         waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
+        results = [r for r in results if r.key not in released]
         if not waits:
             return Handled([out for r in results for out in _outs(r)] + self._audited(results))
         keyed = [(request_key(d.value.request.tenant, d.value.request.id), d.record) for d in batch]
         deferred = [Deferral(record, waits[key]) for key, record in keyed if key in waits]
         rewound = rewind_points(deferred)
-        # Records at or after a rewind point come again: their answers are held back and replay, once, then.
+        # Records at or after a rewind point come again: their answers not yet released are held back and replay,
+        # once, then.
         held = {key for key, record in keyed
                 if record.offset >= rewound.get((record.topic, record.partition), (record.offset + 1, 0))[0]}
+        for key in released & held:
+            self.sent_ahead[key] = None
+            if len(self.sent_ahead) > SENT_AHEAD_MAX:
+                del self.sent_ahead[next(iter(self.sent_ahead))]  # the oldest: at worst it is published again
         kept = [r for r in results if r.key not in held]
         return Handled([out for r in kept for out in _outs(r)] + self._audited(kept), deferred)
 

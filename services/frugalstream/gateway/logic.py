@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,6 +72,10 @@ class Result:
     discarded: tuple[UsageRecord, ...] = ()
 
 
+#: Hears each request's result once it is decided (see `Gateway.handle`).
+OnResult = Callable[["Result"], Awaitable[None]]
+
+
 @dataclass
 class Gateway:
     providers: Mapping[str, Provider]
@@ -97,10 +101,11 @@ class Gateway:
         return self.providers.get(self.model_providers.get(model, routed_provider), self.providers[routed_provider])
 
     async def handle(self, batch: Sequence[RoutedRequest], partitions: Sequence[int] | None = None, *,
-                     can_defer: bool = True) -> list[Result]:
+                     can_defer: bool = True, on_result: OnResult | None = None) -> list[Result]:
         """One result per distinct (tenant, id). `partitions[i]` is the dispatch partition `batch[i]` came from:
         its paid-call records live there. Without `can_defer` every request is answered now (a rate-limited one
-        with its retryable error) and an unacknowledged record raises."""
+        with its retryable error) and an unacknowledged record raises. `on_result` hears each result as soon as
+        it is decided (a paid call is recorded by then), while its batch-mates' calls go on."""
         parts = list(partitions) if partitions is not None else [0] * len(batch)
         if len(parts) != len(batch):
             raise ValueError("one partition per request")
@@ -109,11 +114,12 @@ class Gateway:
             unique.setdefault(request_key(routed.request.tenant, routed.request.id), (routed, partition))
         if len(batch) > len(unique):
             self.metrics.record_gateway("duplicate", len(batch) - len(unique))
-        outcomes = await asyncio.gather(*(self._guarded(key, r, p, can_defer) for key, (r, p) in unique.items()),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._guarded(key, r, p, can_defer, on_result)
+                                          for key, (r, p) in unique.items()), return_exceptions=True)
         return _all_or_raise(outcomes)
 
-    async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool) -> Result:
+    async def _guarded(self, key: str, routed: RoutedRequest, partition: int, can_defer: bool,
+                       on_result: OnResult | None = None) -> Result:
         try:
             result = await self._one(key, routed, partition, can_defer)
         except RecordFailedError:
@@ -124,6 +130,8 @@ class Gateway:
                 raise
             return Result(key, routed, "unrecorded", retry_after_s=RECORD_RETRY_S)
         self.metrics.record_gateway(result.outcome)
+        if on_result is not None:
+            await on_result(result)
         return result
 
     async def _lookup(self, partition: int, key: str) -> CompletedCall | None:

@@ -7,7 +7,9 @@ Per batch, in order:
    a message that still raises is dead-lettered with its error (and, when it is a request, answered with a
    terminal error), so one poison message cannot stall a partition;
 3. publish every output and dead letter, waiting for the broker's acknowledgements (sizes are checked
-   first, see `Publisher`; reply-topic copies and dead letters are best effort);
+   first, see `Publisher`; reply-topic copies and dead letters are best effort). A step may publish a record's
+   outputs before its batch ends (`BatchContext.release`: the gateway's fast answer does not wait for a
+   batch-mate's long one); they are published again if the batch is redelivered, like any output;
 4. run the step's `after_publish` hooks (what must follow the acknowledged outputs: a state-topic tombstone,
    memory that says "answered"); a hook that fails fails the batch like a failed publish;
 5. return, and FastStream commits the offsets (`AckPolicy.NACK_ON_ERROR`). If publishing fails, the
@@ -62,11 +64,17 @@ M = TypeVar("M", bound=BaseModel)
 log = get_logger(__name__)
 
 
+#: Publishes outputs now, ahead of the batch's; False when the broker did not take them (the step then keeps them
+#: for the batch's own publish, which fails the batch if the broker still refuses).
+Release = Callable[[Sequence[Out]], Awaitable[bool]]
+
+
 @dataclass(frozen=True)
 class BatchContext:
     """What the consumer handling this batch can do, handed to every process step (no hidden state)."""
 
     can_defer: bool = False
+    release: Release | None = None
 
 
 @dataclass(frozen=True)
@@ -358,7 +366,7 @@ def subscribe_many(
     async def handle(records: list[Record], consumer: Any, trace: tracing.BatchTrace, *,
                      defer_inline: bool = False) -> list[Deferral]:
         started = time.perf_counter()
-        ctx = BatchContext(can_defer=hasattr(consumer, "pause"))
+        ctx = BatchContext(can_defer=hasattr(consumer, "pause"), release=_releaser(publisher, trace, service))
         done = Handled()
         bad_all: list[Failure] = []
         for name, spec in by_topic.items():
@@ -405,6 +413,18 @@ def subscribe_many(
 
     handler.__name__ = f"{service.replace('.', '_')}_handler"
     prompt_polling(broker.subscriber(*by_topic, **kwargs))(handler)
+
+
+def _releaser(publisher: Publisher, trace: tracing.BatchTrace, service: str) -> Release:
+    async def release(outs: Sequence[Out]) -> bool:
+        try:
+            await publisher.publish_all(trace.stamp(outs), service=service)
+        except Exception:
+            log.warning("release_failed_kept_for_batch", service=service, outputs=len(outs), exc_info=True)
+            return False
+        return True
+
+    return release
 
 
 def _observe_lag(metrics: Metrics, group: str, consumer: Any, records: Sequence[Record]) -> None:

@@ -6,6 +6,8 @@ product. Each stage's span of a record runs from the start of its batch's handli
 acknowledgement of the batch's outputs (`runtime.tracing`), so the sum of a request's spans on the answer path,
 less its model call, is the time frugalstream spent on it: processing, waiting on its batch-mates, publishing.
 Queueing before a batch starts (a busy stage) is not in it; the consumer lag and the end-to-end figures show it.
+The gateway releases each answer once its call is recorded (`BatchContext.release`), before its batch's span
+ends: there a request's inside time is an upper bound, and its outside time (the rest) can come out negative.
 """
 
 from __future__ import annotations
