@@ -249,10 +249,10 @@ def gateway_env(settings: Settings, fake: CountingOpenAI, state_dir: Path, **ext
 
 def crash_env(after_batches: int) -> dict[str, str]:
     """Exit after the N-th batch is published, before its commit. One batch at a time, so the exit lands in
-    exactly that window: with batches in flight (`concurrent_batches`), calls still at the provider when a
+    exactly that window: with calls in flight (`gateway_calls_in_flight`), calls still at the provider when a
     process dies are paid again after the restart, a different window (see the kill-in-flight test)."""
     return {"FRUGAL_FAULT_EXIT_AFTER_PUBLISH": "gateway", "FRUGAL_FAULT_EXIT_AFTER_BATCHES": str(after_batches),
-            "FRUGAL_CONCURRENT_BATCHES": "1"}
+            "FRUGAL_GATEWAY_CALLS_IN_FLIGHT": "1"}
 
 
 def assert_one_answer_each_paid_once(routed: list[RoutedRequest], responses: list[Any], fake: CountingOpenAI,

@@ -131,3 +131,18 @@ async def test_a_release_the_broker_refuses_returns_false_instead_of_raising() -
     handler, _ = stage(step, broker)
     await handler(batch(request("a").model_dump_json().encode()))
     assert results == [False]
+
+
+def test_the_gateway_bounds_calls_in_flight_not_batches(settings: Settings) -> None:
+    """Sixteen batches of slow calls were the gateway's whole concurrency: at 20 req/s and real model latencies
+    requests queued a median 210 ms before it. Its bound is now requests, from its own setting."""
+    from faststream.kafka import KafkaBroker
+
+    from frugalstream.runtime.messaging import Publisher
+
+    broker = KafkaBroker()
+    custom = settings.model_copy(update={"gateway_calls_in_flight": 300, "concurrent_batches": 4})
+    publisher = Publisher(broker, custom)
+    GatewayService(custom, gateway(CountingProvider(), MemoryCompleted())).register(broker, publisher)
+    [inflight] = publisher.inflight
+    assert inflight.per_record and inflight.limit == 300

@@ -98,3 +98,37 @@ async def test_the_limit_holds_the_next_batch_until_a_slot_frees() -> None:
     assert not second.done()  # back-pressure: FastStream's loop waits here, so no more is fetched and held
     gate.set()
     await asyncio.wait_for(second, 1)
+
+
+async def test_a_per_record_limit_counts_the_records_in_flight_not_the_batches() -> None:
+    """The gateway's bound is calls in flight: three single-record batches fit a limit of three, a fourth
+    record waits; a batch larger than the whole limit still runs once nothing else is in flight."""
+    consumer = Consumer({0, 1})
+    inflight = InFlight("gateway", limit=3, per_record=True)
+    gates = [asyncio.Event() for _ in range(3)]
+    finished: list[str] = []
+
+    def held(i: int) -> Any:
+        async def work() -> None:
+            await gates[i].wait()
+            finished.append(f"held-{i}")
+        return work
+
+    async def done(name: str) -> None:
+        finished.append(name)
+
+    for i in range(3):
+        await asyncio.wait_for(inflight.submit(records(0, i, i), consumer, held(i)), 1)  # one slot each
+    fourth = asyncio.create_task(inflight.submit(records(1, 0, 0), consumer, lambda: done("fourth")))
+    await asyncio.sleep(0.01)
+    assert not fourth.done(), "three calls in flight: the fourth record waits"
+    gates[0].set()
+    await asyncio.wait_for(fourth, 1)
+    big = asyncio.create_task(inflight.submit(records(1, 1, 5), consumer, lambda: done("big")))
+    await asyncio.sleep(0.01)
+    assert not big.done(), "five records wait for every slot"
+    gates[1].set()
+    gates[2].set()
+    await asyncio.wait_for(big, 1)
+    await inflight.drain(timeout_s=1)
+    assert finished[-1] == "big" and {"fourth", "held-1", "held-2"} <= set(finished)

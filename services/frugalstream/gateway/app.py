@@ -166,7 +166,8 @@ class GatewayService:
         # The stage hands the listener its batches in flight: a revoke waits for the calls still being paid for
         # to be recorded and committed before the next owner reads the paid-call records.
         subscribe(broker, publisher, self.settings, service=self.name, topic=t.DISPATCH, model=RoutedRequest,
-                  process=self._on_dispatch, max_records=32, concurrency=self.settings.concurrent_batches, **options)
+                  process=self._on_dispatch, max_records=32, concurrency=self.settings.gateway_calls_in_flight,
+                  concurrency_per_record=True, **options)
         if self.audits is not None:
             # No caller waits on an audit: poll it like the other background consumers.
             subscribe(broker, publisher, self.settings, service=f"{self.name}.audits", topic=t.AUDITS_DISPATCH,

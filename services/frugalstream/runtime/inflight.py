@@ -11,7 +11,9 @@ and loses none. Each batch task runs the stage's steps in order (process, publis
 2. commits, per partition, the end of the finished prefix (in offset order), when it moved.
 
 Back-pressure: when `limit` batches are in flight, the handler waits for a slot, so FastStream stops taking
-batches and the consumer's fetch buffer bounds what it holds. On shutdown, `drain` pauses the partitions, waits
+batches and the consumer's fetch buffer bounds what it holds. With `per_record`, the limit counts records
+instead (the gateway's: model calls in flight, whatever the batches they came in); a batch larger than the
+whole limit still runs, alone. On shutdown, `drain` pauses the partitions, waits
 for the batches in flight to publish and commit, and only then may the broker close. On a rebalance, `settle`
 waits the same way for the batches of the revoked partitions (`OwnedPartitions.on_partitions_revoked`).
 
@@ -97,17 +99,44 @@ class CommitTracker:
         return sum(1 for q in self._queues.values() for b in q if not b.done)
 
 
-class InFlight:
-    """Up to `limit` batches of one consumer as tasks, committed by `CommitTracker` (see the module docstring)."""
+class _Slots:
+    """A semaphore whose takers take several slots at once (at most all of them); one taker waits at a time,
+    since the consumer's handler submits its batches in turn."""
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = self.free = limit
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.limit)
+        while self.free < n:
+            self._freed.clear()
+            await self._freed.wait()
+        self.free -= n
+        return n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        self._freed.set()
+
+
+class InFlight:
+    """Up to `limit` batches (or records, `per_record`) of one consumer as tasks, committed by `CommitTracker`
+    (see the module docstring)."""
+
+    def __init__(self, name: str, limit: int, *, per_record: bool = False) -> None:
         self.name = name
-        self._slots = asyncio.Semaphore(limit)
+        self.per_record = per_record
+        self._slots = _Slots(limit)
         self._tracker = CommitTracker()
         self._tasks: dict[asyncio.Task[None], _Batch] = {}
         self._consumer: Any = None
         self._closing = False
         self._revoked: set[tuple[str, int]] = set()  # being settled for a revoke, until `reassigned`
+
+    @property
+    def limit(self) -> int:
+        return self._slots.limit
 
     async def submit(self, records: Sequence[Record], consumer: Any, work: Callable[[], Awaitable[None]]) -> None:
         """Starts `work` for the batch (one partition's run, see `stage.partition_runs`) once a slot is free;
@@ -115,19 +144,19 @@ class InFlight:
         restart); so is a batch of a partition being revoked or no longer assigned (fetched before the revoke, it
         waited for a slot, maybe past the revoke's bound): the partition's owner, this member or another,
         consumes it again from the committed offset (aiokafka resets every position on a new assignment)."""
-        await self._slots.acquire()
+        taken = await self._slots.take(len(records) if self.per_record else 1)
         partitions = {(r.topic, r.partition) for r in records}
         assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         if self._closing or self._revoked & partitions or not partitions <= assigned:
-            self._slots.release()
+            self._slots.give(taken)
             return
         self._consumer = consumer
         batch = self._tracker.begin(records)
-        task = asyncio.create_task(self._run(batch, work), name=f"{self.name}-batch")
+        task = asyncio.create_task(self._run(batch, work, taken), name=f"{self.name}-batch")
         self._tasks[task] = batch
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
-    async def _run(self, batch: _Batch, work: Callable[[], Awaitable[None]]) -> None:
+    async def _run(self, batch: _Batch, work: Callable[[], Awaitable[None]], slots: int) -> None:
         """`work` again after a backoff while it raises (as a redelivery would run it), until it succeeds or a
         drain gives up on it: unfinished, its offsets hold the watermark and it comes again after a restart."""
         delay = RETRY_FIRST_S
@@ -147,7 +176,7 @@ class InFlight:
             log.info("inflight_batch_revoked", stage=self.name, partitions=sorted(batch.spans))
             return
         finally:
-            self._slots.release()
+            self._slots.give(slots)
         await self._commit(self._tracker.finish(batch))
 
     async def sleep(self, seconds: float) -> None:

@@ -116,8 +116,14 @@ class Settings(BaseSettings):
                                                "in flight are batched anyway.")
     kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, description="Kafka rejects less than 6 s.")
     concurrent_batches: int = Field(
-        default=16, ge=1, le=64, description="Batches the classifier and the gateway each run at once, committed in "
-                                            "offset order: a slow model call no longer holds the answers behind it.")
+        default=16, ge=1, le=64, description="Batches the classifier runs at once, committed in offset order: a long "
+                                            "history to embed holds no other request behind it.")
+    gateway_calls_in_flight: int = Field(
+        default=512, ge=1, le=10_000, description="Requests the gateway has in flight at once (model calls), in "
+                                                 "batches committed in offset order; past it, it takes no new batch. "
+                                                 "At least the request rate times a long answer's seconds, or "
+                                                 "requests queue behind slow answers. Each holds its request in "
+                                                 "memory (up to `max_message_bytes`).")
     kafka_client_id: str = Field(
         default="frugalstream", description="Client id prefix shown in broker logs and quotas.")
     topic_prefix: str = Field(default="", description="Prepended to every topic name (tests, multi-env clusters).")

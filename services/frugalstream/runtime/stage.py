@@ -309,15 +309,16 @@ def follow_state(
 
 def subscribe_many(
     broker: KafkaBroker, publisher: Publisher, settings: Settings, *, service: str,
-    handlers: Sequence[TopicHandler[Any]], max_records: int = 64, concurrency: int = 1, **options: Any,
+    handlers: Sequence[TopicHandler[Any]], max_records: int = 64, concurrency: int = 1,
+    concurrency_per_record: bool = False, **options: Any,
 ) -> None:
     """One consumer over several topics; each batch is split by topic and handled in the given order.
 
     Co-partitioned topics (same key, same partition count) need one consumer with a range assignor, so the
     instance that owns partition N of one topic owns partition N of the others. `concurrency` > 1 runs that many
-    batches at once, committed in offset order (`runtime.inflight`), for stages whose records are independent;
-    each polled batch is split by partition first (`partition_runs`), and a deferral waits inside its batch's
-    task instead of pausing the partition.
+    batches at once (records, with `concurrency_per_record`), committed in offset order (`runtime.inflight`), for
+    stages whose records are independent; each polled batch is split by partition first (`partition_runs`), and a
+    deferral waits inside its batch's task instead of pausing the partition.
     """
     by_topic = {settings.topic(h.topic): h for h in handlers}
     fault = _CrashAfterPublish(settings.fault_exit_after_batches) if settings.fault_exit_after_publish == service \
@@ -330,7 +331,8 @@ def subscribe_many(
         kwargs.setdefault("listener", OwnedPartitions(settings, handlers[0].topic))
         publisher.health.track(service, kwargs["listener"])
 
-    inflight = InFlight(service, concurrency) if concurrency > 1 and group is not None else None
+    inflight = InFlight(service, concurrency, per_record=concurrency_per_record) \
+        if concurrency > 1 and group is not None else None
     if inflight is not None:
         kwargs["ack_policy"] = AckPolicy.MANUAL  # InFlight commits, in offset order
         publisher.inflight.append(inflight)
