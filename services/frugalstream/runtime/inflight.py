@@ -13,9 +13,9 @@ and loses none. Each batch task runs the stage's steps in order (process, publis
 Back-pressure: when `limit` batches are in flight, the handler waits for a slot, so FastStream stops taking
 batches and the consumer's fetch buffer bounds what it holds. With `per_record`, the limit counts records
 instead (the gateway's: model calls in flight, whatever the batches they came in); a batch larger than the
-whole limit still runs, alone. On shutdown, `drain` pauses the partitions, waits
-for the batches in flight to publish and commit, and only then may the broker close. On a rebalance, `settle`
-waits the same way for the batches of the revoked partitions (`OwnedPartitions.on_partitions_revoked`).
+whole limit still runs, alone. On shutdown, `drain` pauses the partitions, waits for the batches in flight to
+publish and commit, and only then may the broker close. On a rebalance, `settle` waits the same way for the
+batches of the revoked partitions (`OwnedPartitions.on_partitions_revoked`).
 
 A revoke's wait is bounded, and a batch merely waiting (a deferral's Retry-After, a retry's backoff) would
 outlive the bound and then work on a partition another member owns (and pay for what it already paid). So a
