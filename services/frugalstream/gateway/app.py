@@ -97,8 +97,7 @@ class GatewayService:
         sampled for audits as the handler's are: a saving made through a batch job is audited like any other."""
         if self.publisher is None:
             raise RuntimeError("the gateway is not registered")
-        await self.publisher.publish_all([out for r in results for out in _outs(r)] + self._audited(results),
-                                         service=self.name)
+        await self.publisher.publish_all(self._published(results), service=self.name)
 
     async def _handle(self, batch: Sequence[Decoded[RoutedRequest]], can_defer: bool,
                       on_result: OnResult | None = None) -> list[Result]:
@@ -127,14 +126,14 @@ class GatewayService:
                 released.add(result.key)
             # (a deferral or an unrecorded call has no answer: it comes again, and is handled then)
             elif ctx.release is not None and result.response is not None and \
-                    await ctx.release(_outs(result) + self._audited([result])):
+                    await ctx.release(self._published([result])):
                 released.add(result.key)
 
         results = await self._handle(batch, ctx.can_defer, release)
         waits = {r.key: r.retry_after_s for r in results if r.retry_after_s is not None}
         results = [r for r in results if r.key not in released]
         if not waits:
-            return Handled([out for r in results for out in _outs(r)] + self._audited(results))
+            return Handled(self._published(results))
         keyed = [(request_key(d.value.request.tenant, d.value.request.id), d.record) for d in batch]
         deferred = [Deferral(record, waits[key]) for key, record in keyed if key in waits]
         rewound = rewind_points(deferred)
@@ -147,11 +146,13 @@ class GatewayService:
             if len(self.sent_ahead) > SENT_AHEAD_MAX:
                 del self.sent_ahead[next(iter(self.sent_ahead))]  # the oldest: at worst it is published again
         kept = [r for r in results if r.key not in held]
-        return Handled([out for r in kept for out in _outs(r)] + self._audited(kept), deferred)
+        return Handled(self._published(kept), deferred)
 
-    def _audited(self, results: Sequence[Result]) -> list[Out]:
-        """Audit requests of the paid answers published with this batch (none when audits are off)."""
-        return sample_paid(self.settings, results) if self.audits is not None else []
+    def _published(self, results: Sequence[Result]) -> list[Out]:
+        """What these results publish: each one's answer and usage (`_outs`), and the audit requests of the paid
+        answers among them (none when audits are off)."""
+        audits = sample_paid(self.settings, results) if self.audits is not None else []
+        return [out for r in results for out in _outs(r)] + audits
 
     def register(self, broker: KafkaBroker, publisher: Publisher) -> None:
         options = {}
