@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -10,6 +11,7 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.bootstrap import Resources, build_services
 from frugalstream.runtime.broker import GRACEFUL_TIMEOUT_S, make_broker
+from frugalstream.runtime.heap import startup_heap_frozen
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.messaging import Publisher
 from frugalstream.runtime.probes import Health, start_probe_server
@@ -30,6 +32,7 @@ class RunningServices:
         self.broker = make_broker(self.settings, client_suffix=client_suffix)
         self.publisher = Publisher(self.broker, self.settings, health=health)
         self.health = self.publisher.health
+        self._heap = contextlib.ExitStack()
 
     @classmethod
     async def load(cls, names: Sequence[str], resources: Resources, *, health: Health,
@@ -63,12 +66,16 @@ class RunningServices:
             log.error("services_start_failed", started=[s.name for s in started])
             await self._stop(started)
             raise
+        self._heap.enter_context(startup_heap_frozen())  # what start made is skipped by full collections
         log.info("services_started", services=[s.name for s in self.services], bootstrap=self.settings.kafka_bootstrap)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._stop(self.services)
+        try:
+            await self._stop(self.services)
+        finally:
+            self._heap.close()
         log.info("services_stopped", services=[s.name for s in self.services])
 
     async def _stop(self, services: Sequence[Service]) -> None:

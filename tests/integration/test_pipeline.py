@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -88,3 +89,12 @@ async def test_scenario_on_the_embedded_broker(pipeline: PipelineFactory, scenar
         EmbeddedCluster(running) as cluster,
     ):
         await scenario(cluster)
+
+
+async def test_what_the_services_made_at_start_is_out_of_full_collections_while_they_run(
+        pipeline: PipelineFactory) -> None:
+    """A full collection stops every service's loop while it walks the heap; start-up's objects are skipped."""
+    async with pipeline(names=["accountant"]) as running:
+        assert gc.get_freeze_count() > 0
+        assert not any(o is running.services[0] for o in gc.get_objects())
+    assert gc.get_freeze_count() == 0  # a process that starts services again (the tests) keeps nothing frozen

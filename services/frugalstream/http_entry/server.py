@@ -20,6 +20,7 @@ from frugalstream.http_entry.app import Entry, build_app, listed_models
 from frugalstream.http_entry.keys import ApiKeys
 from frugalstream.http_entry.pricing import Pricer
 from frugalstream.resources import Resources
+from frugalstream.runtime.heap import startup_heap_frozen
 from frugalstream.runtime.logging import get_logger
 from frugalstream.runtime.settings import Settings, TenantPolicy
 
@@ -85,7 +86,8 @@ async def http_entry(settings: Settings, *, host: str | None = None, port: int |
         bound = server.servers[0].sockets[0].getsockname()
         url = f"http://{bound[0]}:{bound[1]}"
         log.info("http_started", url=url, keys=len(keys))
-        yield RunningHttp(url, entry)
+        with startup_heap_frozen():  # what start made is skipped by full collections, which stop the loop
+            yield RunningHttp(url, entry)
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError, SystemExit):
