@@ -13,13 +13,13 @@ ends: there a request's inside time is an upper bound, and its outside time (the
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from frugalstream.runtime import tracing
 
@@ -27,14 +27,58 @@ from frugalstream.runtime import tracing
 ANSWER_PATH = ("llm.requests", "llm.requests.routed", "llm.requests.dispatch")
 
 
+class SpanRecord(NamedTuple):
+    """What the bench reads of a finished span, in nanoseconds since the epoch."""
+
+    name: str
+    span_id: int
+    parent_id: int | None
+    start: int
+    end: int
+    request_id: str | None
+    topic: str
+
+
+class SpanRecorder(SpanExporter):
+    """Keeps a small record of each span, not the span: a 30 s step finishes about 8,000 of them, each a dozen
+    objects with locks and attribute maps, and in the one process the bench shares with the services, the
+    garbage collector walking them was a pause the services' figures would have counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[SpanRecord] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        kept = []
+        for span in spans:
+            if span.start_time is None or span.end_time is None:
+                continue
+            attrs = span.attributes or {}
+            rid = attrs.get("frugalstream.request_id")
+            kept.append(SpanRecord(span.name, span.context.span_id if span.context else 0,
+                                   span.parent.span_id if span.parent else None, span.start_time, span.end_time,
+                                   None if rid is None else str(rid), str(attrs.get("messaging.destination.name", ""))))
+        with self._lock:
+            self._records += kept
+        return SpanExportResult.SUCCESS
+
+    def records(self) -> list[SpanRecord]:
+        with self._lock:
+            return list(self._records)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records = []
+
+
 @contextlib.contextmanager
-def span_recorder() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
+def span_recorder() -> Iterator[SpanRecorder]:
+    recorder = SpanRecorder()
     provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(SimpleSpanProcessor(recorder))
     tracing.install(provider)
     try:
-        yield exporter
+        yield recorder
     finally:
         tracing.install(None)
         provider.shutdown()
@@ -45,7 +89,7 @@ def span_recorder() -> Iterator[InMemorySpanExporter]:
 STEPS = ("to classifier", "classifier", "to dedupe", "dedupe", "to gateway", "gateway less call")
 
 
-def answer_path(exporter: InMemorySpanExporter, topic_of: dict[str, str]
+def answer_path(recorder: SpanRecorder, topic_of: dict[str, str]
                 ) -> tuple[dict[str, dict[str, tuple[int, int, int]]], dict[str, float]]:
     """Per request id and answer-path topic (logical name): its spans' first start, last end and summed length,
     in nanoseconds since the epoch (a batch run again has two spans); and per request id, the milliseconds of
@@ -54,39 +98,37 @@ def answer_path(exporter: InMemorySpanExporter, topic_of: dict[str, str]
     `topic_of` maps a physical topic name (with the deployment's prefix) to its logical name."""
     stages: dict[str, dict[str, tuple[int, int, int]]] = defaultdict(dict)
     calls: dict[str, float] = defaultdict(float)
-    spans: Any = exporter.get_finished_spans()
+    spans = recorder.records()
     by_span: dict[int, str] = {}
     for span in spans:
-        attrs = span.attributes or {}
-        rid = attrs.get("frugalstream.request_id")
-        if rid is None or span.start_time is None or span.end_time is None:
+        if span.request_id is None:
             continue
-        by_span[span.context.span_id] = str(rid)
-        topic = topic_of.get(str(attrs.get("messaging.destination.name")), "")
+        by_span[span.span_id] = span.request_id
+        topic = topic_of.get(span.topic, "")
         if topic in ANSWER_PATH:
-            start, end, total = stages[str(rid)].get(topic, (span.start_time, span.end_time, 0))
-            stages[str(rid)][topic] = (min(start, span.start_time), max(end, span.end_time),
-                                       total + span.end_time - span.start_time)
+            start, end, total = stages[span.request_id].get(topic, (span.start, span.end, 0))
+            stages[span.request_id][topic] = (min(start, span.start), max(end, span.end),
+                                              total + span.end - span.start)
     for span in spans:
-        if span.name.startswith("chat ") and span.parent is not None and span.start_time and span.end_time:
-            rid = by_span.get(span.parent.span_id)
+        if span.name.startswith("chat ") and span.parent_id is not None:
+            rid = by_span.get(span.parent_id)
             if rid is not None:
-                calls[rid] += (span.end_time - span.start_time) / 1e6
+                calls[rid] += (span.end - span.start) / 1e6
     return stages, calls
 
 
-def inside_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str]) -> dict[str, float]:
+def inside_ms(recorder: SpanRecorder, topic_of: dict[str, str]) -> dict[str, float]:
     """Per request id: milliseconds inside the stages of the answer path, less the model calls made there."""
-    stages, calls = answer_path(exporter, topic_of)
+    stages, calls = answer_path(recorder, topic_of)
     return {rid: max(0.0, sum(total for _, _, total in spans.values()) / 1e6 - calls.get(rid, 0.0))
             for rid, spans in stages.items()}
 
 
-def steps_ms(exporter: InMemorySpanExporter, topic_of: dict[str, str], created_at: dict[str, float]
+def steps_ms(recorder: SpanRecorder, topic_of: dict[str, str], created_at: dict[str, float]
              ) -> dict[str, list[float]]:
     """Per step of `STEPS`, the milliseconds of each request in `created_at` (seconds since the epoch) that
     passed every stage of the answer path."""
-    stages, calls = answer_path(exporter, topic_of)
+    stages, calls = answer_path(recorder, topic_of)
     steps: dict[str, list[float]] = {name: [] for name in STEPS}
     for rid, created in created_at.items():
         spans = stages.get(rid, {})
