@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from opentelemetry import trace
 
 from frugalstream.runtime import tracing
@@ -100,3 +102,21 @@ def test_a_misses_steps_are_the_waits_between_its_stages_and_the_stages_less_the
                                                         "llm.requests.dispatch")}, {"r1": 1.0, "r2": 1.0})
     got = {name: [round(v, 3) for v in values] for name, values in found.items()}
     assert got == dict(zip(STEPS, ([20.0], [15.0], [15.0], [8.0], [12.0], [30.0]), strict=True))
+
+
+async def test_a_held_loop_and_a_full_collection_show_in_the_step_report() -> None:
+    import gc
+    import time
+
+    from frugalstream.tools.bench.loop_watch import loop_watch
+
+    async with loop_watch() as watch:
+        await asyncio.sleep(0.01)
+        time.sleep(0.05)  # noqa: ASYNC251 - holding the loop is what is measured
+        gc.collect()
+        await asyncio.sleep(0.01)
+    rep = watch.report()
+    assert rep["loop_stall_ms_max"] >= 45
+    assert rep["loop_stalls_over_20ms"] == 1
+    assert rep["gc_full_collections"] >= 1 and rep["gc_full_ms_max"] > 0
+    assert gc.callbacks.count(watch.on_gc) == 0  # the watch leaves the collector as it found it

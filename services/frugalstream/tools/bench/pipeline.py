@@ -33,6 +33,7 @@ from frugalstream.schemas import LLMRequest, LLMResponse
 from frugalstream.schemas import topics as t
 from frugalstream.tools.bench.embed import demo_lookup_texts
 from frugalstream.tools.bench.inside import ANSWER_PATH, STEPS, inside_ms, span_recorder, steps_ms
+from frugalstream.tools.bench.loop_watch import loop_watch
 from frugalstream.tools.demo_workload import load_demo_workload
 from frugalstream.tools.local_cluster import local_cluster, run_services
 
@@ -164,17 +165,18 @@ async def measure_step(run: Run, rate: float, duration_s: float, drain_timeout_s
     stop = asyncio.Event()
     sampler = asyncio.create_task(run.sample_lag(stop))
     started = time.monotonic()
-    await run.produce(rate, duration_s, start_n=first)
-    produce_s = time.monotonic() - started
-    await run.wait_answered(drain_timeout_s)
-    drain_s = time.monotonic() - started - produce_s
+    async with loop_watch() as watch:
+        await run.produce(rate, duration_s, start_n=first)
+        produce_s = time.monotonic() - started
+        await run.wait_answered(drain_timeout_s)
+        drain_s = time.monotonic() - started - produce_s
     stop.set()
     await sampler
     ids = {run.request_id(n) for n in range(first, run.produced)}
     can_wait = {run.request_id(n) for n in range(first, run.produced) if may_wait(run.request(n))}
     measured = [r for rid, r in run.answers.items() if rid not in before and rid in ids]
-    return report(rate, duration_s, produce_s, drain_s, run, measured, requests=run.produced - first,
-                  can_wait=can_wait)
+    return {**report(rate, duration_s, produce_s, drain_s, run, measured, requests=run.produced - first,
+                     can_wait=can_wait), **watch.report()}
 
 
 async def run_pipeline_bench(rate: float, duration_s: float, *, latency_scale: float = 0.05,
@@ -300,8 +302,9 @@ def print_report(rep: dict[str, Any], console: Console) -> None:
                 "miss_overhead_ms_p99", "miss_inside_ms_p50", "miss_inside_ms_p99", "miss_outside_ms_p50",
                 "miss_outside_ms_p99", "deferred", "deferred_e2e_ms_p50", "deferred_e2e_ms_p99", "classifier_lag_max",
                 "classifier_lag_first_quarter_mean",
-                "classifier_lag_last_quarter_mean"):
-        table.add_row(key, str(rep[key]))
+                "classifier_lag_last_quarter_mean", "loop_stall_ms_p99", "loop_stall_ms_max", "loop_stalls_over_20ms",
+                "gc_full_collections", "gc_full_ms_max"):
+        table.add_row(key, str(rep.get(key)))
     table.add_section()
     for name in STEPS if "miss_steps_ms" in rep else ():
         step = rep["miss_steps_ms"][name]
