@@ -3,8 +3,8 @@
 Every service of a process shares one event loop, and a full (oldest generation) collection stops it while it
 walks every tracked object. After start that is mostly what start made and never frees: modules, the framework,
 pydantic schemas, the models' tokenizers. At 50 req/s with all services in one process such collections came
-every 5-6 s and stopped the loop for 58-181 ms each, the slowest 1% of every stage's latency. Frozen, they are
-skipped (`gc.freeze`; CPython's advice for long-lived servers); what requests make is still collected.
+every 5-6 s and stopped the loop for 58-181 ms each, the slowest 1% of every stage's latency. Frozen
+(`gc.freeze`), they are skipped; what requests make is still collected.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ TICK_S = 0.002
 
 
 class LoopWatch:
+    """Stalls of the loop (how late each tick woke) and the length of each full collection, in seconds."""
+
     def __init__(self) -> None:
         self.stall_s: list[float] = []
         self.full_s: list[float] = []

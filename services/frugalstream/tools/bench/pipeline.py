@@ -304,7 +304,7 @@ def print_report(rep: dict[str, Any], console: Console) -> None:
                 "classifier_lag_first_quarter_mean",
                 "classifier_lag_last_quarter_mean", "loop_stall_ms_p99", "loop_stall_ms_max", "loop_stalls_over_20ms",
                 "gc_full_collections", "gc_full_ms_max"):
-        table.add_row(key, str(rep.get(key)))
+        table.add_row(key, str(rep[key]))
     table.add_section()
     for name in STEPS if "miss_steps_ms" in rep else ():
         step = rep["miss_steps_ms"][name]
