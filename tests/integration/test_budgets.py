@@ -1,5 +1,5 @@
 """Budgets act: a tenant over its budget is downgraded or refused within one budget update of crossing it, on its
-requests and its backfills alike."""
+requests and its backfills alike. A refusing budget refuses spend: a repeat the cache answers is still served."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ async def test_over_budget_tenant_is_downgraded_and_refusing_tenant_gets_a_clear
         assert {r[0].model for r in got.values()} == {"gpt-4o"}
         await wait_for_status(classifier, "thrifty", "over", 30)
         await wait_for_status(classifier, "strict", "over", 30)
-        second = [pinned(1, "thrifty"), pinned(1, "strict"), pinned(0, "unbudgeted")]
+        repeat = pinned(0, "strict").model_copy(update={"id": "strict-again"})  # what it paid for once
+        second = [pinned(1, "thrifty"), pinned(1, "strict"), pinned(0, "unbudgeted"), repeat]
         await produce(settings.kafka_bootstrap, settings, second, None)
         got = await collect_responses(settings.kafka_bootstrap, settings, {r.id for r in second}, 60)
         summarizer = running.service("summarizer")
@@ -75,3 +76,5 @@ async def test_over_budget_tenant_is_downgraded_and_refusing_tenant_gets_a_clear
     assert refused.source == "error" and refused.error is not None
     assert refused.error.code == "budget_exceeded" and "strict" in refused.error.message
     assert free.model == "gpt-4o", "other tenants keep their pinned model"
+    again = got["strict-again"][0]
+    assert again.source == "cache_exact" and again.model == "gpt-4o", "an answer that costs nothing is not refused"

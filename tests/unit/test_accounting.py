@@ -237,6 +237,25 @@ def test_budget_against_real_ledger_and_config_file(ledger: Ledger, tmp_path: Pa
         BudgetsConfig(budgets=(Budget(tenant="a", period="day", limit_usd=1),) * 2)
 
 
+def test_a_budget_that_names_no_action_takes_the_budget_action_setting(tmp_path: Path) -> None:
+    from frugalstream.accountant.app import wire
+    from frugalstream.resources import Resources
+    from frugalstream.runtime.settings import Settings
+
+    cfg = tmp_path / "budgets.json"
+    budgets = [{"tenant": "acme", "period": "day", "limit_usd": 1},
+               {"tenant": "globex", "period": "day", "limit_usd": 1, "action": "downgrade"}]
+    cfg.write_text(json.dumps({"budgets": budgets}))
+    actions = {}
+    for default in ("downgrade", "refuse"):
+        settings = Settings(budgets_file=cfg, budget_action=default, state_dir=tmp_path / default)
+        tracker = wire(Resources(settings)).logic.budgets
+        assert tracker is not None
+        actions[default] = [(b.tenant, b.action) for b in tracker.budgets]
+    assert actions == {"downgrade": [("acme", "downgrade"), ("globex", "downgrade")],
+                       "refuse": [("acme", "refuse"), ("globex", "downgrade")]}, "a budget's own action wins"
+
+
 def test_report_formats(ledger: Ledger) -> None:
     report = build_report(ledger, by="tenant", bucket_s=3600)
     rows = list(csv.DictReader(io.StringIO(render(report, "csv"))))

@@ -21,6 +21,7 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.runtime.stage import BatchContext
 from frugalstream.schemas import (
     BudgetState,
+    CacheControl,
     ChatMessage,
     CostPoint,
     LLMRequest,
@@ -106,16 +107,19 @@ async def test_period_rolls_over_without_traffic_and_the_tenant_is_served_again(
     for state in (o.value for o in publisher.published if isinstance(o.value, BudgetState)):
         classifier.budgets.update(state)
     ask = LLMRequest(id="q1", tenant="acme", messages=(ChatMessage(role="user", content="hours?"),))
-    [refused] = await classifier.handle([ask])
-    assert isinstance(refused, Refused) and refused.response.error is not None
-    assert refused.response.error.code == "budget_exceeded"
+    [refused] = await classifier.handle([ask])  # only a free answer (cache, a twin in flight) may serve it
+    assert isinstance(refused, Routed) and refused.routed.route.refused_by_budget is not None
+    no_cache = ask.model_copy(update={"id": "q0", "cache": CacheControl(policy="no-cache")})
+    [uncached] = await classifier.handle([no_cache])
+    assert isinstance(uncached, Refused) and uncached.response.error is not None
+    assert uncached.response.error.code == "budget_exceeded"
     assert await svc.publish_budgets() == 0  # a tick before midnight: nothing changed
     clock.now = AFTER_MIDNIGHT
     assert await svc.publish_budgets() == 1  # the tick after midnight, with no new usage at all
     assert publisher.states()[-1] == ("acme", "ok", "2026-03-15T00:00:00Z")
     classifier.budgets.update(publisher.published[-1].value)  # type: ignore[arg-type]
     [served] = await classifier.handle([ask.model_copy(update={"id": "q2"})])
-    assert isinstance(served, Routed)
+    assert isinstance(served, Routed) and served.routed.route.refused_by_budget is None
 
 
 async def test_the_timer_runs_in_the_background_and_stops() -> None:
@@ -167,8 +171,10 @@ async def test_budgets_are_per_tenant_and_act_on_pins() -> None:
         else:
             by_id[r.routed.request.id] = r.routed
     refused, served, downgraded = by_id["a"], by_id["g"], by_id["i"]
-    assert isinstance(refused, LLMResponse) and refused.error is not None
-    assert refused.error.code == "budget_exceeded"
+    # Refused spend keeps its pin: only a free answer to the pinned model may serve it.
+    assert isinstance(refused, RoutedRequest)
+    assert refused.route.refused_by_budget == "budget acme/*/day is over its limit"
+    assert refused.route.model == "gpt-4o" and refused.route.pinned and not refused.route.downgraded_by_budget
     assert isinstance(served, RoutedRequest) and served.route.model == "gpt-4o" and served.route.pinned
     assert not served.route.downgraded_by_budget
     assert isinstance(downgraded, RoutedRequest) and downgraded.route.downgraded_by_budget

@@ -147,5 +147,5 @@ class AccountantService:
 
 def wire(res: Resources) -> AccountantService:
     s = res.settings
-    tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file)) if s.budgets_file else None
+    tracker = BudgetTracker(BudgetsConfig.from_file(s.budgets_file, s.budget_action)) if s.budgets_file else None
     return AccountantService(s, Accountant(res.catalog, Ledger(s.state_dir / "ledger.sqlite"), budgets=tracker))

@@ -61,10 +61,13 @@ class BudgetsConfig(BaseModel):
         return self
 
     @classmethod
-    def from_file(cls, path: Path) -> BudgetsConfig:
-        """`.toml` (`[[budgets]]` tables) or `.json` (`{"budgets": [...]}`)."""
+    def from_file(cls, path: Path, default_action: Literal["downgrade", "refuse"] = "downgrade") -> BudgetsConfig:
+        """`.toml` (`[[budgets]]` tables) or `.json` (`{"budgets": [...]}`); a budget that names no `action` takes
+        `default_action` (the `budget_action` setting)."""
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("budgets"), list):
+            data["budgets"] = [{"action": default_action, **b} if isinstance(b, dict) else b for b in data["budgets"]]
         return cls.model_validate(data)
 
 

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from frugalstream.classifier.routing import (
     PolicyDenied,
     TierThresholds,
+    budget_refusal,
     choose_model,
     decide_tier,
 )
@@ -142,9 +143,13 @@ class Classifier:
         embedding, most of the classifier's CPU, is skipped."""
         if request.model is None:
             return True
-        cacheable = (request.cache.policy == "default" and not request.opaque
-                     and (not sampled(request) or self.policy(request.tenant).cache_sampled))
-        return cacheable and classify_task(request).task_type in self.settings.semantic_task_types
+        return self.cacheable(request) and classify_task(request).task_type in self.settings.semantic_task_types
+
+    def cacheable(self, request: LLMRequest) -> bool:
+        """Whether dedupe may answer the request from its cache (or an in-flight twin): the only answers a
+        refusing budget still lets through, since they cost nothing."""
+        return (request.cache.policy == "default" and not request.opaque
+                and (not sampled(request) or self.policy(request.tenant).cache_sampled))
 
     async def _embed(self, admitted: Sequence[LLMRequest], lookups: Sequence[str]) -> npt.NDArray[np.float32] | None:
         """Rows of the requests that need one (`needs_vector`); the others stay NaN and travel without one."""
@@ -212,8 +217,12 @@ class Classifier:
         baseline = self._baseline(request, policy)
         full_tokens = self.counter.count_messages(request.messages, baseline)
         tier = decide_tier(task.task_type, score, full_tokens, self._thresholds(request.tenant, task.task_type))
+        refusal = budget_refusal(verdict)
+        if refusal is not None and not self.cacheable(request):
+            return self._deny(request, Denial("budget_exceeded", refusal))
         try:
-            choice = choose_model(tier.tier, request.model, policy, verdict, self.settings)
+            # Refused spend is routed as if unbudgeted: dedupe may serve it a free answer at its own tier, no lower.
+            choice = choose_model(tier.tier, request.model, policy, None if refusal else verdict, self.settings)
         except PolicyDenied as denied:
             return self._deny(request, Denial(denied.code, str(denied)))
         # Checked after budgets: a pin that a budget dropped is not run, so its price does not matter.
@@ -240,11 +249,12 @@ class Classifier:
             escalation_score=score, reason=f"task={task.rule} {tier.reason} {note}".strip(),
             input_tokens=trimmed.tokens, full_input_tokens=trimmed.full_tokens, trimmed_messages=trimmed.dropped,
             baseline_model=baseline, pinned=choice.pinned, downgraded_by_budget=choice.downgraded_by_budget,
+            refused_by_budget=refusal,
         )
         routed = RoutedRequest(
             request=sent, route=route, keys=keys, routed_at=time.time(),
             embedding=encode_vector(vector) if vector is not None else None,
-            audit_messages=self._kept_for_audit(request, route) if trimmed.dropped else None,
+            audit_messages=self._kept_for_audit(request, route) if trimmed.dropped and refusal is None else None,
         )
         return Routed(routed)
 

@@ -82,6 +82,11 @@ class PolicyDenied(Exception):
         self.code = code
 
 
+def budget_refusal(budget: BudgetState | None) -> str | None:
+    """Why `budget` refuses spend, or None when it does not (see `refuses`)."""
+    return f"budget {budget.budget_id} is over its limit" if budget is not None and refuses(budget) else None
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     tier: Tier
@@ -98,8 +103,8 @@ def choose_model(
     downgraded = False
     note = ""
     if budget is not None:
-        if refuses(budget):
-            raise PolicyDenied("budget_exceeded", f"budget {budget.budget_id} is over its limit")
+        if (refusal := budget_refusal(budget)) is not None:
+            raise PolicyDenied("budget_exceeded", refusal)
         ceiling = budget_ceiling(budget)
         if ceiling is not None:
             wanted = settings.tiers.tier_of(pinned) if pinned is not None else tier

@@ -22,7 +22,7 @@ from faststream.kafka import KafkaBroker
 
 from frugalstream.dedupe.logic import Deduper, Pending
 from frugalstream.dedupe.rebuild import CacheRebuilder, releases_last
-from frugalstream.dedupe.results import Answer, Audit, Decision, Dispatch, Hold, Release, Store
+from frugalstream.dedupe.results import Answer, Audit, Decision, Dispatch, Hold, Refusal, Release, Store
 from frugalstream.dedupe.wiring import build_deduper
 from frugalstream.llm.thresholds import ThresholdBook
 from frugalstream.resources import Resources
@@ -69,6 +69,8 @@ def outs_for(decisions: Iterable[Decision]) -> list[Out]:
         elif isinstance(d, Answer):
             outs.extend(response_outs(d.response, d.routed.request, d.routed.keys.scope))
             outs.append(Out(t.USAGE, d.usage, key=d.routed.request.tenant))
+        elif isinstance(d, Refusal):
+            outs.extend(response_outs(d.response, d.routed.request, d.routed.keys.scope))
         elif isinstance(d, Audit):
             topic = t.AUDITS_DISPATCH if d.request.job is not None else t.AUDITS_ANSWERED
             outs.append(Out(topic, d.request, key=d.request.tenant))

@@ -65,15 +65,21 @@ class Coalescer:
         leader = self.held.get(key)
         return next((w for w in self.waiters.get(leader, ()) if w.key == key), None) if leader is not None else None
 
+    def join(self, routed: RoutedRequest, partition: int, now: float) -> Waiter | None:
+        """The follower `routed` became, or None when no twin in flight can serve it."""
+        leader = self.inflight.get(routed.keys.exact)
+        if leader is None or routed.keys.tier_rank > leader.tier_rank:
+            return None
+        waiter = Waiter(routed, now, partition)
+        self.waiters.setdefault(leader.key, []).append(waiter)
+        self.held[identity(routed)] = leader.key
+        return waiter
+
     def join_or_lead(self, routed: RoutedRequest, partition: int, now: float) -> Waiter | None:
         """The follower `routed` became, or None when it leads (to be dispatched)."""
-        key = identity(routed)
-        leader = self.inflight.get(routed.keys.exact)
-        if leader is not None and routed.keys.tier_rank <= leader.tier_rank:
-            waiter = Waiter(routed, now, partition)
-            self.waiters.setdefault(leader.key, []).append(waiter)
-            self.held[key] = leader.key
+        if (waiter := self.join(routed, partition, now)) is not None:
             return waiter
+        key = identity(routed)
         # No twin in flight, or only one routed lower (its answer could not serve this request): this one
         # leads, and as the higher tier it can serve every later twin.
         lead = Leader(key, routed.keys.exact, routed.keys.tier_rank, now, partition)

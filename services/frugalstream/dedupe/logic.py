@@ -7,6 +7,9 @@ a terminal answer, and sampled ones whose answer must not be stored). It returns
 
 Per request: the answered-id memory first (one terminal answer per identity), then the cache lookup, then
 in-flight coalescing; misses are dispatched. Answers fill the cache and release the followers that waited.
+A request whose spend a budget refuses (`Route.refused_by_budget`) takes only what costs nothing: a hit, or a
+twin already in flight (it never leads, and no audit is bought for it); where it would be dispatched, it is
+answered `budget_exceeded` instead.
 
 What says "answered" or "released" is remembered only once the decisions' outputs are acknowledged: `decide`
 returns the decisions with their `Pending` memory changes, which the caller hands to `settle` after the
@@ -28,8 +31,10 @@ from frugalstream.dedupe.results import (
     Decision,
     Dispatch,
     Hold,
+    Refusal,
     Release,
     Store,
+    budget_refusal,
     cache_answer,
     follower_answer,
     identity,
@@ -119,10 +124,10 @@ class Deduper:
             seen.add(key)
             if not self.lookup.may_cache(routed):
                 self.answered.refuse_store(key)
-                decisions.append(self._dispatch(routed))  # sampled: neither looked up, coalesced nor stored
+                decisions.append(self._send(routed, done))  # sampled: neither looked up, coalesced nor stored
                 continue
             if routed.request.cache.policy != "default" or self.coalescing.busy(key):
-                decisions.append(self._pass_on(routed))  # no-cache / no-store skip the lookup
+                decisions.append(self._pass_on(routed, done))  # no-cache / no-store skip the lookup
                 continue
             entry = self.lookup.exact(routed)
             if entry is not None:
@@ -133,18 +138,23 @@ class Deduper:
         hits, nears = await self.lookup.similar_with_near([routed for routed, _ in pending])
         now = time.time()
         for (routed, partition), hit, near in zip(pending, hits, nears, strict=True):
+            free_only = routed.route.refused_by_budget is not None
             if hit is not None:
                 decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity, hit.rule)))
-                decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
+                if not free_only:  # an audit buys the baseline's answer
+                    decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
                 done.answered.append(identity(routed))
                 continue
-            for candidate in near:
-                self.audits.on_near_miss(routed, candidate)
-            if (waiter := self.coalescing.join_or_lead(routed, partition, now)) is not None:
+            if not free_only:  # a near miss's free label waits for the fresh answer this one will not get
+                for candidate in near:
+                    self.audits.on_near_miss(routed, candidate)
+            waiter = (self.coalescing.join(routed, partition, now) if free_only
+                      else self.coalescing.join_or_lead(routed, partition, now))
+            if waiter is not None:
                 self.metrics.record_dedupe("coalesced")
                 decisions.append(Hold(routed, waiter.partition))
             else:
-                decisions.append(self._dispatch(routed))
+                decisions.append(self._send(routed, done))
         return decisions, done
 
     def _releasing(self) -> set[str]:
@@ -154,12 +164,21 @@ class Deduper:
         second decision (a `cache_exact` from the entry that answer just stored, after its `coalesced` one)."""
         return {w.key for _, _, followers in self.coalescing.releasing.values() for w in followers}
 
-    def _pass_on(self, routed: RoutedRequest) -> Decision:
+    def _pass_on(self, routed: RoutedRequest, done: Pending) -> Decision:
         """A request that skips the lookup, or one seen again while it leads or waits (a retried batch, a
         re-routing): a leader is dispatched again (the gateway's paid-once record answers it), a follower's
         identical held record is written again; neither gets an answer here."""
         waiter = self.coalescing.waiter(identity(routed))
-        return Hold(waiter.routed, waiter.partition) if waiter is not None else self._dispatch(routed)
+        return Hold(waiter.routed, waiter.partition) if waiter is not None else self._send(routed, done)
+
+    def _send(self, routed: RoutedRequest, done: Pending) -> Dispatch | Refusal:
+        """A request nothing here answers: to the gateway, or, when its spend is refused, its refusal (a terminal
+        answer, remembered in `done` like a hit)."""
+        if routed.route.refused_by_budget is None:
+            return self._dispatch(routed)
+        self.metrics.record_dedupe("refused")
+        done.answered.append(identity(routed))
+        return budget_refusal(routed)
 
     def _dispatch(self, routed: RoutedRequest) -> Dispatch:
         self.metrics.record_dedupe("miss")
@@ -201,17 +220,24 @@ class Deduper:
                     continue  # answered another way meanwhile (the timeout dispatched it, say)
                 if own and serves(response):
                     decisions.append(follower_answer(waiter.routed, response))
-                    decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),) if a is not None)
+                    if waiter.routed.route.refused_by_budget is None:
+                        decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),)
+                                         if a is not None)
                     done.answered.append(waiter.key)
                 else:
-                    decisions.append(self._dispatch(waiter.routed))  # the leader failed: each tries itself
+                    decisions.append(self._send(waiter.routed, done))  # the leader failed: each tries itself
         await self.lookup.index(fresh)
         return decisions, done
 
     def expire_waiters(self, now: float | None = None) -> list[Decision]:
-        """Followers that waited longer than the coalescing timeout are dispatched on their own."""
+        """Followers that waited longer than the coalescing timeout are dispatched on their own (or refused, when
+        their spend is). Their outputs are retried until published, so a refusal is remembered at once."""
         late = self.coalescing.expire(time.time() if now is None else now)
-        return [*(self._dispatch(w.routed) for w in late), *(Release(w.key, w.partition) for w in late)]
+        done = Pending()
+        decisions: list[Decision] = [*(self._send(w.routed, done) for w in late),
+                                     *(Release(w.key, w.partition) for w in late)]
+        self.settle(done)
+        return decisions
 
     async def restore_waiters(self, held: Sequence[Routed]) -> list[Decision]:
         """`resume_waiters` and `settle` at once."""

@@ -13,6 +13,7 @@ from frugalstream.llm.identity import request_key
 from frugalstream.llm.usage import cache_usage
 from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest, Strategy, UsageRecord
 from frugalstream.schemas.audits import AuditRequest, SemanticRule
+from frugalstream.schemas.responses import error_response
 
 
 def identity(routed: RoutedRequest) -> str:
@@ -34,6 +35,14 @@ class Dispatch:
     """A request the model must answer."""
 
     routed: RoutedRequest
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request a refusing budget lets have only a free answer, and none was found: answered `budget_exceeded`."""
+
+    routed: RoutedRequest
+    response: LLMResponse
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class Audit:
     request: AuditRequest
 
 
-Decision = Answer | Dispatch | Hold | Release | Store | Audit
+Decision = Answer | Dispatch | Refusal | Hold | Release | Store | Audit
 
 
 def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, similarity: float,
@@ -88,6 +97,12 @@ def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, s
     )
     return Answer(routed, response, cache_usage(routed, entry.output_tokens, strategy, simulated=entry.simulated),
                   rule)
+
+
+def budget_refusal(routed: RoutedRequest) -> Refusal:
+    """The answer to a request whose spend a budget refuses (`Route.refused_by_budget`) when nothing free serves it."""
+    message = routed.route.refused_by_budget or "the tenant's budget refuses spend"
+    return Refusal(routed, error_response(routed.request, "budget_exceeded", message, routed=routed))
 
 
 def follower_answer(routed: RoutedRequest, leader: LLMResponse) -> Answer:

@@ -155,6 +155,9 @@ class Gateway:
         if done is not None:
             log.info("completed_replayed", request_id=request.id, tenant=request.tenant, partition=partition)
             return replayed(key, routed, done)
+        if routed.route.refused_by_budget is not None:  # dedupe answers these; nothing upstream may make it pay
+            response = error_response(request, "budget_exceeded", routed.route.refused_by_budget, routed=routed)
+            return Result(key, routed, "failed", response)
         if routed.route.provider not in self.providers:
             response = error_response(request, "provider_error",
                                       f"provider {routed.route.provider!r} is not configured", routed=routed)

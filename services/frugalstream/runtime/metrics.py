@@ -91,7 +91,8 @@ class Metrics:
             "are published by the next evaluation).", registry=r)
         self.dedupe_decisions = Counter(
             "frugal_dedupe_decisions", "Dedupe decisions by outcome: exact or semantic cache hits, requests "
-            "coalesced behind an in-flight twin, misses dispatched to the gateway.", ["outcome"], registry=r)
+            "coalesced behind an in-flight twin, misses dispatched to the gateway, and misses refused (a budget "
+            "refuses their spend).", ["outcome"], registry=r)
         self.gateway_outcomes = Counter(
             "frugal_gateway_outcomes", "Dispatched requests by what the gateway did: paid (a provider call), "
             "replayed (a recorded call), failed (an error answer), deferred (rate limited), unrecorded (the record "

@@ -144,8 +144,10 @@ class Settings(BaseSettings):
         default_factory=_default_context_budgets, description="History token budget per task type; older "
                                                               "turns beyond it are trimmed.")
     budget_action: Literal["downgrade", "refuse"] = Field(
-        default="downgrade", description="What an exhausted budget does: route to the small tier, or refuse "
-                                         "with `budget_exceeded`.")
+        default="downgrade", description="What an exhausted budget whose entry names no `action` does: route to "
+                                         "the small tier, or refuse with `budget_exceeded` what would call a "
+                                         "model (cached answers and in-flight twins, which cost nothing, are "
+                                         "still served).")
     # Escalation score at or above which a request goes to mid / large (`frugalstream calibrate` sets them).
     route_threshold_mid: float = Field(
         default=0.12, ge=0, le=1, description="Escalation score at or above which a request goes to mid "

@@ -289,6 +289,11 @@ class Route(BaseModel):
     baseline_model: str
     pinned: bool = False
     downgraded_by_budget: bool = False
+    refused_by_budget: str | None = Field(
+        default=None, max_length=500,
+        description="Why spend is refused (an exhausted `refuse` budget): only an answer that costs nothing, from "
+                    "the cache or an in-flight twin, may serve the request; dedupe answers `budget_exceeded` "
+                    "otherwise, and the gateway never calls a model for it.")
 
 
 class CacheKeys(BaseModel):
