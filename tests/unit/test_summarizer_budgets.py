@@ -1,5 +1,6 @@
 """A tenant's budgets bind its backfills as they bind its requests: a part that starts under a refusing budget that
-is over is answered `budget_exceeded` without a model call; a downgrading (or any over) budget moves the part to a
+is over is answered `budget_exceeded` without a model call (what its store holds is served: see
+test_summarizer_budget_store); a downgrading (or any over) budget moves the part to a
 cheaper model the tenant may use; tag budgets bind only jobs with that tag. A part under way finishes on the model
 it started on, so a budget that changes mid-part neither re-prices nor strands what was planned."""
 

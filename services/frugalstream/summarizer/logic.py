@@ -163,15 +163,36 @@ class Summarizer:
         except JobDenied:
             return model  # the policy changed under the part: its own model now, not one it may no longer use
 
-    async def _refuse_part(self, job: SummarizeJob, denial: JobDenied, emit: Emit) -> None:
+    def _free_view(self, job: SummarizeJob) -> JobView | None:
+        """The part as its own model would run it, when a budget refused its spend: what the store holds for that
+        model costs nothing. None when the tenant's policy refuses the model too."""
+        try:
+            model = self.model_for(job)
+        except JobDenied:
+            return None
+        return JobView.of(job, model, job.model or self.settings.default_baseline_model,
+                          simulated=self.packs.provider.name == "simulated")
+
+    async def _serve_stored(self, view: JobView, denial: JobDenied, emit: Emit) -> None:
+        """A budget refuses the part's spend, not its stored summaries: those are served (call `reuse`, unpaid),
+        and only the other items are refused."""
+        plan = await self.planner.plan(view)  # its calls are never made: `_refuse_part` answers what they would
+        if plan.reuse and not any(c.call_id == "reuse" for c in await self.db.calls(view.key)):
+            await self.packs.answers.record_reuse(view, plan)
+        await self._refuse_part(view.job, denial, emit, view=view)
+
+    async def _refuse_part(self, job: SummarizeJob, denial: JobDenied, emit: Emit, *,
+                           view: JobView | None = None) -> None:
         """A refused part of a job in parts is kept as a finished part of its run, its unanswered items answered
         with the error (call `refused`, unpaid): the run's progress counts it. Its own counters (no call, its
         items only, finished) made a run look finished with parts still to run, or never finished after a
-        refused part, and the job report say a run that had paid for its first parts called no model."""
-        view = JobView.of(job, job.model or "", job.model or self.settings.default_baseline_model)
+        refused part, and the job report say a run that had paid for its first parts called no model.
+        `view`: the part's, already planned (`_serve_stored`); else it is planned here with nothing in it."""
         plan = Plan(packs=[])
-        await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts, 0, plan.to_json(),
-                                run_key=job.run_key())
+        if view is None:
+            view = JobView.of(job, job.model or "", job.model or self.settings.default_baseline_model)
+            await self.db.save_plan(view.key, job.job_id, job.tenant, job.part, job.parts, 0, plan.to_json(),
+                                    run_key=job.run_key())
         if not any(c.call_id == "refused" for c in await self.db.calls(view.key)):
             resolved = await self.db.resolved(view.key)  # a part under way keeps what it was answered
             error = f"{denial.code}: {denial}"
@@ -191,7 +212,13 @@ class Summarizer:
             model = await self.part_model(job)
         except JobDenied as denial:
             log.info("summarize_job_denied", job_id=job.job_id, tenant=job.tenant, part=job.part, code=denial.code)
-            await (self._refuse_part(job, denial, emit) if job.parts > 1 else emit(denied(job, denial)))
+            free = self._free_view(job) if denial.code == "budget_exceeded" else None
+            if free is None:
+                await (self._refuse_part(job, denial, emit) if job.parts > 1 else emit(denied(job, denial)))
+                return Finished(job)
+            if job.part and await self.db.earlier_part_pending(job.run_key(), job.part):
+                return Continues(job, "earlier_part")  # what it stores may answer this part's repeats for free
+            await self._serve_stored(free, denial, emit)
             return Finished(job)
         if job.part and await self.db.earlier_part_pending(job.run_key(), job.part):
             return Continues(job, "earlier_part")  # its repeats may be paid by the earlier part (a running batch)
