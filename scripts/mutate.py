@@ -116,6 +116,12 @@ def mutated_text(mutation: Mutation, root: Path) -> str:
         raise MutationError(f"{mutation.name}: snippet not found in {mutation.file} (was the code refactored?)")
     if count > 1:
         raise MutationError(f"{mutation.name}: snippet occurs {count} times in {mutation.file}; make it unique")
+    at = text.index(mutation.find)
+    if mutation.find.startswith("  ") and at > 0 and text[at - 1] != "\n":
+        # Its indentation is part of what it says: found inside a line indented deeper, it would mutate code
+        # that moved into another block (another path), and the promise's own path would go unbroken.
+        raise MutationError(f"{mutation.name}: snippet starts indented but not at a line's start in "
+                            f"{mutation.file} (was the code re-indented?)")
     return text.replace(mutation.find, mutation.replace, 1)
 
 

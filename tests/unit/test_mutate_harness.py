@@ -51,6 +51,17 @@ def test_ambiguous_snippet_is_refused(tmp_path: Path) -> None:
         mutated_text(_mutation("    return x"), root)
 
 
+def test_an_indented_snippet_found_inside_a_deeper_line_is_refused(tmp_path: Path) -> None:
+    """Code moved into a deeper block still holds the old, shallower snippet as a substring: mutating it there
+    would break another path, and the promise's own would go unbroken (the check would pass for nothing)."""
+    root = _repo(tmp_path)
+    (root / "pkg" / "mod.py").write_text("def price(x):\n    if x:\n        return x * 2\n    return 0\n")
+    with pytest.raises(MutationError, match="re-indented"):
+        mutated_text(_mutation("    return x * 2\n"), root)
+    assert "return 1" in mutated_text(_mutation("        return x * 2\n", "        return 1\n"), root)
+    assert "x * 5" in mutated_text(_mutation(" x * 2", " x * 5"), root), "a mid-line snippet may start with a space"
+
+
 def test_check_all_reports_every_stale_entry(tmp_path: Path) -> None:
     root = _repo(tmp_path)
     good = _mutation("    return x * 2\n")

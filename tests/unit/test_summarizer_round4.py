@@ -16,7 +16,7 @@ from frugalstream.llm.budgets import BudgetBook
 from frugalstream.llm.providers import Completion
 from frugalstream.llm.providers.batch_api import BatchPoll
 from frugalstream.llm.providers.openai_batch import BatchRequest
-from frugalstream.runtime.settings import Settings, UsageError
+from frugalstream.runtime.settings import Settings, TenantPolicy, UsageError
 from frugalstream.schemas import (
     BudgetState,
     ChatMessage,
@@ -288,6 +288,29 @@ async def test_a_run_whose_first_part_was_refused_finishes(tmp_path: Path) -> No
         if isinstance(v, SummaryResult):
             statuses.setdefault(v.item_id, set()).add(v.status)
     assert statuses == {"i0": {"error"}, "i1": {"error"}, "i2": {"ok"}, "i3": {"ok"}}
+
+
+async def test_a_run_whose_parts_the_policy_refuses_finishes_only_with_its_last_part(tmp_path: Path) -> None:
+    """A model the tenant may not use refuses every part: the run is reported finished with its last part, not
+    with its first (whose own counters would say so)."""
+    parts = split_job("nightly", "acme", "Summarize.",
+                      [SummarizeItem(id=f"i{k}", text=f"Gadget number {k}") for k in range(4)], part_items=2,
+                      model="gpt-4o")
+    settings = Settings(state_dir=tmp_path, simulated_latency_scale=0.0,
+                        tenants={"acme": TenantPolicy(allowed_models=("gpt-4o-mini",))})
+    logic = Summarizer.build(settings, Counting(), store=SummaryStore(tmp_path / "s.sqlite"))
+    out = Collected()
+    try:
+        assert isinstance(await logic.handle(parts[0], out), Finished)
+        first = [v for v in out.values if isinstance(v, SummarizeProgress)][-1]
+        assert isinstance(await logic.handle(parts[1], out), Finished)
+    finally:
+        await logic.aclose()
+    last = [v for v in out.values if isinstance(v, SummarizeProgress)][-1]
+    assert not first.finished and last.finished and last.done_items == 4
+    errors = {v.item_id: v.error for v in out.values if isinstance(v, SummaryResult)}
+    assert set(errors) == {"i0", "i1", "i2", "i3"}
+    assert all((e or "").startswith("policy_denied") for e in errors.values())
 
 
 # --- 5. a record the follower cannot read is not this run's, and never ends the backfill -------------------------
