@@ -19,7 +19,7 @@ from frugalstream.dedupe.results import Audit, identity
 from frugalstream.llm.audits import audit_id, audit_job, audit_rate, sampled
 from frugalstream.llm.identity import request_key
 from frugalstream.runtime.settings import Settings
-from frugalstream.schemas import CacheEntry, LLMRequest, LLMResponse, RoutedRequest
+from frugalstream.schemas import CacheEntry, LLMResponse, RoutedRequest
 from frugalstream.schemas.audits import AuditAnswer, AuditRequest, DecisionKind
 
 
@@ -33,8 +33,13 @@ class AuditSampler:
         """Reads the audit sampling secret now: a secret file that is not mounted fails the start, not a batch."""
         self.settings.audit_sampling_key()
 
-    def _sampled(self, request: LLMRequest, kind: DecisionKind) -> bool:
-        """By the salted hash every sampling service shares (`llm.audits.sampled`)."""
+    def _sampled(self, routed: RoutedRequest, kind: DecisionKind) -> bool:
+        """By the salted hash every sampling service shares (`llm.audits.sampled`). Never a request whose spend a
+        budget refuses: an audit buys the baseline's answer, and a near miss's label waits for a fresh answer such a
+        request does not get."""
+        if routed.route.refused_by_budget is not None:
+            return False
+        request = routed.request
         rate = audit_rate(self.settings.audit_rates, kind, self.settings.audit_rate)
         return sampled(request.tenant, request.id, kind, rate, self.settings.audit_sampling_key())
 
@@ -53,22 +58,19 @@ class AuditSampler:
         )
 
     def on_hit(self, routed: RoutedRequest, hit: SemanticHit) -> Audit | None:
-        request = routed.request
-        if not self._sampled(request, "cache_semantic"):
+        if not self._sampled(routed, "cache_semantic"):
             return None
         answer = AuditAnswer(content=hit.entry.content, model=hit.entry.model)
         return Audit(self._request(routed, "cache_semantic", hit, answer, None))
 
     def on_follower(self, routed: RoutedRequest, leader: LLMResponse) -> Audit | None:
-        request = routed.request
-        if leader.content is None or not self._sampled(request, "coalesced"):
+        if leader.content is None or not self._sampled(routed, "coalesced"):
             return None
         return Audit(self._request(routed, "coalesced", None, AuditAnswer(content=leader.content,
                                                                           model=leader.model), None))
 
     def on_near_miss(self, routed: RoutedRequest, near: SemanticHit) -> None:
-        request = routed.request
-        if not self._sampled(request, "near_miss"):
+        if not self._sampled(routed, "near_miss"):
             return
         self._near[(identity(routed), near.rule)] = (routed, near)
         while len(self._near) > self.max_pending:

@@ -8,8 +8,8 @@ a terminal answer, and sampled ones whose answer must not be stored). It returns
 Per request: the answered-id memory first (one terminal answer per identity), then the cache lookup, then
 in-flight coalescing; misses are dispatched. Answers fill the cache and release the followers that waited.
 A request whose spend a budget refuses (`Route.refused_by_budget`) takes only what costs nothing: a hit, or a
-twin already in flight (it never leads, and no audit is bought for it); where it would be dispatched, it is
-answered `budget_exceeded` instead.
+twin already in flight (it never leads, and `AuditSampler` buys no audit for it); where it would be dispatched,
+it is answered `budget_exceeded` instead.
 
 What says "answered" or "released" is remembered only once the decisions' outputs are acknowledged: `decide`
 returns the decisions with their `Pending` memory changes, which the caller hands to `settle` after the
@@ -34,10 +34,10 @@ from frugalstream.dedupe.results import (
     Refusal,
     Release,
     Store,
-    budget_refusal,
     cache_answer,
     follower_answer,
     identity,
+    refused_answer,
 )
 from frugalstream.dedupe.store import AnswerStore
 from frugalstream.llm.identity import request_key
@@ -138,17 +138,14 @@ class Deduper:
         hits, nears = await self.lookup.similar_with_near([routed for routed, _ in pending])
         now = time.time()
         for (routed, partition), hit, near in zip(pending, hits, nears, strict=True):
-            free_only = routed.route.refused_by_budget is not None
             if hit is not None:
                 decisions.append(self._hit(cache_answer(routed, hit.entry, "cache_semantic", hit.similarity, hit.rule)))
-                if not free_only:  # an audit buys the baseline's answer
-                    decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
+                decisions.extend(a for a in (self.audits.on_hit(routed, hit),) if a is not None)
                 done.answered.append(identity(routed))
                 continue
-            if not free_only:  # a near miss's free label waits for the fresh answer this one will not get
-                for candidate in near:
-                    self.audits.on_near_miss(routed, candidate)
-            waiter = (self.coalescing.join(routed, partition, now) if free_only
+            for candidate in near:
+                self.audits.on_near_miss(routed, candidate)
+            waiter = (self.coalescing.join(routed, partition, now) if routed.route.refused_by_budget is not None
                       else self.coalescing.join_or_lead(routed, partition, now))
             if waiter is not None:
                 self.metrics.record_dedupe("coalesced")
@@ -167,7 +164,7 @@ class Deduper:
     def _pass_on(self, routed: RoutedRequest, done: Pending) -> Decision:
         """A request that skips the lookup, or one seen again while it leads or waits (a retried batch, a
         re-routing): a leader is dispatched again (the gateway's paid-once record answers it), a follower's
-        identical held record is written again; neither gets an answer here."""
+        identical held record is written again; neither gets an answer here. Refused spend is refused (`_send`)."""
         waiter = self.coalescing.waiter(identity(routed))
         return Hold(waiter.routed, waiter.partition) if waiter is not None else self._send(routed, done)
 
@@ -178,7 +175,7 @@ class Deduper:
             return self._dispatch(routed)
         self.metrics.record_dedupe("refused")
         done.answered.append(identity(routed))
-        return budget_refusal(routed)
+        return refused_answer(routed)
 
     def _dispatch(self, routed: RoutedRequest) -> Dispatch:
         self.metrics.record_dedupe("miss")
@@ -220,9 +217,7 @@ class Deduper:
                     continue  # answered another way meanwhile (the timeout dispatched it, say)
                 if own and serves(response):
                     decisions.append(follower_answer(waiter.routed, response))
-                    if waiter.routed.route.refused_by_budget is None:
-                        decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),)
-                                         if a is not None)
+                    decisions.extend(a for a in (self.audits.on_follower(waiter.routed, response),) if a is not None)
                     done.answered.append(waiter.key)
                 else:
                     decisions.append(self._send(waiter.routed, done))  # the leader failed: each tries itself

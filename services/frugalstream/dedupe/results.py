@@ -99,7 +99,7 @@ def cache_answer(routed: RoutedRequest, entry: CacheEntry, strategy: Strategy, s
                   rule)
 
 
-def budget_refusal(routed: RoutedRequest) -> Refusal:
+def refused_answer(routed: RoutedRequest) -> Refusal:
     """The answer to a request whose spend a budget refuses (`Route.refused_by_budget`) when nothing free serves it."""
     message = routed.route.refused_by_budget or "the tenant's budget refuses spend"
     return Refusal(routed, error_response(routed.request, "budget_exceeded", message, routed=routed))
