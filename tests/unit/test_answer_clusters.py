@@ -14,6 +14,7 @@ import pytest
 from frugalstream.audit.logic import Auditor, knob_of
 from frugalstream.dedupe.answer_clusters import MODEL_FILE, ClusterModel, features, shipped_model
 from frugalstream.dedupe.audit_sampling import AuditSampler
+from frugalstream.dedupe.logic import Deduper
 from frugalstream.dedupe.lookup import SemanticHit
 from frugalstream.dedupe.results import Answer, Audit, Dispatch
 from frugalstream.dedupe.semantic import SemanticIndex
@@ -273,14 +274,21 @@ def response(r: RoutedRequest, content: str) -> LLMResponse:
                        responded_at=time.time())
 
 
-async def test_the_deduper_serves_a_cluster_hit_and_audits_it_on_the_cluster_path() -> None:
-    s = Space()
-    q = s.direction()
-    d = build_deduper(SETTINGS, AsyncEmbedder(HashingEmbedder()), RejectAll())
+async def answered_clusters(s: Space, q: Vec, settings: Settings = SETTINGS) -> Deduper:
+    """A deduper whose verifier rejects every pair, its cache filled with `two_clusters(s, q)` the way traffic
+    fills it: each question dispatched, then answered."""
+    d = build_deduper(settings, AsyncEmbedder(HashingEmbedder()), RejectAll())
     cached = [(routed(f"c{i}", f"cached question {i}", vector=v), e.content)
               for i, (e, v) in enumerate(two_clusters(s, q))]
     assert all(isinstance(x, Dispatch) for x in await d.handle(requests=[(r, 0) for r, _ in cached]))
     await d.handle(answers=[(response(r, content), 0) for r, content in cached])
+    return d
+
+
+async def test_the_deduper_serves_a_cluster_hit_and_audits_it_on_the_cluster_path() -> None:
+    s = Space()
+    q = s.direction()
+    d = await answered_clusters(s, q)
     decisions = await d.handle(requests=[(routed("new", "a reworded question", vector=q), 0)])
     answers = [x for x in decisions if isinstance(x, Answer)]
     audits = [x.request for x in decisions if isinstance(x, Audit)]
@@ -325,12 +333,8 @@ def test_the_tenants_live_cluster_threshold_decides_and_a_vote_short_of_it_is_a_
 async def test_a_rejected_cluster_hit_tightens_the_cluster_threshold_only_and_dedupe_obeys_it() -> None:
     s = Space()
     q = s.direction()
-    d = build_deduper(SETTINGS, AsyncEmbedder(HashingEmbedder()), RejectAll())
+    d = await answered_clusters(s, q)
     auditor = Auditor(SETTINGS, {"match": MatchJudge()}, book=d.thresholds)
-    cached = [(routed(f"c{i}", f"cached question {i}", vector=v), e.content)
-              for i, (e, v) in enumerate(two_clusters(s, q))]
-    await d.handle(requests=[(r, 0) for r, _ in cached])
-    await d.handle(answers=[(response(r, content), 0) for r, content in cached])
     verify_before = auditor.current("acme", "faq", "semantic_verify")
     [audit] = [x.request for x in await d.handle(requests=[(routed("new", "reworded", vector=q), 0)])
                if isinstance(x, Audit)]

@@ -19,7 +19,7 @@ from frugalstream.runtime.settings import Settings
 from frugalstream.schemas import BudgetState, CacheControl, LLMRequest, LLMResponse, RoutedRequest
 from frugalstream.schemas import topics as t
 from tests.unit.test_answer_clusters import SETTINGS as CLUSTER_SETTINGS
-from tests.unit.test_answer_clusters import RejectAll, Space, build_deduper, response, two_clusters
+from tests.unit.test_answer_clusters import Space, answered_clusters
 from tests.unit.test_answer_clusters import routed as cluster_routed
 from tests.unit.test_dedupe import answer, ask, deduper, fill, on_responses, on_routed, route, sources
 from tests.unit.test_gateway_idempotency import CountingProvider
@@ -120,11 +120,7 @@ async def test_a_refused_follower_is_refused_when_its_leader_fails_or_is_late() 
 async def test_a_refused_semantic_hit_is_served_without_an_audit() -> None:
     s = Space()
     q = s.direction()
-    d = build_deduper(CLUSTER_SETTINGS, AsyncEmbedder(HashingEmbedder()), RejectAll())
-    cached = [(cluster_routed(f"c{i}", f"cached question {i}", vector=v), e.content)
-              for i, (e, v) in enumerate(two_clusters(s, q))]
-    await d.handle(requests=[(r, 0) for r, _ in cached])
-    await d.handle(answers=[(response(r, content), 0) for r, content in cached])
+    d = await answered_clusters(s, q)
     decisions = await d.handle(requests=[(refused(cluster_routed("new", "a reworded question", vector=q)), 0)])
     assert [(x.response.source, x.response.content) for x in decisions if isinstance(x, Answer)] == \
         [("cache_semantic", "Answer A.")]
@@ -150,11 +146,7 @@ async def test_a_refused_near_miss_waits_for_no_free_label() -> None:
     settings = CLUSTER_SETTINGS.model_copy(update={"semantic_answer_clusters": False})  # the verifier rejects all
     labels = []
     for free_only in (True, False):
-        d = build_deduper(settings, AsyncEmbedder(HashingEmbedder()), RejectAll())
-        cached = [(cluster_routed(f"c{i}", f"cached question {i}", vector=v), e.content)
-                  for i, (e, v) in enumerate(two_clusters(s, q))]
-        await d.handle(requests=[(r, 0) for r, _ in cached])
-        await d.handle(answers=[(response(r, content), 0) for r, content in cached])
+        d = await answered_clusters(s, q, settings)
         asked = cluster_routed("new", "a reworded question", vector=q)
         [decision] = await d.handle(requests=[(refused(asked) if free_only else asked, 0)])
         assert isinstance(decision, Refusal if free_only else Dispatch)

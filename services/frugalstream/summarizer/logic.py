@@ -167,9 +167,11 @@ class Summarizer:
         """The part as its own model would run it, when a budget refused its spend: what the store holds for that
         model costs nothing. None when the tenant's policy refuses the model too."""
         try:
-            model = self.model_for(job)
+            return self._view(job, self.model_for(job))
         except JobDenied:
             return None
+
+    def _view(self, job: SummarizeJob, model: str) -> JobView:
         return JobView.of(job, model, job.model or self.settings.default_baseline_model,
                           simulated=self.packs.provider.name == "simulated")
 
@@ -222,8 +224,7 @@ class Summarizer:
             return Finished(job)
         if job.part and await self.db.earlier_part_pending(job.run_key(), job.part):
             return Continues(job, "earlier_part")  # its repeats may be paid by the earlier part (a running batch)
-        view = JobView.of(job, model, job.model or self.settings.default_baseline_model,
-                          simulated=self.packs.provider.name == "simulated")
+        view = self._view(job, model)
         plan = await self.planner.plan(view)
         out = Emitter(self.db, view, plan)
         calls = await self.db.calls(view.key)
